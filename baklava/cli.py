@@ -1,0 +1,349 @@
+"""Command line: ``baklava-profile``, ``baklava-export``, ``baklava-run``.
+
+Every user error ends as one line on stderr (``baklava-export: error: ...``) and exit status 2;
+nothing is written unless the command succeeds.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from baklava.errors import BaklavaError
+from baklava.profiles.allocators import ALLOCATORS
+from baklava.profiles.budget import Budget
+from baklava.profiles.eviction import POLICIES, EvictionConfig
+from baklava.profiles.scorers import SCORERS
+
+_KV_DTYPES = {"auto": None, "float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
+        nbytes /= 1024
+    raise AssertionError
+
+
+def _log(msg: str) -> None:
+    click.echo(f"baklava: {msg}", err=True)
+
+
+def _main(command: click.Command, prog: str):
+    """Run a click command so that every expected error is one line and a non-zero exit."""
+
+    @functools.wraps(command.callback)
+    def entry(argv: list[str] | None = None) -> None:
+        try:
+            command.main(args=argv, prog_name=prog, standalone_mode=False)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo(f"{prog}: aborted", err=True)
+            sys.exit(130)
+        except click.ClickException as e:
+            click.echo(f"{prog}: error: {e.format_message()}", err=True)
+            sys.exit(2)
+        except BaklavaError as e:
+            click.echo(f"{prog}: error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo(f"{prog}: interrupted", err=True)
+            sys.exit(130)
+
+    return entry
+
+
+def _parse_budget(ctx, param, value):
+    if value is None:
+        return None
+    return Budget.parse(value)  # BaklavaError -> one line via _main
+
+
+def model_option(f):
+    return click.option(
+        "--model",
+        "model_spec",
+        default="smollm2-135m",
+        show_default=True,
+        help="Alias (smollm2-135m, qwen2.5-coder-0.5b), local HF directory, .gguf file, or hub id.",
+    )(f)
+
+
+def calibration_options(f):
+    for opt in reversed(
+        [
+            click.option(
+                "--calibration",
+                type=click.Path(dir_okay=False),
+                help="Text or .jsonl file (default: pydoc prose).",
+            ),
+            click.option(
+                "--samples", default=4, show_default=True, type=click.IntRange(1), help="Calibration windows."
+            ),
+            click.option(
+                "--seq-len",
+                default=1024,
+                show_default=True,
+                type=click.IntRange(64),
+                help="Tokens per window.",
+            ),
+            click.option("--scorer", type=click.Choice(sorted(SCORERS)), default="cosine", show_default=True),
+            click.option(
+                "--search-context",
+                default=1024,
+                show_default=True,
+                type=click.IntRange(32),
+                help="Context length of the perplexity search.",
+            ),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+def allocation_options(f):
+    for opt in reversed(
+        [
+            click.option(
+                "--method", type=click.Choice(sorted(ALLOCATORS)), default="baklava", show_default=True
+            ),
+            click.option(
+                "--max-context", type=click.IntRange(1), help="Reference context (default: the model's)."
+            ),
+            click.option(
+                "--min-cap",
+                default=16,
+                show_default=True,
+                type=click.IntRange(1),
+                help="Smallest head capacity.",
+            ),
+            click.option(
+                "--batch",
+                default=1,
+                show_default=True,
+                type=click.IntRange(1),
+                help="Batch for memory budgets.",
+            ),
+            click.option(
+                "--kv-dtype", type=click.Choice(list(_KV_DTYPES)), default="auto", show_default=True
+            ),
+            click.option("--sink", default=4, show_default=True, type=click.IntRange(0)),
+            click.option("--window", default=32, show_default=True, type=click.IntRange(0)),
+            click.option("--policy", type=click.Choice(POLICIES), default="h2o", show_default=True),
+            click.option(
+                "--search/--no-search",
+                default=True,
+                show_default=True,
+                help="Perplexity search of parameters.",
+            ),
+            click.option(
+                "--sharpness", type=click.FloatRange(0), help="Fix the BaKlaVa sharpness (skips the search)."
+            ),
+            click.option(
+                "--floor-frac", type=click.FloatRange(0, 1), help="Fix the BaKlaVa floor (skips the search)."
+            ),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+def _settings(calibration, samples, seq_len, search_context):
+    from baklava.profiles.pipeline import CalibrationSettings
+
+    return CalibrationSettings(
+        path=calibration, samples=samples, seq_len=seq_len, search_context=search_context
+    )
+
+
+def _precheck(lm, budget, o) -> None:
+    """Reject an impossible budget before profiling (which takes minutes on a CPU)."""
+    from baklava.profiles.pipeline import resolve_budget
+    from baklava.profiles.profile_file import ModelInfo
+
+    resolve_budget(
+        ModelInfo.from_config(lm.model.config, lm.name),
+        budget,
+        max_context=o["max_context"],
+        min_cap=o["min_cap"],
+        batch=o["batch"],
+        dtype_bytes=_KV_DTYPES[o["kv_dtype"]] or lm.model.dtype.itemsize,
+    )
+
+
+def _allocate(profile, budget, lm, settings, o) -> object:
+    from baklava.profiles.pipeline import allocate
+
+    params = None
+    if o["method"] == "baklava" and (o["sharpness"] is not None or o["floor_frac"] is not None):
+        params = {"sharpness": o["sharpness"] if o["sharpness"] is not None else 1.0}
+        params["floor_frac"] = o["floor_frac"] if o["floor_frac"] is not None else 0.25
+    return allocate(
+        profile,
+        budget,
+        lm=lm,
+        method=o["method"],
+        max_context=o["max_context"],
+        min_cap=o["min_cap"],
+        batch=o["batch"],
+        dtype_bytes=_KV_DTYPES[o["kv_dtype"]],
+        eviction=EvictionConfig(sink=o["sink"], window=o["window"], policy=o["policy"]),
+        search=o["search"],
+        params=params,
+        settings=settings,
+    )
+
+
+def _check_calibration(path):
+    if path is not None and not Path(path).is_file():
+        raise BaklavaError(f"calibration file not found: {path}")
+
+
+def _summary(profile) -> str:
+    alloc = profile.allocation
+    caps = profile.capacities
+    search = alloc.get("search")
+    line = (
+        f"budget {alloc['budget']} -> {profile.total_tokens} token slots "
+        f"({alloc['fraction']:.1%} of {caps.size} heads x {alloc['reference_context']}), "
+        f"caps {caps.min()}..{caps.max()}, {alloc['method']} {alloc['params']}"
+    )
+    if search:
+        best = min(c["ppl"] for c in search["candidates"])
+        line += f"; search ppl {best} (uniform {search['uniform_ppl']}, full {search['full_ppl']})"
+    return line
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@model_option
+@calibration_options
+@click.option("--budget", callback=_parse_budget, help="Also allocate: 0.3, 512 (tokens/head) or 2GiB.")
+@allocation_options
+@click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="Profile JSON to write.")
+@click.option(
+    "--plot", type=click.Path(dir_okay=False), help="Write a PNG heatmap of scores (and capacities)."
+)
+def profile_cmd(
+    model_spec, calibration, samples, seq_len, scorer, search_context, budget, out, plot, **alloc_opts
+):
+    """Profile a model once: per-KV-head importance (and capacities with --budget)."""
+    from baklava.model_zoo import load_model
+    from baklava.profiles.pipeline import score
+
+    _check_calibration(calibration)
+    settings = _settings(calibration, samples, seq_len, search_context)
+    lm = load_model(model_spec)
+    if budget is not None:
+        _precheck(lm, budget, alloc_opts)
+    profile = score(lm, settings, method=scorer)
+    if budget is not None:
+        profile = _allocate(profile, budget, lm, settings, alloc_opts)
+        _log(_summary(profile))
+    profile.save(out)
+    _log(f"wrote {out}")
+    if plot:
+        from baklava.profiles.plot import plot_profile
+
+        _log(f"wrote {plot_profile(profile, plot)}")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@model_option
+@click.option(
+    "--budget", callback=_parse_budget, required=True, help="0.3 (fraction), 512 (tokens/head) or 2GiB."
+)
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Artifact directory to create.")
+@click.option(
+    "--profile", "profile_path", type=click.Path(dir_okay=False), help="Reuse this profile's scores."
+)
+@calibration_options
+@allocation_options
+@click.option("--plot/--no-plot", default=True, show_default=True, help="Write DIR/profile.png.")
+@click.option("--force", is_flag=True, help="Replace an existing --out directory.")
+def export_cmd(
+    model_spec,
+    budget,
+    out,
+    profile_path,
+    calibration,
+    samples,
+    seq_len,
+    scorer,
+    search_context,
+    plot,
+    force,
+    **alloc_opts,
+):
+    """Profile (or reuse --profile), allocate the budget, and write the artifact directory."""
+    from baklava.exporter import write_artifact
+    from baklava.model_zoo import load_model, resolve
+    from baklava.profiles.pipeline import score
+    from baklava.profiles.profile_file import BudgetProfile, ModelInfo, config_fingerprint
+
+    started = time.perf_counter()
+    if Path(out).exists() and not force:
+        raise BaklavaError(f"{out} already exists; choose another --out or pass --force")
+    _check_calibration(calibration)
+    resolve(model_spec)  # fail fast on a missing model or an unsupported architecture
+    reused = BudgetProfile.load(profile_path) if profile_path else None
+    settings = _settings(calibration, samples, seq_len, search_context)
+    lm = load_model(model_spec)
+    _precheck(lm, budget, alloc_opts)
+    if reused is not None:
+        reused.check_model(config_fingerprint(lm.model.config), source=profile_path)
+        scored = BudgetProfile(model=ModelInfo.from_config(lm.model.config, lm.name), scores=reused.scores)
+        _log(f"reusing scores from {profile_path}")
+    else:
+        scored = score(lm, settings, method=scorer)
+    profile = _allocate(scored, budget, lm, settings, alloc_opts)
+    _log(_summary(profile))
+    artifact = write_artifact(out, profile, model_spec=model_spec, plot=plot, overwrite=force)
+    kv = artifact.manifest["budget"]["kv_bytes_per_sequence"]
+    _log(f"wrote {out} (KV cache {_size(kv)} per sequence) in {time.perf_counter() - started:.0f} s")
+    click.echo(str(Path(out) / "manifest.json"))
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt (repeat for a batch).")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1, 1 << 16))
+@click.option(
+    "--chat/--no-chat", default=True, show_default=True, help="Apply the tokenizer's chat template."
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object per prompt (token ids included)."
+)
+def run_cmd(artifact, prompts, max_new_tokens, chat, as_json):
+    """Generate from an exported artifact with its budgeted per-head cache."""
+    from baklava.exporter import read_artifact
+    from baklava.model_zoo import load_model
+    from baklava.runtime import BudgetedCache, generate
+
+    art = read_artifact(artifact)
+    lm = load_model(art.model_spec, progress=not as_json)
+    cache = BudgetedCache.from_profile(art.profile, model=lm.model)
+    started = time.perf_counter()
+    results = generate(lm.model, lm.tokenizer, cache, list(prompts), max_new_tokens=max_new_tokens, chat=chat)
+    elapsed = time.perf_counter() - started
+    for r in results:
+        if as_json:
+            click.echo(json.dumps({"prompt": r.prompt, "text": r.text, "token_ids": r.token_ids}))
+        else:
+            click.echo(r.text)
+    tokens = sum(len(r.token_ids) for r in results)
+    _log(
+        f"{tokens} tokens in {elapsed:.1f} s; KV cache {_size(cache.kv_bytes())} "
+        f"for {len(prompts)} sequence(s) ({art.profile.total_tokens} slots each)"
+    )
+
+
+profile_main = _main(profile_cmd, "baklava-profile")
+export_main = _main(export_cmd, "baklava-export")
+run_main = _main(run_cmd, "baklava-run")

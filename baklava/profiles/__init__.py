@@ -1,0 +1,1 @@
+"""Profiles: calibration data, head/layer scorers, allocators, and the BudgetProfile file."""

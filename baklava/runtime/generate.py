@@ -1,0 +1,91 @@
+"""Greedy generation with a budgeted cache: what ``baklava-run`` calls.
+
+Two entry points that read top to bottom:
+
+* :func:`generate` - ``model.generate(past_key_values=BudgetedCache)`` for a batch of prompts;
+* :func:`prefill` / :func:`decode_one_token` - the same thing step by step, returning logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from baklava.errors import BaklavaError
+from baklava.runtime.attention import enable
+from baklava.runtime.packed_cache import BudgetedCache
+
+
+@dataclass
+class Generation:
+    prompt: str
+    text: str
+    token_ids: list[int]  # generated tokens only
+    prompt_tokens: int
+
+
+def encode(tokenizer, prompts: list[str], *, chat: bool, max_context: int) -> dict:
+    """Tokenize ``prompts`` (left-padded), with the chat template when ``chat``; check the context."""
+    if not prompts or any(not p.strip() for p in prompts):
+        raise BaklavaError("every prompt must be non-empty")
+    if chat and getattr(tokenizer, "chat_template", None):
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in prompts
+        ]
+    else:
+        texts = list(prompts)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
+    longest = int(batch["attention_mask"].sum(1).max())
+    if longest > max_context:
+        raise BaklavaError(f"prompt has {longest} tokens, over the model's context of {max_context}")
+    return dict(batch)
+
+
+@torch.inference_mode()
+def generate(
+    model, tokenizer, cache: BudgetedCache, prompts: list[str], *, max_new_tokens: int = 64, chat: bool = True
+):
+    """Greedy-decode ``prompts`` as one batch with ``cache``; returns one :class:`Generation` each."""
+    enable(model)
+    device = next(model.parameters()).device
+    batch = encode(tokenizer, prompts, chat=chat, max_context=model.config.max_position_embeddings)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    out = model.generate(
+        **batch,
+        past_key_values=cache,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    new = out[:, batch["input_ids"].shape[1] :]
+    results = []
+    for i, prompt in enumerate(prompts):
+        ids = new[i].tolist()
+        if tokenizer.eos_token_id in ids:  # keep up to and including the first EOS
+            ids = ids[: ids.index(tokenizer.eos_token_id) + 1]
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        results.append(Generation(prompt, text, ids, int(batch["attention_mask"][i].sum())))
+    return results
+
+
+@torch.inference_mode()
+def prefill(model, cache: BudgetedCache, input_ids: torch.Tensor) -> torch.Tensor:
+    """Run the prompt ``[B, S]`` through the model into ``cache``; returns last logits ``[B, V]``."""
+    enable(model)
+    return model(input_ids=input_ids, past_key_values=cache).logits[:, -1]
+
+
+@torch.inference_mode()
+def decode_one_token(model, cache: BudgetedCache, token: torch.Tensor) -> torch.Tensor:
+    """Feed one token per row ``[B, 1]``; returns next-token logits ``[B, V]``."""
+    return model(input_ids=token, past_key_values=cache).logits[:, -1]

@@ -1,0 +1,346 @@
+"""The budgeted KV cache: every KV head stores its own tokens in one packed, ragged buffer.
+
+Layout of one layer (no padding to the largest head)::
+
+    keys   [B, sum(cap), D]     head h owns slots [off_h, off_h + cap_h)
+    values [B, sum(cap), D]
+    positions [B, sum(cap)] int64, scores [B, sum(cap)] float32, fill [B, H_kv] int64
+
+so the KV bytes of a layer are exactly ``B * sum(cap) * 2 * D * dtype_bytes``. Within a head the
+first ``fill[b, h]`` slots are live and kept in arrival order.
+
+One model step runs in two halves, because eviction needs the step's attention:
+
+1. ``update(k, v)`` (called by the model's attention module) stashes the new keys/values and tags
+   them for the ``baklava`` attention implementation;
+2. ``attend(query, mask)`` (called by that implementation, :mod:`baklava.runtime.attention`)
+   attends each query group over its head's live slots plus the new tokens, then commits the new
+   tokens into the head's slots, evicting by :mod:`baklava.runtime.selection` when it is full.
+
+It plugs into ``model.generate(past_key_values=cache)`` for Llama / Qwen2 / Mistral models once
+the model uses ``attn_implementation="baklava"`` (:func:`baklava.runtime.attention.enable`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from baklava.profiles.eviction import EvictionConfig
+from baklava.runtime.selection import chronological_keep, keep_priority, snapkv_pool
+
+_NOT_ATTENDED = (
+    "BudgetedCache: a step was cached but never attended; the model must run with "
+    "attn_implementation='baklava' (call baklava.enable(model) first)"
+)
+
+
+class BudgetedLayer(CacheLayerMixin):
+    """One decoder layer's packed per-head cache (the PyTorch reference)."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = True
+
+    def __init__(self, capacities: Sequence[int], eviction: EvictionConfig | None = None):
+        super().__init__()
+        self.capacities = [int(c) for c in capacities]
+        if not self.capacities or min(self.capacities) < 1:
+            raise ValueError(f"every head needs a capacity >= 1, got {self.capacities}")
+        self.offsets = [0, *np.cumsum(self.capacities)[:-1].tolist()]
+        self.total = int(sum(self.capacities))
+        self.eviction = eviction or EvictionConfig()
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __repr__(self) -> str:
+        return f"BudgetedLayer(capacities={self.capacities}, policy={self.eviction.policy!r})"
+
+    # ------------------------------------------------------------------ transformers interface
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, head_dim = key_states.shape
+        if heads != len(self.capacities):
+            raise ValueError(
+                f"layer has {len(self.capacities)} KV-head capacities but the model has {heads} KV heads"
+            )
+        self.batch_size, self.num_heads, self.head_dim = batch, heads, head_dim
+        self.dtype, self.device = key_states.dtype, key_states.device
+        dev = self.device
+        self.keys = torch.zeros(batch, self.total, head_dim, dtype=self.dtype, device=dev)  # [B, sum(cap), D]
+        self.values = torch.zeros(batch, self.total, value_states.shape[-1], dtype=self.dtype, device=dev)
+        self.positions = torch.full((batch, self.total), -1, dtype=torch.int64, device=dev)  # [B, sum(cap)]
+        self.scores = torch.zeros(batch, self.total, dtype=torch.float32, device=dev)  # [B, sum(cap)]
+        self.fill = torch.zeros(batch, heads, dtype=torch.int64, device=dev)  # [B, H_kv]
+        self.valid_seen = torch.zeros(batch, dtype=torch.int64, device=dev)  # [B] next position per row
+        self.seen = 0  # tokens processed, padding included (what transformers calls the sequence length)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Stash this step's keys/values ``[B, H_kv, q, D]`` until :meth:`attend` commits them."""
+        if self._pending is not None:
+            raise RuntimeError(_NOT_ATTENDED)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.shape[0] != self.batch_size:
+            raise ValueError(f"cache was built for batch {self.batch_size}, got batch {key_states.shape[0]}")
+        self._pending = (key_states, value_states)
+        key_states._baklava_layer = self  # read by the `baklava` attention implementation
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.seen if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # The model's mask covers only the new tokens; stored slots are masked by `fill`.
+        return query_length, self.get_seq_length()
+
+    def get_max_length(self) -> int:
+        return -1  # eviction keeps the cache bounded, the sequence is not
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            self.keys.zero_()
+            self.values.zero_()
+            self.positions.fill_(-1)
+            self.scores.zero_()
+            self.fill.zero_()
+            self.valid_seen.zero_()
+            self.seen = 0
+        self._pending = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a budgeted cache cannot be cropped: evicted tokens are gone")
+
+    def _index_batch(self, index: torch.Tensor) -> None:
+        for name in ("keys", "values", "positions", "scores", "fill", "valid_seen"):
+            setattr(self, name, getattr(self, name).index_select(0, index.to(self.device)))
+        self.batch_size = self.keys.shape[0]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self._index_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._index_batch(torch.as_tensor(indices, device=self.device).reshape(-1))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._index_batch(torch.arange(self.batch_size, device=self.device).repeat_interleave(repeats))
+
+    # ------------------------------------------------------------------ sizes
+    def kv_bytes(self) -> int:
+        """Bytes of the packed key and value buffers (what the budget promises)."""
+        if not self.is_initialized:
+            return 0
+        return self.keys.nbytes + self.values.nbytes
+
+    def metadata_bytes(self) -> int:
+        """Bytes of positions, scores and fill levels (eviction bookkeeping)."""
+        if not self.is_initialized:
+            return 0
+        return sum(t.nbytes for t in (self.positions, self.scores, self.fill, self.valid_seen))
+
+    def head_keys(self, h: int, b: int = 0) -> torch.Tensor:
+        """Live keys ``[fill, D]`` of head ``h`` in row ``b`` (for inspection and tests)."""
+        off = self.offsets[h]
+        return self.keys[b, off : off + int(self.fill[b, h])]
+
+    def head_positions(self, h: int, b: int = 0) -> torch.Tensor:
+        off = self.offsets[h]
+        return self.positions[b, off : off + int(self.fill[b, h])]
+
+    # ------------------------------------------------------------------ attention + commit
+    def attend(
+        self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
+    ) -> tuple[torch.Tensor, None]:
+        """Attention of ``query`` over the stored slots and the pending tokens, then commit.
+
+        Parameters
+        ----------
+        query : torch.Tensor
+            ``[B, H_q, q, D]`` (after RoPE).
+        attention_mask : torch.Tensor or None
+            ``[B, 1, q, q]`` additive mask of the new tokens (causal + padding), as built by
+            transformers from :meth:`get_mask_sizes`; ``None`` means causal without padding.
+
+        Returns
+        -------
+        tuple
+            ``attn_output [B, q, H_q, D]`` and ``None`` (no attention weights).
+        """
+        if self._pending is None:
+            raise RuntimeError("BudgetedCache.attend called without a pending update")
+        k_new, v_new = self._pending  # [B, H_kv, q, D]
+        self._pending = None
+        batch, q_heads, q_len, _ = query.shape
+        group = q_heads // self.num_heads
+        new_bias = _new_token_bias(attention_mask, batch, q_len, query)  # [B, 1, q, q]
+        valid_new = torch.diagonal(new_bias[:, 0], dim1=-2, dim2=-1) == 0  # [B, q] False for padding
+        need_scores = self.eviction.policy == "h2o"
+        obs = min(q_len, self.eviction.obs_window)
+
+        out = query.new_empty(batch, q_heads, q_len, v_new.shape[-1])  # [B, H_q, q, D]
+        for h, (off, _cap) in enumerate(zip(self.offsets, self.capacities, strict=True)):
+            n = int(self.fill[:, h].max())  # live slots of the fullest row
+            keys = torch.cat([self.keys[:, off : off + n], k_new[:, h]], dim=1)  # [B, n + q, D]
+            values = torch.cat([self.values[:, off : off + n], v_new[:, h]], dim=1)
+            live = torch.arange(n, device=self.device)[None, :] < self.fill[:, h, None]  # [B, n]
+            stored_bias = torch.zeros(batch, n, dtype=new_bias.dtype, device=self.device)
+            stored_bias.masked_fill_(~live, torch.finfo(new_bias.dtype).min)
+            bias = torch.cat([stored_bias[:, None, None, :].expand(batch, 1, q_len, n), new_bias], dim=-1)
+            qh = query[:, h * group : (h + 1) * group]  # [B, g, q, D]
+            k_g = keys[:, None].expand(batch, group, n + q_len, keys.shape[-1])
+            v_g = values[:, None].expand(batch, group, n + q_len, values.shape[-1])
+            out[:, h * group : (h + 1) * group] = F.scaled_dot_product_attention(
+                qh, k_g, v_g, attn_mask=bias, scale=scaling
+            )
+            mass = None
+            if need_scores:  # attention the last `obs` queries pay to each candidate, [B, n + q]
+                logits = (qh[:, :, -obs:].float() @ k_g.float().transpose(-1, -2)) * scaling
+                probs = torch.softmax(logits + bias[:, :, -obs:].float(), dim=-1)  # [B, g, obs, n + q]
+                q_ok = valid_new[:, -obs:].to(probs.dtype)[:, None, :, None]
+                mass = (probs * q_ok).sum(2).mean(1)
+            self._commit_head(h, n, k_new[:, h], v_new[:, h], valid_new, mass)
+
+        self.valid_seen += valid_new.sum(1)
+        self.seen += q_len
+        return out.transpose(1, 2).contiguous(), None
+
+    def _commit_head(
+        self,
+        h: int,
+        n: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        valid: torch.Tensor,
+        mass: torch.Tensor | None,
+    ) -> None:
+        """Write the new tokens ``k, v [B, q, D]`` of head ``h`` into its slots, evicting if full."""
+        cap, off = self.capacities[h], self.offsets[h]
+        ev = self.eviction
+        fill = self.fill[:, h]  # [B]
+        q_len = k.shape[1]
+        rank = valid.cumsum(1) - 1  # [B, q] index among this row's new valid tokens
+        new_pos = self.valid_seen[:, None] + rank  # [B, q]
+        n_new = valid.sum(1)  # [B]
+        if mass is None:
+            stored_inc = torch.zeros(k.shape[0], n, device=self.device)
+            new_score = torch.zeros(k.shape[0], q_len, device=self.device)
+        else:
+            stored_inc, new_score = mass[:, :n], mass[:, n:]
+            if q_len > 1:
+                new_score = snapkv_pool(new_score.masked_fill(~valid, 0), ev.pool_kernel)
+
+        if bool((fill + n_new <= cap).all()):  # room for everything: append in arrival order
+            self.scores[:, off : off + n] += stored_inc
+            rows, cols = valid.nonzero(as_tuple=True)
+            slots = off + fill[rows] + rank[rows, cols]
+            self.keys[rows, slots] = k[rows, cols]
+            self.values[rows, slots] = v[rows, cols]
+            self.positions[rows, slots] = new_pos[rows, cols]
+            self.scores[rows, slots] = new_score[rows, cols]
+            self.fill[:, h] = fill + n_new
+            return
+
+        live = torch.arange(n, device=self.device)[None, :] < fill[:, None]
+        cand_valid = torch.cat([live, valid], dim=1)  # [B, n + q]
+        cand_pos = torch.cat([self.positions[:, off : off + n], new_pos], dim=1)
+        cand_score = torch.cat([self.scores[:, off : off + n] + stored_inc, new_score], dim=1)
+        priority = keep_priority(
+            cand_pos,
+            cand_score,
+            cand_valid,
+            self.valid_seen + n_new,
+            sink=ev.sink,
+            window=ev.window,
+            policy=ev.policy,
+        )
+        keep = min(cap, n + q_len)
+        idx = chronological_keep(priority, cand_valid, keep)  # [B, keep]
+        cand_k = torch.cat([self.keys[:, off : off + n], k], dim=1)
+        cand_v = torch.cat([self.values[:, off : off + n], v], dim=1)
+        self.keys[:, off : off + keep] = cand_k.gather(1, idx[..., None].expand(-1, -1, cand_k.shape[-1]))
+        self.values[:, off : off + keep] = cand_v.gather(1, idx[..., None].expand(-1, -1, cand_v.shape[-1]))
+        self.positions[:, off : off + keep] = cand_pos.gather(1, idx)
+        self.scores[:, off : off + keep] = cand_score.gather(1, idx)
+        self.fill[:, h] = torch.clamp(cand_valid.sum(1), max=cap)
+
+
+def _new_token_bias(mask: torch.Tensor | None, batch: int, q_len: int, like: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, q, q]`` additive bias among the new tokens (causal when no mask is given)."""
+    if mask is None:
+        causal = torch.ones(q_len, q_len, dtype=torch.bool, device=like.device).tril()
+        bias = torch.zeros(q_len, q_len, dtype=like.dtype, device=like.device)
+        bias.masked_fill_(~causal, torch.finfo(like.dtype).min)
+        return bias.expand(batch, 1, q_len, q_len)
+    if mask.dtype == torch.bool:
+        bias = torch.zeros(mask.shape, dtype=like.dtype, device=like.device)
+        bias.masked_fill_(~mask, torch.finfo(like.dtype).min)
+        mask = bias
+    mask = mask[..., -q_len:].to(like.dtype)
+    return mask.expand(batch, 1, q_len, q_len)
+
+
+class BudgetedCache(Cache):
+    """A transformers ``Cache`` of :class:`BudgetedLayer` s, one per decoder layer.
+
+    Parameters
+    ----------
+    capacities : array-like
+        ``[L, H_kv]`` integer token capacities.
+    eviction : EvictionConfig
+        Sink, window and policy shared by every head.
+
+    Examples
+    --------
+    >>> cache = BudgetedCache.from_profile(profile)                     # doctest: +SKIP
+    >>> model.generate(**inputs, past_key_values=cache, max_new_tokens=32)  # doctest: +SKIP
+    """
+
+    def __init__(self, capacities, eviction: EvictionConfig | None = None):
+        caps = np.asarray(capacities, dtype=np.int64)
+        if caps.ndim != 2:
+            raise ValueError(f"capacities must be [L, H_kv], got shape {caps.shape}")
+        self.capacities = caps
+        self.eviction = eviction or EvictionConfig()
+        super().__init__(layers=[BudgetedLayer(row.tolist(), self.eviction) for row in caps])
+
+    @classmethod
+    def from_profile(cls, profile, model=None) -> BudgetedCache:
+        """Cache for ``profile`` (a :class:`~baklava.profiles.profile_file.BudgetProfile`).
+
+        With ``model``, also check the profile was made for that model and switch the model to the
+        ``baklava`` attention implementation.
+        """
+        if profile.capacities is None:
+            profile._require_capacities()
+        if model is not None:
+            from baklava.profiles.profile_file import config_fingerprint
+            from baklava.runtime.attention import enable
+
+            profile.check_model(config_fingerprint(model.config))
+            enable(model)
+        return cls(profile.capacities, profile.eviction)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        # The previous layer's step must have been attended by now; if not, the model is not
+        # using the `baklava` attention and would silently attend over the new tokens only.
+        if layer_idx > 0 and self.layers[layer_idx - 1]._pending is not None:
+            raise RuntimeError(_NOT_ATTENDED)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def kv_bytes(self) -> int:
+        """Bytes allocated for keys and values over all layers (measured from the tensors)."""
+        return sum(layer.kv_bytes() for layer in self.layers)
+
+    def metadata_bytes(self) -> int:
+        return sum(layer.metadata_bytes() for layer in self.layers)
+
+    def fill_levels(self) -> torch.Tensor:
+        """``[L, B, H_kv]`` live tokens per head."""
+        return torch.stack([layer.fill for layer in self.layers])

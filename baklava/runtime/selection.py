@@ -1,0 +1,76 @@
+"""Which tokens a head keeps: priorities for sink, recent window and scored tokens.
+
+Pure tensor functions shared by the packed cache (and, later, mirrored by the GPU kernels and
+the ONNX ops). A candidate's priority is lexicographic ``(tier, key)``:
+
+========  =====================================  ============================
+tier      candidates                             key within the tier
+========  =====================================  ============================
+3         sink: position < sink                  earlier first
+2         recent window: position >= seen-window later first
+1         everything else                        score (h2o) or position (ring)
+-inf      empty slots and padding tokens         never kept
+========  =====================================  ============================
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_TIER = 1e15  # far above any score or position, exact in float64
+
+
+def keep_priority(
+    positions: torch.Tensor,
+    scores: torch.Tensor,
+    valid: torch.Tensor,
+    seen_after: torch.Tensor,
+    *,
+    sink: int,
+    window: int,
+    policy: str,
+) -> torch.Tensor:
+    """Priority of each candidate token; keep the top ``cap``.
+
+    Parameters
+    ----------
+    positions : torch.Tensor
+        ``[B, N]`` int64 token positions (count of non-padding tokens before it in its row).
+    scores : torch.Tensor
+        ``[B, N]`` float accumulated attention (ignored by ``policy="ring"``).
+    valid : torch.Tensor
+        ``[B, N]`` bool, False for empty slots and padding.
+    seen_after : torch.Tensor
+        ``[B]`` int64 non-padding tokens seen once this step is committed.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, N]`` float64.
+    """
+    pos = positions.to(torch.float64)
+    is_sink = positions < sink
+    is_recent = positions >= (seen_after[:, None] - window)
+    body = pos if policy == "ring" else scores.to(torch.float64)
+    pri = torch.where(is_recent, 2 * _TIER + pos, _TIER + body)
+    pri = torch.where(is_sink, 3 * _TIER - pos, pri)
+    return pri.masked_fill(~valid, float("-inf"))
+
+
+def snapkv_pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Max-pool ``[B, N]`` scores over ``kernel`` neighbours (SnapKV keeps clusters, not points)."""
+    if kernel <= 1 or scores.shape[-1] <= 1:
+        return scores
+    return F.max_pool1d(scores[:, None], kernel, stride=1, padding=kernel // 2)[:, 0]
+
+
+def chronological_keep(priority: torch.Tensor, valid: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices ``[B, keep]`` of the top-``keep`` candidates, valid ones first, in candidate order.
+
+    Keeping slots in arrival order makes a never-evicting cache bit-compatible with a dense one.
+    """
+    idx = priority.topk(keep, dim=1).indices
+    kept_valid = valid.gather(1, idx)
+    order = idx + (~kept_valid).to(idx.dtype) * priority.shape[1]
+    return idx.gather(1, order.argsort(dim=1))

@@ -1,0 +1,196 @@
+"""The command line on a tiny local model: artifacts, and one-line errors that write nothing."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from baklava.cli import export_main, profile_main, run_main
+
+FAST = ["--samples", "1", "--seq-len", "64", "--min-cap", "4"]
+
+
+def call(main, argv, capfd):
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, prog, *needles):
+    assert code not in (0, None)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"{prog}: error: ")
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_export_then_run(tiny_model_dir, tmp_path, capfd):
+    out = tmp_path / "art"
+    argv = ["--model", tiny_model_dir, "--budget", "0.3", "--out", out, *FAST, "--search-context", "96"]
+    code, stdout, err = call(export_main, argv, capfd)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "profile.json", "profile.png"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    profile = json.loads((out / "profile.json").read_text())
+    caps = profile["capacities"]
+    assert sum(map(sum, caps)) == round(0.3 * 256 * 4) == manifest["budget"]["total_tokens"]
+    assert profile["allocation"]["search"]["candidates"]  # the perplexity search ran
+    assert manifest["graphs"] == {} and "ONNX" in manifest["note"]
+    assert manifest["budget"]["kv_bytes_per_sequence"] == 307 * 2 * 16 * 4
+
+    code, stdout, err = call(
+        run_main,
+        [out, "--prompt", "the a of", "--prompt", "to and", "--no-chat", "--json", "--max-new-tokens", "5"],
+        capfd,
+    )
+    assert code == 0, err
+    rows = [json.loads(line) for line in stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["the a of", "to and"]
+    assert all(1 <= len(r["token_ids"]) <= 5 for r in rows)
+
+
+def test_profile_command_with_plot(tiny_model_dir, tmp_path, capfd):
+    out, png = tmp_path / "p.json", tmp_path / "p.png"
+    code, _, err = call(profile_main, ["--model", tiny_model_dir, "--out", out, "--plot", png, *FAST], capfd)
+    assert code == 0, err
+    d = json.loads(out.read_text())
+    assert d["capacities"] is None and len(d["scores"]["kv_head"]) == 2
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("budget", "needle"),
+    [("0", "out of range"), ("1.5", "out of range"), ("abc", "not a fraction"), ("-3", "out of range")],
+)
+def test_bad_budget(tiny_model_dir, tmp_path, capfd, budget, needle):
+    code, _, err = call(
+        export_main, ["--model", tiny_model_dir, "--budget", budget, "--out", tmp_path / "o"], capfd
+    )
+    assert_one_line_error(code, err, "baklava-export", needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_budget_below_floors(tiny_model_dir, tmp_path, capfd):
+    code, _, err = call(
+        export_main,
+        [
+            "--model",
+            tiny_model_dir,
+            "--budget",
+            "2",
+            "--out",
+            tmp_path / "o",
+            "--samples",
+            "1",
+            "--seq-len",
+            "64",
+            "--no-search",
+        ],
+        capfd,
+    )
+    assert_one_line_error(code, err, "baklava-export", "smaller than the floor")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_model_path(tmp_path, capfd):
+    code, _, err = call(
+        export_main, ["--model", tmp_path / "nope", "--budget", "0.3", "--out", tmp_path / "o"], capfd
+    )
+    assert_one_line_error(code, err, "baklava-export", "model not found")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unsupported_architecture(tmp_path, capfd):
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    code, _, err = call(export_main, ["--model", gpt2, "--budget", "0.3", "--out", tmp_path / "o"], capfd)
+    assert_one_line_error(
+        code, err, "baklava-export", "unsupported architecture 'gpt2'", "llama, mistral, qwen2"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def _profile_for(tiny_model_dir, tmp_path, capfd):
+    path = tmp_path / "p.json"
+    code, _, err = call(profile_main, ["--model", tiny_model_dir, "--out", path, *FAST], capfd)
+    assert code == 0, err
+    return path
+
+
+def test_corrupted_profile(tiny_model_dir, tmp_path, capfd):
+    path = _profile_for(tiny_model_dir, tmp_path, capfd)
+    path.write_text(path.read_text().replace('"sink": 4', '"sink": 5'))
+    code, _, err = call(
+        export_main,
+        ["--model", tiny_model_dir, "--budget", "0.3", "--profile", path, "--out", tmp_path / "o"],
+        capfd,
+    )
+    assert_one_line_error(code, err, "baklava-export", "checksum mismatch")
+    assert not (tmp_path / "o").exists()
+
+
+def test_profile_of_another_model(tiny_model_dir, tmp_path, capfd):
+    from baklava.profiles.head_scores import HeadScores
+    from baklava.profiles.profile_file import BudgetProfile, ModelInfo
+    from tests.conftest import tiny_config
+
+    path = BudgetProfile(
+        ModelInfo.from_config(tiny_config(vocab_size=97), "other"), HeadScores.constant(2, 2)
+    ).save(tmp_path / "other.json")
+    code, _, err = call(
+        export_main,
+        ["--model", tiny_model_dir, "--budget", "0.3", "--profile", path, "--out", tmp_path / "o"],
+        capfd,
+    )
+    assert_one_line_error(code, err, "baklava-export", "made for model 'other'")
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_is_not_touched(tiny_model_dir, tmp_path, capfd):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code, _, err = call(export_main, ["--model", tiny_model_dir, "--budget", "0.3", "--out", out], capfd)
+    assert_one_line_error(code, err, "baklava-export", "already exists")
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_run_rejects_tampered_artifact(tiny_model_dir, tmp_path, capfd):
+    out = tmp_path / "art"
+    code, _, err = call(
+        export_main,
+        ["--model", tiny_model_dir, "--budget", "0.5", "--out", out, *FAST, "--no-search", "--no-plot"],
+        capfd,
+    )
+    assert code == 0, err
+    profile = out / "profile.json"
+    profile.write_text(profile.read_text() + " ")
+    code, _, err = call(run_main, [out, "--prompt", "the"], capfd)
+    assert_one_line_error(code, err, "baklava-run", "sha256")
+    code, _, err = call(run_main, [tmp_path, "--prompt", "the"], capfd)
+    assert_one_line_error(code, err, "baklava-run", "not a BaKlaVa artifact")
+
+
+def test_console_entry_point_exit_status(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from baklava.cli import export_main; export_main()",
+            "--budget",
+            "abc",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
