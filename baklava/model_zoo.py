@@ -234,8 +234,10 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype=None, progress: bool = True) 
     if kind == "gguf":
         model, tok = _load_gguf(Path(location), dtype)
         return LoadedModel(model, tok, spec, Path(location).stem)
+    # Read at call time (huggingface_hub reads it once, at import).
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     try:
-        model, tok = _from_pretrained(location, dtype)
+        model, tok = _from_pretrained(location, dtype, **({"local_files_only": True} if offline else {}))
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"could not load {spec!r} ({first})") from None

@@ -31,7 +31,7 @@ def plot_profile(profile: BudgetProfile, path: str | os.PathLike) -> Path:
     fig.colorbar(im, ax=axes[0], fraction=0.08)
 
     axes[1].barh(np.arange(num_layers), scores.layer, color="tab:orange")
-    axes[1].invert_yaxis()
+    axes[1].set_ylim(num_layers - 0.5, -0.5)  # same rows as the heatmaps
     axes[1].set_title("layer proxy\n1 - cos(x, x + attn)")
 
     if profile.capacities is not None:

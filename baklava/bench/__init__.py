@@ -1,0 +1,1 @@
+"""Benchmarks (``baklava-bench``): serving load today; quality, speed and memory in later issues."""

@@ -1,0 +1,134 @@
+"""Load run against a Triton server: N requests from C concurrent clients over loopback HTTP.
+
+Each client streams its answer (``generate_stream``, server-sent events), so time to first token
+and total latency are both measured. Requests are deterministic (a fixed prompt list, greedy).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+from tqdm.auto import tqdm
+
+TOPICS = [
+    "the water cycle",
+    "how vaccines work",
+    "the history of the printing press",
+    "photosynthesis",
+    "why the sky is blue",
+    "how a bicycle stays upright",
+    "the rules of chess",
+    "black holes",
+    "how bread rises",
+    "the causes of tides",
+    "what a compiler does",
+    "how bees make honey",
+    "the French revolution",
+    "how solar panels work",
+    "plate tectonics",
+    "the immune system",
+]
+
+
+def prompts(n: int) -> list[str]:
+    """``n`` deterministic prompts cycling over topics and phrasings."""
+    forms = ["Explain {} in two sentences.", "Give one surprising fact about {}.", "Describe {} to a child."]
+    return [forms[(i // len(TOPICS)) % len(forms)].format(TOPICS[i % len(TOPICS)]) for i in range(n)]
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    latency_s: float
+    ttft_s: float | None
+    tokens: int
+    error: str | None = None
+
+
+def stream_request(url: str, model: str, prompt: str, max_tokens: int, timeout: float) -> RequestResult:
+    body = json.dumps({"text_input": prompt, "max_tokens": max_tokens, "stream": True}).encode()
+    req = urllib.request.Request(
+        f"{url}/v2/models/{model}/generate_stream", data=body, headers={"Content-Type": "application/json"}
+    )
+    start = time.perf_counter()
+    ttft, tokens = None, 0
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            for raw in resp:
+                line = raw.decode("utf-8", "replace").strip()
+                if not line.startswith("data:"):
+                    continue
+                event = json.loads(line[5:])
+                if "error" in event:
+                    return RequestResult(False, time.perf_counter() - start, ttft, tokens, event["error"])
+                if event.get("text_output"):
+                    tokens += 1
+                    if ttft is None:
+                        ttft = time.perf_counter() - start
+    except (urllib.error.URLError, OSError, json.JSONDecodeError) as e:
+        return RequestResult(False, time.perf_counter() - start, ttft, tokens, f"{type(e).__name__}: {e}")
+    return RequestResult(
+        tokens > 0, time.perf_counter() - start, ttft, tokens, None if tokens else "no tokens"
+    )
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def load_run(
+    url: str,
+    *,
+    requests: int = 200,
+    concurrency: int = 16,
+    max_tokens: int = 16,
+    model: str = "baklava",
+    timeout: float = 600.0,
+    progress: bool = True,
+) -> dict:
+    """Send ``requests`` streaming requests from ``concurrency`` threads; return the summary."""
+    bar = tqdm(total=requests, desc="load run", unit="req", disable=not progress)
+    lock = threading.Lock()
+
+    def one(prompt: str) -> RequestResult:
+        result = stream_request(url, model, prompt, max_tokens, timeout)
+        with lock:
+            bar.update()
+        return result
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, prompts(requests)))
+    wall = time.perf_counter() - start
+    bar.close()
+    ok = [r for r in results if r.ok]
+    latencies = [r.latency_s for r in ok]
+    ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
+    tokens = sum(r.tokens for r in ok)
+    return {
+        "requests": requests,
+        "concurrency": concurrency,
+        "max_tokens": max_tokens,
+        "failures": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if r.error})[:5],
+        "wall_s": round(wall, 2),
+        "latency_p50_s": round(_pct(latencies, 0.5), 3),
+        "latency_p99_s": round(_pct(latencies, 0.99), 3),
+        "latency_mean_s": round(statistics.fmean(latencies), 3) if latencies else None,
+        "ttft_p50_s": round(_pct(ttfts, 0.5), 3),
+        "ttft_p99_s": round(_pct(ttfts, 0.99), 3),
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / wall, 2),
+        "requests_per_s": round(len(ok) / wall, 3),
+        "results": [asdict(r) for r in results],
+    }

@@ -1,0 +1,95 @@
+"""``baklava-triton`` (write a model repository) and ``baklava-serve`` (run tritonserver)."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import tempfile
+import threading
+from pathlib import Path
+
+import click
+
+from baklava.cli import _log, _main
+from baklava.errors import BaklavaError
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("--repo", type=click.Path(file_okay=False), required=True, help="Model repository to create.")
+@click.option("--instances", default=1, show_default=True, type=click.IntRange(1), help="Model instances.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--chat/--no-chat", default=True, show_default=True, help="Apply the chat template to prompts.")
+@click.option(
+    "--threads", type=click.IntRange(1), help="Torch threads per instance (default: cores / instances)."
+)
+@click.option("--force", is_flag=True, help="Replace an existing repository.")
+def triton_cmd(artifact, repo, instances, device, chat, threads, force):
+    """Write a Triton model repository (Python backend, token streaming) for ARTIFACT."""
+    from baklava.serving.triton_repo import write_repository
+
+    path = write_repository(
+        artifact, repo, instances=instances, device=device, chat=chat, threads=threads, overwrite=force
+    )
+    _log(f"wrote model repository {path} (serve it with: baklava-serve {path})")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("path", type=click.Path(file_okay=False, exists=False))
+@click.option("--http-port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--grpc-port", default=8001, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--instances", default=1, show_default=True, type=click.IntRange(1), help="For an artifact DIR."
+)
+@click.option(
+    "--timeout", default=600, show_default=True, type=click.IntRange(1), help="Seconds to wait for ready."
+)
+@click.option("--log", "log_path", type=click.Path(dir_okay=False), help="Server log file.")
+def serve_cmd(path, http_port, grpc_port, metrics_port, host, instances, timeout, log_path):
+    """Serve an artifact DIR or a model REPO with a real tritonserver until Ctrl-C."""
+    from baklava.serving.server import TritonServer
+    from baklava.serving.triton_repo import MODEL_NAME, is_artifact, is_repository, write_repository
+
+    temp = None
+    if is_artifact(path):
+        temp = Path(tempfile.mkdtemp(prefix="baklava-repo-"))
+        repo = write_repository(path, temp / "repo", instances=instances)
+    elif is_repository(path):
+        repo = Path(path)
+    else:
+        raise BaklavaError(
+            f"{path}: neither an artifact (manifest.json) nor a model repository (*/config.pbtxt)"
+        )
+    log_path = log_path or str(Path(tempfile.gettempdir()) / "baklava-tritonserver.log")
+    server = TritonServer(repo, http_port, grpc_port, metrics_port, host=host, log_path=Path(log_path))
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        _log(f"starting tritonserver for {repo} (log: {log_path})")
+        server.start(timeout=timeout)
+        url = f"http://{server.http_url}"
+        _log(
+            f"ready: HTTP {url}  gRPC {server.grpc_url}  metrics http://{host}:{server.metrics_port}/metrics"
+        )
+        click.echo(
+            f"curl -s {url}/v2/models/{MODEL_NAME}/generate "
+            '-d \'{"text_input": "What is the capital of France?", "max_tokens": 32}\''
+        )
+        try:
+            while not stop.wait(1.0):
+                if server.process is None or server.process.poll() is not None:
+                    raise BaklavaError(f"tritonserver exited unexpectedly (log: {log_path})")
+        except KeyboardInterrupt:
+            pass
+        _log("shutting down")
+    finally:
+        server.stop()
+        signal.signal(signal.SIGTERM, previous)
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+triton_main = _main(triton_cmd, "baklava-triton")
+serve_main = _main(serve_cmd, "baklava-serve")

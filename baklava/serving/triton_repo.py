@@ -1,0 +1,106 @@
+"""Write a Triton model repository for an exported artifact.
+
+    REPO/
+      baklava/
+        config.pbtxt          Python backend, decoupled (token streaming), instance group,
+                              parameters: artifact, device, chat_template, threads
+        1/model.py            re-exports baklava.serving.triton_model.TritonPythonModel
+        1/artifact/           copy of the artifact (profile.json, manifest.json)
+
+The model weights are not copied: the instance loads them through the artifact's model spec
+(an alias is fetched into the user cache on first use). Written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from baklava.atomic import atomic_directory
+from baklava.errors import BaklavaError
+from baklava.exporter.artifact import MANIFEST_FILE, PLOT_FILE, read_artifact
+
+MODEL_NAME = "baklava"
+
+CONFIG_TEMPLATE = """\
+name: "{name}"
+backend: "python"
+max_batch_size: 0
+
+# Token streaming: one request may get many responses (gRPC streaming, HTTP generate_stream).
+model_transaction_policy {{ decoupled: true }}
+
+input [
+  {{ name: "text_input" data_type: TYPE_STRING dims: [ 1 ] }},
+  {{ name: "max_tokens" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
+  {{ name: "stream" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
+  {{ name: "temperature" data_type: TYPE_FP32 dims: [ 1 ] optional: true }},
+  {{ name: "top_p" data_type: TYPE_FP32 dims: [ 1 ] optional: true }},
+  {{ name: "top_k" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
+  {{ name: "seed" data_type: TYPE_UINT64 dims: [ 1 ] optional: true }}
+]
+output [
+  {{ name: "text_output" data_type: TYPE_STRING dims: [ -1 ] }}
+]
+
+instance_group [ {{ count: {instances} kind: {kind} }} ]
+
+parameters {{ key: "artifact" value: {{ string_value: "artifact" }} }}
+parameters {{ key: "backend" value: {{ string_value: "torch" }} }}
+parameters {{ key: "device" value: {{ string_value: "{device}" }} }}
+parameters {{ key: "chat_template" value: {{ string_value: "{chat}" }} }}
+parameters {{ key: "threads" value: {{ string_value: "{threads}" }} }}
+"""
+
+MODEL_PY = '''"""Triton Python backend entry point for a BaKlaVa artifact (see baklava.serving.triton_model)."""
+
+from baklava.serving.triton_model import TritonPythonModel  # noqa: F401
+'''
+
+
+def write_repository(
+    artifact_dir: str | os.PathLike,
+    repo: str | os.PathLike,
+    *,
+    instances: int = 1,
+    device: str = "cpu",
+    chat: bool = True,
+    threads: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Create the model repository ``repo`` for ``artifact_dir``; returns ``repo``."""
+    art = read_artifact(artifact_dir)  # verifies manifest, profile checksum and sha256
+    if instances < 1:
+        raise BaklavaError("instances must be >= 1")
+    repo = Path(repo)
+    if repo.exists() and not overwrite:
+        raise BaklavaError(f"{repo} already exists; choose another repository path or pass --force")
+    kind = "KIND_GPU" if device.startswith("cuda") else "KIND_CPU"
+    threads = threads or max(1, (os.cpu_count() or 1) // instances)
+    with atomic_directory(repo, overwrite=overwrite) as tmp:
+        version = tmp / MODEL_NAME / "1"
+        version.mkdir(parents=True)
+        (tmp / MODEL_NAME / "config.pbtxt").write_text(
+            CONFIG_TEMPLATE.format(
+                name=MODEL_NAME,
+                instances=instances,
+                kind=kind,
+                device=device,
+                chat=str(chat).lower(),
+                threads=threads,
+            )
+        )
+        (version / "model.py").write_text(MODEL_PY)
+        shutil.copytree(art.path, version / "artifact", ignore=shutil.ignore_patterns(PLOT_FILE))
+    return repo
+
+
+def is_repository(path: str | os.PathLike) -> bool:
+    """True when ``path`` looks like a model repository (a subdirectory with config.pbtxt)."""
+    path = Path(path)
+    return path.is_dir() and any(p.is_file() for p in path.glob("*/config.pbtxt"))
+
+
+def is_artifact(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST_FILE).is_file()

@@ -1,0 +1,222 @@
+"""A real tritonserver (from the nvidia-pytriton wheel) serving the default model on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tritonclient.grpc", reason="serving extra not installed (pip install -e '.[serving]')")
+
+from baklava.cli import export_main  # noqa: E402
+from baklava.serving.server import TritonServer  # noqa: E402
+from baklava.serving.triton_repo import write_repository  # noqa: E402
+
+pytestmark = [pytest.mark.model, pytest.mark.serving]
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Name a primary color.",
+    "Say hello in Spanish.",
+    "What is 2 + 2?",
+    "Name a large animal.",
+    "What do bees make?",
+    "What is the opposite of hot?",
+    "Name a fruit that is yellow.",
+]
+MAX_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving")
+    art = root / "artifact"
+    export_main(
+        [
+            "--budget",
+            "0.3",
+            "--out",
+            str(art),
+            "--samples",
+            "1",
+            "--seq-len",
+            "256",
+            "--no-search",
+            "--no-plot",
+        ]
+    )
+    return write_repository(art, root / "repo", instances=2, threads=1)
+
+
+@pytest.fixture(scope="module")
+def server(repo, tmp_path_factory):
+    log = tmp_path_factory.mktemp("log") / "tritonserver.log"
+    with TritonServer(repo, 0, 0, 0, log_path=log) as srv:
+        yield srv
+
+
+def generate(server, body: dict, endpoint: str = "generate") -> tuple[int, dict | str]:
+    req = urllib.request.Request(
+        f"http://{server.http_url}/v2/models/baklava/{endpoint}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            text = resp.read().decode()
+            return resp.status, json.loads(text) if endpoint == "generate" else text
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read().decode())
+
+
+def grpc_stream(server, inputs: dict) -> tuple[list[tuple[float, str]], str | None]:
+    """Send one streaming request over gRPC; returns ``([(arrival time, piece)], error)``."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    events: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: events.put((time.monotonic(), result, error)))
+    tensors = []
+    for name, (arr, dtype) in inputs.items():
+        t = grpcclient.InferInput(name, list(arr.shape), dtype)
+        t.set_data_from_numpy(arr)
+        tensors.append(t)
+    client.async_stream_infer("baklava", tensors, enable_empty_final_response=True)
+    pieces, error = [], None
+    while True:
+        when, result, err = events.get(timeout=300)
+        if err is not None:
+            error = str(err)
+            break
+        final = result.get_response().parameters.get("triton_final_response")
+        out = result.as_numpy("text_output")
+        if out is not None:
+            pieces.append((when, out.reshape(-1)[0].decode()))
+        if final is not None and final.bool_param:
+            break
+    client.stop_stream()
+    client.close()
+    return pieces, error
+
+
+def text_inputs(prompt: str, **extra) -> dict:
+    inputs = {"text_input": (np.array([prompt.encode()], dtype=object), "BYTES")}
+    inputs["max_tokens"] = (np.array([extra.pop("max_tokens", MAX_TOKENS)], dtype=np.int32), "INT32")
+    for name, (value, dtype) in extra.items():
+        inputs[name] = (
+            np.array([value], dtype={"BOOL": bool, "FP32": np.float32, "INT32": np.int32}[dtype]),
+            dtype,
+        )
+    return inputs
+
+
+def test_http_generate_matches_the_runtime(server, smol, repo):
+    from baklava.exporter import read_artifact
+    from baklava.runtime import BudgetedCache
+    from baklava.runtime.streaming import SamplingParams, stream_generate
+
+    code, body = generate(server, {"text_input": PROMPTS[0], "max_tokens": MAX_TOKENS})
+    assert code == 200, body
+    art = read_artifact(Path(repo) / "baklava" / "1" / "artifact")
+    cache = BudgetedCache.from_profile(art.profile, model=smol.model)
+    expected = "".join(
+        stream_generate(smol.model, smol.tokenizer, cache, PROMPTS[0], SamplingParams(MAX_TOKENS))
+    )
+    assert body["text_output"] == expected
+    assert "Paris" in expected
+
+
+def test_grpc_streaming_sends_tokens_one_by_one(server):
+    pieces, error = grpc_stream(server, text_inputs(PROMPTS[2], stream=(True, "BOOL")))
+    assert error is None
+    assert len(pieces) >= 3  # one response per token, not one blob
+    times = [t for t, _ in pieces]
+    assert times == sorted(times) and times[-1] - times[0] > 0
+    _, whole = generate(server, {"text_input": PROMPTS[2], "max_tokens": MAX_TOKENS})
+    assert "".join(p for _, p in pieces) == whole["text_output"]
+
+
+def test_http_generate_stream_events(server):
+    code, text = generate(
+        server,
+        {"text_input": PROMPTS[3], "max_tokens": MAX_TOKENS, "stream": True},
+        endpoint="generate_stream",
+    )
+    assert code == 200
+    events = [json.loads(line[5:]) for line in text.splitlines() if line.startswith("data:")]
+    assert len(events) >= 2
+    _, whole = generate(server, {"text_input": PROMPTS[3], "max_tokens": MAX_TOKENS})
+    assert "".join(e["text_output"] for e in events) == whole["text_output"]
+
+
+def test_concurrent_clients_get_what_they_get_alone(server):
+    alone = [generate(server, {"text_input": p, "max_tokens": MAX_TOKENS})[1]["text_output"] for p in PROMPTS]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        together = list(
+            pool.map(lambda p: generate(server, {"text_input": p, "max_tokens": MAX_TOKENS}), PROMPTS)
+        )
+    assert [code for code, _ in together] == [200] * len(PROMPTS)
+    assert [body["text_output"] for _, body in together] == alone
+    assert len(set(alone)) == len(alone)  # different prompts, different answers: no shared cache
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"max_tokens": 4}, "text_input"),
+        ({"text_input": "", "max_tokens": 4}, "empty"),
+        ({"text_input": "   ", "max_tokens": 4}, "empty"),
+        ({"text_input": "hi", "max_tokens": -1}, "max_tokens"),
+        ({"text_input": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"text_input": "hi", "max_tokens": 10**6}, "max_tokens"),
+        ({"text_input": "word " * 9000, "max_tokens": 4}, "context"),
+        ({"text_input": "hi", "max_tokens": "many"}, ""),
+        ({"text_input": "hi", "max_tokens": 4, "temperature": -1.0}, "temperature"),
+    ],
+)
+def test_malformed_requests_get_errors_and_the_server_keeps_serving(server, body, needle):
+    code, reply = generate(server, body)
+    assert code >= 400 and "error" in reply
+    assert needle in reply["error"]
+    assert server.is_ready()
+    code, ok = generate(server, {"text_input": PROMPTS[1], "max_tokens": 3})
+    assert code == 200 and ok["text_output"]
+
+
+def test_wrong_dtype_over_grpc(server):
+    inputs = text_inputs(PROMPTS[0])
+    inputs["max_tokens"] = (np.array([4.0], dtype=np.float32), "FP32")
+    pieces, error = grpc_stream(server, inputs)
+    assert error is not None and "max_tokens" in error and not pieces
+    assert server.is_ready()
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_server_shuts_down_without_leftovers(repo, tmp_path):
+    srv = TritonServer(repo, 0, 0, 0, log_path=tmp_path / "log").start()
+    pid, pgid = srv.process.pid, os.getpgid(srv.process.pid)
+    assert _processes_mentioning(f"--http-port={srv.http_port}") == [pid]
+    srv.stop()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pgid, 0)  # the server and its backend stubs are gone
+    assert _processes_mentioning(f"--http-port={srv.http_port}") == []
+    assert not srv.is_ready()
