@@ -11,4 +11,4 @@ python -m pip install -q --disable-pip-version-check --upgrade pip
 # The CPU build of torch: on our machines 'torch==2.13.0' resolves to a local CPU wheel; a range
 # would pull a multi-GB CUDA build from PyPI.
 python -c "import torch" 2>/dev/null || python -m pip install -q --disable-pip-version-check "torch==2.13.0"
-python -m pip install -q --disable-pip-version-check -e ".[dev,serving]"
+python -m pip install -q --disable-pip-version-check -e ".[dev,serving,onnx]"

@@ -68,9 +68,11 @@ def snapkv_pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
 def chronological_keep(priority: torch.Tensor, valid: torch.Tensor, keep: int) -> torch.Tensor:
     """Indices ``[B, keep]`` of the top-``keep`` candidates, valid ones first, in candidate order.
 
-    Keeping slots in arrival order makes a never-evicting cache bit-compatible with a dense one.
+    Equal priorities (SnapKV pooling makes neighbours tie) go to the lower candidate index, i.e.
+    the older token, as ONNX ``TopK`` defines it. Keeping slots in arrival order makes a
+    never-evicting cache bit-compatible with a dense one.
     """
-    idx = priority.topk(keep, dim=1).indices
+    idx = priority.sort(dim=1, descending=True, stable=True).indices[:, :keep]
     kept_valid = valid.gather(1, idx)
     order = idx + (~kept_valid).to(idx.dtype) * priority.shape[1]
     return idx.gather(1, order.argsort(dim=1))
