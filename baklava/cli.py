@@ -266,6 +266,7 @@ def profile_cmd(
 @calibration_options
 @allocation_options
 @click.option("--plot/--no-plot", default=True, show_default=True, help="Write DIR/profile.png.")
+@click.option("--onnx/--no-onnx", "with_onnx", default=True, show_default=True, help="Write DIR/model.onnx.")
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
 def export_cmd(
     model_spec,
@@ -278,6 +279,7 @@ def export_cmd(
     scorer,
     search_context,
     plot,
+    with_onnx,
     force,
     **alloc_opts,
 ):
@@ -304,7 +306,15 @@ def export_cmd(
         scored = score(lm, settings, method=scorer)
     profile = _allocate(scored, budget, lm, settings, alloc_opts)
     _log(_summary(profile))
-    artifact = write_artifact(out, profile, model_spec=model_spec, plot=plot, overwrite=force)
+    extra = None
+    if with_onnx:
+        from baklava.exporter.onnx_export import onnx_available, onnx_writer
+
+        if onnx_available():
+            extra = onnx_writer(lm, profile)
+        else:
+            _log("onnx/onnxruntime not installed: no ONNX graph (pip install 'baklava[onnx]')")
+    artifact = write_artifact(out, profile, model_spec=model_spec, plot=plot, overwrite=force, extra=extra)
     kv = artifact.manifest["budget"]["kv_bytes_per_sequence"]
     _log(f"wrote {out} (KV cache {_size(kv)} per sequence) in {time.perf_counter() - started:.0f} s")
     click.echo(str(Path(out) / "manifest.json"))
@@ -320,17 +330,46 @@ def export_cmd(
 @click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON object per prompt (token ids included)."
 )
-def run_cmd(artifact, prompts, max_new_tokens, chat, as_json):
+@click.option(
+    "--backend",
+    type=click.Choice(["torch", "onnxruntime"]),
+    default="torch",
+    show_default=True,
+    help="PyTorch reference, or the exported ONNX graph in ONNX Runtime.",
+)
+def run_cmd(artifact, prompts, max_new_tokens, chat, as_json, backend):
     """Generate from an exported artifact with its budgeted per-head cache."""
     from baklava.exporter import read_artifact
-    from baklava.model_zoo import load_model
-    from baklava.runtime import BudgetedCache, generate
 
     art = read_artifact(artifact)
-    lm = load_model(art.model_spec, progress=not as_json)
-    cache = BudgetedCache.from_profile(art.profile, model=lm.model)
-    started = time.perf_counter()
-    results = generate(lm.model, lm.tokenizer, cache, list(prompts), max_new_tokens=max_new_tokens, chat=chat)
+    if backend == "onnxruntime":
+        from transformers import AutoTokenizer
+
+        from baklava.runtime.onnx_backend import generate_onnx, load_decoder
+
+        decoder = load_decoder(art.path, art.manifest)
+        tokenizer = AutoTokenizer.from_pretrained(art.path / art.manifest["graphs"]["decoder"]["tokenizer"])
+        started = time.perf_counter()
+        results = generate_onnx(
+            decoder,
+            tokenizer,
+            list(prompts),
+            max_new_tokens=max_new_tokens,
+            chat=chat,
+            max_context=art.profile.model.max_context,
+        )
+        kv_bytes = art.profile.kv_bytes(len(prompts), 4)
+    else:
+        from baklava.model_zoo import load_model
+        from baklava.runtime import BudgetedCache, generate
+
+        lm = load_model(art.model_spec, progress=not as_json)
+        cache = BudgetedCache.from_profile(art.profile, model=lm.model)
+        started = time.perf_counter()
+        results = generate(
+            lm.model, lm.tokenizer, cache, list(prompts), max_new_tokens=max_new_tokens, chat=chat
+        )
+        kv_bytes = cache.kv_bytes()
     elapsed = time.perf_counter() - started
     for r in results:
         if as_json:
@@ -339,7 +378,7 @@ def run_cmd(artifact, prompts, max_new_tokens, chat, as_json):
             click.echo(r.text)
     tokens = sum(len(r.token_ids) for r in results)
     _log(
-        f"{tokens} tokens in {elapsed:.1f} s; KV cache {_size(cache.kv_bytes())} "
+        f"{tokens} tokens in {elapsed:.1f} s ({backend}); KV cache {_size(kv_bytes)} "
         f"for {len(prompts)} sequence(s) ({art.profile.total_tokens} slots each)"
     )
 

@@ -35,24 +35,45 @@ def test_export_then_run(tiny_model_dir, tmp_path, capfd):
     argv = ["--model", tiny_model_dir, "--budget", "0.3", "--out", out, *FAST, "--search-context", "96"]
     code, stdout, err = call(export_main, argv, capfd)
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "profile.json", "profile.png"]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "manifest.json",
+        "model.onnx",
+        "model.onnx.data",
+        "profile.json",
+        "profile.png",
+        "tokenizer",
+    ]
     manifest = json.loads((out / "manifest.json").read_text())
     profile = json.loads((out / "profile.json").read_text())
     caps = profile["capacities"]
     assert sum(map(sum, caps)) == round(0.3 * 256 * 4) == manifest["budget"]["total_tokens"]
     assert profile["allocation"]["search"]["candidates"]  # the perplexity search ran
-    assert manifest["graphs"] == {} and "ONNX" in manifest["note"]
+    assert manifest["graphs"]["decoder"]["file"] == "model.onnx"
+    assert manifest["backends"] == ["torch", "onnxruntime"]
     assert manifest["budget"]["kv_bytes_per_sequence"] == 307 * 2 * 16 * 4
 
-    code, stdout, err = call(
-        run_main,
-        [out, "--prompt", "the a of", "--prompt", "to and", "--no-chat", "--json", "--max-new-tokens", "5"],
-        capfd,
-    )
-    assert code == 0, err
-    rows = [json.loads(line) for line in stdout.splitlines()]
-    assert [r["prompt"] for r in rows] == ["the a of", "to and"]
-    assert all(1 <= len(r["token_ids"]) <= 5 for r in rows)
+    outputs = {}
+    for backend in ("torch", "onnxruntime"):
+        argv = [
+            out,
+            "--prompt",
+            "the a of",
+            "--prompt",
+            "to and",
+            "--no-chat",
+            "--json",
+            "--max-new-tokens",
+            "6",
+            "--backend",
+            backend,
+        ]
+        code, stdout, err = call(run_main, argv, capfd)
+        assert code == 0, err
+        outputs[backend] = [json.loads(line) for line in stdout.splitlines()]
+    assert [r["prompt"] for r in outputs["torch"]] == ["the a of", "to and"]
+    assert all(1 <= len(r["token_ids"]) <= 6 for r in outputs["torch"])
+    assert outputs["onnxruntime"] == outputs["torch"]
 
 
 def test_profile_command_with_plot(tiny_model_dir, tmp_path, capfd):

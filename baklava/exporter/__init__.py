@@ -1,4 +1,4 @@
-"""Exporter: profile + allocation -> deployable artifact directory (ONNX graph in a later issue)."""
+"""Exporter: profile + allocation -> artifact directory with the ONNX decoder graph."""
 
 from baklava.exporter.artifact import Artifact, read_artifact, write_artifact
 

@@ -1,9 +1,9 @@
-"""The exported artifact directory: ``profile.json`` + ``manifest.json`` (+ ``profile.png``).
+"""The exported artifact directory: ``profile.json``, ``manifest.json``, ``profile.png``, ONNX graph.
 
 ``manifest.json`` says how to run the artifact: which model (the ``--model`` spec that reloads
 it, and its config fingerprint), the profile's sha256, the KV memory it will use, and which
-graph files exist. The ONNX graph with ``baklava`` custom ops comes with the ONNX export issue;
-until then the manifest lists no graph and the artifact runs on the PyTorch runtime.
+graph files exist (``model.onnx`` + ``model.onnx.data`` with the ``baklava`` custom ops, and the
+tokenizer, unless exported with ``--no-onnx``).
 
 The directory is assembled in a temporary sibling and renamed into place, so a failed export
 leaves nothing behind.
@@ -51,8 +51,13 @@ def write_artifact(
     model_spec: str,
     plot: bool = True,
     overwrite: bool = False,
+    extra=None,
 ) -> Artifact:
-    """Write the artifact directory atomically; raise :class:`BaklavaError` if it cannot."""
+    """Write the artifact directory atomically; raise :class:`BaklavaError` if it cannot.
+
+    ``extra(tmp_dir) -> dict`` may write more files (the ONNX graph, the tokenizer) and returns
+    manifest entries to merge (``graphs``, ``backends``).
+    """
     out = Path(out)
     if out.exists() and not overwrite:
         raise BaklavaError(f"{out} already exists; choose another --out or pass --force")
@@ -88,12 +93,18 @@ def write_artifact(
                 },
                 "graphs": {},
                 "backends": ["torch"],
-                "note": "No ONNX graph yet: the ONNX export with baklava custom ops is a later issue. "
-                "Run this artifact with `baklava-run DIR` (PyTorch runtime).",
             }
+            if extra is not None:
+                added = extra(tmp)
+                manifest["graphs"].update(added.get("graphs", {}))
+                manifest["backends"] += added.get("backends", [])
+            if not manifest["graphs"]:
+                manifest["note"] = "No ONNX graph (exported with --no-onnx or without the onnx extra)."
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
     except PermissionError as e:
         raise BaklavaError(f"cannot write {out}: {e.strerror}") from None
+    except OSError as e:
+        raise BaklavaError(f"cannot write {out}: {e.strerror or e}") from None
     return Artifact(out, manifest, profile)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from onnx import FunctionProto, TensorProto, helper, numpy_helper
+from onnx import FunctionProto, NodeProto, TensorProto, helper, numpy_helper
 
 from baklava.exporter.ops.spec import DOMAIN, ONNX_OPSET, OpSpec
 
@@ -54,3 +54,12 @@ class Body:
 
 FLOAT_MIN = float(np.finfo(np.float32).min)
 BOOL, INT64, FLOAT, DOUBLE = TensorProto.BOOL, TensorProto.INT64, TensorProto.FLOAT, TensorProto.DOUBLE
+
+
+def make_op_node(
+    spec: OpSpec, inputs: list[str], outputs: list[str], name: str, overload: str, attrs: dict
+) -> NodeProto:
+    """A ``baklava`` node calling the function overload ``overload`` (one per layer)."""
+    node = helper.make_node(spec.name, inputs, outputs, name=name, domain=DOMAIN, **attrs)
+    node.overload = overload
+    return node

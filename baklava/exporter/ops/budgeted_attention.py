@@ -20,10 +20,10 @@ over KV heads (capacities are static, so every slice is static)::
 
 from __future__ import annotations
 
-from onnx import FunctionProto, NodeProto, helper
+from onnx import FunctionProto, NodeProto
 
-from baklava.exporter.ops.body import BOOL, FLOAT, FLOAT_MIN, INT64, Body
-from baklava.exporter.ops.spec import BUDGETED_ATTENTION, DOMAIN
+from baklava.exporter.ops.body import BOOL, FLOAT, FLOAT_MIN, INT64, Body, make_op_node
+from baklava.exporter.ops.spec import BUDGETED_ATTENTION
 
 
 def attention_attrs(capacities, num_q_heads: int, scale: float, obs_window: int) -> dict:
@@ -37,11 +37,7 @@ def attention_attrs(capacities, num_q_heads: int, scale: float, obs_window: int)
 
 
 def make_node(inputs: list[str], outputs: list[str], name: str, overload: str, **attrs) -> NodeProto:
-    node = helper.make_node(
-        BUDGETED_ATTENTION.name, inputs, outputs, name=name, domain=DOMAIN, **attention_attrs(**attrs)
-    )
-    node.overload = overload
-    return node
+    return make_op_node(BUDGETED_ATTENTION, inputs, outputs, name, overload, attention_attrs(**attrs))
 
 
 def make_function(

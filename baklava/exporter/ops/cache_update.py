@@ -16,10 +16,10 @@ ones first, in arrival order. ONNX Runtime runs the per-layer function overload 
 
 from __future__ import annotations
 
-from onnx import FunctionProto, NodeProto, helper
+from onnx import FunctionProto, NodeProto
 
-from baklava.exporter.ops.body import DOUBLE, FLOAT, INT64, Body
-from baklava.exporter.ops.spec import BUDGETED_CACHE_UPDATE, DOMAIN
+from baklava.exporter.ops.body import DOUBLE, FLOAT, INT64, Body, make_op_node
+from baklava.exporter.ops.spec import BUDGETED_CACHE_UPDATE
 from baklava.profiles.eviction import POLICIES
 
 _TIER = 1e15  # as in baklava.runtime.selection
@@ -39,11 +39,7 @@ def cache_update_attrs(capacities, sink: int, window: int, policy: str, pool_ker
 
 
 def make_node(inputs: list[str], outputs: list[str], name: str, overload: str, **attrs) -> NodeProto:
-    node = helper.make_node(
-        BUDGETED_CACHE_UPDATE.name, inputs, outputs, name=name, domain=DOMAIN, **cache_update_attrs(**attrs)
-    )
-    node.overload = overload
-    return node
+    return make_op_node(BUDGETED_CACHE_UPDATE, inputs, outputs, name, overload, cache_update_attrs(**attrs))
 
 
 def make_function(
