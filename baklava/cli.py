@@ -201,6 +201,17 @@ def _allocate(profile, budget, lm, settings, o) -> object:
     )
 
 
+def _check_writable(out) -> None:
+    """Fail before any expensive work when ``out`` cannot be created."""
+    import os
+
+    parent = Path(out).resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise BaklavaError(f"cannot write {out}: {parent} is not a writable directory")
+
+
 def _check_calibration(path):
     if path is not None and not Path(path).is_file():
         raise BaklavaError(f"calibration file not found: {path}")
@@ -292,6 +303,7 @@ def export_cmd(
     started = time.perf_counter()
     if Path(out).exists() and not force:
         raise BaklavaError(f"{out} already exists; choose another --out or pass --force")
+    _check_writable(out)
     _check_calibration(calibration)
     resolve(model_spec)  # fail fast on a missing model or an unsupported architecture
     reused = BudgetProfile.load(profile_path) if profile_path else None

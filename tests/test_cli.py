@@ -215,3 +215,11 @@ def test_console_entry_point_exit_status(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+
+
+def test_output_directory_not_writable(tmp_path, capfd):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    code, _, err = call(export_main, ["--budget", "0.3", "--out", blocker / "art"], capfd)
+    assert_one_line_error(code, err, "baklava-export", "not a writable directory")
+    assert blocker.read_text() == "not a directory"

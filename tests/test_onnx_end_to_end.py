@@ -5,6 +5,7 @@ import pytest
 import torch
 
 pytest.importorskip("onnxruntime", reason="onnx extra not installed")
+onnx = pytest.importorskip("onnx")
 
 from baklava.cli import export_main  # noqa: E402
 from baklava.exporter import read_artifact  # noqa: E402
@@ -43,6 +44,12 @@ def test_onnxruntime_matches_pytorch(smol, tmp_path, budget, extra):
         ]
     )
     art = read_artifact(out)
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    onnx.shape_inference.infer_shapes(graph, strict_mode=True)  # (onnx.checker ran during export)
+    slots = {
+        i.name: i.type.tensor_type.shape.dim[1].dim_value for i in graph.graph.input if "past." in i.name
+    }
+    assert [slots[f"past.{layer}.key"] for layer in range(30)] == art.profile.capacities.sum(1).tolist()
     results, ort_logits = generate_onnx(
         load_decoder(out, art.manifest),
         smol.tokenizer,

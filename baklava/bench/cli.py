@@ -67,4 +67,24 @@ def serve_bench(path, url, n_requests, concurrency, max_tokens, instances, out):
     click.echo(json.dumps(row, indent=1))
 
 
+@bench.command("decode")
+@click.argument("artifacts", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--context", default=4096, show_default=True, type=click.IntRange(1))
+@click.option("--steps", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--chunk", default=512, show_default=True, type=click.IntRange(1), help="Prefill chunk.")
+def decode_bench(artifacts, context, steps, chunk):
+    """Decode tokens/s of ARTIFACTS (ONNX Runtime, CPU) after a CONTEXT-token prompt, in one run."""
+    from baklava.bench.decode import decode_speed
+
+    rows = [decode_speed(a, context=context, steps=steps, chunk=chunk) for a in artifacts]
+    for row in rows:
+        click.echo(json.dumps(row))
+    if len(rows) > 1:
+        base = rows[0]["decode_ms_per_token"]
+        for row in rows[1:]:
+            _log(
+                f"budget {row['budget']}: {base / row['decode_ms_per_token']:.2f}x the decode speed of {rows[0]['budget']}"
+            )
+
+
 bench_main = _main(bench, "baklava-bench")
