@@ -361,7 +361,7 @@ def run_cmd(artifact, prompts, max_new_tokens, chat, as_json, backend):
 
         decoder = load_decoder(art.path, art.manifest)
         tokenizer = AutoTokenizer.from_pretrained(art.path / art.manifest["graphs"]["decoder"]["tokenizer"])
-        started = time.perf_counter()
+        started, stats = time.perf_counter(), {}
         results = generate_onnx(
             decoder,
             tokenizer,
@@ -369,8 +369,9 @@ def run_cmd(artifact, prompts, max_new_tokens, chat, as_json, backend):
             max_new_tokens=max_new_tokens,
             chat=chat,
             max_context=art.profile.model.max_context,
+            stats=stats,
         )
-        kv_bytes = art.profile.kv_bytes(len(prompts), 4)
+        kv_bytes = stats["kv_bytes"]
     else:
         from baklava.model_zoo import load_model
         from baklava.runtime import BudgetedCache, generate

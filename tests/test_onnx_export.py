@@ -90,6 +90,7 @@ def test_cache_buffers_are_reused_across_steps(tiny_llama, exported):
     after = {k: v.data_ptr() for s in buffers.sets for k, v in s.items()}
     assert before == after  # double buffering: no cache tensor reallocated per token
     assert int(buffers.read()["past.0.fill"].numpy()[0, 0]) == 3
+    assert buffers.nbytes("kv") == int(CAPS.sum()) * 2 * 16 * 4  # sum(cap) x K,V x head_dim x fp32
 
 
 def test_unsupported_architecture_is_refused(tiny_llama):

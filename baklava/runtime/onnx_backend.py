@@ -92,10 +92,12 @@ def generate_onnx(
     chat: bool = True,
     max_context: int = 1 << 30,
     return_logits: int = 0,
+    stats: dict | None = None,
 ):
     """Greedy-decode ``prompts`` as one left-padded batch; returns :class:`Generation` s.
 
-    With ``return_logits=n`` also returns the logits of the first ``n`` generated positions.
+    With ``return_logits=n`` also returns the logits of the first ``n`` generated positions;
+    ``stats`` receives ``kv_bytes``, measured from one set of the cache buffers.
     """
     batch = encode(tokenizer, prompts, chat=chat, max_context=max_context)
     mask = batch["attention_mask"].numpy().astype(bool)  # [B, S]
@@ -114,6 +116,8 @@ def generate_onnx(
         out.append(token)
         logits = decoder.step(cache, token[:, None], seen[:, None], np.ones((rows, 1), bool), seen)[:, -1]
         seen = seen + 1
+    if stats is not None:
+        stats["kv_bytes"] = cache.nbytes("kv")
     tokens = np.stack(out, axis=1)  # [B, max_new_tokens]
     results = []
     for i, prompt in enumerate(prompts):

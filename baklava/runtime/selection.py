@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-_TIER = 1e15  # far above any score or position, exact in float64
+TIER = 1e15  # far above any score or position, exact in float64
 
 
 def keep_priority(
@@ -53,8 +53,8 @@ def keep_priority(
     is_sink = positions < sink
     is_recent = positions >= (seen_after[:, None] - window)
     body = pos if policy == "ring" else scores.to(torch.float64)
-    pri = torch.where(is_recent, 2 * _TIER + pos, _TIER + body)
-    pri = torch.where(is_sink, 3 * _TIER - pos, pri)
+    pri = torch.where(is_recent, 2 * TIER + pos, TIER + body)
+    pri = torch.where(is_sink, 3 * TIER - pos, pri)
     return pri.masked_fill(~valid, float("-inf"))
 
 

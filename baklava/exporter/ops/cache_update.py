@@ -21,8 +21,7 @@ from onnx import FunctionProto, NodeProto
 from baklava.exporter.ops.body import DOUBLE, FLOAT, INT64, Body, make_op_node
 from baklava.exporter.ops.spec import BUDGETED_CACHE_UPDATE
 from baklava.profiles.eviction import POLICIES
-
-_TIER = 1e15  # as in baklava.runtime.selection
+from baklava.runtime.selection import TIER
 
 
 def cache_update_attrs(capacities, sink: int, window: int, policy: str, pool_kernel: int) -> dict:
@@ -87,7 +86,7 @@ def make_function(
 
         pos = b.op("Cast", cand_pos, to=DOUBLE)
         body = pos if policy == "ring" else b.op("Cast", cand_score, to=DOUBLE)
-        tier = lambda k: b.const(k * _TIER, dtype="float64")  # noqa: E731
+        tier = lambda k: b.const(k * TIER, dtype="float64")  # noqa: E731
         pri = b.op(
             "Where",
             b.op("GreaterOrEqual", cand_pos, recent_from),
