@@ -1,6 +1,9 @@
 """Kernels and TensorRT plugin glue for the ``baklava`` custom ops.
 
-Not built yet: the Triton GPU kernels (decode attention over the packed cache, cache update,
-prefill compression) arrive with issue 6 and the TensorRT plugins with issue 7. Their reference
-semantics are :mod:`baklava.runtime.packed_cache` and :mod:`baklava.runtime.selection`.
+* :mod:`~baklava.trt_plugins.reference` - plain PyTorch contracts of the kernels (the oracle);
+* :mod:`~baklava.trt_plugins.triton_decode_attention` - decode attention over the packed, ragged
+  cache (Triton, GPU; imports ``triton``, so import it only where a GPU is).
+
+Still to come (issue 6): the cache-update and prefill-compression kernels and the GPU runtime
+path; (issue 7) the TensorRT plugins that call these kernels.
 """

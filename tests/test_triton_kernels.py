@@ -1,0 +1,82 @@
+"""GPU kernels against their PyTorch references (skipped without CUDA and Triton)."""
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device: GPU kernels are tested on the GPU machine", allow_module_level=True)
+pytest.importorskip("triton")
+
+from baklava.trt_plugins.reference import packed_decode_attention as reference  # noqa: E402
+from baklava.trt_plugins.triton_decode_attention import packed_decode_attention, tile_length, tile_table  # noqa: E402
+
+# fp16/bf16 inputs, fp32 accumulation: outputs within these of the fp32 reference
+TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _case(seed, batch, caps, q_heads, head_dim, dtype, fills=None):
+    gen = torch.Generator().manual_seed(seed)
+    kv_heads, total = len(caps), sum(caps)
+    rand = lambda *s: torch.randn(*s, generator=gen).to(dtype).cuda()  # noqa: E731
+    if fills is None:
+        fills = [[int(torch.randint(0, c + 1, (1,), generator=gen)) for c in caps] for _ in range(batch)]
+    fill = torch.tensor(fills, dtype=torch.int32).cuda()
+    args = (
+        rand(batch, q_heads, head_dim),
+        rand(batch, kv_heads, head_dim),
+        rand(batch, kv_heads, head_dim),
+        rand(batch, total, head_dim),
+        rand(batch, total, head_dim),
+        fill,
+    )
+    offsets = torch.tensor(np.cumsum([0, *caps[:-1]]), dtype=torch.int32).cuda()
+    return args, offsets
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("batch", "caps", "q_heads", "head_dim"),
+    [
+        (1, [1, 5, 64], 3, 64),  # capacity 1, capacities not a multiple of the block
+        (3, [100, 7, 1000, 33], 8, 64),  # GQA 2, different fill per row
+        (2, [4096, 513, 1], 9, 64),  # SmolLM2-like group of 3, a long head that splits
+        (4, [1229] * 8, 32, 128),  # Llama-3-8B shapes
+        (1, [17, 1], 2, 128),
+    ],
+)
+def test_matches_reference(dtype, batch, caps, q_heads, head_dim):
+    args, offsets = _case(len(caps) * 7 + batch, batch, caps, q_heads, head_dim, dtype)
+    scale = head_dim**-0.5
+    got = packed_decode_attention(*args, offsets, caps, scale)
+    want = reference(*args, caps, scale)
+    torch.testing.assert_close(got.float(), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+def test_empty_and_full_heads():
+    caps = [50, 300]
+    args, offsets = _case(1, 2, caps, 4, 64, torch.float16, fills=[[0, 300], [50, 0]])
+    got = packed_decode_attention(*args, offsets, caps, 0.125)
+    torch.testing.assert_close(got.float(), reference(*args, caps, 0.125), atol=2e-3, rtol=2e-3)
+    # a head with nothing stored attends only to the step's own token: output == its value
+    value_new = args[2]
+    torch.testing.assert_close(got[0, :2].float(), value_new[0, 0].float().expand(2, -1), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("tile", [64, 128, 4096])
+def test_every_tile_size_gives_the_same_answer(tile):
+    caps = [1, 200, 1000, 4097]
+    args, offsets = _case(5, 2, caps, 8, 64, torch.float16)
+    table = (tile, tile_table(caps, tile, "cuda"))
+    got = packed_decode_attention(*args, offsets, caps, 0.125, table=table)
+    torch.testing.assert_close(got.float(), reference(*args, caps, 0.125), atol=2e-3, rtol=2e-3)
+
+
+def test_tile_table_covers_every_slot_once():
+    caps = [1, 63, 64, 65, 4096]
+    tile = tile_length(caps, batch=8, block_n=64, sms=132)
+    head, start, first = (t.tolist() for t in tile_table(caps, tile, "cpu"))
+    for h, cap in enumerate(caps):
+        starts = [s for hh, s in zip(head, start, strict=True) if hh == h]
+        assert starts == list(range(0, max(cap, 1), tile)) and first[h + 1] - first[h] == len(starts)
