@@ -63,3 +63,17 @@ def tiny_model_dir(tmp_path_factory):
     LlamaForCausalLM(tiny_config()).save_pretrained(path)
     _tiny_tokenizer().save_pretrained(path)
     return path
+
+
+SMOL_FAST = ["--samples", "1", "--seq-len", "256", "--no-search", "--no-plot"]
+
+
+def export_smol(out, budget: str, *extra: str):
+    """Export the default model at ``budget`` with quick profiling (no search, no plot)."""
+    from baklava.cli import export_main
+
+    try:
+        export_main(["--budget", budget, "--out", str(out), *SMOL_FAST, *extra])
+    except SystemExit as e:  # the one-line error is in the captured stderr
+        pytest.fail(f"baklava-export failed with exit status {e.code}")
+    return out

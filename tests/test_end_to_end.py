@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
-from baklava.cli import export_main, run_main
+from baklava.cli import run_main
 from baklava.exporter import read_artifact
 from baklava.runtime import BudgetedCache
 from baklava.runtime.generate import encode
+from tests.conftest import export_smol
 
 pytestmark = pytest.mark.model
 
@@ -17,16 +18,11 @@ PROMPTS = [
     "Explain in detail how a CPU executes an instruction, step by step.",
     "Describe each planet of the solar system and what makes it special.",
 ]
-PROFILE_FAST = ["--samples", "1", "--seq-len", "256", "--no-search", "--no-plot"]
 
 
 def _export(tmp_path, budget, capfd):
-    out = tmp_path / f"smol-{budget}"
-    try:
-        export_main(["--budget", budget, "--out", str(out), *PROFILE_FAST])
-    except SystemExit as e:
-        pytest.fail(f"export failed ({e.code}): {capfd.readouterr().err}")
-    capfd.readouterr()
+    out = export_smol(tmp_path / f"smol-{budget}", budget)
+    capfd.readouterr()  # drop the export's output before reading the run's
     return out
 
 

@@ -7,11 +7,11 @@ import torch
 pytest.importorskip("onnxruntime", reason="onnx extra not installed")
 onnx = pytest.importorskip("onnx")
 
-from baklava.cli import export_main  # noqa: E402
 from baklava.exporter import read_artifact  # noqa: E402
 from baklava.runtime import BudgetedCache  # noqa: E402
 from baklava.runtime.generate import encode  # noqa: E402
 from baklava.runtime.onnx_backend import generate_onnx, load_decoder  # noqa: E402
+from tests.conftest import export_smol  # noqa: E402
 
 pytestmark = pytest.mark.model
 
@@ -27,22 +27,7 @@ STEPS, LOGIT_STEPS = 64, 8
 
 @pytest.mark.parametrize(("budget", "extra"), [("1.0", ["--max-context", "2048"]), ("0.3", [])])
 def test_onnxruntime_matches_pytorch(smol, tmp_path, budget, extra):
-    out = tmp_path / f"smol-{budget}"
-    export_main(
-        [
-            "--budget",
-            budget,
-            "--out",
-            str(out),
-            "--samples",
-            "1",
-            "--seq-len",
-            "256",
-            "--no-search",
-            "--no-plot",
-            *extra,
-        ]
-    )
+    out = export_smol(tmp_path / f"smol-{budget}", budget, *extra)
     art = read_artifact(out)
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
     onnx.shape_inference.infer_shapes(graph, strict_mode=True)  # (onnx.checker ran during export)

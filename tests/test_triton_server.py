@@ -16,9 +16,9 @@ import pytest
 
 pytest.importorskip("tritonclient.grpc", reason="serving extra not installed (pip install -e '.[serving]')")
 
-from baklava.cli import export_main  # noqa: E402
 from baklava.serving.server import TritonServer  # noqa: E402
 from baklava.serving.triton_repo import write_repository  # noqa: E402
+from tests.conftest import export_smol  # noqa: E402
 
 pytestmark = [pytest.mark.model, pytest.mark.serving]
 
@@ -39,20 +39,7 @@ MAX_TOKENS = 10
 def repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
     art = root / "artifact"
-    export_main(
-        [
-            "--budget",
-            "0.3",
-            "--out",
-            str(art),
-            "--samples",
-            "1",
-            "--seq-len",
-            "256",
-            "--no-search",
-            "--no-plot",
-        ]
-    )
+    export_smol(art, "0.3")
     return write_repository(art, root / "repo", instances=2, threads=1)
 
 

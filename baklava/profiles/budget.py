@@ -122,7 +122,3 @@ class Budget:
         if total < 1:
             raise BudgetError(f"budget {self.text!r} leaves no token slot at all")
         return total
-
-    def fraction_of(self, total: int, num_heads: int, context: int) -> float:
-        """The fraction of the full cache that ``total`` slots represent."""
-        return total / (num_heads * context)
