@@ -247,4 +247,14 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype=None, progress: bool = True) 
 
 
 def _load_gguf(path: Path, dtype):
-    return _from_pretrained(str(path.parent), dtype, gguf_file=path.name)
+    """Load a .gguf as a plain dense model: the packed-weight GGUF matmuls that transformers uses
+    where a kernel exists are many times slower than dense bf16 on a GPU, and the budgeted cache
+    wants ordinary modules."""
+    kwargs = {"gguf_file": path.name}
+    try:
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(gguf_file=path.name, dequantize=True)
+    except ImportError:  # older transformers always dequantize
+        pass
+    return _from_pretrained(str(path.parent), dtype, **kwargs)

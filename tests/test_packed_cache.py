@@ -228,3 +228,95 @@ def test_from_profile_rejects_other_model(tiny_llama):
     profile = BudgetProfile(other, HeadScores.constant(2, 2), capacities=np.full((2, 2), 8))
     with pytest.raises(ProfileError, match="made for model 'other'"):
         BudgetedCache.from_profile(profile, model=tiny_llama)
+
+
+@pytest.mark.parametrize("policy", ["h2o", "ring"])
+def test_compressing_a_full_prefill_equals_prefilling_into_the_budget(tiny_llama, policy):
+    """One full prefill serves every budget: compressed() keeps exactly what a direct prefill keeps."""
+    enable(tiny_llama)
+    ids, mask = ids_and_mask(length=40, pad=7)
+    ev = EvictionConfig(sink=2, window=4, policy=policy, obs_window=5, pool_kernel=3)
+    caps = [[9, 1], [14, 6]]
+    direct = BudgetedCache(caps, ev)
+    full = BudgetedCache(FULL, ev)
+    with torch.no_grad():
+        tiny_llama(input_ids=ids, attention_mask=mask, past_key_values=direct)
+        tiny_llama(input_ids=ids, attention_mask=mask, past_key_values=full)
+    before = full.layers[0].keys.clone()
+    cut = full.compressed(caps)
+    assert torch.equal(full.layers[0].keys, before)  # the source cache is untouched
+    assert cut.kv_bytes() == direct.kv_bytes()
+    for a, b in zip(cut.layers, direct.layers, strict=True):
+        assert torch.equal(a.fill, b.fill) and a.seen == b.seen and torch.equal(a.valid_seen, b.valid_seen)
+        for h in range(2):
+            for row in range(2):
+                assert torch.equal(a.head_positions(h, row), b.head_positions(h, row))
+                assert torch.equal(a.head_keys(h, row), b.head_keys(h, row))
+    # and decoding goes on identically, eviction included
+    grown = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+    token = torch.tensor([[5], [9]])
+    for _ in range(6):
+        with torch.no_grad():
+            want = tiny_llama(input_ids=token, attention_mask=grown, past_key_values=direct).logits
+            got = tiny_llama(input_ids=token, attention_mask=grown, past_key_values=cut).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        token = want[:, -1].argmax(-1, keepdim=True)
+        grown = torch.cat([grown, torch.ones(2, 1, dtype=mask.dtype)], 1)
+
+
+def test_compressing_into_more_room_copies_everything(tiny_llama):
+    enable(tiny_llama)
+    ids, mask = ids_and_mask(length=20, pad=3)
+    full = BudgetedCache(FULL)
+    with torch.no_grad():
+        tiny_llama(input_ids=ids, attention_mask=mask, past_key_values=full)
+    copy = full.compressed([[30, 30], [30, 30]])
+    assert torch.equal(copy.fill_levels(), full.fill_levels())
+    assert copy.kv_bytes() == 2 * 2 * 60 * 2 * 16 * 4  # layers x batch x sum(cap) x K,V x D x fp32
+    for a, b in zip(copy.layers, full.layers, strict=True):
+        assert torch.equal(a.head_keys(1, 1), b.head_keys(1, 1))
+    with pytest.raises(ValueError, match="capacities for 3 layers"):
+        full.compressed([[4, 4]] * 3)
+
+
+@pytest.mark.parametrize("policy", ["h2o", "ring"])
+def test_vectorized_decode_matches_the_per_head_loop(policy, monkeypatch):
+    """The one-token fast path keeps the same tokens in the same slots as the reference loop."""
+    from transformers import LlamaForCausalLM
+
+    from baklava.runtime.packed_cache import BudgetedLayer
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config(num_attention_heads=8, num_key_value_heads=4)).eval()  # GQA 2
+    enable(model)
+    ev = EvictionConfig(sink=2, window=3, policy=policy, obs_window=4, pool_kernel=3)
+    caps = [[1, 7, 12, 30], [9, 3, 16, 5]]  # capacity 1, rows fill up at different steps
+    ids, mask = ids_and_mask(length=14, pad=6)
+    runs = {}
+    for fast in (False, True):
+        monkeypatch.setattr(BudgetedLayer, "vectorized_decode", fast)
+        cache, grown, token, logits = BudgetedCache(caps, ev), mask, torch.tensor([[5], [9]]), []
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+            for step in range(24):
+                grown = torch.cat([grown, torch.ones(2, 1, dtype=mask.dtype)], 1)
+                if step == 5:
+                    grown[1, -1] = 0  # a padding token in the middle of decoding
+                out = model(input_ids=token, attention_mask=grown, past_key_values=cache).logits[:, -1]
+                logits.append(out)
+                token = out.argmax(-1, keepdim=True)
+        runs[fast] = (cache, torch.stack(logits))
+    (ref, ref_logits), (fast, fast_logits) = runs[False], runs[True]
+    torch.testing.assert_close(fast_logits, ref_logits, rtol=0, atol=1e-5)
+    assert torch.equal(fast.fill_levels(), ref.fill_levels())
+    for a, b in zip(fast.layers, ref.layers, strict=True):
+        assert torch.equal(a.valid_seen, b.valid_seen)
+        for h in range(4):
+            for row in range(2):
+                assert torch.equal(a.head_positions(h, row), b.head_positions(h, row)), (h, row)
+                # keys of layer 1 carry layer 0's float rounding (fp32 softmax vs SDPA)
+                torch.testing.assert_close(a.head_keys(h, row), b.head_keys(h, row), rtol=0, atol=1e-5)
+        torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-5)
+    evicted = sum(int(layer.valid_seen.max()) - int(layer.fill[0].min()) for layer in ref.layers)
+    assert evicted > 0  # the comparison covered eviction, not only appends

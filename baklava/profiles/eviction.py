@@ -26,7 +26,10 @@ class EvictionConfig:
     window: int = 32
     policy: str = "h2o"
     obs_window: int = 32
-    pool_kernel: int = 7
+    # 31, not SnapKV's 7: a tokenizer that spells numbers digit by digit needs the whole needle
+    # kept, and the question's attention peaks on its first tokens (BENCHMARKS.md, quality: at 0.3
+    # query-aware, uniform went from 0.13 to 0.49 with the full cache at 0.40).
+    pool_kernel: int = 31
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:

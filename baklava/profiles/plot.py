@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from baklava.atomic import save_figure_atomic
 from baklava.profiles.profile_file import BudgetProfile
 
 
@@ -47,17 +47,4 @@ def plot_profile(profile: BudgetProfile, path: str | os.PathLike) -> Path:
         ax.set_xticks(range(num_heads))
     fig.suptitle(f"BaKlaVa profile: {profile.model.name}", y=0.995)
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return save_figure_atomic(fig, path)

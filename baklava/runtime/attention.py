@@ -37,11 +37,22 @@ def baklava_attention(
     return layer.attend(query, attention_mask, scale)
 
 
+def baklava_mask(*, q_length: int, attention_mask: torch.Tensor | None = None, **kwargs):
+    """transformers' eager mask, except none for one new token without padding (a decode step).
+
+    The packed cache masks its stored slots by fill level, so such a step needs no mask; building
+    one would copy a host scalar to the device, which a CUDA graph cannot capture.
+    """
+    if q_length == 1 and attention_mask is None:
+        return None
+    return eager_mask(q_length=q_length, attention_mask=attention_mask, **kwargs)
+
+
 def register() -> None:
     """Register the ``baklava`` attention and its mask builder with transformers (idempotent)."""
     AttentionInterface.register(IMPLEMENTATION, baklava_attention)
     # Float masks over the new tokens only; stored slots are masked by the cache's fill levels.
-    AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)
+    AttentionMaskInterface.register(IMPLEMENTATION, baklava_mask)
 
 
 def enable(model) -> None:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from baklava.profiles.eviction import EvictionConfig
+from baklava.runtime.packed_decode import SlotMap, decode_step
 from baklava.runtime.selection import chronological_keep, keep_priority, snapkv_pool
 
 _NOT_ATTENDED = (
@@ -43,6 +44,7 @@ class BudgetedLayer(CacheLayerMixin):
     """One decoder layer's packed per-head cache (the PyTorch reference)."""
 
     is_sliding = False
+    vectorized_decode = True  # one-token steps without the loop over heads (packed_decode.py)
     is_compileable = False
     is_croppable = False
     supports_early_init = True
@@ -77,6 +79,7 @@ class BudgetedLayer(CacheLayerMixin):
         self.fill = torch.zeros(batch, heads, dtype=torch.int64, device=dev)  # [B, H_kv]
         self.valid_seen = torch.zeros(batch, dtype=torch.int64, device=dev)  # [B] next position per row
         self.seen = 0  # tokens processed, padding included (what transformers calls the sequence length)
+        self.slot_map = SlotMap(self.capacities, dev)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -154,6 +157,51 @@ class BudgetedLayer(CacheLayerMixin):
         off = self.offsets[h]
         return self.positions[b, off : off + int(self.fill[b, h])]
 
+    # ------------------------------------------------------------------ compression
+    def compressed(self, capacities: Sequence[int], eviction: EvictionConfig | None = None) -> BudgetedLayer:
+        """A new layer with this layer's tokens cut to ``capacities`` by the eviction priority.
+
+        Applied to a layer that never evicted (every capacity >= the prompt), the result is
+        slot for slot what a prefill straight into ``capacities`` would have kept: the stored
+        scores are the pooled prefill scores and the priority is the one :meth:`attend` uses.
+        So one full prefill serves many budgets (the quality benchmark's shared prefill).
+        ``eviction`` (default: this layer's) sets sink, window and policy of the new layer; the
+        scores themselves were computed by this layer's ``obs_window`` and ``pool_kernel``.
+        """
+        out = BudgetedLayer(capacities, eviction or self.eviction)
+        if not self.is_initialized:
+            return out
+        if len(out.capacities) != self.num_heads:
+            raise ValueError(f"{len(out.capacities)} capacities for a layer of {self.num_heads} KV heads")
+        if self._pending is not None:
+            raise RuntimeError("cannot compress a layer in the middle of a step")
+        empty = self.keys.new_empty(self.batch_size, self.num_heads, 0, self.head_dim)
+        out.lazy_initialization(
+            empty, self.values.new_empty(self.batch_size, self.num_heads, 0, self.values.shape[-1])
+        )
+        out.seen, out.valid_seen = self.seen, self.valid_seen.clone()
+        ev = out.eviction
+        for h, (off, new_off, cap) in enumerate(zip(self.offsets, out.offsets, out.capacities, strict=True)):
+            fill = self.fill[:, h]
+            n = int(fill.max())
+            live = torch.arange(n, device=self.device)[None, :] < fill[:, None]  # [B, n]
+            pos, score = self.positions[:, off : off + n], self.scores[:, off : off + n]
+            priority = keep_priority(
+                pos, score, live, self.valid_seen, sink=ev.sink, window=ev.window, policy=ev.policy
+            )
+            keep = min(cap, n)
+            idx = chronological_keep(priority, live, keep)  # [B, keep]
+            for name in ("keys", "values"):
+                src = getattr(self, name)[:, off : off + n]
+                getattr(out, name)[:, new_off : new_off + keep] = src.gather(
+                    1, idx[..., None].expand(-1, -1, src.shape[-1])
+                )
+            kept_live = live.gather(1, idx)
+            out.positions[:, new_off : new_off + keep] = pos.gather(1, idx).masked_fill(~kept_live, -1)
+            out.scores[:, new_off : new_off + keep] = score.gather(1, idx).masked_fill(~kept_live, 0)
+            out.fill[:, h] = torch.clamp(fill, max=cap)
+        return out
+
     # ------------------------------------------------------------------ attention + commit
     def attend(
         self, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
@@ -181,6 +229,11 @@ class BudgetedLayer(CacheLayerMixin):
         group = q_heads // self.num_heads
         new_bias = _new_token_bias(attention_mask, batch, q_len, query)  # [B, 1, q, q]
         valid_new = torch.diagonal(new_bias[:, 0], dim1=-2, dim2=-1) == 0  # [B, q] False for padding
+        if q_len == 1 and self.vectorized_decode:
+            out = decode_step(self, query, k_new, v_new, valid_new[:, 0], scaling)
+            self.valid_seen += valid_new[:, 0].long()
+            self.seen += 1
+            return out.transpose(1, 2).contiguous(), None
         need_scores = self.eviction.policy == "h2o"
         obs = min(q_len, self.eviction.obs_window)
 
@@ -196,9 +249,7 @@ class BudgetedLayer(CacheLayerMixin):
             qh = query[:, h * group : (h + 1) * group]  # [B, g, q, D]
             k_g = keys[:, None].expand(batch, group, n + q_len, keys.shape[-1])
             v_g = values[:, None].expand(batch, group, n + q_len, values.shape[-1])
-            out[:, h * group : (h + 1) * group] = F.scaled_dot_product_attention(
-                qh, k_g, v_g, attn_mask=bias, scale=scaling
-            )
+            out[:, h * group : (h + 1) * group] = _sdpa_in_query_blocks(qh, k_g, v_g, bias, scaling)
             mass = None
             if need_scores:  # attention the last `obs` queries pay to each candidate, [B, n + q]
                 logits = (qh[:, :, -obs:].float() @ k_g.float().transpose(-1, -2)) * scaling
@@ -271,6 +322,22 @@ class BudgetedLayer(CacheLayerMixin):
         self.fill[:, h] = torch.clamp(cand_valid.sum(1), max=cap)
 
 
+QUERY_BLOCK = 2048  # long prefills attend in blocks of queries: the math kernel's memory stays bounded
+
+
+def _sdpa_in_query_blocks(q, k, v, bias, scale) -> torch.Tensor:
+    """SDPA of ``q [B, g, q, D]`` with an additive ``bias [B, 1, q, k]``, ``QUERY_BLOCK`` queries at a time."""
+    if q.shape[2] <= QUERY_BLOCK:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    blocks = [
+        F.scaled_dot_product_attention(
+            q[:, :, i : i + QUERY_BLOCK], k, v, attn_mask=bias[:, :, i : i + QUERY_BLOCK], scale=scale
+        )
+        for i in range(0, q.shape[2], QUERY_BLOCK)
+    ]
+    return torch.cat(blocks, dim=2)
+
+
 def _new_token_bias(mask: torch.Tensor | None, batch: int, q_len: int, like: torch.Tensor) -> torch.Tensor:
     """``[B, 1, q, q]`` additive bias among the new tokens (causal when no mask is given)."""
     if mask is None:
@@ -333,6 +400,21 @@ class BudgetedCache(Cache):
         if layer_idx > 0 and self.layers[layer_idx - 1]._pending is not None:
             raise RuntimeError(_NOT_ATTENDED)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def compressed(self, capacities, eviction: EvictionConfig | None = None) -> BudgetedCache:
+        """A new cache holding this one's tokens cut to ``capacities [L, H_kv]``.
+
+        See :meth:`BudgetedLayer.compressed`: from a cache that has not evicted yet, this equals
+        prefilling straight into ``capacities``. This cache is left unchanged.
+        """
+        new = BudgetedCache(capacities, eviction or self.eviction)
+        if len(new.layers) != len(self.layers):
+            raise ValueError(f"capacities for {len(new.layers)} layers, cache has {len(self.layers)}")
+        new.layers = [
+            old.compressed(row.tolist(), new.eviction)
+            for old, row in zip(self.layers, new.capacities, strict=True)
+        ]
+        return new
 
     def kv_bytes(self) -> int:
         """Bytes allocated for keys and values over all layers (measured from the tensors)."""

@@ -1,0 +1,153 @@
+"""``run_quality``: profile once, build the suite, run every batch, write JSON + Markdown + PNG.
+
+::
+
+    model ─▶ head scores (profile, or --profile FILE) ─▶ BaKlaVa params per budget (perplexity search)
+    seed ─▶ suite (tasks x lengths x samples) ─▶ batches ─▶ Runner (every method x budget) ─▶ rows
+    rows ─▶ summary (averages, targets) ─▶ quality.json, quality.md, quality.png
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from baklava.atomic import write_text_atomic
+from baklava.bench.quality import report
+from baklava.bench.quality.methods import METHODS, MethodContext
+from baklava.bench.quality.runner import SETTINGS, Runner, combos
+from baklava.bench.quality.tasks import TASKS, build_suite
+from baklava.errors import BaklavaError
+
+DEFAULT_BUDGETS = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+
+
+@dataclass
+class QualityConfig:
+    """What to run; the defaults are the full suite for the default model."""
+
+    tasks: tuple[str, ...] = TASKS
+    lengths: tuple[int, ...] = (2048, 4096, 8192)
+    budgets: tuple[float, ...] = DEFAULT_BUDGETS
+    methods: tuple[str, ...] = METHODS
+    settings: tuple[str, ...] = SETTINGS
+    samples: int = 8
+    batch_size: int = 48
+    batch_tokens: int = 393216  # longer prompts get smaller batches (the full prefill's mask grows as S^2)
+    seed: int = 0
+    search: bool = True  # BaKlaVa params by the perplexity search (what baklava-export does)
+    chat: bool = True
+    extra: dict = field(default_factory=dict)  # recorded in the JSON (command line, profile source)
+
+    def __post_init__(self) -> None:
+        for name, known, given in (
+            ("task", TASKS, self.tasks),
+            ("method", METHODS, self.methods),
+            ("setting", SETTINGS, self.settings),
+        ):
+            unknown = [g for g in given if g not in known]
+            if unknown:
+                raise BaklavaError(f"unknown {name} {unknown[0]!r}; known: {', '.join(known)}")
+        if not all(0 < b <= 1 for b in self.budgets):
+            raise BaklavaError(f"budgets must be fractions in (0, 1], got {list(self.budgets)}")
+        if self.samples < 1 or self.batch_size < 1:
+            raise BaklavaError("samples and batch size must be >= 1")
+
+
+def _batches(samples, size):
+    return [samples[i : i + size] for i in range(0, len(samples), size)]
+
+
+def run_quality(
+    lm, profile, config: QualityConfig, out_dir: str | Path, *, settings=None, progress: bool = True
+) -> dict:
+    """Run the suite for ``lm`` with head scores from ``profile``; writes ``out_dir/quality.*``.
+
+    Returns the JSON document (meta, rows, summary, targets).
+    """
+    from baklava.profiles.pipeline import CalibrationSettings, allocate
+
+    max_context = lm.model.config.max_position_embeddings
+    longest = max(config.lengths)
+    if longest > max_context:
+        raise BaklavaError(f"length {longest} is over {lm.name}'s context of {max_context}")
+    started = time.perf_counter()
+    params: dict[float, dict] = {}
+    if "baklava" in config.methods:
+        for b in sorted(config.budgets):
+            if b < 1.0:
+                alloc = allocate(
+                    profile,
+                    b,
+                    lm=lm,
+                    search=config.search,
+                    settings=settings or CalibrationSettings(),
+                    progress=progress,
+                ).allocation
+                params[b] = alloc["params"]
+    suite = build_suite(
+        lm.tokenizer,
+        list(config.tasks),
+        list(config.lengths),
+        config.samples,
+        seed=config.seed,
+        chat=config.chat,
+    )
+    todo = combos(config.methods, config.budgets)
+    # One batch mixes the generation tasks of a length: a step costs about the same for 8 rows or
+    # 48, and every combo's cost is paid per batch.
+    groups: dict[tuple, list] = {}
+    for s in suite:
+        groups.setdefault((s.length, s.task == "ppl"), []).append(s)
+    work = []
+    for (length, is_ppl), samples in groups.items():
+        size = min(config.batch_size, max(1, config.batch_tokens // length))
+        modes = ("-",) if is_ppl else config.settings
+        work += [(batch, mode) for batch in _batches(samples, size) for mode in modes]
+    bar = tqdm(total=len(work) * len(todo), desc="quality", unit="run", disable=not progress)
+    ctx = MethodContext(profile.scores, profile.eviction, params)
+    runner = Runner(lm.model, lm.tokenizer, ctx, on_step=bar.update)
+    rows = []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "quality.partial.jsonl"  # rows as they finish: a cut-off run keeps its results
+    with partial.open("w", encoding="utf-8") as log:
+        for batch, setting in work:
+            bar.set_postfix_str(f"{batch[0].task} {batch[0].length} {setting}")
+            done = runner.run(batch, setting, todo)
+            log.writelines(json.dumps(r) + "\n" for r in done)
+            log.flush()
+            rows += done
+    bar.close()
+    summary = report.summarize(rows)
+    device = next(lm.model.parameters()).device
+    meta = {
+        "model": lm.name,
+        "dtype": str(lm.model.dtype).removeprefix("torch."),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "date": date.today().isoformat(),
+        "seconds": round(time.perf_counter() - started, 1),
+        "tasks": list(config.tasks),
+        "lengths": list(config.lengths),
+        "budgets": list(config.budgets),
+        "methods": list(config.methods),
+        "settings": list(config.settings),
+        "samples": config.samples,
+        "seed": config.seed,
+        "eviction": profile.eviction.to_dict(),
+        "baklava_params": {str(k): v for k, v in params.items()},
+        **config.extra,
+    }
+    targets = {name: report.check_targets(table) for name, table in summary["average"].items()}
+    doc = {"meta": meta, "summary": summary, "targets": targets, "rows": rows}
+    write_text_atomic(out / "quality.json", json.dumps(doc, indent=1, default=float) + "\n")
+    write_text_atomic(out / "quality.md", report.markdown(summary, meta))
+    report.plot(summary, meta, out / "quality.png")
+    partial.unlink()
+    return doc

@@ -1,0 +1,178 @@
+"""Aggregate quality rows into averages, target checks, a Markdown table and a plot.
+
+Scores of the generation tasks are fractions of the expected answers found (0-1). The averages
+weigh every task and length equally; ``ppl`` (lower is better) is reported on its own. Budget 1.0
+is the full cache for every method (nothing to evict), so each method's line ends at that point.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from baklava.bench.quality.methods import METHODS
+
+BASELINES = ("uniform", "streaming", "layer", "pyramid")
+
+
+def _mean(values) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per-cell means and the averages over tasks and lengths, per setting and over both.
+
+    Returns ``{"cells": [...], "average": {setting: {method: {budget: score}}}, "ppl": {...}}``;
+    setting ``"all"`` averages both settings.
+    """
+    cells = defaultdict(list)
+    for r in rows:
+        cells[(r["setting"], r["task"], r["length"], r["method"], r["budget"])].append(r["score"])
+    cell_rows = [
+        {
+            "setting": k[0],
+            "task": k[1],
+            "length": k[2],
+            "method": k[3],
+            "budget": k[4],
+            "score": _mean(v),
+            "n": len(v),
+        }
+        for k, v in sorted(cells.items())
+    ]
+    full = {(c["setting"], c["task"], c["length"]): c["score"] for c in cell_rows if c["method"] == "full"}
+    methods = [m for m in METHODS if any(c["method"] == m for c in cell_rows)]
+    budgets = sorted({c["budget"] for c in cell_rows})
+
+    def table(select) -> dict:
+        out = {}
+        for m in methods:
+            line = {}
+            for b in budgets:
+                vals = [
+                    full[(c["setting"], c["task"], c["length"])] if b == 1.0 else c["score"]
+                    for c in cell_rows
+                    if select(c)
+                    and (c["method"] == m or (b == 1.0 and c["method"] == "full"))
+                    and c["budget"] == b
+                ]
+                if vals:
+                    line[b] = _mean(vals)
+            out[m] = line
+        return out
+
+    gen = [c for c in cell_rows if c["task"] != "ppl"]
+    settings = sorted({c["setting"] for c in gen})
+    average = {s: table(lambda c, s=s: c["task"] != "ppl" and c["setting"] == s) for s in settings}
+    if len(settings) > 1:
+        average["all"] = table(lambda c: c["task"] != "ppl")
+    ppl = table(lambda c: c["task"] == "ppl") if any(c["task"] == "ppl" for c in cell_rows) else {}
+    return {"cells": cell_rows, "average": average, "ppl": ppl, "methods": methods, "budgets": budgets}
+
+
+def check_targets(average: dict[str, dict[float, float]]) -> list[dict]:
+    """MISSION.md's quality targets on one average table ``{method: {budget: score}}``."""
+    checks = []
+    bak, full = average.get("baklava", {}), average.get("full", {}).get(1.0)
+
+    def add(name, value, goal, ok):
+        checks.append({"target": name, "value": value, "goal": goal, "met": bool(ok)})
+
+    if 0.3 in bak and full:
+        ratio = bak[0.3] / full
+        add("baklava@0.3 / full", round(ratio, 4), ">= 0.97", ratio >= 0.97)
+    uni = average.get("uniform", {})
+    if 0.1 in bak and 0.1 in uni:
+        ratio = bak[0.1] / uni[0.1] if uni[0.1] > 0 else float("inf") if bak[0.1] > 0 else float("nan")
+        add("baklava@0.1 / uniform@0.1", round(ratio, 4), ">= 1.5", ratio >= 1.5)
+    for b in sorted(bak):
+        if b > 0.3:
+            continue
+        for m in BASELINES:
+            if b in average.get(m, {}):
+                gap = bak[b] - average[m][b]
+                add(f"baklava@{b} - {m}@{b}", round(gap, 4), ">= 0", gap >= -1e-12)
+    return checks
+
+
+def markdown(summary: dict, meta: dict) -> str:
+    """The tables BENCHMARKS.md quotes: average score per method and budget, per setting."""
+    budgets = summary["budgets"]
+    lines = [
+        f"Quality: {meta['model']}, lengths {meta['lengths']}, {meta['samples']} samples per task and length",
+        "",
+    ]
+    blocks = list(summary["average"].items())
+    if summary["ppl"]:
+        blocks.append(("perplexity (lower is better)", summary["ppl"]))
+    for name, table in blocks:
+        lines += [f"**{name}**", "", "| method | " + " | ".join(f"{b:g}" for b in budgets) + " |"]
+        lines.append("|---" * (len(budgets) + 1) + "|")
+        for m, line in table.items():
+            cells = [f"{line[b]:.3f}" if b in line else "" for b in budgets]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for name, table in summary["average"].items():
+        checks = check_targets(table)
+        if checks:
+            lines += [f"Targets ({name}):", ""]
+            lines += [
+                f"- {c['target']} = {c['value']} (goal {c['goal']}): {'met' if c['met'] else 'MISSED'}"
+                for c in checks
+            ]
+            lines.append("")
+    lines += ["Per task (all settings, mean score):", ""]
+    lines += _per_task(summary)
+    return "\n".join(lines) + "\n"
+
+
+def _per_task(summary: dict) -> list[str]:
+    cells = defaultdict(list)
+    for c in summary["cells"]:
+        if c["task"] != "ppl":
+            cells[(c["task"], c["method"], c["budget"])].append(c["score"])
+    tasks = sorted({k[0] for k in cells})
+    combos = [
+        (m, b)
+        for m in summary["methods"]
+        for b in summary["budgets"]
+        if (tasks and (tasks[0], m, b) in cells)
+    ]
+    head = "| method@budget | " + " | ".join(tasks) + " |"
+    out = [head, "|---" * (len(tasks) + 1) + "|"]
+    for m, b in combos:
+        out.append(f"| {m}@{b:g} | " + " | ".join(f"{_mean(cells[(t, m, b)]):.2f}" for t in tasks) + " |")
+    return out + [""]
+
+
+def plot(summary: dict, meta: dict, path: str | os.PathLike) -> Path:
+    """Score vs budget, one line per method, one panel per setting (+ perplexity)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from baklava.atomic import save_figure_atomic
+
+    panels = list(summary["average"].items())
+    if summary["ppl"]:
+        panels.append(("perplexity", summary["ppl"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.0), squeeze=False)
+    for ax, (name, table) in zip(axes[0], panels, strict=True):
+        for m, line in table.items():
+            if m == "full":
+                ax.axhline(line.get(1.0, np.nan), color="black", ls=":", lw=1, label="full")
+                continue
+            xs = sorted(line)
+            ax.plot(xs, [line[x] for x in xs], marker="o", ms=3, lw=2.2 if m == "baklava" else 1.2, label=m)
+        ax.set_xscale("log")
+        ax.set_xlabel("KV budget (fraction of the full cache)")
+        ax.set_ylabel("perplexity" if name == "perplexity" else "mean score")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{meta['model']}: quality vs KV budget (lengths {meta['lengths']})")
+    return save_figure_atomic(fig, path)

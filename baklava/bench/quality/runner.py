@@ -1,0 +1,177 @@
+"""Run the quality suite: one full prefill per batch, then every method and budget from it.
+
+For a batch of samples of one task and length::
+
+    prefill (full cache, h2o scores) ──▶ full ──compressed(caps_m,b)──▶ cache_m,b ──▶ decode ──▶ score
+                                           (query-agnostic: read the question into cache_m,b first)
+
+:meth:`BudgetedCache.compressed` keeps exactly what a prefill straight into ``caps_m,b`` keeps
+(tested), so the prefill, the expensive part, runs once per batch and setting instead of once per
+method and budget. Decoding is greedy and stops when every row has produced EOS; on a GPU the
+decode step is one CUDA graph per cache (:mod:`baklava.runtime.cuda_graph`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from baklava.bench.quality.methods import MethodContext, plan
+from baklava.bench.quality.tasks import Sample
+from baklava.runtime.attention import enable
+from baklava.runtime.cuda_graph import greedy_cuda_graph
+from baklava.runtime.packed_cache import BudgetedCache
+
+SETTINGS = ("query-aware", "query-agnostic")
+
+
+@dataclass(frozen=True)
+class Combo:
+    method: str
+    budget: float
+
+
+def combos(methods: Iterable[str], budgets: Iterable[float]) -> list[Combo]:
+    """Full cache once (it is every method at budget 1.0), then every method at every budget < 1."""
+    out = [Combo("full", 1.0)]
+    out += [Combo(m, b) for m in methods if m != "full" for b in sorted(budgets) if b < 1.0]
+    return out
+
+
+def _pad_left(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s)
+        mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+class Runner:
+    """Runs batches of samples for every combo; ``on_step`` is called once per combo (progress)."""
+
+    def __init__(self, model, tokenizer, ctx: MethodContext, on_step: Callable[[], None] | None = None):
+        enable(model)
+        self.model, self.tokenizer, self.ctx = model, tokenizer, ctx
+        self.device = next(model.parameters()).device
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        self.on_step = on_step or (lambda: None)
+        cfg = model.config
+        self.shape = (
+            cfg.num_hidden_layers,
+            getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+        )
+
+    # ------------------------------------------------------------------ model steps
+    def _forward(self, ids, mask, cache, keep: int = 1) -> torch.Tensor:
+        """Logits ``[B, keep, V]`` of the last ``keep`` of ``ids [B, q]`` (0: all); ``mask`` covers all seen.
+
+        Only the last position's logits by default: a 16k-token batch's full logits would not fit.
+        """
+        positions = (mask.cumsum(1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            logits_to_keep=keep,
+        )
+        return out.logits
+
+    def _greedy(self, cache, logits, mask, steps: int) -> list[list[int]]:
+        if self.device.type == "cuda":  # one CUDA graph per cache, replayed per token
+            tokens = greedy_cuda_graph(self.model, cache, logits.argmax(-1), steps).tolist()
+            return [t[: t.index(self.eos)] if self.eos in t else t for t in tokens]
+        rows = logits.shape[0]
+        done = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        out = []
+        for i in range(steps):
+            token = logits.argmax(-1).masked_fill(done, self.eos)  # [B]
+            out.append(token)
+            done |= token == self.eos
+            if i == steps - 1 or bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            logits = self._forward(token[:, None], mask, cache)[:, -1]
+        tokens = torch.stack(out, 1).tolist()
+        return [t[: t.index(self.eos)] if self.eos in t else t for t in tokens]
+
+    def _full_cache(self, width: int) -> BudgetedCache:
+        return BudgetedCache(np.full(self.shape, width), self.ctx.eviction)
+
+    # ------------------------------------------------------------------ one batch
+    @torch.inference_mode()
+    def run(self, samples: list[Sample], setting: str, todo: list[Combo]) -> list[dict]:
+        """Rows of results for ``samples`` (one length; tasks may mix) in ``setting``, every combo.
+
+        The batch decodes as many tokens as its longest task allows; each output is cut to its
+        own task's ``max_new_tokens`` before scoring, so batching never changes a score.
+        """
+        if samples[0].task == "ppl":
+            return self._run_ppl(samples, todo)
+        steps = max(s.max_new_tokens for s in samples)
+        ctx_ids, ctx_mask = _pad_left([s.context_ids for s in samples], self.pad)
+        q_ids, q_mask = _pad_left([s.query_ids for s in samples], self.pad)
+        ids = torch.cat([ctx_ids, q_ids], 1).to(self.device)
+        mask = torch.cat([ctx_mask, q_mask], 1).to(self.device)
+        width = ids.shape[1]  # the budget's reference context: prompt tokens incl. padding
+        full = self._full_cache(width + steps + 1)
+        split = ctx_ids.shape[1]
+        if setting == "query-aware":
+            first = self._forward(ids, mask, full)[:, -1]
+        else:
+            self._forward(ids[:, :split], mask[:, :split], full)
+        rows = []
+        for combo in todo:
+            caps, eviction = plan(combo.method, combo.budget, width, self.ctx, full)
+            cache = full.compressed(caps, eviction)
+            logits = first if setting == "query-aware" else self._forward(ids[:, split:], mask, cache)[:, -1]
+            outputs = self._greedy(cache, logits, mask, steps)
+            for s, out in zip(samples, outputs, strict=True):
+                text = self.tokenizer.decode(out[: s.max_new_tokens], skip_special_tokens=True)
+                rows.append(self._row(s, setting, combo, caps, width, score=s.score(text), output=text))
+            self.on_step()
+        return rows
+
+    def _run_ppl(self, samples: list[Sample], todo: list[Combo]) -> list[dict]:
+        ctx = torch.tensor([s.context_ids for s in samples], device=self.device)
+        cont = torch.tensor([s.query_ids for s in samples], device=self.device)
+        width = ctx.shape[1] + cont.shape[1]
+        mask = torch.ones(len(samples), width, dtype=torch.long, device=self.device)
+        full = self._full_cache(width + 1)
+        last = self._forward(ctx, mask[:, : ctx.shape[1]], full)[:, -1:]  # predicts cont[:, 0]
+        rows = []
+        for combo in todo:
+            caps, eviction = plan(combo.method, combo.budget, width, self.ctx, full)
+            cache = full.compressed(caps, eviction)
+            logits = torch.cat([last, self._forward(cont, mask, cache, keep=0)[:, :-1]], 1).float()
+            nll = F.cross_entropy(logits.transpose(1, 2), cont, reduction="none").mean(1)  # [B]
+            for s, value in zip(samples, nll.tolist(), strict=True):
+                rows.append(self._row(s, "-", combo, caps, width, score=math.exp(value), output=""))
+            self.on_step()
+        return rows
+
+    def _row(
+        self, s: Sample, setting: str, combo: Combo, caps, width: int, *, score: float, output: str
+    ) -> dict:
+        layers, heads = self.shape
+        return {
+            "task": s.task,
+            "length": s.length,
+            "index": s.index,
+            "setting": setting,
+            "method": combo.method,
+            "budget": combo.budget,
+            "score": score,
+            "output": output,
+            "answers": s.answers,
+            "prompt_tokens": s.num_tokens,
+            "kv_fraction": float(np.minimum(caps, width).sum() / (layers * heads * width)),
+        }
