@@ -195,13 +195,15 @@ def resolve(spec: str) -> tuple[str, str]:
     )
 
 
-def _from_pretrained(location: str, dtype, **kwargs):
+def _from_pretrained(location: str, dtype, quantization_config=None, **kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
     tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    if quantization_config is not None:  # the model's alone: a tokenizer would save it in its config
+        kwargs["quantization_config"] = quantization_config
     model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
     return model.eval(), tokenizer
 
