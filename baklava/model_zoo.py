@@ -249,9 +249,12 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype=None, progress: bool = True) 
 
 
 def _load_gguf(path: Path, dtype):
-    """Load a .gguf as a plain dense model: the packed-weight GGUF matmuls that transformers uses
-    where a kernel exists are many times slower than dense bf16 on a GPU, and the budgeted cache
-    wants ordinary modules."""
+    """Load a .gguf as a plain dense model, the same weights the alias conversion saves.
+
+    Where transformers finds a GGUF matmul kernel (it did on the GPU machine) it keeps the weights
+    packed and computes every matmul in float32; dense weights give one code path on every device
+    and let ``dtype`` mean what it says.
+    """
     kwargs = {"gguf_file": path.name}
     try:
         from transformers import GgufConfig
