@@ -188,6 +188,17 @@ def test_targets_are_checked_on_the_task_average():
     assert not checks["baklava@0.3 / full"]["met"] and not checks["baklava@0.3 - uniform@0.3"]["met"]
 
 
+def test_a_ratio_over_zero_is_not_a_number_in_the_report():
+    zero = {"full": {1.0: 0.5}, "uniform": {0.1: 0.0}, "baklava": {0.1: 0.0}}
+    checks = report.check_targets(zero)
+    json.dumps(checks, allow_nan=False)  # strict JSON: raises on NaN or inf
+    check = next(c for c in checks if c["target"].startswith("baklava@0.1 /"))
+    assert check["value"] is None and not check["met"]
+    zero["baklava"][0.1] = 0.2
+    check = next(c for c in report.check_targets(zero) if c["target"].startswith("baklava@0.1 /"))
+    assert check["met"]
+
+
 def test_report_files(tmp_path):
     rows = _rows({("full", 1.0): (1.0, 0.5), ("uniform", 0.3): (0.5, 0.5), ("baklava", 0.3): (1.0, 0.5)})
     summary = report.summarize(rows)

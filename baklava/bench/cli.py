@@ -218,5 +218,7 @@ def quality_bench(
     doc = run_quality(lm, profile, config, out, settings=settings)
     name, checks = list(doc["targets"].items())[-1]  # "all" when both settings ran
     for c in checks:
-        _log(f"{name}: {c['target']} = {c['value']} (goal {c['goal']}) {'met' if c['met'] else 'MISSED'}")
+        _log(
+            f"{name}: {c['target']} = {'n/a' if c['value'] is None else c['value']} (goal {c['goal']}) {'met' if c['met'] else 'MISSED'}"
+        )
     _log(f"wrote {Path(out) / 'quality.json'}, quality.md, quality.png ({doc['meta']['seconds']} s)")

@@ -86,8 +86,11 @@ def check_targets(average: dict[str, dict[float, float]]) -> list[dict]:
         add("baklava@0.3 / full", round(ratio, 4), ">= 0.97", ratio >= 0.97)
     uni = average.get("uniform", {})
     if 0.1 in bak and 0.1 in uni:
-        ratio = bak[0.1] / uni[0.1] if uni[0.1] > 0 else float("inf") if bak[0.1] > 0 else float("nan")
-        add("baklava@0.1 / uniform@0.1", round(ratio, 4), ">= 1.5", ratio >= 1.5)
+        if uni[0.1] > 0:
+            ratio = bak[0.1] / uni[0.1]
+            add("baklava@0.1 / uniform@0.1", round(ratio, 4), ">= 1.5", ratio >= 1.5)
+        else:  # a ratio over zero says nothing (and NaN is not JSON): met only if baklava scores at all
+            add("baklava@0.1 / uniform@0.1", None, ">= 1.5 (uniform scored 0)", bak[0.1] > 0)
     for b in sorted(bak):
         if b > 0.3:
             continue
@@ -120,7 +123,7 @@ def markdown(summary: dict, meta: dict) -> str:
         if checks:
             lines += [f"Targets ({name}):", ""]
             lines += [
-                f"- {c['target']} = {c['value']} (goal {c['goal']}): {'met' if c['met'] else 'MISSED'}"
+                f"- {c['target']} = {'n/a' if c['value'] is None else c['value']} (goal {c['goal']}): {'met' if c['met'] else 'MISSED'}"
                 for c in checks
             ]
             lines.append("")
