@@ -320,3 +320,29 @@ def test_vectorized_decode_matches_the_per_head_loop(policy, monkeypatch):
         torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-5)
     evicted = sum(int(layer.valid_seen.max()) - int(layer.fill[0].min()) for layer in ref.layers)
     assert evicted > 0  # the comparison covered eviction, not only appends
+
+
+def test_chunked_prefill_bounds_the_attended_keys_by_budget_plus_chunk(tiny_llama, monkeypatch):
+    from baklava.runtime import packed_cache
+
+    enable(tiny_llama)
+    ids = torch.randint(3, 96, (2, 90), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        one_pass = prefill(tiny_llama, BudgetedCache(FULL), ids)
+        chunked = prefill(tiny_llama, BudgetedCache(FULL), ids, chunk=16)
+    torch.testing.assert_close(chunked, one_pass, rtol=0, atol=1e-5)  # nothing evicted: exact attention
+
+    seen_keys = []
+    real = packed_cache._sdpa_in_query_blocks
+
+    def spy(q, k, v, bias, scale):
+        seen_keys.append(k.shape[2])
+        return real(q, k, v, bias, scale)
+
+    monkeypatch.setattr(packed_cache, "_sdpa_in_query_blocks", spy)
+    caps = [[12, 20], [8, 24]]
+    prefill(tiny_llama, BudgetedCache(caps), ids, chunk=16)
+    assert max(seen_keys) <= 24 + 16  # the largest head's capacity plus one chunk
+    seen_keys.clear()
+    prefill(tiny_llama, BudgetedCache(caps), ids)
+    assert max(seen_keys) == 90  # one pass attends over the whole prompt

@@ -79,10 +79,25 @@ def generate(
 
 
 @torch.inference_mode()
-def prefill(model, cache: BudgetedCache, input_ids: torch.Tensor) -> torch.Tensor:
-    """Run the prompt ``[B, S]`` through the model into ``cache``; returns last logits ``[B, V]``."""
+def prefill(
+    model, cache: BudgetedCache, input_ids: torch.Tensor, *, chunk: int | None = None
+) -> torch.Tensor:
+    """Run the prompt ``[B, S]`` through the model into ``cache``; returns last logits ``[B, V]``.
+
+    With ``chunk``, the prompt goes in ``chunk``-token pieces and the cache evicts after each one,
+    so attention never holds more than the budget plus one chunk of keys (one pass holds all
+    ``S``). Scores then accumulate over the chunks' observation windows (H2O-style) instead of
+    coming from the prompt's last ``obs_window`` queries alone, so what is kept can differ.
+    """
     enable(model)
-    return model(input_ids=input_ids, past_key_values=cache).logits[:, -1]
+    if chunk is not None and chunk < 1:
+        raise BaklavaError(f"prefill chunk must be >= 1, got {chunk}")
+    step = chunk or input_ids.shape[1]
+    for start in range(0, input_ids.shape[1], step):
+        logits = model(
+            input_ids=input_ids[:, start : start + step], past_key_values=cache, logits_to_keep=1
+        ).logits
+    return logits[:, -1]
 
 
 @torch.inference_mode()
