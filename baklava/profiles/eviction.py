@@ -28,7 +28,7 @@ class EvictionConfig:
     obs_window: int = 32
     # 31, not SnapKV's 7: a tokenizer that spells numbers digit by digit needs the whole needle
     # kept, and the question's attention peaks on its first tokens (BENCHMARKS.md, quality: at 0.3
-    # query-aware, uniform went from 0.13 to 0.49 with the full cache at 0.40).
+    # query-aware, uniform went from 0.13 (full cache 0.38) to 0.49 (full cache 0.40)).
     pool_kernel: int = 31
 
     def __post_init__(self) -> None:
