@@ -90,18 +90,20 @@ def decode_bench(artifacts, context, steps, chunk):
 bench_main = _main(bench, "baklava-bench")
 
 
-def _floats(ctx, param, value):
-    try:
-        return tuple(float(v) for v in value.split(",")) if value else None
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+def _comma_list(kind, noun: str):
+    """A click callback parsing ``"a,b,c"`` into a tuple of ``kind`` (None when not given)."""
+
+    def parse(ctx, param, value):
+        try:
+            return tuple(kind(v) for v in value.split(",")) if value else None
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated {noun}, got {value!r}") from None
+
+    return parse
 
 
-def _ints(ctx, param, value):
-    try:
-        return tuple(int(v) for v in value.split(",")) if value else None
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+_floats = _comma_list(float, "numbers")
+_ints = _comma_list(int, "integers")
 
 
 def _names(ctx, param, value):
