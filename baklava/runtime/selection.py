@@ -8,9 +8,14 @@ tier      candidates                             key within the tier
 ========  =====================================  ============================
 3         sink: position < sink                  earlier first
 2         recent window: position >= seen-window later first
-1         everything else                        score (h2o) or position (ring)
+0         everything else                        score (h2o) or position (ring)
 -inf      empty slots and padding tokens         never kept
 ========  =====================================  ============================
+
+The scored tier sits at offset 0, not at ``TIER``: near 1e15 a float64 step is 0.125, so
+``TIER + score`` would round every attention score below ~0.06 to the same value and the
+"top scores" would silently become "the oldest tokens". Scores are >= 0 and far below ``TIER``
+(each step adds at most 1 per slot), so the tiers stay apart and scores keep full precision.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ def keep_priority(
     is_sink = positions < sink
     is_recent = positions >= (seen_after[:, None] - window)
     body = pos if policy == "ring" else scores.to(torch.float64)
-    pri = torch.where(is_recent, 2 * TIER + pos, TIER + body)
+    pri = torch.where(is_recent, 2 * TIER + pos, body)
     pri = torch.where(is_sink, 3 * TIER - pos, pri)
     return pri.masked_fill(~valid, float("-inf"))
 

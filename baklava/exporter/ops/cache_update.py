@@ -91,7 +91,7 @@ def make_function(
             "Where",
             b.op("GreaterOrEqual", cand_pos, recent_from),
             b.op("Add", tier(2), pos),
-            b.op("Add", tier(1), body),
+            body,  # offset 0: scores keep their float64 precision (see runtime.selection)
         )
         pri = b.op("Where", b.op("Less", cand_pos, b.const(sink)), b.op("Sub", tier(3), pos), pri)
         pri = b.op("Where", cand_valid, pri, b.const(float("-inf"), dtype="float64"))
