@@ -349,7 +349,14 @@ def export_cmd(
     show_default=True,
     help="PyTorch reference, or the exported ONNX graph in ONNX Runtime.",
 )
-def run_cmd(artifact, prompts, max_new_tokens, chat, as_json, backend):
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="torch backend: cuda runs bf16 with the Triton kernels and CUDA-graph decode steps.",
+)
+def run_cmd(artifact, prompts, max_new_tokens, chat, as_json, backend, device):
     """Generate from an exported artifact with its budgeted per-head cache."""
     from baklava.exporter import read_artifact
 
@@ -373,10 +380,18 @@ def run_cmd(artifact, prompts, max_new_tokens, chat, as_json, backend):
         )
         kv_bytes = stats["kv_bytes"]
     else:
+        import torch
+
         from baklava.model_zoo import load_model
         from baklava.runtime import BudgetedCache, generate
 
-        lm = load_model(art.model_spec, progress=not as_json)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise BaklavaError("--device cuda: no CUDA device here")
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        lm = load_model(art.model_spec, dtype=dtype, progress=not as_json)
+        lm.model.to(device)
         cache = BudgetedCache.from_profile(art.profile, model=lm.model)
         started = time.perf_counter()
         results = generate(
@@ -391,7 +406,8 @@ def run_cmd(artifact, prompts, max_new_tokens, chat, as_json, backend):
             click.echo(r.text)
     tokens = sum(len(r.token_ids) for r in results)
     _log(
-        f"{tokens} tokens in {elapsed:.1f} s ({backend}); KV cache {_size(kv_bytes)} "
+        f"{tokens} tokens in {elapsed:.1f} s ({backend}{'' if backend != 'torch' else ', ' + device}); "
+        f"KV cache {_size(kv_bytes)} "
         f"for {len(prompts)} sequence(s) ({art.profile.total_tokens} slots each)"
     )
 

@@ -6,7 +6,13 @@ import os
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernel tests run in Triton's interpreter. It is chosen when
+    # triton.language is first imported, and transformers imports triton: set it before that.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -10,6 +10,7 @@ from baklava.bench.quality import report
 from baklava.bench.quality.methods import METHODS, MethodContext, adaptive_capacities, plan, total_slots
 from baklava.bench.quality.runner import Combo, Runner, combos
 from baklava.bench.quality.tasks import GENERATION_TASKS, PromptFormatter, Sample, build_suite, make_sample
+from baklava.errors import BaklavaError
 from baklava.profiles.eviction import EvictionConfig
 from baklava.profiles.head_scores import HeadScores
 from baklava.runtime import BudgetedCache, enable
@@ -274,3 +275,41 @@ def test_same_prompts_give_the_same_scores(tiny_llama):
     second = Runner(tiny_llama, _Tok(), ctx).run(samples, "query-agnostic", todo)
     assert first == second and len(first) == 3 * 4
     assert len({r["output"] for r in first}) > 1  # the methods do differ: the comparison is not vacuous
+
+
+def _run_doc(path, lengths, params=None):
+    """A quality.json as run_quality writes it, with rows for ``lengths`` (scores made up)."""
+    rows = [
+        {"setting": s, "task": "niah_single", "length": n, "method": m, "budget": b, "score": score}
+        for n in lengths
+        for s in ("query-aware", "query-agnostic")
+        for m, b, score in (("full", 1.0, 1.0), ("uniform", 0.3, 0.5), ("baklava", 0.3, 0.75))
+    ]
+    meta = {
+        "model": "m", "dtype": "float32", "seed": 0, "samples": 1, "eviction": {"sink": 4},
+        "baklava_params": params or {"0.3": {"sharpness": 1.0}}, "methods": ["full", "uniform", "baklava"],
+        "budgets": [0.3, 1.0], "settings": ["query-aware", "query-agnostic"], "tasks": ["niah_single"],
+        "lengths": lengths, "seconds": 1.0, "date": "2026-11-24", "command": "x",
+    }  # fmt: skip
+    path.write_text(json.dumps({"meta": meta, "rows": rows}))
+    return path
+
+
+def test_merge_joins_runs_of_one_setup_and_refuses_others(tmp_path):
+    from baklava.bench.quality.benchmark import merge_quality
+
+    a = _run_doc(tmp_path / "a.json", [2048])
+    b = _run_doc(tmp_path / "b.json", [8192])
+    doc = merge_quality([a, b], tmp_path / "out", with_rows=False)
+    assert doc["meta"]["lengths"] == [2048, 8192] and doc["meta"]["seconds"] == 2.0
+    assert doc["summary"]["average"]["all"]["baklava"][0.3] == pytest.approx(0.75)
+    written = json.loads((tmp_path / "out" / "quality.json").read_text())
+    assert "rows" not in written and (tmp_path / "out" / "quality.png").stat().st_size > 0
+    with pytest.raises(BaklavaError, match="baklava_params"):
+        merge_quality(
+            [a, _run_doc(tmp_path / "c.json", [4096], {"0.3": {"sharpness": 2.0}})], tmp_path / "o2"
+        )
+    with pytest.raises(BaklavaError, match="overlaps"):
+        merge_quality([a, _run_doc(tmp_path / "d.json", [2048, 4096])], tmp_path / "o3")
+    with pytest.raises(BaklavaError, match="no per-prompt rows"):
+        merge_quality([a, tmp_path / "out" / "quality.json"], tmp_path / "o4")

@@ -9,7 +9,9 @@ def _keep(scores, positions, seen, keep, *, sink=0, window=0, policy="h2o"):
     scores = torch.tensor([scores], dtype=torch.float32)
     positions = torch.tensor([positions])
     valid = torch.ones_like(positions, dtype=torch.bool)
-    pri = keep_priority(positions, scores, valid, torch.tensor([seen]), sink=sink, window=window, policy=policy)
+    pri = keep_priority(
+        positions, scores, valid, torch.tensor([seen]), sink=sink, window=window, policy=policy
+    )
     return chronological_keep(pri, valid, keep)[0].tolist()
 
 

@@ -207,3 +207,22 @@ def test_server_shuts_down_without_leftovers(repo, tmp_path):
         os.killpg(pgid, 0)  # the server and its backend stubs are gone
     assert _processes_mentioning(f"--http-port={srv.http_port}") == []
     assert not srv.is_ready()
+
+
+def test_backend_directory_relinks_a_dangling_or_foreign_link(tmp_path, monkeypatch):
+    """A backend directory cached by another install (moved virtualenv) is repaired, not trusted."""
+    import sys
+
+    from baklava.serving.server import _pytriton_root, backend_directory
+
+    monkeypatch.setenv("BAKLAVA_CACHE", str(tmp_path))
+    python_dir = (
+        tmp_path / "triton" / f"backends-py{sys.version_info.major}.{sys.version_info.minor}" / "python"
+    )
+    python_dir.mkdir(parents=True)
+    (python_dir / "libtriton_python.so").symlink_to("/nonexistent/old-venv/libtriton_python.so")
+    (python_dir / "triton_python_backend_utils.py").symlink_to(tmp_path)  # exists, but not pytriton's
+    target = backend_directory()
+    source = _pytriton_root() / "tritonserver" / "backends" / "python"
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        assert (target / "python" / name).resolve() == (source / name).resolve()

@@ -1,4 +1,4 @@
-"""``baklava-bench``: benchmark commands (serve, decode, quality)."""
+"""``baklava-bench``: benchmark commands (serve, decode, quality, speed, memory)."""
 
 from __future__ import annotations
 
@@ -85,9 +85,6 @@ def decode_bench(artifacts, context, steps, chunk):
             _log(
                 f"budget {row['budget']}: {base / row['decode_ms_per_token']:.2f}x the decode speed of {rows[0]['budget']}"
             )
-
-
-bench_main = _main(bench, "baklava-bench")
 
 
 def _comma_list(kind, noun: str):
@@ -224,3 +221,192 @@ def quality_bench(
             f"{name}: {c['target']} = {'n/a' if c['value'] is None else c['value']} (goal {c['goal']}) {'met' if c['met'] else 'MISSED'}"
         )
     _log(f"wrote {Path(out) / 'quality.json'}, quality.md, quality.png ({doc['meta']['seconds']} s)")
+
+
+@bench.command("quality-merge")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--out", type=click.Path(file_okay=False), required=True, help="Directory for the merged report."
+)
+@click.option(
+    "--rows/--no-rows", default=True, show_default=True, help="Keep the per-prompt rows in the JSON."
+)
+def quality_merge(runs, out, rows):
+    """One report from quality.json RUNS of the same setup on different lengths or tasks."""
+    from baklava.bench.quality.benchmark import merge_quality
+
+    _check_out(str(Path(out) / "quality.json"))
+    doc = merge_quality(list(runs), out, with_rows=rows)
+    name, checks = list(doc["targets"].items())[-1]
+    for c in checks:
+        _log(f"{name}: {c['target']} = {c['value']} (goal {c['goal']}) {'met' if c['met'] else 'MISSED'}")
+    _log(f"wrote {Path(out) / 'quality.json'}, quality.md, quality.png")
+
+
+RANDOM_LLAMA = "random-llama-3-8b"
+
+
+def _gpu_model(model_spec: str):
+    """The model of ``--model`` in bf16 on the GPU, switched to the ``baklava`` attention."""
+    import torch
+
+    from baklava.bench.gpu_decode import LLAMA3_8B, random_llama
+    from baklava.runtime.attention import enable
+
+    if not torch.cuda.is_available():
+        raise BaklavaError("this benchmark measures the GPU path: no CUDA device here")
+    if model_spec == RANDOM_LLAMA:
+        model = random_llama(LLAMA3_8B)
+    else:
+        from baklava.model_zoo import load_model
+
+        model = load_model(model_spec, dtype=torch.bfloat16).model.to("cuda").eval()
+    enable(model)
+    return model
+
+
+def _gpu_meta() -> dict:
+    import sys
+
+    import torch
+
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "date": date.today().isoformat(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+
+
+_gpu_model_option = click.option(
+    "--model",
+    "model_spec",
+    default=RANDOM_LLAMA,
+    show_default=True,
+    help=f"{RANDOM_LLAMA} (Llama-3-8B shapes, random bf16 weights), or an alias / directory / .gguf.",
+)
+
+
+def _size_option(ctx, param, value):
+    from baklava.profiles.budget import Budget, BudgetError
+
+    try:
+        parsed = Budget.parse(value)
+    except BudgetError as e:
+        raise click.BadParameter(str(e)) from None
+    if parsed.kind != "bytes":
+        raise click.BadParameter(f"expected a memory size like 16GiB, got {value!r}")
+    return int(parsed.value)
+
+
+@bench.command("speed")
+@_gpu_model_option
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--context", default=16384, show_default=True, type=click.IntRange(64))
+@click.option("--budgets", default="1.0,0.3", show_default=True, callback=_floats)
+@click.option(
+    "--transformers/--no-transformers", default=True, show_default=True, help="Also time plain transformers."
+)
+@click.option(
+    "--kernel/--no-kernel",
+    default=True,
+    show_default=True,
+    help="Also run the decode-attention kernel cases.",
+)
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
+def speed_bench(model_spec, batch, context, budgets, transformers, kernel, out):
+    """GPU decode speed: the runtime's CUDA-graph step vs its bandwidth floor and plain transformers."""
+    from baklava.bench import gpu_decode
+
+    if any(not 0 < b <= 1 for b in budgets):
+        raise BaklavaError(f"--budgets: fractions in (0, 1], got {','.join(map(str, budgets))}")
+    if out:
+        _check_out(out)
+    model = _gpu_model(model_spec)
+    doc = {"meta": _gpu_meta() | {"model": model_spec}}
+    if kernel:
+        from baklava.bench import kernel_speed
+
+        doc["kernel"] = []
+        for case in kernel_speed.CASES:
+            doc["kernel"].append(kernel_speed.measure(*case))
+            click.echo(json.dumps(doc["kernel"][-1]))
+    doc["end_to_end"] = gpu_decode.decode_speed(
+        model,
+        batch=batch,
+        context=context,
+        budgets=budgets,
+        transformers=transformers,
+        progress=lambda row: _log(f"{row['budget']}: {row['step_ms']:.2f} ms a step"),
+    )
+    click.echo(json.dumps(doc["end_to_end"], indent=1))
+    if out:
+        write_text_atomic(out, json.dumps(doc, indent=1) + "\n")
+
+
+@bench.command("memory")
+@_gpu_model_option
+@click.option("--context", default=32768, show_default=True, type=click.IntRange(64))
+@click.option("--budgets", default="1.0,0.3,0.1", show_default=True, callback=_floats)
+@click.option(
+    "--kv-memory",
+    default="16GiB",
+    show_default=True,
+    callback=_size_option,
+    help="Memory for the largest-batch search.",
+)
+@click.option(
+    "--chunk", default=2048, show_default=True, type=click.IntRange(1), help="Chunked-prefill chunk."
+)
+@click.option(
+    "--prefill/--no-prefill",
+    default=True,
+    show_default=True,
+    help="Measure the peak of a CONTEXT-token prefill.",
+)
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
+def memory_bench(model_spec, context, budgets, kv_memory, chunk, prefill, out):
+    """KV bytes allocated, largest batch in KV_MEMORY, and peak memory of a long prefill (GPU)."""
+    from baklava.bench import memory
+    from baklava.bench.gpu_decode import model_shape, uneven_capacities
+
+    if any(not 0 < b <= 1 for b in budgets):
+        raise BaklavaError(f"--budgets: fractions in (0, 1], got {','.join(map(str, budgets))}")
+    if out:
+        _check_out(out)
+    model = _gpu_model(model_spec)
+    layers, kv_heads, _, _ = model_shape(model)
+    doc = {"meta": _gpu_meta() | {"model": model_spec, "context": context}, "budgets": [], "prefill": []}
+    for budget in budgets:
+        caps = uneven_capacities(layers, kv_heads, context, budget)
+        row = {"budget": budget, "slots_per_sequence": int(caps.sum())}
+        row |= memory.cache_bytes(model, caps, 1)
+        row["largest_batch"] = memory.largest_batch(model, caps, kv_memory)
+        doc["budgets"].append(row)
+        click.echo(json.dumps(row))
+    if prefill:
+        runs = [(None, None)]
+        for budget in budgets:
+            if budget < 1.0:
+                caps = uneven_capacities(layers, kv_heads, context, budget)
+                runs += [(caps, None), (caps, chunk)]
+        for caps, ch in runs:
+            row = memory.prefill_peak(model, context=context, capacities=caps, chunk=ch)
+            row["cache"] = (
+                "transformers"
+                if caps is None
+                else f"budget {int(caps.sum()) / (layers * kv_heads * context):.2f}"
+            )
+            doc["prefill"].append(row)
+            click.echo(json.dumps(row))
+    if out:
+        write_text_atomic(out, json.dumps(doc, indent=1) + "\n")
+
+
+def _check_out(out: str) -> None:
+    from baklava.cli import _check_writable
+
+    _check_writable(Path(out))
+
+
+bench_main = _main(bench, "baklava-bench")

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from baklava.bench.gpu_decode import median_ms
 from baklava.trt_plugins.triton_decode_attention import packed_decode_attention, tile_length, tile_table
 
 HQ, HKV, D = 32, 8, 128
@@ -40,15 +41,7 @@ def _time(fn, iters: int = 50, graph: bool = True) -> float:
         fn = cuda_graph.replay
         fn()
         torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return sorted(times)[len(times) // 2]
+    return median_ms(fn, iters) / 1e3
 
 
 def _best_sdpa(q, k, v) -> tuple[float, str]:
@@ -125,10 +118,12 @@ def measure(batch: int, context: int, budget: float) -> dict:
     }  # fmt: skip
 
 
+CASES = [(8, 32768, b) for b in (0.1, 0.3, 0.5)] + [(1, 131072, 0.3), (16, 16384, 0.3), (64, 4096, 0.3)]
+
+
 def main(argv: list[str]) -> None:
-    cases = [(8, 32768, b) for b in (0.1, 0.3, 0.5)] + [(1, 131072, 0.3), (16, 16384, 0.3), (64, 4096, 0.3)]
     print(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}), flush=True)
-    for batch, context, budget in cases:
+    for batch, context, budget in CASES:
         print(json.dumps(measure(batch, context, budget)), flush=True)
 
 

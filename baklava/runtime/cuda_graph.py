@@ -33,50 +33,68 @@ def _restore(cache: BudgetedCache, snapshot: list[dict]) -> None:
         layer.seen = saved["seen"]
 
 
-@torch.inference_mode()
+class DecodeGraph:
+    """One greedy decode step of ``model`` over ``cache``, captured once, replayed per token.
+
+    ``first [B]`` is the token fed by the first replay (the argmax of the prompt's last logits);
+    each replay writes its argmax to the next column of :attr:`tokens` and feeds it back. The
+    cache must hold the prompt (every layer initialised, on a CUDA device); capturing leaves it
+    as it was (a warm-up step runs on a side stream and is undone).
+    """
+
+    @torch.inference_mode()
+    def __init__(self, model, cache: BudgetedCache, first: torch.Tensor, steps: int):
+        batch = first.shape[0]
+        self.cache, self.steps = cache, steps
+        self.tokens = torch.zeros(batch, steps, dtype=torch.long, device=first.device)
+        self.tokens[:, 0] = first
+        layers = cache.layers
+        token = first.view(batch, 1).clone()
+        position = layers[0].valid_seen.view(batch, 1).clone()
+        column = torch.ones(batch, 1, dtype=torch.long, device=first.device)
+
+        def step() -> None:
+            logits = model(input_ids=token, position_ids=position, past_key_values=cache).logits[:, -1]
+            nxt = logits.argmax(-1, keepdim=True)  # [B, 1]
+            self.tokens.scatter_(1, column.clamp(max=steps - 1), nxt)
+            token.copy_(nxt)
+            position.add_(1)
+            column.add_(1)
+
+        saved = _snapshot(cache)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: lazy allocations (cuBLAS workspaces, kernel
+            step()  # compilation, tile tables) happen outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        _restore(cache, saved)
+        self.tokens[:, 1:] = 0
+        token.copy_(first.view(batch, 1))
+        position.copy_(layers[0].valid_seen.view(batch, 1))
+        column.fill_(1)
+
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            step()
+        for layer, s in zip(layers, saved, strict=True):  # capturing ran the Python side (seen += 1) only
+            layer.seen = s["seen"]
+
+    def replay(self) -> None:
+        """One decode step: the next token lands in :attr:`tokens`, the cache takes the fed one."""
+        self.graph.replay()
+        for layer in self.cache.layers:
+            layer.seen += 1
+
+
 def greedy_cuda_graph(model, cache: BudgetedCache, first: torch.Tensor, steps: int) -> torch.Tensor:
     """Tokens ``[B, steps]``: ``first [B]`` (argmax of the prompt's last logits), then greedy.
 
     ``cache`` holds the prompt (every layer initialised, on a CUDA device); it ends holding the
     prompt and the fed tokens, as after eager decoding.
     """
-    batch = first.shape[0]
-    out = torch.zeros(batch, steps, dtype=torch.long, device=first.device)
-    out[:, 0] = first
     if steps == 1:
-        return out
-    layers = cache.layers
-    token = first.view(batch, 1).clone()
-    position = layers[0].valid_seen.view(batch, 1).clone()
-    column = torch.ones(batch, 1, dtype=torch.long, device=first.device)
-
-    def step() -> None:
-        logits = model(input_ids=token, position_ids=position, past_key_values=cache).logits[:, -1]
-        nxt = logits.argmax(-1, keepdim=True)  # [B, 1]
-        out.scatter_(1, column, nxt)
-        token.copy_(nxt)
-        position.add_(1)
-        column.add_(1)
-
-    saved = _snapshot(cache)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up: lazy allocations (cuBLAS workspaces) happen outside the capture
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    _restore(cache, saved)
-    out[:, 1:] = 0
-    token.copy_(first.view(batch, 1))
-    position.copy_(layers[0].valid_seen.view(batch, 1))
-    column.fill_(1)
-
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    for layer, s in zip(layers, saved, strict=True):  # capturing ran the Python side (seen += 1) only
-        layer.seen = s["seen"]
+        return first.view(-1, 1).clone()
+    graph = DecodeGraph(model, cache, first, steps)
     for _ in range(steps - 1):
         graph.replay()
-        for layer in layers:
-            layer.seen += 1
-    return out
+    return graph.tokens

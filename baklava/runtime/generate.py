@@ -52,22 +52,29 @@ def encode(tokenizer, prompts: list[str], *, chat: bool, max_context: int) -> di
 def generate(
     model, tokenizer, cache: BudgetedCache, prompts: list[str], *, max_new_tokens: int = 64, chat: bool = True
 ):
-    """Greedy-decode ``prompts`` as one batch with ``cache``; returns one :class:`Generation` each."""
+    """Greedy-decode ``prompts`` as one batch with ``cache``; returns one :class:`Generation` each.
+
+    On a CUDA device the prompt is prefilled once and every decode step is one CUDA graph replay
+    (:mod:`baklava.runtime.cuda_graph`); elsewhere ``model.generate`` runs the same greedy search.
+    """
     enable(model)
     device = next(model.parameters()).device
     batch = encode(tokenizer, prompts, chat=chat, max_context=model.config.max_position_embeddings)
     batch = {k: v.to(device) for k, v in batch.items()}
-    out = model.generate(
-        **batch,
-        past_key_values=cache,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    new = out[:, batch["input_ids"].shape[1] :]
+    if device.type == "cuda":
+        new = _greedy_cuda_graph(model, cache, batch["input_ids"], batch["attention_mask"], max_new_tokens)
+    else:
+        out = model.generate(
+            **batch,
+            past_key_values=cache,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        new = out[:, batch["input_ids"].shape[1] :]
     results = []
     for i, prompt in enumerate(prompts):
         ids = new[i].tolist()
@@ -76,6 +83,18 @@ def generate(
         text = tokenizer.decode(ids, skip_special_tokens=True)
         results.append(Generation(prompt, text, ids, int(batch["attention_mask"][i].sum())))
     return results
+
+
+def _greedy_cuda_graph(model, cache, ids, mask, steps: int) -> torch.Tensor:
+    """``[B, steps]`` greedy tokens: one prefill (left padding masked, positions counted per row),
+    then the decode steps as CUDA graph replays. Rows run on past their EOS (cut by the caller)."""
+    from baklava.runtime.cuda_graph import greedy_cuda_graph
+
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1
+    ).logits[:, -1]
+    return greedy_cuda_graph(model, cache, logits.argmax(-1), steps)
 
 
 @torch.inference_mode()

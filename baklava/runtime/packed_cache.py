@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from baklava.profiles.eviction import EvictionConfig
+from baklava.runtime import triton_decode
 from baklava.runtime.packed_decode import SlotMap, decode_step
 from baklava.runtime.selection import chronological_keep, keep_priority, snapkv_pool
 
@@ -45,6 +46,9 @@ class BudgetedLayer(CacheLayerMixin):
 
     is_sliding = False
     vectorized_decode = True  # one-token steps without the loop over heads (packed_decode.py)
+    # one-token steps with the Triton kernels (triton_decode.py): "auto" = on CUDA where Triton
+    # imports; "triton" also elsewhere (the tests run them in TRITON_INTERPRET mode); "torch" never
+    decode_kernels = "auto"
     is_compileable = False
     is_croppable = False
     supports_early_init = True
@@ -79,8 +83,17 @@ class BudgetedLayer(CacheLayerMixin):
         self.fill = torch.zeros(batch, heads, dtype=torch.int64, device=dev)  # [B, H_kv]
         self.valid_seen = torch.zeros(batch, dtype=torch.int64, device=dev)  # [B] next position per row
         self.seen = 0  # tokens processed, padding included (what transformers calls the sequence length)
-        self.slot_map = SlotMap(self.capacities, dev)
+        self._slot_map = None  # built on first use: only the PyTorch one-token path needs it
+        self._all_valid = torch.ones(batch, dtype=torch.bool, device=dev)  # [B] a decode step without padding
         self.is_initialized = True
+
+    @property
+    def slot_map(self) -> SlotMap:
+        """Owner head and rank of every slot (``[H_kv, sum(cap)]`` masks: sizeable on long caches,
+        so built only when the PyTorch one-token path first runs)."""
+        if self._slot_map is None:
+            self._slot_map = SlotMap(self.capacities, self.device)
+        return self._slot_map
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Stash this step's keys/values ``[B, H_kv, q, D]`` until :meth:`attend` commits them."""
@@ -122,6 +135,7 @@ class BudgetedLayer(CacheLayerMixin):
         for name in ("keys", "values", "positions", "scores", "fill", "valid_seen"):
             setattr(self, name, getattr(self, name).index_select(0, index.to(self.device)))
         self.batch_size = self.keys.shape[0]
+        self._all_valid = torch.ones(self.batch_size, dtype=torch.bool, device=self.device)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
@@ -227,17 +241,23 @@ class BudgetedLayer(CacheLayerMixin):
         self._pending = None
         batch, q_heads, q_len, _ = query.shape
         group = q_heads // self.num_heads
-        new_bias = _new_token_bias(attention_mask, batch, q_len, query)  # [B, 1, q, q]
-        valid_new = torch.diagonal(new_bias[:, 0], dim1=-2, dim2=-1) == 0  # [B, q] False for padding
         if q_len == 1 and self.vectorized_decode:
-            out = decode_step(self, query, k_new, v_new, valid_new[:, 0], scaling)
-            self.valid_seen += valid_new[:, 0].long()
+            if attention_mask is None:  # a decode step without padding: no mask to build (fewer launches)
+                valid = self._all_valid
+            else:
+                valid = _new_token_bias(attention_mask, batch, 1, query)[:, 0, 0, 0] == 0  # [B]
+            step = triton_decode.decode_step if self._use_kernels() else decode_step
+            out = step(self, query, k_new, v_new, valid, scaling)
+            self.valid_seen += valid
             self.seen += 1
             return out.transpose(1, 2).contiguous(), None
+        new_bias = _new_token_bias(attention_mask, batch, q_len, query)  # [B, 1, q, q]
+        valid_new = torch.diagonal(new_bias[:, 0], dim1=-2, dim2=-1) == 0  # [B, q] False for padding
         need_scores = self.eviction.policy == "h2o"
         obs = min(q_len, self.eviction.obs_window)
 
         out = query.new_empty(batch, q_heads, q_len, v_new.shape[-1])  # [B, H_q, q, D]
+        kernels, masses = self._use_kernels(), []
         for h, (off, _cap) in enumerate(zip(self.offsets, self.capacities, strict=True)):
             n = int(self.fill[:, h].max())  # live slots of the fullest row
             keys = torch.cat([self.keys[:, off : off + n], k_new[:, h]], dim=1)  # [B, n + q, D]
@@ -256,11 +276,48 @@ class BudgetedLayer(CacheLayerMixin):
                 probs = torch.softmax(logits + bias[:, :, -obs:].float(), dim=-1)  # [B, g, obs, n + q]
                 q_ok = valid_new[:, -obs:].to(probs.dtype)[:, None, :, None]
                 mass = (probs * q_ok).sum(2).mean(1)
-            self._commit_head(h, n, k_new[:, h], v_new[:, h], valid_new, mass)
+            if kernels:  # heads are independent: commit them all at once below
+                masses.append((n, mass))
+            else:
+                self._commit_head(h, n, k_new[:, h], v_new[:, h], valid_new, mass)
+        if kernels:
+            self._commit_chunk(k_new, v_new, valid_new, masses)
 
         self.valid_seen += valid_new.sum(1)
         self.seen += q_len
         return out.transpose(1, 2).contiguous(), None
+
+    def _use_kernels(self) -> bool:
+        if self.decode_kernels == "torch":
+            return False
+        if self.decode_kernels == "triton":
+            return True
+        return (
+            self.device.type == "cuda" and triton_decode.supports(self.head_dim) and triton_decode.available()
+        )
+
+    def _commit_chunk(self, k_new, v_new, valid, masses) -> None:
+        """Every head's :meth:`_commit_head` in two kernel launches (the GPU path of a prefill
+        chunk): ``masses`` holds each head's ``(n, mass [B, n + q] or None)``."""
+        from baklava.trt_plugins.triton_prefill_select import packed_prefill_select
+
+        ev = self.eviction
+        q_len = k_new.shape[2]
+        new_scores = torch.zeros(self.batch_size, self.num_heads, q_len, device=self.device)
+        for h, (off, (n, mass)) in enumerate(zip(self.offsets, masses, strict=True)):
+            if mass is not None:
+                self.scores[:, off : off + n] += mass[:, :n]
+                new = mass[:, n:].masked_fill(~valid, 0)
+                new_scores[:, h] = snapkv_pool(new, ev.pool_kernel) if q_len > 1 else new
+        offsets = torch.tensor(self.offsets, dtype=torch.int32, device=self.device)
+        result = packed_prefill_select(
+            self.keys, self.values, self.positions, self.scores, self.fill,
+            k_new.contiguous(), v_new.contiguous(),
+            self.valid_seen[:, None] + valid.cumsum(1) - 1, new_scores, valid, self.valid_seen + valid.sum(1),
+            self.capacities, offsets, sink=ev.sink, window=ev.window, policy=ev.policy,
+        )  # fmt: skip
+        for name, value in zip(("keys", "values", "positions", "scores", "fill"), result, strict=True):
+            getattr(self, name).copy_(value)
 
     def _commit_head(
         self,

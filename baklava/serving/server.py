@@ -55,10 +55,13 @@ def backend_directory() -> Path:
     python_dir = target / "python"
     python_dir.mkdir(parents=True, exist_ok=True)
     for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
-        link = python_dir / name
-        if not link.exists():
-            with contextlib.suppress(FileExistsError):
-                link.symlink_to(root / "backends" / "python" / name)
+        link, source = python_dir / name, root / "backends" / "python" / name
+        # (re)link when missing, dangling, or pointing at another install (a moved virtualenv)
+        if not (link.exists() and link.resolve() == source.resolve()):
+            tmp = link.with_name(f"{name}.{os.getpid()}.tmp")
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(source)
+            os.replace(tmp, link)
     dst = python_dir / "triton_python_backend_stub"
     if not dst.exists() or dst.stat().st_size != stub.stat().st_size:
         tmp = dst.with_suffix(".tmp")

@@ -12,8 +12,15 @@ Two launches, pointer-and-stride only (what a TensorRT plugin's ``enqueue`` can 
    GQA group (``g`` query heads), keeping an online softmax (``m``, ``l``, ``acc``) in fp32.
    Tiles past ``fill`` write ``m = -inf``. Heads get programs in proportion to their capacity,
    so ragged capacities keep every SM busy.
-2. ``_combine_kernel`` grid ``(B, H_kv)``: merges a head's tiles and the step's own token
-   (``key_new``/``value_new``), writes ``out [B, H_q, D]``.
+2. ``_combine_kernel`` grid ``(B, H_q)``: merges the tiles of one query head (16 at a time) and
+   the step's own token (``key_new``/``value_new``), writes ``out [B, H_q, D]``.
+
+For the H2O policy (``logits=`` given) the split kernel also writes every live slot's scaled
+logits ``[B, C, group]`` (fp32) and the combine kernel each query head's log-sum-exp and the new
+token's probability ``[B, H_q]``: the cache-update kernel
+(:mod:`baklava.trt_plugins.triton_cache_update`) turns them into the attention each slot
+received, without reading the keys a second time (``4 x group`` bytes per slot written and
+read, against ``4 x D`` bytes of keys and values in bf16).
 """
 
 from __future__ import annotations
@@ -27,14 +34,16 @@ import triton.language as tl
 
 @triton.jit
 def _split_kernel(
-    Q, K, V, FILL, OFFSETS, TILE_HEAD, TILE_START, MID_O, MID_M, MID_L,
+    Q, K, V, FILL, OFFSETS, TILE_HEAD, TILE_START, MID_O, MID_M, MID_L, LOGITS,
     stride_qb, stride_qh,
     stride_kb, stride_kt,
     stride_vb, stride_vt,
     stride_fb,
+    stride_lb, stride_lt,
     scale,
     SPLIT_LEN,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    STORE_LOGITS: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     t = tl.program_id(1)
@@ -60,63 +69,82 @@ def _split_kernel(
         live = n < end
         rows = (base + n).to(tl.int64)
         k = tl.load(K + b * stride_kb + rows[:, None] * stride_kt + d[None, :], mask=live[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * scale  # [G_PAD, BLOCK_N]
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [G_PAD, BLOCK_N]; fp32 caches: no TF32
         qk = tl.where(live[None, :], qk, float("-inf"))
+        if STORE_LOGITS:  # [B, C, GROUP]: slot-major, so the update kernel reads a slot's group at once
+            tl.store(
+                LOGITS + b * stride_lb + rows[None, :] * stride_lt + g[:, None],
+                qk,
+                mask=live[None, :] & (g < GROUP)[:, None],
+            )
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + b * stride_vb + rows[:, None] * stride_vt + d[None, :], mask=live[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
 
     slot = b * n_tiles + t  # MID_* are contiguous [B, n_tiles, G_PAD(, D)]
-    tl.store(MID_M + slot * G_PAD + g, m_i)
-    tl.store(MID_L + slot * G_PAD + g, l_i)
-    tl.store(MID_O + (slot * G_PAD + g)[:, None] * D + d[None, :], acc)
+    in_group = g < GROUP  # rows past the group only pad tl.dot to 16: not stored
+    tl.store(MID_M + slot * G_PAD + g, m_i, mask=in_group)
+    tl.store(MID_L + slot * G_PAD + g, l_i, mask=in_group)
+    tl.store(MID_O + (slot * G_PAD + g)[:, None] * D + d[None, :], acc, mask=in_group[:, None])
 
 
 @triton.jit
 def _combine_kernel(
-    Q, KN, VN, TILE_FIRST, MID_O, MID_M, MID_L, OUT,
+    Q, KN, VN, TILE_FIRST, MID_O, MID_M, MID_L, OUT, LSE, LOGIT_NEW,
     stride_qb, stride_qh,
     stride_knb, stride_knh,
     stride_vnb, stride_vnh,
     stride_ob, stride_oh,
+    stride_eb,
     scale,
     N_TILES,
-    GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+    GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, TILE_BLOCK: tl.constexpr,
+    STORE_LOGITS: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
-    h = tl.program_id(1)
-    g = tl.arange(0, G_PAD)
+    qh = tl.program_id(1)  # one program per query head: a long head's many tiles are read in
+    h = qh // GROUP  # blocks of TILE_BLOCK, not one dependent load after another
+    gi = qh % GROUP
     d = tl.arange(0, D)
-    in_group = g < GROUP
-    q = tl.load(
-        Q + b * stride_qb + (h * GROUP + g)[:, None] * stride_qh + d[None, :],
-        mask=in_group[:, None],
-        other=0.0,
-    )
+    q = tl.load(Q + b * stride_qb + qh * stride_qh + d).to(tl.float32)
     k_new = tl.load(KN + b * stride_knb + h * stride_knh + d).to(tl.float32)
     v_new = tl.load(VN + b * stride_vnb + h * stride_vnh + d).to(tl.float32)
-    s_new = tl.sum(q.to(tl.float32) * k_new[None, :], 1) * scale  # the step's own token, [G_PAD]
+    s_new = tl.sum(q * k_new, 0) * scale  # the step's own token
 
     first = b * N_TILES + tl.load(TILE_FIRST + h)
     count = tl.load(TILE_FIRST + h + 1) - tl.load(TILE_FIRST + h)
     m = s_new
-    for s in range(0, count):
-        m = tl.maximum(m, tl.load(MID_M + (first + s) * G_PAD + g))
+    for s0 in range(0, count, TILE_BLOCK):
+        t = s0 + tl.arange(0, TILE_BLOCK)
+        m = tl.maximum(
+            m, tl.max(tl.load(MID_M + (first + t) * G_PAD + gi, mask=t < count, other=float("-inf")), 0)
+        )
     w_new = tl.exp(s_new - m)
-    num = v_new[None, :] * w_new[:, None]
+    num = v_new * w_new
     den = w_new
-    for s in range(0, count):
-        w = tl.exp(tl.load(MID_M + (first + s) * G_PAD + g) - m)  # empty slice: exp(-inf) = 0
-        den += tl.load(MID_L + (first + s) * G_PAD + g) * w
-        num += tl.load(MID_O + ((first + s) * G_PAD + g)[:, None] * D + d[None, :]) * w[:, None]
-    out = num / den[:, None]
-    tl.store(
-        OUT + b * stride_ob + (h * GROUP + g)[:, None] * stride_oh + d[None, :], out, mask=in_group[:, None]
-    )
+    for s0 in range(0, count, TILE_BLOCK):
+        t = s0 + tl.arange(0, TILE_BLOCK)
+        ok = t < count
+        row = (first + t) * G_PAD + gi
+        w = tl.exp(tl.load(MID_M + row, mask=ok, other=float("-inf")) - m)  # empty tiles: exp(-inf) = 0
+        den += tl.sum(tl.load(MID_L + row, mask=ok, other=0.0) * w, 0)
+        num += tl.sum(
+            tl.load(MID_O + row[:, None] * D + d[None, :], mask=ok[:, None], other=0.0) * w[:, None], 0
+        )
+    if STORE_LOGITS:
+        tl.store(LSE + b * stride_eb + qh, m + tl.log(den))
+        tl.store(LOGIT_NEW + b * stride_eb + qh, s_new)
+    tl.store(OUT + b * stride_ob + qh * stride_oh + d, num / den)
+
+
+def multiprocessors(device) -> int:
+    """SM count of a CUDA device; 4 elsewhere (the Triton interpreter runs on the CPU)."""
+    device = torch.device(device)
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def tile_length(capacities, batch: int, block_n: int, sms: int, per_sm: int = 4) -> int:
@@ -152,6 +180,9 @@ def packed_decode_attention(
     *,
     block_n: int = 64,
     table=None,
+    logits: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    logit_new: torch.Tensor | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> torch.Tensor:
@@ -160,13 +191,18 @@ def packed_decode_attention(
     ``query [B, H_q, D]``, ``key_new/value_new [B, H_kv, D]``, ``keys/values [B, C, D]`` (last dim
     contiguous), ``fill [B, H_kv]``. ``table`` is ``(tile, tile_table(...))``, built once per layer;
     without it one is built here. Returns ``[B, H_q, D]`` in the query's dtype.
+
+    With ``logits [B, C, group]``, ``lse [B, H_q]`` and ``logit_new [B, H_q]`` (fp32, last dims
+    contiguous) the kernels also write each live slot's scaled logits, each query head's
+    log-sum-exp over its slots and the new token, and the new token's logit (what H2O scores
+    need: every probability is then ``exp(logit - lse)``, computed one way for all candidates). Slots past ``fill`` are left untouched.
     """
     batch, q_heads, head_dim = query.shape
     kv_heads = key_new.shape[1]
     group = q_heads // kv_heads
     g_pad = max(16, triton.next_power_of_2(group))  # tl.dot needs >= 16 rows
     if table is None:
-        sms = torch.cuda.get_device_properties(query.device).multi_processor_count
+        sms = multiprocessors(query.device)
         tile = tile_length(capacities, batch, block_n, sms)
         table = (tile, tile_table(capacities, tile, query.device))
     tile, (tile_head, tile_start, tile_first) = table
@@ -177,25 +213,34 @@ def packed_decode_attention(
     mid_l = torch.empty(batch, n_tiles, g_pad, **f32)
     out = torch.empty_like(query)
     fill = fill.contiguous()
+    store = logits is not None
+    if store:
+        assert lse is not None and logit_new is not None, "logits, lse and logit_new go together"
+        assert logits.shape == (batch, keys.shape[1], group) and logits.stride(-1) == 1
+        assert lse.shape == logit_new.shape == (batch, q_heads) and lse.stride() == logit_new.stride()
+    else:
+        logits = lse = logit_new = mid_m  # never touched: STORE_LOGITS is False
     for t in (query, key_new, value_new, keys, values):
         assert t.stride(-1) == 1, "last dimension must be contiguous"
     _split_kernel[(batch, n_tiles)](
-        query, keys, values, fill, offsets, tile_head, tile_start, mid_o, mid_m, mid_l,
+        query, keys, values, fill, offsets, tile_head, tile_start, mid_o, mid_m, mid_l, logits,
         query.stride(0), query.stride(1),
         keys.stride(0), keys.stride(1),
         values.stride(0), values.stride(1),
         fill.stride(0),
+        logits.stride(0), logits.stride(1) if store else 0,
         scale, tile,
-        GROUP=group, G_PAD=g_pad, D=head_dim, BLOCK_N=block_n,
+        GROUP=group, G_PAD=g_pad, D=head_dim, BLOCK_N=block_n, STORE_LOGITS=store,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    _combine_kernel[(batch, kv_heads)](
-        query, key_new, value_new, tile_first, mid_o, mid_m, mid_l, out,
+    _combine_kernel[(batch, q_heads)](
+        query, key_new, value_new, tile_first, mid_o, mid_m, mid_l, out, lse, logit_new,
         query.stride(0), query.stride(1),
         key_new.stride(0), key_new.stride(1),
         value_new.stride(0), value_new.stride(1),
         out.stride(0), out.stride(1),
+        lse.stride(0) if store else 0,
         scale, n_tiles,
-        GROUP=group, G_PAD=g_pad, D=head_dim,
+        GROUP=group, G_PAD=g_pad, D=head_dim, TILE_BLOCK=16, STORE_LOGITS=store,
     )  # fmt: skip
     return out

@@ -125,7 +125,6 @@ def run_quality(
             log.flush()
             rows += done
     bar.close()
-    summary = report.summarize(rows)
     device = next(lm.model.parameters()).device
     meta = {
         "model": lm.name,
@@ -144,10 +143,56 @@ def run_quality(
         "baklava_params": {str(k): v for k, v in params.items()},
         **config.extra,
     }
-    targets = {name: report.check_targets(table) for name, table in summary["average"].items()}
-    doc = {"meta": meta, "summary": summary, "targets": targets, "rows": rows}
-    write_text_atomic(out / "quality.json", json.dumps(doc, indent=1, default=float) + "\n")
-    write_text_atomic(out / "quality.md", report.markdown(summary, meta))
-    report.plot(summary, meta, out / "quality.png")
+    doc = _write(out, meta, rows)
     partial.unlink()
     return doc
+
+
+def _write(out: Path, meta: dict, rows: list[dict], *, with_rows: bool = True) -> dict:
+    summary = report.summarize(rows)
+    targets = {name: report.check_targets(table) for name, table in summary["average"].items()}
+    doc = {"meta": meta, "summary": summary, "targets": targets, "rows": rows}
+    kept = doc if with_rows else {k: v for k, v in doc.items() if k != "rows"}
+    write_text_atomic(out / "quality.json", json.dumps(kept, indent=1, default=float) + "\n")
+    write_text_atomic(out / "quality.md", report.markdown(summary, meta))
+    report.plot(summary, meta, out / "quality.png")
+    return doc
+
+
+# what must agree for runs to be one table: same prompts' recipe, cache and BaKlaVa allocation
+_SAME = ("model", "dtype", "seed", "samples", "eviction", "baklava_params", "methods", "budgets", "settings")
+
+
+def merge_quality(paths, out_dir, *, with_rows: bool = True) -> dict:
+    """One report from runs of the same setup on different lengths or tasks (``quality.json``
+    files with their rows), e.g. a suite split to fit a time limit. Rewrites JSON, Markdown, PNG."""
+    docs = []
+    for p in paths:
+        doc = json.loads(Path(p).read_text(encoding="utf-8"))
+        if "rows" not in doc:
+            raise BaklavaError(
+                f"{p}: no per-prompt rows (written with rows left out?); merge the run's own quality.json"
+            )
+        docs.append(doc)
+    first = docs[0]["meta"]
+    for p, doc in zip(paths[1:], docs[1:], strict=True):
+        diff = [k for k in _SAME if doc["meta"].get(k) != first.get(k)]
+        if diff:
+            raise BaklavaError(f"{p}: not the same setup as {paths[0]} ({', '.join(diff)} differ)")
+    seen: set = set()
+    for p, doc in zip(paths, docs, strict=True):
+        cells = {(t, n) for t in doc["meta"]["tasks"] for n in doc["meta"]["lengths"]}
+        if cells & seen:
+            raise BaklavaError(
+                f"{p}: overlaps an earlier run (task and length {sorted(cells & seen)[0]} twice)"
+            )
+        seen |= cells
+    meta = dict(first)
+    meta["lengths"] = sorted({n for d in docs for n in d["meta"]["lengths"]})
+    meta["tasks"] = sorted({t for d in docs for t in d["meta"]["tasks"]})
+    meta["seconds"] = round(sum(d["meta"]["seconds"] for d in docs), 1)
+    meta["command"] = [d["meta"].get("command") for d in docs]
+    meta["date"] = max(d["meta"]["date"] for d in docs)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return _write(out, meta, [r for d in docs for r in d["rows"]], with_rows=with_rows)

@@ -1,0 +1,266 @@
+"""Triton kernels: compress a prefill chunk into the packed cache, every head of a layer at once.
+
+Contract: the evicting branch of :meth:`baklava.runtime.packed_cache.BudgetedLayer._commit_head`
+(and ``docs/ops.md``, ``BudgetedCacheUpdate``): head ``h``'s candidates are its ``fill[b, h]``
+stored slots followed by the chunk's ``S`` new tokens; each gets the priority of
+:func:`baklava.runtime.selection.keep_priority` (sink > recent window > score or position,
+``-inf`` for padding); the ``min(cap_h, valid candidates)`` highest are kept (equal priorities:
+the lower candidate index, i.e. the older token, as ONNX ``TopK``) and written to the head's slots
+in candidate (arrival) order.
+
+Two launches, pointer and stride arguments only:
+
+1. ``_select_kernel`` grid ``(B, H_kv)``: finds the ``k``-th largest priority by bisection on its
+   float64 bit pattern (priorities of valid candidates are >= 0, so the bits order like the
+   values; 64 counting passes over the candidates), then one ordered pass writes the kept
+   candidates' indices (``j`` for stored slot ``j``, ``cap_h + i`` for new token ``i``) and the
+   new fill;
+2. ``_gather_kernel`` grid ``(B, H_kv, ceil(max cap / BLOCK))``: copies the kept keys, values,
+   positions and scores into *separate* output buffers (a TensorRT plugin's ``present_*``; the
+   runtime copies them back), so no program reads a slot another one already overwrote.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from baklava.trt_plugins.triton_cache_update import _priority
+
+NEG_BITS = tl.constexpr(-1)  # int64 bits of padding candidates: below every valid priority (those are >= 0)
+
+
+@triton.jit
+def _candidate_bits(
+    POS, SCORE, NEW_POS, NEW_SCORE, NEW_VALID, b, h, base, fill, j,
+    stride_pb, stride_sb, stride_npb, stride_nsb, stride_nsh, stride_nvb,
+    seen_after, sink, window, CAP, S, H2O: tl.constexpr,
+):  # fmt: skip
+    """int64 bit patterns of the priorities of candidates ``j`` (``< fill``: stored slot ``j``;
+    ``CAP .. CAP + S - 1``: new token ``j - CAP``), ``NEG_BITS`` where ``j`` is not a valid candidate."""
+    stored = j < fill
+    i = j - CAP
+    in_chunk = (i >= 0) & (i < S)
+    new = in_chunk & (tl.load(NEW_VALID + b * stride_nvb + i, mask=in_chunk, other=0) != 0)
+    pos = tl.where(
+        stored,
+        tl.load(POS + b * stride_pb + base + j, mask=stored, other=0),
+        tl.load(NEW_POS + b * stride_npb + i, mask=new, other=0),
+    ).to(tl.int64)
+    score = tl.where(
+        stored,
+        tl.load(SCORE + b * stride_sb + base + j, mask=stored, other=0.0),
+        tl.load(NEW_SCORE + b * stride_nsb + h * stride_nsh + i, mask=new, other=0.0),
+    )
+    pri = _priority(pos, score, seen_after, sink, window, H2O)
+    return tl.where(stored | new, pri.to(tl.int64, bitcast=True), NEG_BITS)
+
+
+@triton.jit
+def _select_kernel(
+    POS, SCORE, FILL, NEW_POS, NEW_SCORE, NEW_VALID, SEEN_AFTER, CAPS, OFFSETS, KEEP, NEW_FILL,
+    stride_pb, stride_sb, stride_fb,
+    stride_npb, stride_nsb, stride_nsh, stride_nvb,
+    stride_kb, stride_nfb,
+    S, sink, window,
+    H2O: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    cap = tl.load(CAPS + h).to(tl.int64)
+    base = tl.load(OFFSETS + h).to(tl.int64)
+    fill = tl.load(FILL + b * stride_fb + h).to(tl.int64)
+    seen_after = tl.load(SEEN_AFTER + b).to(tl.int64)
+    span = cap + S  # candidate indices: [0, fill) stored, [cap, cap + S) new; the gap is empty
+
+    n_valid = tl.zeros([], tl.int64)
+    for j0 in range(0, span, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        bits = _candidate_bits(
+            POS, SCORE, NEW_POS, NEW_SCORE, NEW_VALID, b, h, base, fill, j,
+            stride_pb, stride_sb, stride_npb, stride_nsb, stride_nsh, stride_nvb,
+            seen_after, sink, window, cap, S, H2O,
+        )  # fmt: skip
+        n_valid += tl.sum((bits >= 0).to(tl.int64), 0)
+    k = tl.minimum(cap, n_valid)
+
+    # the k-th largest bit pattern: largest t with count(bits >= t) >= k (valid bits are >= 0)
+    lo = tl.zeros([], tl.int64)
+    hi = tl.full([], 0x7FF0000000000000, tl.int64)  # +inf
+    for _ in range(64):
+        mid = lo + (hi - lo + 1) // 2
+        count = tl.zeros([], tl.int64)
+        for j0 in range(0, span, BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            bits = _candidate_bits(
+                POS, SCORE, NEW_POS, NEW_SCORE, NEW_VALID, b, h, base, fill, j,
+                stride_pb, stride_sb, stride_npb, stride_nsb, stride_nsh, stride_nvb,
+                seen_after, sink, window, cap, S, H2O,
+            )  # fmt: skip
+            count += tl.sum((bits >= mid).to(tl.int64), 0)
+        ok = count >= k
+        lo = tl.where(ok & (lo < hi), mid, lo)
+        hi = tl.where(ok | (lo >= hi), hi, mid - 1)
+    threshold = lo
+
+    # ordered pass: everything above the threshold, and the first ties at it (lowest index first)
+    above = tl.zeros([], tl.int64)
+    for j0 in range(0, span, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        bits = _candidate_bits(
+            POS, SCORE, NEW_POS, NEW_SCORE, NEW_VALID, b, h, base, fill, j,
+            stride_pb, stride_sb, stride_npb, stride_nsb, stride_nsh, stride_nvb,
+            seen_after, sink, window, cap, S, H2O,
+        )  # fmt: skip
+        above += tl.sum((bits > threshold).to(tl.int64), 0)
+    ties_left = k - above
+    written = tl.zeros([], tl.int64)
+    for j0 in range(0, span, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        bits = _candidate_bits(
+            POS, SCORE, NEW_POS, NEW_SCORE, NEW_VALID, b, h, base, fill, j,
+            stride_pb, stride_sb, stride_npb, stride_nsb, stride_nsh, stride_nvb,
+            seen_after, sink, window, cap, S, H2O,
+        )  # fmt: skip
+        tie = (bits == threshold) & (k > 0)
+        tie_rank = tl.cumsum(tie.to(tl.int64), 0) - 1  # within the block
+        take_tie = tie & (tie_rank < ties_left)
+        keep = ((bits > threshold) & (k > 0)) | take_tie
+        ties_left -= tl.sum(take_tie.to(tl.int64), 0)
+        slot = written + tl.cumsum(keep.to(tl.int64), 0) - 1
+        tl.store(KEEP + b * stride_kb + base + slot, j.to(KEEP.dtype.element_ty), mask=keep)
+        written += tl.sum(keep.to(tl.int64), 0)
+    tl.store(NEW_FILL + b * stride_nfb + h, k.to(NEW_FILL.dtype.element_ty))
+
+
+@triton.jit
+def _gather_kernel(
+    K, V, POS, SCORE, KN, VN, NEW_POS, NEW_SCORE, KEEP, NEW_FILL, CAPS, OFFSETS,
+    K_OUT, V_OUT, POS_OUT, SCORE_OUT,
+    stride_kb, stride_kt, stride_vb, stride_vt, stride_pb, stride_sb,
+    stride_knb, stride_knh, stride_kns, stride_vnb, stride_vnh, stride_vns,
+    stride_npb, stride_nsb, stride_nsh,
+    stride_keb, stride_nfb,
+    stride_kob, stride_kot, stride_vob, stride_vot, stride_pob, stride_sob,
+    D: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    cap = tl.load(CAPS + h).to(tl.int64)
+    base = tl.load(OFFSETS + h).to(tl.int64)
+    n = tl.minimum(tl.load(NEW_FILL + b * stride_nfb + h).to(tl.int64), cap)
+    o = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+    live = o < n
+    j = tl.load(KEEP + b * stride_keb + base + o, mask=live, other=0).to(tl.int64)
+    stored = live & (j < cap)
+    new = live & (j >= cap)
+    i = j - cap
+    d = tl.arange(0, D)
+    rows = base + o
+    k = tl.where(
+        stored[:, None],
+        tl.load(
+            K + b * stride_kb + (base + j)[:, None] * stride_kt + d[None, :], mask=stored[:, None], other=0.0
+        ),
+        tl.load(
+            KN + b * stride_knb + h * stride_knh + i[:, None] * stride_kns + d[None, :],
+            mask=new[:, None],
+            other=0.0,
+        ),
+    )
+    v = tl.where(
+        stored[:, None],
+        tl.load(
+            V + b * stride_vb + (base + j)[:, None] * stride_vt + d[None, :], mask=stored[:, None], other=0.0
+        ),
+        tl.load(
+            VN + b * stride_vnb + h * stride_vnh + i[:, None] * stride_vns + d[None, :],
+            mask=new[:, None],
+            other=0.0,
+        ),
+    )
+    tl.store(K_OUT + b * stride_kob + rows[:, None] * stride_kot + d[None, :], k, mask=live[:, None])
+    tl.store(V_OUT + b * stride_vob + rows[:, None] * stride_vot + d[None, :], v, mask=live[:, None])
+    pos = tl.where(
+        stored,
+        tl.load(POS + b * stride_pb + base + j, mask=stored, other=0),
+        tl.load(NEW_POS + b * stride_npb + i, mask=new, other=0),
+    )
+    score = tl.where(
+        stored,
+        tl.load(SCORE + b * stride_sb + base + j, mask=stored, other=0.0),
+        tl.load(NEW_SCORE + b * stride_nsb + h * stride_nsh + i, mask=new, other=0.0),
+    )
+    tl.store(POS_OUT + b * stride_pob + rows, pos.to(POS_OUT.dtype.element_ty), mask=live)
+    tl.store(SCORE_OUT + b * stride_sob + rows, score, mask=live)
+
+
+def packed_prefill_select(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    positions: torch.Tensor,
+    scores: torch.Tensor,
+    fill: torch.Tensor,
+    key_new: torch.Tensor,
+    value_new: torch.Tensor,
+    new_positions: torch.Tensor,
+    new_scores: torch.Tensor,
+    new_valid: torch.Tensor,
+    seen_after: torch.Tensor,
+    capacities: list[int],
+    offsets: torch.Tensor,
+    *,
+    sink: int,
+    window: int,
+    policy: str,
+    block: int = 256,
+):
+    """Keep each head's highest-priority candidates; returns new ``(keys, values, positions,
+    scores, fill)`` (the inputs are not modified).
+
+    ``keys/values [B, C, D]``, ``positions [B, C]`` (int), ``scores [B, C]`` fp32 (already holding
+    this chunk's attention to the stored slots), ``fill [B, H_kv]``; the chunk:
+    ``key_new/value_new [B, H_kv, S, D]``, ``new_positions [B, S]``, ``new_scores [B, H_kv, S]``
+    (fp32, pooled), ``new_valid [B, S]``; ``seen_after [B]`` (real tokens once the chunk is in);
+    ``offsets [H_kv]`` int32 on the device.
+    """
+    if policy not in ("h2o", "ring"):
+        raise ValueError(f"unknown eviction policy {policy!r}")
+    batch, kv_heads, chunk, head_dim = key_new.shape
+    dev = keys.device
+    caps_t = torch.tensor(capacities, dtype=torch.int32, device=dev)
+    keep = torch.zeros(batch, keys.shape[1], dtype=torch.int32, device=dev)
+    new_fill = torch.empty_like(fill)
+    new_valid = new_valid.to(torch.int8)
+    for t in (keys, values, key_new, value_new):
+        assert t.stride(-1) == 1, "last dimension must be contiguous"
+    _select_kernel[(batch, kv_heads)](
+        positions, scores, fill, new_positions, new_scores, new_valid, seen_after, caps_t, offsets, keep, new_fill,
+        positions.stride(0), scores.stride(0), fill.stride(0),
+        new_positions.stride(0), new_scores.stride(0), new_scores.stride(1), new_valid.stride(0),
+        keep.stride(0), new_fill.stride(0),
+        chunk, sink, window,
+        H2O=policy == "h2o", BLOCK=block,
+    )  # fmt: skip
+    # slots past the new fill are zeros, as in the reference (a masked-out slot must not hold a NaN)
+    outs = (
+        torch.zeros_like(keys),
+        torch.zeros_like(values),
+        torch.full_like(positions, -1),
+        torch.zeros_like(scores),
+    )
+    k_out, v_out, p_out, s_out = outs
+    gather_block = 64
+    _gather_kernel[(batch, kv_heads, triton.cdiv(max(capacities), gather_block))](
+        keys, values, positions, scores, key_new, value_new, new_positions, new_scores, keep, new_fill, caps_t, offsets,
+        k_out, v_out, p_out, s_out,
+        keys.stride(0), keys.stride(1), values.stride(0), values.stride(1), positions.stride(0), scores.stride(0),
+        key_new.stride(0), key_new.stride(1), key_new.stride(2),
+        value_new.stride(0), value_new.stride(1), value_new.stride(2),
+        new_positions.stride(0), new_scores.stride(0), new_scores.stride(1),
+        keep.stride(0), new_fill.stride(0),
+        k_out.stride(0), k_out.stride(1), v_out.stride(0), v_out.stride(1), p_out.stride(0), s_out.stride(0),
+        D=head_dim, BLOCK=gather_block,
+    )  # fmt: skip
+    return k_out, v_out, p_out, s_out, new_fill

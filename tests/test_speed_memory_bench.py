@@ -1,0 +1,77 @@
+"""`baklava-bench speed` / `memory`: the parts that run without a GPU (sizes, search, errors)."""
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from baklava.bench.cli import bench
+from baklava.bench.gpu_decode import model_shape, uneven_capacities, weight_bytes_read
+from baklava.bench.memory import cache_bytes, largest_batch
+
+
+@pytest.mark.parametrize(("budget", "context"), [(0.3, 16384), (0.1, 4096), (0.05, 100), (1.0, 512)])
+def test_uneven_capacities_spend_the_budget_exactly(budget, context):
+    caps = uneven_capacities(32, 8, context, budget)
+    assert caps.shape == (32, 8)
+    assert caps.sum() == round(budget * context * 32 * 8)
+    assert caps.min() >= 1 and caps.max() <= context
+    if budget < 1:
+        assert caps.max() > caps.min()  # uneven, like an allocation
+
+
+def test_cache_bytes_are_the_packed_tensors(tiny_llama):
+    layers, kv_heads, _, head_dim = model_shape(tiny_llama)
+    caps = np.array([[3, 10], [7, 1]])
+    row = cache_bytes(tiny_llama, caps, batch=4)
+    assert row["kv_bytes"] == 4 * caps.sum() * 2 * head_dim * 4  # fp32 keys and values
+    # positions int64 + scores fp32 per slot, fill per head, valid_seen per row
+    assert row["metadata_bytes"] == 4 * caps.sum() * (8 + 4) + layers * (4 * kv_heads * 8 + 4 * 8)
+
+
+def test_largest_batch_is_checked_by_allocation(tiny_llama):
+    caps = np.array([[30, 10], [20, 4]])
+    per_seq = cache_bytes(tiny_llama, caps, 1)["total_bytes"]
+    limit = 7 * per_seq + per_seq // 2
+    got = largest_batch(tiny_llama, caps, limit)
+    assert got["batch"] == 7 and got["bytes_per_sequence"] == per_seq
+    assert (
+        cache_bytes(tiny_llama, caps, 7)["total_bytes"]
+        <= limit
+        < cache_bytes(tiny_llama, caps, 8)["total_bytes"]
+    )
+    # a third of the slots: three times the sequences, within rounding of the bookkeeping
+    small = largest_batch(tiny_llama, np.array([[10, 3], [7, 1]]), limit)
+    assert small["batch"] >= 3 * 7
+
+
+def test_weight_bytes_read_skip_an_untied_embedding(tiny_llama):
+    total = sum(p.numel() * p.element_size() for p in tiny_llama.parameters())
+    embed = tiny_llama.get_input_embeddings().weight
+    tied = embed is tiny_llama.get_output_embeddings().weight
+    want = total if tied else total - embed.numel() * embed.element_size()
+    assert weight_bytes_read(tiny_llama) == want
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+@pytest.mark.parametrize("command", ["speed", "memory"])
+def test_gpu_benchmarks_say_they_need_a_gpu(command, tmp_path):
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(
+        bench, [command, "--out", str(out)], standalone_mode=False, catch_exceptions=True
+    )
+    assert "no CUDA device" in str(result.exception)
+    assert not out.exists()
+
+
+def test_bad_sizes_and_budgets_are_one_line_errors(tmp_path):
+    from baklava.bench.cli import bench_main
+
+    for args in (
+        ["memory", "--kv-memory", "3x"],
+        ["memory", "--kv-memory", "0.3"],
+        ["speed", "--budgets", "0.3,2"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            bench_main(args)
+        assert exit_info.value.code == 2

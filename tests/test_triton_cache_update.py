@@ -1,0 +1,131 @@
+"""The Triton decode step (attention + cache update) against the per-head reference loop.
+
+A cache is prefilled once, copied, and both copies take the same decode steps: the reference
+through ``BudgetedLayer``'s per-head loop (arrival order, the oracle), the other through the
+kernels (``decode_kernels = "triton"``). After every step the outputs must agree and every head
+must hold the same tokens: the same positions, keys, values and scores, compared as sets sorted
+by position, since the kernel overwrites the evicted slot instead of shifting (its contract).
+
+Runs on a CUDA device, or in Triton's interpreter on the CPU (fp16; the interpreter has no bf16).
+"""
+
+import copy
+
+import pytest
+import torch
+
+from baklava.profiles.eviction import EvictionConfig
+from baklava.runtime.packed_cache import BudgetedLayer
+from tests.triton_env import DEVICE
+
+pytest.importorskip("triton", reason="Triton is not installed")
+
+HEAD_DIM = 64
+
+
+def _prefilled(caps, batch, q_heads, prompt, eviction, seed, pad=None):
+    gen = torch.Generator().manual_seed(seed)
+    kv = len(caps)
+    rand = lambda *s: torch.randn(*s, generator=gen).half().to(DEVICE)  # noqa: E731
+    layer = BudgetedLayer(caps, eviction)
+    mask = None
+    if pad is not None:  # left padding: row b's first pad[b] tokens are padding
+        keep = torch.arange(prompt)[None, :] >= torch.tensor(pad)[:, None]  # [B, S]
+        causal = torch.ones(prompt, prompt, dtype=torch.bool).tril()
+        mask = (causal[None] & keep[:, None, :])[:, None].to(DEVICE)  # [B, 1, S, S]
+    layer.update(rand(batch, kv, prompt, HEAD_DIM), rand(batch, kv, prompt, HEAD_DIM))
+    layer.attend(rand(batch, q_heads, prompt, HEAD_DIM), mask, HEAD_DIM**-0.5)
+    return layer, gen
+
+
+def _step(layer, query, k, v, mask):
+    layer.update(k, v)
+    return layer.attend(query, mask, HEAD_DIM**-0.5)[0]  # [B, 1, H_q, D]
+
+
+def _assert_same_tokens(ref: BudgetedLayer, got: BudgetedLayer, where: str):
+    assert torch.equal(ref.fill, got.fill), where
+    assert torch.equal(ref.valid_seen, got.valid_seen), where
+    for b in range(ref.batch_size):
+        for h, off in enumerate(ref.offsets):
+            n = int(ref.fill[b, h])
+            rs, gs = slice(off, off + n), slice(off, off + n)
+            order = got.positions[b, gs].argsort()
+            msg = f"{where}, row {b}, head {h}"
+            assert torch.equal(ref.positions[b, rs], got.positions[b, gs][order]), msg
+            assert torch.equal(ref.keys[b, rs], got.keys[b, gs][order]), msg
+            assert torch.equal(ref.values[b, rs], got.values[b, gs][order]), msg
+            torch.testing.assert_close(
+                ref.scores[b, rs], got.scores[b, gs][order], atol=2e-6, rtol=1e-4, msg=msg
+            )
+
+
+@pytest.mark.parametrize("policy", ["h2o", "ring"])
+@pytest.mark.parametrize(
+    ("caps", "batch", "q_heads", "prompt", "pad"),
+    [
+        ([1, 5, 64], 2, 6, 40, None),  # capacity 1; one head full, one with room
+        ([3, 17, 9, 100], 3, 8, 30, [0, 7, 29]),  # GQA 2, rows with different fill levels
+        ([24, 24], 1, 6, 24, None),  # full from the start: every step evicts
+        ([200, 5], 2, 4, 210, [0, 3]),  # a full head over several tiles: the victim is found across tiles
+    ],
+)
+def test_decode_steps_keep_what_the_reference_keeps(policy, caps, batch, q_heads, prompt, pad):
+    eviction = EvictionConfig(sink=2, window=3, policy=policy)
+    ref, gen = _prefilled(caps, batch, q_heads, prompt, eviction, seed=len(caps) + batch, pad=pad)
+    ref.decode_kernels, ref.vectorized_decode = "torch", False
+    got = copy.deepcopy(ref)
+    got.decode_kernels = "triton"
+    rand = lambda *s: torch.randn(*s, generator=gen).half().to(DEVICE)  # noqa: E731
+    evicted = 0
+    for step in range(12):
+        q, k, v = (
+            rand(batch, q_heads, 1, HEAD_DIM),
+            rand(batch, len(caps), 1, HEAD_DIM),
+            rand(batch, len(caps), 1, HEAD_DIM),
+        )
+        before = ref.fill.clone()
+        want, out = _step(ref, q, k, v, None), _step(got, q, k, v, None)
+        torch.testing.assert_close(out.float(), want.float(), atol=2e-3, rtol=2e-3, msg=f"step {step}")
+        _assert_same_tokens(ref, got, f"step {step}")
+        evicted += int((ref.fill == before).sum())
+    assert evicted > 0  # the case really evicts
+
+
+def test_padding_rows_change_nothing():
+    eviction = EvictionConfig(sink=1, window=1, policy="h2o")
+    ref, gen = _prefilled([4, 8], 2, 4, 10, eviction, seed=3)
+    ref.decode_kernels, ref.vectorized_decode = "torch", False
+    got = copy.deepcopy(ref)
+    got.decode_kernels = "triton"
+    q, k, v = (torch.randn(2, n, 1, HEAD_DIM, generator=gen).half().to(DEVICE) for n in (4, 2, 2))
+    mask = (
+        torch.tensor([0.0, torch.finfo(torch.float16).min]).half().view(2, 1, 1, 1).to(DEVICE)
+    )  # row 1 pads
+    row1 = {name: getattr(got, name)[1].clone() for name in ("keys", "values", "positions", "scores", "fill")}
+    want, out = _step(ref, q, k, v, mask), _step(got, q, k, v, mask)
+    torch.testing.assert_close(out[0].float(), want[0].float(), atol=2e-3, rtol=2e-3)
+    _assert_same_tokens(ref, got, "padding step")
+    for name, saved in row1.items():
+        assert torch.equal(getattr(got, name)[1], saved), name
+
+
+def test_ties_drop_the_newest_token():
+    # A zero query gives every slot the same attention, so all scored tokens tie; the newest of
+    # the lowest goes first, which here is the new token itself: nothing changes but the scores.
+    eviction = EvictionConfig(sink=0, window=0, policy="h2o")
+    layer, gen = _prefilled([6], 1, 2, 6, eviction, seed=0)
+    layer.scores.zero_()
+    layer.decode_kernels = "triton"
+    positions = layer.positions.clone()
+    q = torch.zeros(1, 2, 1, HEAD_DIM, dtype=torch.float16, device=DEVICE)
+    k, v = (torch.randn(1, 1, 1, HEAD_DIM, generator=gen).half().to(DEVICE) for _ in range(2))
+    _step(layer, q, k, v, None)
+    assert torch.equal(layer.positions, positions)
+    torch.testing.assert_close(layer.scores, torch.full_like(layer.scores, 1 / 7))
+    # ring: the oldest body token is replaced by the new one, in its slot
+    ring, gen = _prefilled([6], 1, 2, 6, EvictionConfig(sink=1, window=0, policy="ring"), seed=0)
+    ring.decode_kernels = "triton"
+    _step(ring, q, k, v, None)
+    assert ring.positions[0].tolist() == [0, 6, 2, 3, 4, 5]
+    assert torch.equal(ring.keys[0, 1], k[0, 0, 0])

@@ -1,0 +1,152 @@
+"""The prefill-compression kernels against the per-head reference (``BudgetedLayer._commit_head``).
+
+Random cache states and chunks (left padding, ties in the scores, heads with room and full ones,
+capacity 1); every live slot must match slot for slot: the kernels keep arrival order like the
+reference. Runs on a CUDA device, or in Triton's interpreter on the CPU.
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from baklava.profiles.eviction import EvictionConfig
+from baklava.runtime.packed_cache import BudgetedLayer
+from tests.triton_env import DEVICE
+
+pytest.importorskip("triton", reason="Triton is not installed")
+
+from baklava.trt_plugins.triton_prefill_select import packed_prefill_select  # noqa: E402
+
+D = 32
+
+
+def _state(caps, batch, seed, policy, tie_scores):
+    gen = torch.Generator().manual_seed(seed)
+    layer = BudgetedLayer(caps, EvictionConfig(sink=2, window=3, policy=policy, pool_kernel=1))
+    empty = torch.empty(batch, len(caps), 0, D, dtype=torch.float16, device=DEVICE)
+    layer.lazy_initialization(empty, empty)
+    seen = torch.randint(max(caps), 3 * max(caps), (batch,), generator=gen)
+    for b in range(batch):
+        for h, (off, cap) in enumerate(zip(layer.offsets, caps, strict=True)):
+            n = int(torch.randint(0, cap + 1, (1,), generator=gen))
+            pos = torch.randperm(int(seen[b]), generator=gen)[:n].sort().values
+            layer.positions[b, off : off + n] = pos.to(DEVICE)
+            layer.fill[b, h] = n
+    score = torch.rand(batch, layer.total, generator=gen) * 1e-2
+    if tie_scores:  # SnapKV pooling makes neighbours tie: coarse scores give many equal ones
+        score = (score * 1e3).round() / 1e5
+    layer.scores.copy_(score.to(DEVICE))
+    layer.keys.copy_(torch.randn(batch, layer.total, D, generator=gen).half().to(DEVICE))
+    layer.values.copy_(torch.randn(batch, layer.total, D, generator=gen).half().to(DEVICE))
+    layer.valid_seen.copy_(seen.to(DEVICE))
+    return layer, gen
+
+
+@pytest.mark.parametrize("policy", ["h2o", "ring"])
+@pytest.mark.parametrize(
+    ("caps", "batch", "chunk", "tie_scores"),
+    [
+        ([1, 6, 40], 2, 9, False),
+        ([5, 17, 120, 2], 2, 33, True),  # one head keeps everything, others evict; ties
+        ([24], 1, 70, False),  # chunk longer than the capacity
+    ],
+)
+def test_select_keeps_what_the_reference_keeps(policy, caps, batch, chunk, tie_scores):
+    ref, gen = _state(caps, batch, len(caps) * 10 + chunk, policy, tie_scores)
+    heads = len(caps)
+    valid = torch.ones(batch, chunk, dtype=torch.bool)
+    valid[-1, : chunk // 3] = False  # the last row is left-padded
+    valid = valid.to(DEVICE)
+    k_new = torch.randn(batch, heads, chunk, D, generator=gen).half().to(DEVICE)
+    v_new = torch.randn(batch, heads, chunk, D, generator=gen).half().to(DEVICE)
+    # attention mass of each head's candidates (its live slots, then the chunk), as attend() has it
+    mass = []
+    for h in range(heads):
+        m = torch.rand(batch, int(ref.fill[:, h].max()) + chunk, generator=gen) * 1e-2
+        mass.append(((m * 1e3).round() / 1e5 if tie_scores else m).to(DEVICE))
+
+    # the kernel's inputs, built as attend() builds them before committing
+    scores = ref.scores.clone()
+    for h, off in enumerate(ref.offsets):
+        n = mass[h].shape[1] - chunk
+        scores[:, off : off + n] += mass[h][:, :n]
+    new_pos = ref.valid_seen[:, None] + valid.cumsum(1) - 1
+    new_scores = torch.stack([m[:, -chunk:] for m in mass], 1).masked_fill(~valid[:, None], 0).contiguous()
+    seen_after = ref.valid_seen + valid.sum(1)
+    offsets = torch.tensor(ref.offsets, dtype=torch.int32, device=DEVICE)
+    ev = ref.eviction
+    got = packed_prefill_select(
+        ref.keys, ref.values, ref.positions, scores, ref.fill, k_new, v_new, new_pos, new_scores, valid,
+        seen_after, caps, offsets, sink=ev.sink, window=ev.window, policy=ev.policy, block=32,
+    )  # fmt: skip
+    want = copy.deepcopy(ref)
+    for h in range(heads):
+        n = mass[h].shape[1] - chunk
+        want._commit_head(h, n, k_new[:, h], v_new[:, h], valid, mass[h] if policy == "h2o" else None)
+    keys, values, positions, new_scores_out, fill = got
+    assert torch.equal(fill, want.fill)
+    evicted = 0
+    for b in range(batch):
+        for h, off in enumerate(ref.offsets):
+            live = slice(off, off + int(want.fill[b, h]))
+            where = f"row {b}, head {h}"
+            assert torch.equal(positions[b, live], want.positions[b, live]), where
+            assert torch.equal(keys[b, live], want.keys[b, live]), where
+            assert torch.equal(values[b, live], want.values[b, live]), where
+            if policy == "h2o":
+                assert torch.equal(new_scores_out[b, live], want.scores[b, live]), where
+            evicted += int(ref.fill[b, h]) + int(valid[b].sum()) - int(want.fill[b, h])
+    assert evicted > 0
+
+
+def test_no_candidates_and_capacity_one():
+    caps = [1, 3]
+    ref, gen = _state(caps, 2, 0, "h2o", False)
+    ref.fill.zero_()
+    valid = torch.zeros(2, 4, dtype=torch.bool, device=DEVICE)
+    valid[1, 2:] = True  # row 0: only padding; row 1: two tokens
+    z = torch.zeros(2, 2, 4, D, dtype=torch.float16, device=DEVICE)
+    new_pos = (ref.valid_seen[:, None] + valid.cumsum(1) - 1).clamp(min=0)
+    new_scores = torch.tensor([[0.0, 0.0, 0.5, 0.1]] * 2, device=DEVICE)[:, None].expand(2, 2, 4).contiguous()
+    out = packed_prefill_select(
+        ref.keys, ref.values, ref.positions, ref.scores, ref.fill, z, z, new_pos, new_scores, valid,
+        ref.valid_seen + valid.sum(1), caps, torch.tensor(np.cumsum([0, 1]), dtype=torch.int32, device=DEVICE),
+        sink=0, window=0, policy="h2o",
+    )  # fmt: skip
+    assert out[4].tolist() == [[0, 0], [1, 2]]
+    first_new = int(ref.valid_seen[1])  # capacity 1 keeps the higher-scored (older) of the two
+    assert int(out[2][1, 0]) == first_new and out[2][1, 1:3].tolist() == [first_new, first_new + 1]
+
+
+@pytest.mark.parametrize("policy", ["h2o", "ring"])
+def test_chunked_prefill_through_attend_matches_the_reference(policy, monkeypatch):
+    """``BudgetedLayer.attend`` with the kernels committing each chunk (what it does on CUDA)
+    against its per-head loop: two chunks, the second evicting, left padding in one row."""
+    caps, batch, q_heads = [3, 11, 20], 2, 6
+    gen = torch.Generator().manual_seed(7)
+    rand = lambda *s: torch.randn(*s, generator=gen).half().to(DEVICE)  # noqa: E731
+    eviction = EvictionConfig(sink=1, window=2, policy=policy, obs_window=4, pool_kernel=3)
+    layers = {kind: BudgetedLayer(caps, eviction) for kind in ("torch", "triton")}
+    for kind, layer in layers.items():
+        layer.decode_kernels = kind
+    for chunk, pad in ((12, 5), (16, 0)):
+        k, v, q = rand(batch, 3, chunk, D), rand(batch, 3, chunk, D), rand(batch, q_heads, chunk, D)
+        keep = torch.ones(batch, chunk, dtype=torch.bool)
+        keep[1, :pad] = False
+        causal = torch.ones(chunk, chunk, dtype=torch.bool).tril()
+        mask = (causal[None] & keep[:, None, :])[:, None].to(DEVICE)
+        outs = []
+        for layer in layers.values():
+            layer.update(k, v)
+            outs.append(layer.attend(q, mask, D**-0.5)[0])
+        torch.testing.assert_close(outs[0], outs[1], equal_nan=True)  # padding queries see nothing: NaN in both
+    ref, got = layers["torch"], layers["triton"]
+    assert torch.equal(ref.fill, got.fill)
+    for b in range(batch):
+        for h, off in enumerate(ref.offsets):
+            live = slice(off, off + int(ref.fill[b, h]))
+            assert torch.equal(ref.positions[b, live], got.positions[b, live])
+            assert torch.equal(ref.keys[b, live], got.keys[b, live])
+            torch.testing.assert_close(ref.scores[b, live], got.scores[b, live], rtol=0, atol=0)
