@@ -141,7 +141,9 @@ def test_chunked_prefill_through_attend_matches_the_reference(policy, monkeypatc
         for layer in layers.values():
             layer.update(k, v)
             outs.append(layer.attend(q, mask, D**-0.5)[0])
-        torch.testing.assert_close(outs[0], outs[1], equal_nan=True)  # padding queries see nothing: NaN in both
+        torch.testing.assert_close(
+            outs[0], outs[1], equal_nan=True
+        )  # padding queries see nothing: NaN in both
     ref, got = layers["torch"], layers["triton"]
     assert torch.equal(ref.fill, got.fill)
     for b in range(batch):
