@@ -147,8 +147,15 @@ def multiprocessors(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def tile_length(capacities, batch: int, block_n: int, sms: int, per_sm: int = 4) -> int:
-    """Tile length (a multiple of ``block_n``) giving about ``per_sm`` programs per SM."""
+def tile_length(capacities, batch: int, block_n: int, sms: int, per_sm: int | None = None) -> int:
+    """Tile length (a multiple of ``block_n``) giving about ``per_sm`` programs per SM.
+
+    Default ``per_sm``: 2 up to batch 2, 4 up to 16, 8 above (a sweep on the H100 over 2-16
+    programs per SM, tiles of 32-128 slots, 4/8 warps and 2/3 stages: longer tiles won for one
+    long sequence, shorter ones once many small heads need balancing; BENCHMARKS.md).
+    """
+    if per_sm is None:
+        per_sm = 2 if batch <= 2 else 4 if batch <= 16 else 8
     work = batch * sum(capacities)
     tile = math.ceil(work / (per_sm * sms) / block_n) * block_n
     return max(block_n, min(tile, 8192))
@@ -184,7 +191,7 @@ def packed_decode_attention(
     lse: torch.Tensor | None = None,
     logit_new: torch.Tensor | None = None,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Decode attention on the GPU; arguments as the reference, plus ``offsets [H_kv]`` (int32).
 
@@ -199,6 +206,8 @@ def packed_decode_attention(
     """
     batch, q_heads, head_dim = query.shape
     kv_heads = key_new.shape[1]
+    if num_stages is None:
+        num_stages = 3 if batch <= 2 else 2  # a deeper pipeline pays off for one long sequence
     group = q_heads // kv_heads
     g_pad = max(16, triton.next_power_of_2(group))  # tl.dot needs >= 16 rows
     if table is None:
