@@ -346,3 +346,31 @@ def test_chunked_prefill_bounds_the_attended_keys_by_budget_plus_chunk(tiny_llam
     seen_keys.clear()
     prefill(tiny_llama, BudgetedCache(caps), ids)
     assert max(seen_keys) == 90  # one pass attends over the whole prompt
+
+
+def test_query_blocks_give_the_same_prefill(tiny_llama, monkeypatch):
+    """Long prefills attend QUERY_BLOCK queries at a time, building each block's bias on the fly
+    (no [B, 1, q, n + q] tensor): the logits and the kept tokens do not depend on the block size."""
+    import baklava.runtime.packed_cache as packed_cache
+
+    enable(tiny_llama)
+    ids = torch.randint(3, 96, (2, 23), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0  # left padding
+    caps = np.array([[4, 9], [16, 2]])
+    runs = []
+    for block in (2048, 5):
+        monkeypatch.setattr(packed_cache, "QUERY_BLOCK", block)
+        cache = BudgetedCache(caps)
+        with torch.inference_mode():
+            first = tiny_llama(
+                input_ids=ids[:, :15], attention_mask=mask[:, :15], past_key_values=cache
+            ).logits
+            second = tiny_llama(input_ids=ids[:, 15:], attention_mask=mask, past_key_values=cache).logits
+        runs.append((first, second, cache))
+    (f1, s1, c1), (f2, s2, c2) = runs
+    torch.testing.assert_close(f1[0], f2[0])
+    torch.testing.assert_close(f1[1, 6:], f2[1, 6:])  # padding rows attend to nothing: compare real tokens
+    torch.testing.assert_close(s1, s2)
+    for a, b in zip(c1.layers, c2.layers, strict=True):
+        assert torch.equal(a.positions, b.positions) and torch.equal(a.fill, b.fill)

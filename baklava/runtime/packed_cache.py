@@ -265,7 +265,7 @@ class BudgetedLayer(CacheLayerMixin):
             live = torch.arange(n, device=self.device)[None, :] < self.fill[:, h, None]  # [B, n]
             stored_bias = torch.zeros(batch, n, dtype=new_bias.dtype, device=self.device)
             stored_bias.masked_fill_(~live, torch.finfo(new_bias.dtype).min)
-            bias = torch.cat([stored_bias[:, None, None, :].expand(batch, 1, q_len, n), new_bias], dim=-1)
+            bias = _HeadBias(stored_bias, new_bias)  # [B, 1, q, n + q], built a block of queries at a time
             qh = query[:, h * group : (h + 1) * group]  # [B, g, q, D]
             k_g = keys[:, None].expand(batch, group, n + q_len, keys.shape[-1])
             v_g = values[:, None].expand(batch, group, n + q_len, values.shape[-1])
@@ -273,7 +273,9 @@ class BudgetedLayer(CacheLayerMixin):
             mass = None
             if need_scores:  # attention the last `obs` queries pay to each candidate, [B, n + q]
                 logits = (qh[:, :, -obs:].float() @ k_g.float().transpose(-1, -2)) * scaling
-                probs = torch.softmax(logits + bias[:, :, -obs:].float(), dim=-1)  # [B, g, obs, n + q]
+                probs = torch.softmax(
+                    logits + bias.rows(q_len - obs, q_len).float(), dim=-1
+                )  # [B, g, obs, n + q]
                 q_ok = valid_new[:, -obs:].to(probs.dtype)[:, None, :, None]
                 mass = (probs * q_ok).sum(2).mean(1)
             if kernels:  # heads are independent: commit them all at once below
@@ -382,17 +384,35 @@ class BudgetedLayer(CacheLayerMixin):
 QUERY_BLOCK = 2048  # long prefills attend in blocks of queries: the math kernel's memory stays bounded
 
 
-def _sdpa_in_query_blocks(q, k, v, bias, scale) -> torch.Tensor:
-    """SDPA of ``q [B, g, q, D]`` with an additive ``bias [B, 1, q, k]``, ``QUERY_BLOCK`` queries at a time."""
-    if q.shape[2] <= QUERY_BLOCK:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+class _HeadBias:
+    """One head's additive attention bias over ``[stored slots | new tokens]``, materialised only
+    for the query rows asked for: the stored part is one row ``[B, n]`` (slots past ``fill``
+    masked), the new part the model's ``[B, 1, q, q]``. A 32k-token prefill thus never holds a
+    ``[B, 1, q, n + q]`` tensor (24 GiB at batch 12, which ran out of GPU memory)."""
+
+    def __init__(self, stored: torch.Tensor, new: torch.Tensor):
+        self.stored, self.new = stored, new
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        batch, n = self.stored.shape
+        stored = self.stored[:, None, None, :].expand(batch, 1, hi - lo, n)
+        return torch.cat([stored, self.new[:, :, lo:hi]], dim=-1)
+
+
+def _sdpa_in_query_blocks(q, k, v, bias: _HeadBias, scale) -> torch.Tensor:
+    """SDPA of ``q [B, g, q, D]`` with ``bias`` rows ``[B, 1, q, k]``, ``QUERY_BLOCK`` queries at a time."""
+    q_len = q.shape[2]
     blocks = [
         F.scaled_dot_product_attention(
-            q[:, :, i : i + QUERY_BLOCK], k, v, attn_mask=bias[:, :, i : i + QUERY_BLOCK], scale=scale
+            q[:, :, i : i + QUERY_BLOCK],
+            k,
+            v,
+            attn_mask=bias.rows(i, min(i + QUERY_BLOCK, q_len)),
+            scale=scale,
         )
-        for i in range(0, q.shape[2], QUERY_BLOCK)
+        for i in range(0, q_len, QUERY_BLOCK)
     ]
-    return torch.cat(blocks, dim=2)
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
 
 
 def _new_token_bias(mask: torch.Tensor | None, batch: int, q_len: int, like: torch.Tensor) -> torch.Tensor:
