@@ -412,6 +412,49 @@ def run_cmd(artifact, prompts, max_new_tokens, chat, as_json, backend, device):
     )
 
 
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option(
+    "--backends",
+    default="reference,onnxruntime,torch-cuda,tensorrt",
+    show_default=True,
+    help="Comma list; those that cannot run here are reported as skipped, with the reason.",
+)
+@click.option(
+    "--context",
+    default=512,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Prompt tokens (pydoc prose); above the capacities, so that heads evict.",
+)
+@click.option("--steps", default=8, show_default=True, type=click.IntRange(1), help="Decode steps.")
+@click.option("--atol", default=1e-3, show_default=True, type=click.FloatRange(0))
+@click.option(
+    "--rtol", default=1e-4, show_default=True, type=click.FloatRange(0), help="Of max |reference logit|."
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per backend.")
+def check_cmd(artifact, backends, context, steps, atol, rtol, as_json):
+    """Run ARTIFACT's backends on the same tokens and compare each with the PyTorch reference."""
+    from baklava.check import check
+    from baklava.exporter import read_artifact
+
+    art = read_artifact(artifact)
+    names = [b.strip() for b in backends.split(",") if b.strip()]
+    verdicts, _ = check(art, names, context=context, steps=steps, atol=atol, rtol=rtol)
+    for v in verdicts:
+        if as_json:
+            click.echo(json.dumps(v.row()))
+            continue
+        detail = v.reason or (
+            f"max |logit diff| {v.max_abs_diff:.2e} (tolerance {v.tolerance:.2e}), "
+            f"greedy tokens agree {v.argmax_agree:.0%}, heads with the same kept tokens {v.heads_equal:.1%}"
+        )
+        click.echo(f"{v.backend:<12} {v.status:<8} {detail}")
+    if any(v.status == "FAIL" for v in verdicts):
+        raise SystemExit(1)
+
+
 profile_main = _main(profile_cmd, "baklava-profile")
 export_main = _main(export_cmd, "baklava-export")
 run_main = _main(run_cmd, "baklava-run")
+check_main = _main(check_cmd, "baklava-check")

@@ -67,3 +67,48 @@ def test_onnxruntime_matches_pytorch(smol, tmp_path, budget, extra):
         for step in range(live):
             np.testing.assert_allclose(ort_logits[step][i], ref.logits[step][i].numpy(), atol=1e-3)
     assert sum(len(r.token_ids) for r in results) > 3 * STEPS  # mostly long answers
+
+
+def test_baklava_check_compares_backends_on_an_evicting_artifact(smol, tmp_path, capsys):
+    """``baklava-check`` on an artifact whose heads all evict (32 slots per head, 192 prompt
+    tokens): ONNX Runtime passes against the reference with every head keeping the same tokens;
+    backends that cannot run here are skipped with their reason, and the exit status is 0."""
+    from baklava.check import check
+    from baklava.cli import check_main
+
+    out = export_smol(tmp_path / "smol-32", "32")
+    verdicts, fed = check(
+        read_artifact(out),
+        ["onnxruntime", "torch-cuda", "tensorrt"],
+        context=192,
+        steps=4,
+        atol=1e-3,
+        rtol=1e-4,
+    )
+    by = {v.backend: v for v in verdicts}
+    assert len(fed) == 4 and "100% of heads evicted" in by["reference"].reason
+    assert by["onnxruntime"].status == "pass" and by["onnxruntime"].heads_equal == 1.0
+    assert by["onnxruntime"].max_abs_diff < 1e-3 and by["onnxruntime"].argmax_agree == 1.0
+    assert by["tensorrt"].status == "skipped" and "issue 7" in by["tensorrt"].reason
+    if not torch.cuda.is_available():
+        assert by["torch-cuda"].status == "skipped"
+    check_main(
+        [str(out), "--context", "64", "--steps", "2", "--backends", "onnxruntime", "--json"]
+    )  # no exit: 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(rows) == 2 and '"status": "pass"' in rows[1]
+    with pytest.raises(SystemExit) as exit_info:
+        check_main([str(out), "--backends", "onnxruntime,cuda"])
+    assert exit_info.value.code == 2  # unknown backend: one line, no run
+
+
+def test_check_fails_a_backend_that_drifts():
+    from baklava.check import Trace, compare
+
+    ref = Trace([np.array([0.0, 2.0, 1.0]), np.array([3.0, 0.0, 1.0])], {(0, 0): np.array([1, 2])})
+    close = Trace([np.array([0.0, 2.0005, 1.0]), np.array([3.0, 0.0, 1.0])], {(0, 0): np.array([1, 2])})
+    assert compare(ref, close, "x", atol=1e-3, rtol=0).status == "pass"
+    flipped = Trace([np.array([0.0, 2.0, 1.0]), np.array([0.0, 3.0, 1.0])], {(0, 0): np.array([1, 3])})
+    verdict = compare(ref, flipped, "x", atol=10.0, rtol=0)  # within tolerance, but a different token
+    assert verdict.status == "FAIL" and verdict.argmax_agree == 0.5 and verdict.heads_equal == 0.0
+    assert compare(ref, close, "x", atol=1e-5, rtol=0).status == "FAIL"
