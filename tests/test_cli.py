@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from baklava.cli import export_main, profile_main, run_main
 
@@ -223,3 +224,14 @@ def test_output_directory_not_writable(tmp_path, capfd):
     code, _, err = call(export_main, ["--budget", "0.3", "--out", blocker / "art"], capfd)
     assert_one_line_error(code, err, "baklava-export", "not a writable directory")
     assert blocker.read_text() == "not a directory"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_run_on_cuda_without_a_gpu_is_one_line(tiny_model_dir, tmp_path, capfd):
+    out = tmp_path / "art"
+    argv = ["--model", tiny_model_dir, "--budget", "0.5", "--out", out, *FAST, "--no-search", "--no-plot"]
+    code, _, err = call(export_main, argv, capfd)
+    assert code == 0, err
+    code, stdout, err = call(run_main, [out, "--prompt", "the", "--device", "cuda"], capfd)
+    assert_one_line_error(code, err, "baklava-run", "no CUDA device")
+    assert stdout == ""

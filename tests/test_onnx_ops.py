@@ -9,7 +9,8 @@ onnx = pytest.importorskip("onnx")
 
 from baklava.exporter.ops import single_layer_model  # noqa: E402
 from baklava.profiles.eviction import EvictionConfig  # noqa: E402
-from baklava.runtime.packed_cache import BudgetedLayer, _new_token_bias  # noqa: E402
+from baklava.runtime.packed_cache import BudgetedLayer  # noqa: E402
+from baklava.runtime.prefill_attention import new_token_bias  # noqa: E402
 
 D = 8
 
@@ -28,7 +29,7 @@ def _bias(token_mask):
     batch, seq = token_mask.shape
     causal = torch.ones(seq, seq, dtype=torch.bool).tril()
     allowed = causal[None, None] & token_mask[:, None, None, :]
-    return _new_token_bias(allowed, batch, seq, torch.zeros(1))
+    return new_token_bias(allowed, batch, seq, torch.zeros(1))
 
 
 def _reference_step(layer, q, k, v, token_mask):

@@ -323,7 +323,7 @@ def test_vectorized_decode_matches_the_per_head_loop(policy, monkeypatch):
 
 
 def test_chunked_prefill_bounds_the_attended_keys_by_budget_plus_chunk(tiny_llama, monkeypatch):
-    from baklava.runtime import packed_cache
+    from baklava.runtime import prefill_attention
 
     enable(tiny_llama)
     ids = torch.randint(3, 96, (2, 90), generator=torch.Generator().manual_seed(3))
@@ -333,13 +333,13 @@ def test_chunked_prefill_bounds_the_attended_keys_by_budget_plus_chunk(tiny_llam
     torch.testing.assert_close(chunked, one_pass, rtol=0, atol=1e-5)  # nothing evicted: exact attention
 
     seen_keys = []
-    real = packed_cache._sdpa_in_query_blocks
+    real = prefill_attention.sdpa_in_query_blocks
 
     def spy(q, k, v, bias, scale):
         seen_keys.append(k.shape[2])
         return real(q, k, v, bias, scale)
 
-    monkeypatch.setattr(packed_cache, "_sdpa_in_query_blocks", spy)
+    monkeypatch.setattr(prefill_attention, "sdpa_in_query_blocks", spy)
     caps = [[12, 20], [8, 24]]
     prefill(tiny_llama, BudgetedCache(caps), ids, chunk=16)
     assert max(seen_keys) <= 24 + 16  # the largest head's capacity plus one chunk
@@ -351,7 +351,7 @@ def test_chunked_prefill_bounds_the_attended_keys_by_budget_plus_chunk(tiny_llam
 def test_query_blocks_give_the_same_prefill(tiny_llama, monkeypatch):
     """Long prefills attend QUERY_BLOCK queries at a time, building each block's bias on the fly
     (no [B, 1, q, n + q] tensor): the logits and the kept tokens do not depend on the block size."""
-    import baklava.runtime.packed_cache as packed_cache
+    from baklava.runtime import prefill_attention
 
     enable(tiny_llama)
     ids = torch.randint(3, 96, (2, 23), generator=torch.Generator().manual_seed(4))
@@ -360,7 +360,7 @@ def test_query_blocks_give_the_same_prefill(tiny_llama, monkeypatch):
     caps = np.array([[4, 9], [16, 2]])
     runs = []
     for block in (2048, 5):
-        monkeypatch.setattr(packed_cache, "QUERY_BLOCK", block)
+        monkeypatch.setattr(prefill_attention, "QUERY_BLOCK", block)
         cache = BudgetedCache(caps)
         with torch.inference_mode():
             first = tiny_llama(

@@ -27,12 +27,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from baklava.profiles.eviction import EvictionConfig
-from baklava.runtime import triton_decode
+from baklava.runtime import prefill_attention, triton_decode
 from baklava.runtime.packed_decode import SlotMap, decode_step
+from baklava.runtime.prefill_attention import new_token_bias
 from baklava.runtime.selection import chronological_keep, keep_priority, snapkv_pool
 
 _NOT_ATTENDED = (
@@ -245,13 +245,13 @@ class BudgetedLayer(CacheLayerMixin):
             if attention_mask is None:  # a decode step without padding: no mask to build (fewer launches)
                 valid = self._all_valid
             else:
-                valid = _new_token_bias(attention_mask, batch, 1, query)[:, 0, 0, 0] == 0  # [B]
+                valid = new_token_bias(attention_mask, batch, 1, query)[:, 0, 0, 0] == 0  # [B]
             step = triton_decode.decode_step if self._use_kernels() else decode_step
             out = step(self, query, k_new, v_new, valid, scaling)
             self.valid_seen += valid
             self.seen += 1
             return out.transpose(1, 2).contiguous(), None
-        new_bias = _new_token_bias(attention_mask, batch, q_len, query)  # [B, 1, q, q]
+        new_bias = new_token_bias(attention_mask, batch, q_len, query)  # [B, 1, q, q]
         valid_new = torch.diagonal(new_bias[:, 0], dim1=-2, dim2=-1) == 0  # [B, q] False for padding
         need_scores = self.eviction.policy == "h2o"
         obs = min(q_len, self.eviction.obs_window)
@@ -265,11 +265,15 @@ class BudgetedLayer(CacheLayerMixin):
             live = torch.arange(n, device=self.device)[None, :] < self.fill[:, h, None]  # [B, n]
             stored_bias = torch.zeros(batch, n, dtype=new_bias.dtype, device=self.device)
             stored_bias.masked_fill_(~live, torch.finfo(new_bias.dtype).min)
-            bias = _HeadBias(stored_bias, new_bias)  # [B, 1, q, n + q], built a block of queries at a time
+            bias = prefill_attention.HeadBias(
+                stored_bias, new_bias
+            )  # [B, 1, q, n + q], built a block of queries at a time
             qh = query[:, h * group : (h + 1) * group]  # [B, g, q, D]
             k_g = keys[:, None].expand(batch, group, n + q_len, keys.shape[-1])
             v_g = values[:, None].expand(batch, group, n + q_len, values.shape[-1])
-            out[:, h * group : (h + 1) * group] = _sdpa_in_query_blocks(qh, k_g, v_g, bias, scaling)
+            out[:, h * group : (h + 1) * group] = prefill_attention.sdpa_in_query_blocks(
+                qh, k_g, v_g, bias, scaling
+            )
             mass = None
             if need_scores:  # attention the last `obs` queries pay to each candidate, [B, n + q]
                 logits = (qh[:, :, -obs:].float() @ k_g.float().transpose(-1, -2)) * scaling
@@ -379,55 +383,6 @@ class BudgetedLayer(CacheLayerMixin):
         self.positions[:, off : off + keep] = cand_pos.gather(1, idx)
         self.scores[:, off : off + keep] = cand_score.gather(1, idx)
         self.fill[:, h] = torch.clamp(cand_valid.sum(1), max=cap)
-
-
-QUERY_BLOCK = 2048  # long prefills attend in blocks of queries: the math kernel's memory stays bounded
-
-
-class _HeadBias:
-    """One head's additive attention bias over ``[stored slots | new tokens]``, materialised only
-    for the query rows asked for: the stored part is one row ``[B, n]`` (slots past ``fill``
-    masked), the new part the model's ``[B, 1, q, q]``. A 32k-token prefill thus never holds a
-    ``[B, 1, q, n + q]`` tensor (24 GiB at batch 12, which ran out of GPU memory)."""
-
-    def __init__(self, stored: torch.Tensor, new: torch.Tensor):
-        self.stored, self.new = stored, new
-
-    def rows(self, lo: int, hi: int) -> torch.Tensor:
-        batch, n = self.stored.shape
-        stored = self.stored[:, None, None, :].expand(batch, 1, hi - lo, n)
-        return torch.cat([stored, self.new[:, :, lo:hi]], dim=-1)
-
-
-def _sdpa_in_query_blocks(q, k, v, bias: _HeadBias, scale) -> torch.Tensor:
-    """SDPA of ``q [B, g, q, D]`` with ``bias`` rows ``[B, 1, q, k]``, ``QUERY_BLOCK`` queries at a time."""
-    q_len = q.shape[2]
-    blocks = [
-        F.scaled_dot_product_attention(
-            q[:, :, i : i + QUERY_BLOCK],
-            k,
-            v,
-            attn_mask=bias.rows(i, min(i + QUERY_BLOCK, q_len)),
-            scale=scale,
-        )
-        for i in range(0, q_len, QUERY_BLOCK)
-    ]
-    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
-
-
-def _new_token_bias(mask: torch.Tensor | None, batch: int, q_len: int, like: torch.Tensor) -> torch.Tensor:
-    """``[B, 1, q, q]`` additive bias among the new tokens (causal when no mask is given)."""
-    if mask is None:
-        causal = torch.ones(q_len, q_len, dtype=torch.bool, device=like.device).tril()
-        bias = torch.zeros(q_len, q_len, dtype=like.dtype, device=like.device)
-        bias.masked_fill_(~causal, torch.finfo(like.dtype).min)
-        return bias.expand(batch, 1, q_len, q_len)
-    if mask.dtype == torch.bool:
-        bias = torch.zeros(mask.shape, dtype=like.dtype, device=like.device)
-        bias.masked_fill_(~mask, torch.finfo(like.dtype).min)
-        mask = bias
-    mask = mask[..., -q_len:].to(like.dtype)
-    return mask.expand(batch, 1, q_len, q_len)
 
 
 class BudgetedCache(Cache):
