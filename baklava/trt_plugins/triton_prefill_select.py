@@ -58,6 +58,24 @@ def _candidate_bits(
 
 
 @triton.jit
+def _count_at_least(
+    POS, SCORE, NEW_POS, NEW_SCORE, NEW_VALID, b, h, base, fill, t,
+    stride_pb, stride_sb, stride_npb, stride_nsb, stride_nsh, stride_nvb,
+    seen_after, sink, window, CAP, S, H2O: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """How many of head ``h``'s candidates have priority bits ``>= t``."""
+    count = tl.zeros([], tl.int64)
+    for j0 in range(0, CAP + S, BLOCK):
+        bits = _candidate_bits(
+            POS, SCORE, NEW_POS, NEW_SCORE, NEW_VALID, b, h, base, fill, j0 + tl.arange(0, BLOCK),
+            stride_pb, stride_sb, stride_npb, stride_nsb, stride_nsh, stride_nvb,
+            seen_after, sink, window, CAP, S, H2O,
+        )  # fmt: skip
+        count += tl.sum((bits >= t).to(tl.int64), 0)
+    return count
+
+
+@triton.jit
 def _select_kernel(
     POS, SCORE, FILL, NEW_POS, NEW_SCORE, NEW_VALID, SEEN_AFTER, CAPS, OFFSETS, KEEP, NEW_FILL,
     stride_pb, stride_sb, stride_fb,
@@ -74,46 +92,35 @@ def _select_kernel(
     seen_after = tl.load(SEEN_AFTER + b).to(tl.int64)
     span = cap + S  # candidate indices: [0, fill) stored, [cap, cap + S) new; the gap is empty
 
-    n_valid = tl.zeros([], tl.int64)
-    for j0 in range(0, span, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
-        bits = _candidate_bits(
-            POS, SCORE, NEW_POS, NEW_SCORE, NEW_VALID, b, h, base, fill, j,
-            stride_pb, stride_sb, stride_npb, stride_nsb, stride_nsh, stride_nvb,
-            seen_after, sink, window, cap, S, H2O,
-        )  # fmt: skip
-        n_valid += tl.sum((bits >= 0).to(tl.int64), 0)
+    # valid candidates have bits >= 0
+    n_valid = _count_at_least(
+        POS, SCORE, NEW_POS, NEW_SCORE, NEW_VALID, b, h, base, fill, 0,
+        stride_pb, stride_sb, stride_npb, stride_nsb, stride_nsh, stride_nvb,
+        seen_after, sink, window, cap, S, H2O, BLOCK,
+    )  # fmt: skip
     k = tl.minimum(cap, n_valid)
 
-    # the k-th largest bit pattern: largest t with count(bits >= t) >= k (valid bits are >= 0)
+    # the k-th largest bit pattern: largest t with count(bits >= t) >= k
     lo = tl.zeros([], tl.int64)
     hi = tl.full([], 0x7FF0000000000000, tl.int64)  # +inf
     for _ in range(64):
         mid = lo + (hi - lo + 1) // 2
-        count = tl.zeros([], tl.int64)
-        for j0 in range(0, span, BLOCK):
-            j = j0 + tl.arange(0, BLOCK)
-            bits = _candidate_bits(
-                POS, SCORE, NEW_POS, NEW_SCORE, NEW_VALID, b, h, base, fill, j,
-                stride_pb, stride_sb, stride_npb, stride_nsb, stride_nsh, stride_nvb,
-                seen_after, sink, window, cap, S, H2O,
-            )  # fmt: skip
-            count += tl.sum((bits >= mid).to(tl.int64), 0)
+        count = _count_at_least(
+            POS, SCORE, NEW_POS, NEW_SCORE, NEW_VALID, b, h, base, fill, mid,
+            stride_pb, stride_sb, stride_npb, stride_nsb, stride_nsh, stride_nvb,
+            seen_after, sink, window, cap, S, H2O, BLOCK,
+        )  # fmt: skip
         ok = count >= k
         lo = tl.where(ok & (lo < hi), mid, lo)
         hi = tl.where(ok | (lo >= hi), hi, mid - 1)
     threshold = lo
 
     # ordered pass: everything above the threshold, and the first ties at it (lowest index first)
-    above = tl.zeros([], tl.int64)
-    for j0 in range(0, span, BLOCK):
-        j = j0 + tl.arange(0, BLOCK)
-        bits = _candidate_bits(
-            POS, SCORE, NEW_POS, NEW_SCORE, NEW_VALID, b, h, base, fill, j,
-            stride_pb, stride_sb, stride_npb, stride_nsb, stride_nsh, stride_nvb,
-            seen_after, sink, window, cap, S, H2O,
-        )  # fmt: skip
-        above += tl.sum((bits > threshold).to(tl.int64), 0)
+    above = _count_at_least(
+        POS, SCORE, NEW_POS, NEW_SCORE, NEW_VALID, b, h, base, fill, threshold + 1,
+        stride_pb, stride_sb, stride_npb, stride_nsb, stride_nsh, stride_nvb,
+        seen_after, sink, window, cap, S, H2O, BLOCK,
+    )  # fmt: skip
     ties_left = k - above
     written = tl.zeros([], tl.int64)
     for j0 in range(0, span, BLOCK):
