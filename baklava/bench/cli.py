@@ -100,6 +100,14 @@ def _comma_list(kind, noun: str):
 
 
 _floats = _comma_list(float, "numbers")
+
+
+def _fractions(ctx, param, value):
+    """Comma list of budget fractions, each in (0, 1]."""
+    budgets = _floats(ctx, param, value)
+    if budgets and any(not 0 < b <= 1 for b in budgets):
+        raise click.BadParameter(f"fractions in (0, 1], got {value}")
+    return budgets
 _ints = _comma_list(int, "integers")
 
 
@@ -303,7 +311,7 @@ def _size_option(ctx, param, value):
 @_gpu_model_option
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--context", default=16384, show_default=True, type=click.IntRange(64))
-@click.option("--budgets", default="1.0,0.3", show_default=True, callback=_floats)
+@click.option("--budgets", default="1.0,0.3", show_default=True, callback=_fractions)
 @click.option(
     "--transformers/--no-transformers", default=True, show_default=True, help="Also time plain transformers."
 )
@@ -318,8 +326,6 @@ def speed_bench(model_spec, batch, context, budgets, transformers, kernel, out):
     """GPU decode speed: the runtime's CUDA-graph step vs its bandwidth floor and plain transformers."""
     from baklava.bench import gpu_decode
 
-    if any(not 0 < b <= 1 for b in budgets):
-        raise BaklavaError(f"--budgets: fractions in (0, 1], got {','.join(map(str, budgets))}")
     if out:
         _check_out(out)
     model = _gpu_model(model_spec)
@@ -347,7 +353,7 @@ def speed_bench(model_spec, batch, context, budgets, transformers, kernel, out):
 @bench.command("memory")
 @_gpu_model_option
 @click.option("--context", default=32768, show_default=True, type=click.IntRange(64))
-@click.option("--budgets", default="1.0,0.3,0.1", show_default=True, callback=_floats)
+@click.option("--budgets", default="1.0,0.3,0.1", show_default=True, callback=_fractions)
 @click.option(
     "--kv-memory",
     default="16GiB",
@@ -370,8 +376,6 @@ def memory_bench(model_spec, context, budgets, kv_memory, chunk, prefill, out):
     from baklava.bench import memory
     from baklava.bench.gpu_decode import model_shape, uneven_capacities
 
-    if any(not 0 < b <= 1 for b in budgets):
-        raise BaklavaError(f"--budgets: fractions in (0, 1], got {','.join(map(str, budgets))}")
     if out:
         _check_out(out)
     model = _gpu_model(model_spec)
