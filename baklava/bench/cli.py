@@ -108,6 +108,8 @@ def _fractions(ctx, param, value):
     if budgets and any(not 0 < b <= 1 for b in budgets):
         raise click.BadParameter(f"fractions in (0, 1], got {value}")
     return budgets
+
+
 _ints = _comma_list(int, "integers")
 
 

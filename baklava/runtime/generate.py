@@ -85,12 +85,17 @@ def generate(
     return results
 
 
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids ``[B, S]`` of a left-padded batch: each token's count of real tokens before it."""
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+
 def _greedy_cuda_graph(model, cache, ids, mask, steps: int) -> torch.Tensor:
     """``[B, steps]`` greedy tokens: one prefill (left padding masked, positions counted per row),
     then the decode steps as CUDA graph replays. Rows run on past their EOS (cut by the caller)."""
     from baklava.runtime.cuda_graph import greedy_cuda_graph
 
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    positions = positions_from_mask(mask)
     logits = model(
         input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1
     ).logits[:, -1]

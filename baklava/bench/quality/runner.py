@@ -25,6 +25,7 @@ from baklava.bench.quality.methods import MethodContext, plan
 from baklava.bench.quality.tasks import Sample
 from baklava.runtime.attention import enable
 from baklava.runtime.cuda_graph import greedy_cuda_graph
+from baklava.runtime.generate import positions_from_mask
 from baklava.runtime.packed_cache import BudgetedCache
 
 SETTINGS = ("query-aware", "query-agnostic")
@@ -75,7 +76,7 @@ class Runner:
 
         Only the last position's logits by default: a 16k-token batch's full logits would not fit.
         """
-        positions = (mask.cumsum(1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        positions = positions_from_mask(mask)[:, -ids.shape[1] :]
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
