@@ -11,7 +11,8 @@ Backends:
 * ``onnxruntime`` - the exported ``model.onnx`` with its ``baklava`` ops (CPU);
 * ``torch-cuda`` - the PyTorch runtime on a CUDA device in float32 with the Triton kernels
   (the decode-attention, cache-update and prefill-select kernels the TensorRT plugins will launch);
-* ``tensorrt`` - not built yet (issue 7): always reported as skipped, with the reason.
+* ``tensorrt`` - ``DIR/model.engine`` (``baklava-export --engine``) with the baklava plugins;
+  skipped, with the reason, where TensorRT, a GPU or the engine is missing.
 
 A backend passes when every step's logits are within ``atol + rtol * max|reference logits|`` and
 its greedy token equals the reference's at every step; the share of heads whose kept positions
@@ -87,10 +88,8 @@ def run_torch(model, profile, ids: np.ndarray, feed: list[int] | None = None, st
     return Trace(logits, _kept(positions, fill, profile.capacities), fed)
 
 
-def run_onnxruntime(artifact, ids: np.ndarray, feed: list[int]) -> Trace:
-    from baklava.runtime.onnx_backend import load_decoder
-
-    decoder = load_decoder(artifact.path, artifact.manifest)
+def run_graph(decoder, artifact, ids: np.ndarray, feed: list[int]) -> Trace:
+    """An exported graph's decoder (ONNX Runtime or TensorRT): prefill ``ids [1, S]``, decode ``feed``."""
     cache = decoder.new_cache(1)
     seen = np.zeros(1, dtype=np.int64)
     logits = [decoder.step(cache, ids, np.arange(ids.shape[1])[None], np.ones(ids.shape, bool), seen)[0, -1]]
@@ -99,11 +98,24 @@ def run_onnxruntime(artifact, ids: np.ndarray, feed: list[int]) -> Trace:
         step = decoder.step(cache, np.array([[token]]), seen[:, None], np.ones((1, 1), bool), seen)
         logits.append(step[0, -1])
         seen = seen + 1
-    state = {name: value.numpy() for name, value in cache.read().items()}
+    state = decoder.state(cache)
     layers = range(decoder.num_layers)
     positions = [state[f"past.{layer}.position"][0] for layer in layers]
     fill = [state[f"past.{layer}.fill"][0] for layer in layers]
     return Trace(logits, _kept(positions, fill, artifact.profile.capacities))
+
+
+def _tensorrt_unavailable(artifact) -> str:
+    """Why the tensorrt backend cannot run here ("" if it can)."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        return "TensorRT is not installed"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if "engine" not in artifact.manifest:
+        return "the artifact has no engine (baklava-export --engine)"
+    return ""
 
 
 def compare(reference: Trace, other: Trace, name: str, *, atol: float, rtol: float) -> Verdict:
@@ -150,7 +162,9 @@ def check(artifact, backends, *, context: int, steps: int, atol: float, rtol: fl
             if "decoder" not in artifact.manifest.get("graphs", {}):
                 verdicts.append(Verdict(name, "skipped", reason="the artifact has no ONNX graph"))
                 continue
-            trace = run_onnxruntime(artifact, ids, feed)
+            from baklava.runtime.onnx_backend import load_decoder
+
+            trace = run_graph(load_decoder(artifact.path, artifact.manifest), artifact, ids, feed)
         elif name == "torch-cuda":
             if not torch.cuda.is_available():
                 verdicts.append(Verdict(name, "skipped", reason="no CUDA device"))
@@ -158,9 +172,12 @@ def check(artifact, backends, *, context: int, steps: int, atol: float, rtol: fl
             trace = run_torch(lm.model.to("cuda"), artifact.profile, ids, feed)
             lm.model.to("cpu")
         else:  # tensorrt
-            verdicts.append(
-                Verdict(name, "skipped", reason="the TensorRT backend is not built yet (issue 7)")
-            )
-            continue
+            reason = _tensorrt_unavailable(artifact)
+            if reason:
+                verdicts.append(Verdict(name, "skipped", reason=reason))
+                continue
+            from baklava.runtime.tensorrt_backend import TensorRTDecoder
+
+            trace = run_graph(TensorRTDecoder(artifact.path, artifact.manifest), artifact, ids, feed)
         verdicts.append(compare(reference, trace, name, atol=atol, rtol=rtol))
     return verdicts, feed

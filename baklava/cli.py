@@ -278,6 +278,25 @@ def profile_cmd(
 @allocation_options
 @click.option("--plot/--no-plot", default=True, show_default=True, help="Write DIR/profile.png.")
 @click.option("--onnx/--no-onnx", "with_onnx", default=True, show_default=True, help="Write DIR/model.onnx.")
+@click.option(
+    "--engine",
+    "with_engine",
+    is_flag=True,
+    help="Also build DIR/model.engine with TensorRT and the baklava plugins (needs TensorRT and a GPU).",
+)
+@click.option(
+    "--engine-precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True
+)
+@click.option(
+    "--engine-max-batch", default=8, show_default=True, type=click.IntRange(1), help="Engine profile."
+)
+@click.option(
+    "--engine-max-tokens",
+    default=2048,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Longest prefill chunk the engine takes (longer prompts run in chunks).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing --out directory.")
 def export_cmd(
     model_spec,
@@ -291,6 +310,10 @@ def export_cmd(
     search_context,
     plot,
     with_onnx,
+    with_engine,
+    engine_precision,
+    engine_max_batch,
+    engine_max_tokens,
     force,
     **alloc_opts,
 ):
@@ -303,6 +326,8 @@ def export_cmd(
     started = time.perf_counter()
     if Path(out).exists() and not force:
         raise BaklavaError(f"{out} already exists; choose another --out or pass --force")
+    if with_engine and not with_onnx:
+        raise BaklavaError("--engine is built from the ONNX graph: drop --no-onnx")
     _check_writable(out)
     _check_calibration(calibration)
     resolve(model_spec)  # fail fast on a missing model or an unsupported architecture
@@ -329,7 +354,24 @@ def export_cmd(
     artifact = write_artifact(out, profile, model_spec=model_spec, plot=plot, overwrite=force, extra=extra)
     kv = artifact.manifest["budget"]["kv_bytes_per_sequence"]
     _log(f"wrote {out} (KV cache {_size(kv)} per sequence) in {time.perf_counter() - started:.0f} s")
+    if with_engine:
+        _build_engine(artifact, engine_precision, engine_max_batch, engine_max_tokens)
     click.echo(str(Path(out) / "manifest.json"))
+
+
+def _build_engine(artifact, precision: str, max_batch: int, max_tokens: int) -> None:
+    from baklava.exporter.engine import EngineShapes, build_engine
+
+    try:
+        entry = build_engine(
+            artifact, precision=precision, shapes=EngineShapes(max_batch=max_batch, max_tokens=max_tokens)
+        )
+    except BaklavaError as e:
+        raise BaklavaError(f"--engine: {e} (the ONNX artifact in {artifact.path} is complete)") from None
+    _log(
+        f"wrote {artifact.path / entry['file']} (TensorRT {entry['tensorrt']}, {entry['gpu']}, "
+        f"{precision}) in {entry['build_seconds']:.0f} s"
+    )
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -344,10 +386,10 @@ def export_cmd(
 )
 @click.option(
     "--backend",
-    type=click.Choice(["torch", "onnxruntime"]),
+    type=click.Choice(["torch", "onnxruntime", "tensorrt"]),
     default="torch",
     show_default=True,
-    help="PyTorch reference, or the exported ONNX graph in ONNX Runtime.",
+    help="PyTorch runtime, the exported ONNX graph in ONNX Runtime, or DIR/model.engine in TensorRT.",
 )
 @click.option(
     "--device",
@@ -361,12 +403,19 @@ def run_cmd(artifact, prompts, max_new_tokens, chat, as_json, backend, device):
     from baklava.exporter import read_artifact
 
     art = read_artifact(artifact)
-    if backend == "onnxruntime":
+    if backend in ("onnxruntime", "tensorrt"):
         from transformers import AutoTokenizer
 
         from baklava.runtime.onnx_backend import generate_onnx, load_decoder
 
-        decoder = load_decoder(art.path, art.manifest)
+        chunk = None
+        if backend == "tensorrt":
+            from baklava.runtime.tensorrt_backend import TensorRTDecoder
+
+            decoder = TensorRTDecoder(art.path, art.manifest)
+            chunk = decoder.max_tokens
+        else:
+            decoder = load_decoder(art.path, art.manifest)
         tokenizer = AutoTokenizer.from_pretrained(art.path / art.manifest["graphs"]["decoder"]["tokenizer"])
         started, stats = time.perf_counter(), {}
         results = generate_onnx(
@@ -377,6 +426,7 @@ def run_cmd(artifact, prompts, max_new_tokens, chat, as_json, backend, device):
             chat=chat,
             max_context=art.profile.model.max_context,
             stats=stats,
+            chunk=chunk,
         )
         kv_bytes = stats["kv_bytes"]
     else:

@@ -10,57 +10,7 @@ onnx = pytest.importorskip("onnx")
 from baklava.exporter.ops import single_layer_model  # noqa: E402
 from baklava.profiles.eviction import EvictionConfig  # noqa: E402
 from baklava.runtime.packed_cache import BudgetedLayer  # noqa: E402
-from baklava.runtime.prefill_attention import new_token_bias  # noqa: E402
-
-D = 8
-
-
-def _step_inputs(gen, batch, q_heads, kv_heads, seq, pad_rows):
-    q = torch.randn(batch, q_heads, seq, D, generator=gen)
-    k = torch.randn(batch, kv_heads, seq, D, generator=gen)
-    v = torch.randn(batch, kv_heads, seq, D, generator=gen)
-    token_mask = torch.ones(batch, seq, dtype=torch.bool)
-    for row, pad in pad_rows.items():
-        token_mask[row, :pad] = False
-    return q, k, v, token_mask
-
-
-def _bias(token_mask):
-    batch, seq = token_mask.shape
-    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
-    allowed = causal[None, None] & token_mask[:, None, None, :]
-    return new_token_bias(allowed, batch, seq, torch.zeros(1))
-
-
-def _reference_step(layer, q, k, v, token_mask):
-    layer.update(k, v)
-    out, _ = layer.attend(q, _bias(token_mask), D**-0.5)
-    return out.transpose(1, 2)  # [B, H_q, S, D]
-
-
-def _state(layer):
-    return {
-        "past_key": layer.keys.numpy().copy(),
-        "past_value": layer.values.numpy().copy(),
-        "past_position": layer.positions.numpy().copy(),
-        "past_score": layer.scores.numpy().copy(),
-        "past_fill": layer.fill.numpy().copy(),
-        "seen": layer.valid_seen.numpy().copy(),
-    }
-
-
-def _assert_same_cache(sess_out, layer, caps):
-    _, pk, pv, ppos, pscore, pfill = sess_out
-    np.testing.assert_array_equal(pfill, layer.fill.numpy())
-    offsets = np.cumsum([0, *caps[:-1]])
-    for b in range(pfill.shape[0]):
-        for h, (off, _cap) in enumerate(zip(offsets, caps, strict=True)):
-            n = int(pfill[b, h])  # only live slots are defined
-            sl = slice(off, off + n)
-            np.testing.assert_array_equal(ppos[b, sl], layer.positions[b, sl].numpy())
-            np.testing.assert_allclose(pk[b, sl], layer.keys[b, sl].numpy(), atol=1e-6)
-            np.testing.assert_allclose(pv[b, sl], layer.values[b, sl].numpy(), atol=1e-6)
-            np.testing.assert_allclose(pscore[b, sl], layer.scores[b, sl].numpy(), atol=1e-5)
+from tests.op_reference import D, assert_same_cache, reference_step, state, step_inputs  # noqa: E402
 
 
 @pytest.mark.parametrize("policy", ["h2o", "ring"])
@@ -78,24 +28,24 @@ def test_ops_match_the_pytorch_cache_over_steps(policy, caps, q_heads):
     layer = BudgetedLayer(caps, ev)
     steps = [(9, {1: 4, 2: 8}), (1, {}), (1, {}), (6, {}), (1, {})] + [(1, {})] * 4
     for seq, pads in steps:
-        q, k, v, token_mask = _step_inputs(gen, batch, q_heads, kv_heads, seq, pads)
+        q, k, v, token_mask = step_inputs(gen, batch, q_heads, kv_heads, seq, pads)
         if not layer.is_initialized:
             layer.lazy_initialization(k, v)
         feeds = {
-            **_state(layer),
+            **state(layer),
             "query": q.numpy(),
             "key": k.numpy(),
             "value": v.numpy(),
             "token_mask": token_mask.numpy(),
         }
         got = sess.run(None, feeds)
-        want = _reference_step(layer, q, k, v, token_mask)
+        want = reference_step(layer, q, k, v, token_mask)
         valid_rows = token_mask.numpy()  # padding queries' outputs are don't-care
         for b in range(batch):
             np.testing.assert_allclose(
                 got[0][b][:, valid_rows[b]], want[b][:, valid_rows[b]].numpy(), atol=1e-5
             )
-        _assert_same_cache(got, layer, caps)
+        assert_same_cache(got, layer, caps)
 
 
 def test_graph_is_checked_and_shapes_infer():

@@ -66,6 +66,10 @@ class OnnxDecoder:
                 s[info.name] = self._ort.OrtValue.ortvalue_from_numpy(np.full(shape, fill, dtype=dtype))
         return CacheBuffers(sets)
 
+    def state(self, cache: CacheBuffers) -> dict[str, np.ndarray]:
+        """The cache tensors (``past.*`` names) as numpy arrays."""
+        return {name: value.numpy() for name, value in cache.read().items()}
+
     def step(self, cache: CacheBuffers, input_ids, position_ids, token_mask, seen) -> np.ndarray:
         """One prefill chunk or decode step; returns logits ``[B, S, V]`` and advances ``cache``."""
         binding = self.session.io_binding()
@@ -93,11 +97,15 @@ def generate_onnx(
     max_context: int = 1 << 30,
     return_logits: int = 0,
     stats: dict | None = None,
+    chunk: int | None = None,
 ):
     """Greedy-decode ``prompts`` as one left-padded batch; returns :class:`Generation` s.
 
-    With ``return_logits=n`` also returns the logits of the first ``n`` generated positions;
-    ``stats`` receives ``kv_bytes``, measured from one set of the cache buffers.
+    ``decoder`` is an :class:`OnnxDecoder` or a
+    :class:`~baklava.runtime.tensorrt_backend.TensorRTDecoder` (same step interface). The prompt
+    is prefilled in steps of at most ``chunk`` tokens (all at once by default); the cache ops
+    compress after every step. With ``return_logits=n`` also returns the logits of the first
+    ``n`` generated positions; ``stats`` receives ``kv_bytes``, measured from the cache buffers.
     """
     batch = encode(tokenizer, prompts, chat=chat, max_context=max_context)
     mask = batch["attention_mask"].numpy().astype(bool)  # [B, S]
@@ -106,8 +114,11 @@ def generate_onnx(
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     seen = np.zeros(rows, dtype=np.int64)
     cache = decoder.new_cache(rows)
-    logits = decoder.step(cache, ids, positions, mask, seen)[:, -1]  # [B, V]
-    seen = seen + mask.sum(1)
+    step = chunk or ids.shape[1]
+    for s0 in range(0, ids.shape[1], step):
+        part = slice(s0, s0 + step)
+        logits = decoder.step(cache, ids[:, part], positions[:, part], mask[:, part], seen)[:, -1]  # [B, V]
+        seen = seen + mask[:, part].sum(1)
     out, kept = [], []
     for _ in range(max_new_tokens):
         if len(kept) < return_logits:

@@ -8,7 +8,14 @@
 * :mod:`~baklava.trt_plugins.triton_prefill_select` - a prefill chunk's compression: each head's
   top-priority candidates in arrival order, every head of a layer in one launch.
 
-All are Triton (they import ``triton``; they run on a CUDA device, or in Triton's CPU interpreter
-for the tests). Still to come (issue 7): the TensorRT plugins that launch them, and a prefill
-attention kernel (prefill attention is still the per-head PyTorch loop).
+The TensorRT plugins (one kernel launch per op, TensorRT's ahead-of-time ABI):
+
+* :mod:`~baklava.trt_plugins.aot_attention`, :mod:`~baklava.trt_plugins.aot_cache_update` - the
+  two ops for any number of new tokens, one launch each, cache updated in place;
+* :mod:`~baklava.trt_plugins.aot` - their launch plans (signature, constants, grid, PTX);
+* :mod:`~baklava.trt_plugins.tensorrt_plugins` - registration with ``tensorrt.plugin``;
+* :mod:`~baklava.trt_plugins.cuda_launch` - the PTX launched through the CUDA driver, as TensorRT
+  launches it (GPU tests).
+
+All kernels are Triton (they run on a CUDA device, or in Triton's CPU interpreter for the tests).
 """
