@@ -355,23 +355,14 @@ def export_cmd(
     kv = artifact.manifest["budget"]["kv_bytes_per_sequence"]
     _log(f"wrote {out} (KV cache {_size(kv)} per sequence) in {time.perf_counter() - started:.0f} s")
     if with_engine:
-        _build_engine(artifact, engine_precision, engine_max_batch, engine_max_tokens)
-    click.echo(str(Path(out) / "manifest.json"))
+        from baklava.exporter.engine import EngineShapes, build_engine_after_export
 
-
-def _build_engine(artifact, precision: str, max_batch: int, max_tokens: int) -> None:
-    from baklava.exporter.engine import EngineShapes, build_engine
-
-    try:
-        entry = build_engine(
-            artifact, precision=precision, shapes=EngineShapes(max_batch=max_batch, max_tokens=max_tokens)
+        shapes = EngineShapes(max_batch=engine_max_batch, max_tokens=engine_max_tokens)
+        entry = build_engine_after_export(artifact, engine_precision, shapes)
+        _log(
+            f"wrote {out}/{entry['file']} (TensorRT {entry['tensorrt']}, {entry['gpu']}) in {entry['build_seconds']:.0f} s"
         )
-    except BaklavaError as e:
-        raise BaklavaError(f"--engine: {e} (the ONNX artifact in {artifact.path} is complete)") from None
-    _log(
-        f"wrote {artifact.path / entry['file']} (TensorRT {entry['tensorrt']}, {entry['gpu']}, "
-        f"{precision}) in {entry['build_seconds']:.0f} s"
-    )
+    click.echo(str(Path(out) / "manifest.json"))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -187,3 +187,11 @@ def build_engine(artifact: Artifact, *, precision: str = "fp32", shapes: EngineS
     write_text_atomic(artifact.path / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
     artifact.manifest.update(manifest)
     return entry
+
+
+def build_engine_after_export(artifact: Artifact, precision: str, shapes: EngineShapes) -> dict:
+    """:func:`build_engine` for ``baklava-export --engine``: an error says the ONNX artifact is whole."""
+    try:
+        return build_engine(artifact, precision=precision, shapes=shapes)
+    except BaklavaError as e:
+        raise BaklavaError(f"--engine: {e} (the ONNX artifact in {artifact.path} is complete)") from None
