@@ -130,8 +130,7 @@ def _driver_launcher(plans):
     launches what the plugin returns."""
     from baklava.trt_plugins.cuda_launch import launch_kernel
 
-    major, minor = torch.cuda.get_device_capability()
-    kernels = {id(plan): plan.compile(major * 10 + minor) for plan in plans}
+    kernels = {id(plan): plan.compile(aot.device_arch()) for plan in plans}
 
     def launch(plan, args, batch, seq):
         launch_kernel(kernels[id(plan)], plan, args, batch, seq)

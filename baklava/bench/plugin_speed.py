@@ -32,8 +32,7 @@ def measure(batch: int, context: int, budget: float) -> dict:
     dev, dt = "cuda", torch.bfloat16
     caps = uneven_caps(context, budget, HKV)
     total = sum(caps)
-    major, minor = torch.cuda.get_device_capability()
-    arch = major * 10 + minor
+    arch = aot.device_arch()
     attn = aot.attention_plan(caps, HQ, D**-0.5, 32, head_dim=D, dtype="bf16")
     upd = aot.cache_update_plan(caps, 4, 32, "h2o", 7, head_dim=D, dtype="bf16")
     attn_k, upd_k = attn.compile(arch), upd.compile(arch)

@@ -85,11 +85,13 @@ def plugin_graph(model):
     return out
 
 
-def _gpu() -> tuple[str, str]:
+def current_gpu(purpose: str) -> tuple[str, str]:
+    """``(name, "major.minor")`` of the CUDA device an engine is built for or run on; a one-line
+    :class:`BaklavaError` naming ``purpose`` where there is none."""
     import torch
 
     if not torch.cuda.is_available():
-        raise BaklavaError("building a TensorRT engine needs a CUDA GPU; none is visible here")
+        raise BaklavaError(f"{purpose} needs a CUDA GPU; none is visible here")
     major, minor = torch.cuda.get_device_capability()
     return torch.cuda.get_device_name(), f"{major}.{minor}"
 
@@ -134,7 +136,7 @@ def build_engine(artifact: Artifact, *, precision: str = "fp32", shapes: EngineS
     if not graph:
         raise BaklavaError(f"{artifact.path}: no ONNX graph to build an engine from (export with --onnx)")
     trt = require_tensorrt()
-    gpu, capability = _gpu()
+    gpu, capability = current_gpu("building a TensorRT engine")
     shapes = shapes or EngineShapes()
 
     import onnx

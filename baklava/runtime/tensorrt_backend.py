@@ -74,18 +74,16 @@ class TensorRTDecoder:
     def __init__(self, artifact_dir: str | os.PathLike, manifest: dict):
         import torch
 
-        from baklava.exporter.engine import require_tensorrt
+        from baklava.exporter.engine import current_gpu, require_tensorrt
 
         trt = require_tensorrt()
-        if not torch.cuda.is_available():
-            raise BaklavaError("the tensorrt backend needs a CUDA GPU; none is visible here")
-        major, minor = torch.cuda.get_device_capability()
+        gpu, capability = current_gpu("the tensorrt backend")
         self.entry = manifest.get("engine")
         check_engine(
             self.entry,
             tensorrt_version=trt.__version__,
-            gpu=torch.cuda.get_device_name(),
-            capability=f"{major}.{minor}",
+            gpu=gpu,
+            capability=capability,
             budget_profile_sha256=manifest["profile"]["sha256"],
         )
         from baklava.trt_plugins.tensorrt_plugins import register
@@ -97,7 +95,14 @@ class TensorRTDecoder:
         blob = path.read_bytes()
         if hashlib.sha256(blob).hexdigest() != self.entry["sha256"]:
             raise BaklavaError(f"{path}: does not match the manifest's sha256 (modified or partly copied)")
-        self._torch, self._trt = torch, trt
+        self._torch = torch
+        self._dtypes = {
+            trt.float32: torch.float32,
+            trt.float16: torch.float16,
+            trt.bfloat16: torch.bfloat16,
+            trt.int64: torch.int64,
+            trt.bool: torch.bool,
+        }  # TensorRT -> torch, for the buffers this backend allocates
         self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(blob)
         if self.engine is None:
             raise BaklavaError(f"{path}: TensorRT could not deserialize the engine (see its log)")
@@ -108,15 +113,7 @@ class TensorRTDecoder:
         self.max_tokens = self.entry["shapes"]["tokens"][2]
 
     def _dtype(self, name: str):
-        torch, trt = self._torch, self._trt
-        table = {
-            trt.float32: torch.float32,
-            trt.float16: torch.float16,
-            trt.bfloat16: torch.bfloat16,
-            trt.int64: torch.int64,
-            trt.bool: torch.bool,
-        }
-        return table[self.engine.get_tensor_dtype(name)]
+        return self._dtypes[self.engine.get_tensor_dtype(name)]
 
     def new_cache(self, batch: int) -> DeviceCache:
         check_shapes(self.entry, batch=batch)

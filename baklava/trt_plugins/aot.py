@@ -26,6 +26,20 @@ from baklava.exporter.ops.spec import BUDGETED_ATTENTION, BUDGETED_CACHE_UPDATE,
 
 DTYPES = ("fp32", "fp16", "bf16")
 EXTRAS = ("S",)
+# element types of the op tensors that are not the activation/cache type T (docs/ops.md)
+FIXED_TYPES = {
+    "past_fill": "i64", "present_fill": "i64", "seen": "i64", "past_position": "i64",
+    "present_position": "i64", "token_mask": "i1", "slot_mass": "fp32", "token_mass": "fp32",
+    "past_score": "fp32", "present_score": "fp32",
+}  # fmt: skip
+
+
+def device_arch() -> int:
+    """Compute capability of the current CUDA device as an int (9.0 -> 90): the kernels' target."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return major * 10 + minor
 
 
 @dataclass(frozen=True)
@@ -94,15 +108,9 @@ class LaunchPlan:
 def _io_types(op: OpSpec, dtype: str) -> dict[str, str]:
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; one of {', '.join(DTYPES)}")
-    t = f"*{dtype}"
-    fixed = {
-        "past_fill": "*i64", "present_fill": "*i64", "seen": "*i64", "past_position": "*i64",
-        "present_position": "*i64", "token_mask": "*i1", "slot_mass": "*fp32", "token_mass": "*fp32",
-        "past_score": "*fp32", "present_score": "*fp32",
-    }  # fmt: skip
-    types = {name: fixed.get(name, t) for name in op.inputs}
+    types = {name: f"*{FIXED_TYPES.get(name, dtype)}" for name in op.inputs}
     types["S"] = "i32"
-    types.update({name: fixed.get(name, t) for name in op.outputs})
+    types.update({name: f"*{FIXED_TYPES.get(name, dtype)}" for name in op.outputs})
     return types
 
 

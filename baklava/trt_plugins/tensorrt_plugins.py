@@ -25,18 +25,14 @@ from baklava.trt_plugins import aot
 
 PLUGIN_VERSION = "1"
 _T = "FP32|FP16|BF16"  # activations and cache: any of the three, the same one for all
-_IO_TYPES = {
-    "query": _T, "key": _T, "value": _T, "past_key": _T, "past_value": _T, "output": _T,
-    "present_key": _T, "present_value": _T, "past_fill": "INT64", "present_fill": "INT64",
-    "seen": "INT64", "past_position": "INT64", "present_position": "INT64", "token_mask": "BOOL",
-    "slot_mass": "FP32", "token_mass": "FP32", "past_score": "FP32", "present_score": "FP32",
-}  # fmt: skip
+_TRT_NAMES = {"i64": "INT64", "i1": "BOOL", "fp32": "FP32"}
 
 
 def type_combinations(op) -> str:
     """TensorRT ``AutoTuneCombination`` types of ``op``: its inputs then outputs, ``|`` options
     aligned by position (float32 everywhere, or float16, or bfloat16)."""
-    return ", ".join(_IO_TYPES[name] for name in (*op.inputs, *op.outputs))
+    names = (*op.inputs, *op.outputs)
+    return ", ".join(_TRT_NAMES[aot.FIXED_TYPES[n]] if n in aot.FIXED_TYPES else _T for n in names)
 
 
 def _constant(expr, what: str) -> int | None:
@@ -86,16 +82,8 @@ def triton_dtype(trt, dtype) -> str:
     return names[dtype]
 
 
-def build_arch() -> int:
-    """Compute capability of the GPU the engine is built on (the PTX's target)."""
-    import torch
-
-    major, minor = torch.cuda.get_device_capability()
-    return major * 10 + minor
-
-
 def _launch(trtp, plan: aot.LaunchPlan, batch, seq):
-    kernel = plan.compile(build_arch())
+    kernel = plan.compile(aot.device_arch())  # the GPU the engine is built on
     params = trtp.KernelLaunchParams()
     params.grid_x, params.grid_y, params.grid_z = plan.grid(batch, seq)
     params.block_x = kernel.block
