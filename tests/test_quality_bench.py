@@ -1,6 +1,7 @@
 """The quality benchmark: deterministic tasks, method capacities, the shared-prefill runner, the report."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -101,9 +102,12 @@ def test_adakv_follows_where_the_top_tokens_are(tiny_llama):
 
 # ---------------------------------------------------------------------------------------- runner
 class _Tok:
-    """The runner needs only eos/pad ids and decode."""
+    """The runner needs only eos/pad ids, decode, and to encode the reconstruction prompt."""
 
     eos_token_id, pad_token_id = 2, 0
+
+    def __call__(self, text, add_special_tokens=True):
+        return SimpleNamespace(input_ids=[5, 6, 7])
 
     def decode(self, ids, skip_special_tokens=True):
         return " ".join(str(i) for i in ids)
@@ -255,6 +259,7 @@ def test_cli_rejects_bad_options(tmp_path, capsys):
         (["--tasks", "nope"], "unknown task 'nope'"),
         (["--budgets", "0.3,2"], "budgets must be fractions"),
         (["--lengths", "1k"], "expected comma-separated integers"),
+        (["--agnostic-scoring", "mean"], "'mean' is not one of 'reconstruct', 'window'"),
     ):
         with pytest.raises(SystemExit) as e:
             bench_main(["quality", "--out", str(tmp_path / "x"), "--model", "/nonexistent", *bad])

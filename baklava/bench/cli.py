@@ -154,6 +154,13 @@ def _names(ctx, param, value):
 @click.option(
     "--pool-kernel", type=click.IntRange(1), help="Eviction: max-pool width of the scores [profile's]."
 )
+@click.option(
+    "--agnostic-scoring",
+    type=click.Choice(["reconstruct", "window"]),
+    default="reconstruct",
+    show_default=True,
+    help="Query-agnostic setting: score the context by re-reading it, or by its last tokens (SnapKV).",
+)
 @calibration_options
 def quality_bench(
     model_spec,
@@ -174,6 +181,7 @@ def quality_bench(
     window,
     obs_window,
     pool_kernel,
+    agnostic_scoring,
     calibration,
     samples,
     seq_len,
@@ -200,6 +208,7 @@ def quality_bench(
         batch_tokens=batch_tokens,
         seed=seed,
         search=search,
+        agnostic_scoring=agnostic_scoring,
         extra={"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])},
     )
     _check_writable(Path(out) / "quality.json")

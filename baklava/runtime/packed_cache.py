@@ -62,6 +62,7 @@ class BudgetedLayer(CacheLayerMixin):
         self.total = int(sum(self.capacities))
         self.eviction = eviction or EvictionConfig()
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.probe = None  # set while a ReconstructionProbe reads through this layer
 
     def __repr__(self) -> str:
         return f"BudgetedLayer(capacities={self.capacities}, policy={self.eviction.policy!r})"
@@ -253,24 +254,15 @@ class BudgetedLayer(CacheLayerMixin):
             return out.transpose(1, 2).contiguous(), None
         new_bias = new_token_bias(attention_mask, batch, q_len, query)  # [B, 1, q, q]
         valid_new = torch.diagonal(new_bias[:, 0], dim1=-2, dim2=-1) == 0  # [B, q] False for padding
+        if self.probe is not None:  # reading without storing (runtime/reconstruction.py)
+            return self.probe.attend(self, query, k_new, v_new, new_bias, valid_new, scaling), None
         need_scores = self.eviction.policy == "h2o"
         obs = min(q_len, self.eviction.obs_window)
 
         out = query.new_empty(batch, q_heads, q_len, v_new.shape[-1])  # [B, H_q, q, D]
         kernels, masses = self._use_kernels(), []
-        for h, (off, _cap) in enumerate(zip(self.offsets, self.capacities, strict=True)):
-            n = int(self.fill[:, h].max())  # live slots of the fullest row
-            keys = torch.cat([self.keys[:, off : off + n], k_new[:, h]], dim=1)  # [B, n + q, D]
-            values = torch.cat([self.values[:, off : off + n], v_new[:, h]], dim=1)
-            live = torch.arange(n, device=self.device)[None, :] < self.fill[:, h, None]  # [B, n]
-            stored_bias = torch.zeros(batch, n, dtype=new_bias.dtype, device=self.device)
-            stored_bias.masked_fill_(~live, torch.finfo(new_bias.dtype).min)
-            bias = prefill_attention.HeadBias(
-                stored_bias, new_bias
-            )  # [B, 1, q, n + q], built a block of queries at a time
-            qh = query[:, h * group : (h + 1) * group]  # [B, g, q, D]
-            k_g = keys[:, None].expand(batch, group, n + q_len, keys.shape[-1])
-            v_g = values[:, None].expand(batch, group, n + q_len, values.shape[-1])
+        for h in range(self.num_heads):
+            n, qh, k_g, v_g, bias = self.head_inputs(h, query, k_new, v_new, new_bias)
             out[:, h * group : (h + 1) * group] = prefill_attention.sdpa_in_query_blocks(
                 qh, k_g, v_g, bias, scaling
             )
@@ -292,6 +284,25 @@ class BudgetedLayer(CacheLayerMixin):
         self.valid_seen += valid_new.sum(1)
         self.seen += q_len
         return out.transpose(1, 2).contiguous(), None
+
+    def head_inputs(self, h: int, query, k_new, v_new, new_bias):
+        """What head ``h``'s query group attends over in a prefill chunk: ``(n, q, k, v, bias)`` with
+        ``n`` the live slots of the fullest row, ``q [B, g, q, D]``, ``k, v [B, g, n + q, D]``
+        (stored slots, then the new tokens) and the :class:`~prefill_attention.HeadBias` masking
+        slots past each row's fill and the new tokens by the model's mask."""
+        batch, q_heads, q_len, _ = query.shape
+        group = q_heads // self.num_heads
+        off = self.offsets[h]
+        n = int(self.fill[:, h].max())
+        keys = torch.cat([self.keys[:, off : off + n], k_new[:, h]], dim=1)  # [B, n + q, D]
+        values = torch.cat([self.values[:, off : off + n], v_new[:, h]], dim=1)
+        live = torch.arange(n, device=self.device)[None, :] < self.fill[:, h, None]  # [B, n]
+        stored_bias = torch.zeros(batch, n, dtype=new_bias.dtype, device=self.device)
+        stored_bias.masked_fill_(~live, torch.finfo(new_bias.dtype).min)
+        bias = prefill_attention.HeadBias(stored_bias, new_bias)  # rows built a block at a time
+        k_g = keys[:, None].expand(batch, group, n + q_len, keys.shape[-1])
+        v_g = values[:, None].expand(batch, group, n + q_len, values.shape[-1])
+        return n, query[:, h * group : (h + 1) * group], k_g, v_g, bias
 
     def _use_kernels(self) -> bool:
         if self.decode_kernels == "torch":

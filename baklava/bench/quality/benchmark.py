@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from baklava.atomic import write_text_atomic
 from baklava.bench.quality import report
 from baklava.bench.quality.methods import METHODS, MethodContext
-from baklava.bench.quality.runner import SETTINGS, Runner, combos
+from baklava.bench.quality.runner import AGNOSTIC_SCORING, SETTINGS, Runner, combos
 from baklava.bench.quality.tasks import TASKS, build_suite
 from baklava.errors import BaklavaError
 
@@ -42,6 +42,9 @@ class QualityConfig:
     batch_tokens: int = 393216  # longer prompts get smaller batches (the full prefill's mask grows as S^2)
     seed: int = 0
     search: bool = True  # BaKlaVa params by the perplexity search (what baklava-export does)
+    # how a context compressed before its question is scored: "reconstruct" (the model re-reads it,
+    # runtime/reconstruction.py) or "window" (SnapKV: the context's own last tokens)
+    agnostic_scoring: str = "reconstruct"
     chat: bool = True
     extra: dict = field(default_factory=dict)  # recorded in the JSON (command line, profile source)
 
@@ -54,6 +57,10 @@ class QualityConfig:
             unknown = [g for g in given if g not in known]
             if unknown:
                 raise BaklavaError(f"unknown {name} {unknown[0]!r}; known: {', '.join(known)}")
+        if self.agnostic_scoring not in AGNOSTIC_SCORING:
+            raise BaklavaError(
+                f"unknown scoring {self.agnostic_scoring!r}; known: {', '.join(AGNOSTIC_SCORING)}"
+            )
         if not all(0 < b <= 1 for b in self.budgets):
             raise BaklavaError(f"budgets must be fractions in (0, 1], got {list(self.budgets)}")
         if self.samples < 1 or self.batch_size < 1:
@@ -112,7 +119,7 @@ def run_quality(
         work += [(batch, mode) for batch in _batches(samples, size) for mode in modes]
     bar = tqdm(total=len(work) * len(todo), desc="quality", unit="run", disable=not progress)
     ctx = MethodContext(profile.scores, profile.eviction, params)
-    runner = Runner(lm.model, lm.tokenizer, ctx, on_step=bar.update)
+    runner = Runner(lm.model, lm.tokenizer, ctx, on_step=bar.update, agnostic_scoring=config.agnostic_scoring)
     rows = []
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -140,6 +147,7 @@ def run_quality(
         "samples": config.samples,
         "seed": config.seed,
         "eviction": profile.eviction.to_dict(),
+        "agnostic_scoring": config.agnostic_scoring,
         "baklava_params": {str(k): v for k, v in params.items()},
         **config.extra,
     }
@@ -160,7 +168,18 @@ def _write(out: Path, meta: dict, rows: list[dict], *, with_rows: bool = True) -
 
 
 # what must agree for runs to be one table: same prompts' recipe, cache and BaKlaVa allocation
-_SAME = ("model", "dtype", "seed", "samples", "eviction", "baklava_params", "methods", "budgets", "settings")
+_SAME = (
+    "model",
+    "dtype",
+    "seed",
+    "samples",
+    "eviction",
+    "agnostic_scoring",
+    "baklava_params",
+    "methods",
+    "budgets",
+    "settings",
+)
 
 
 def merge_quality(paths, out_dir, *, with_rows: bool = True) -> dict:

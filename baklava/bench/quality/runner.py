@@ -5,6 +5,10 @@ For a batch of samples of one task and length::
     prefill (full cache, h2o scores) ──▶ full ──compressed(caps_m,b)──▶ cache_m,b ──▶ decode ──▶ score
                                            (query-agnostic: read the question into cache_m,b first)
 
+In the query-agnostic setting the context is scored by reconstruction by default (the model
+re-reads it, :mod:`baklava.runtime.reconstruction`), since its own last tokens know nothing of the
+question to come; ``agnostic_scoring="window"`` keeps the prefill's SnapKV scores instead.
+
 :meth:`BudgetedCache.compressed` keeps exactly what a prefill straight into ``caps_m,b`` keeps
 (tested), so the prefill, the expensive part, runs once per batch and setting instead of once per
 method and budget. Decoding is greedy and stops when every row has produced EOS; on a GPU the
@@ -27,8 +31,10 @@ from baklava.runtime.attention import enable
 from baklava.runtime.cuda_graph import greedy_cuda_graph
 from baklava.runtime.generate import positions_from_mask
 from baklava.runtime.packed_cache import BudgetedCache
+from baklava.runtime.reconstruction import prompt_ids, score_by_reconstruction
 
 SETTINGS = ("query-aware", "query-agnostic")
+AGNOSTIC_SCORING = ("reconstruct", "window")
 
 
 @dataclass(frozen=True)
@@ -57,9 +63,19 @@ def _pad_left(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
 class Runner:
     """Runs batches of samples for every combo; ``on_step`` is called once per combo (progress)."""
 
-    def __init__(self, model, tokenizer, ctx: MethodContext, on_step: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        ctx: MethodContext,
+        on_step: Callable[[], None] | None = None,
+        agnostic_scoring: str = "reconstruct",
+    ):
         enable(model)
         self.model, self.tokenizer, self.ctx = model, tokenizer, ctx
+        if agnostic_scoring not in AGNOSTIC_SCORING:
+            raise ValueError(f"unknown scoring {agnostic_scoring!r}; known: {', '.join(AGNOSTIC_SCORING)}")
+        self.instruction = prompt_ids(tokenizer) if agnostic_scoring == "reconstruct" else None
         self.device = next(model.parameters()).device
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
@@ -129,6 +145,8 @@ class Runner:
             first = self._forward(ids, mask, full)[:, -1]
         else:
             self._forward(ids[:, :split], mask[:, :split], full)
+            if self.instruction is not None:  # score the context by re-reading it
+                score_by_reconstruction(self.model, full, ids[:, :split], mask[:, :split], self.instruction)
         rows = []
         for combo in todo:
             caps, eviction = plan(combo.method, combo.budget, width, self.ctx, full)
