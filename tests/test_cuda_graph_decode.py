@@ -1,5 +1,7 @@
 """The CUDA-graph decode loop against eager decoding (GPU only)."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -100,13 +102,16 @@ def test_generate_on_cuda_equals_model_generate(tiny_model_dir):
     from baklava.runtime import generate
 
     model = LlamaForCausalLM.from_pretrained(tiny_model_dir).to("cuda").eval()
+    reference = copy.deepcopy(model)  # generate() fuses its model's layers in place
+    enable(reference)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     caps = np.full((2, 2), 9)
     prompts = ["the a of to and in is for that with as on", "this is"]
     got = generate(model, tokenizer, BudgetedCache(caps), prompts, max_new_tokens=12, chat=False)
+    assert hasattr(model.model.layers[0], "_baklava_fused")
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to("cuda")
     with torch.inference_mode():
-        out = model.generate(
+        out = reference.generate(
             **batch, past_key_values=BudgetedCache(caps), max_new_tokens=12, do_sample=False, pad_token_id=0
         )
     for i, g in enumerate(got):

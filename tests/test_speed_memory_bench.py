@@ -75,3 +75,20 @@ def test_bad_sizes_and_budgets_are_one_line_errors(tmp_path):
         with pytest.raises(SystemExit) as exit_info:
             bench_main(args)
         assert exit_info.value.code == 2
+
+
+def test_budget_gains_compare_each_layer_variant_with_its_own_full_cache():
+    from baklava.bench.gpu_decode import budget_gains
+
+    rows = [
+        {"budget": "transformers", "kv_bytes": 100, "step_ms": 90.0},
+        {"budget": 1.0, "fused": False, "kv_bytes": 100, "step_ms": 16.0},
+        {"budget": 0.3, "fused": False, "kv_bytes": 30, "step_ms": 11.0},
+        {"budget": 1.0, "fused": True, "kv_bytes": 100, "step_ms": 13.0},
+        {"budget": 0.3, "fused": True, "kv_bytes": 30, "step_ms": 8.0},
+    ]
+    gains = budget_gains(rows, weights=50)
+    assert sorted(gains) == ["0.3", "0.3 fused"]
+    assert gains["0.3"]["bytes_ratio"] == pytest.approx(150 / 80)
+    assert gains["0.3"]["speedup_vs_1.0"] == pytest.approx(16 / 11)
+    assert gains["0.3 fused"]["speedup_over_bytes_ratio"] == pytest.approx((13 / 8) / (150 / 80))

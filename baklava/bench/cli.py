@@ -332,8 +332,14 @@ def _size_option(ctx, param, value):
     show_default=True,
     help="Also run the decode-attention kernel cases.",
 )
+@click.option(
+    "--fused/--no-fused",
+    default=True,
+    show_default=True,
+    help="Also time the step with the fused one-token layer forward.",
+)
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
-def speed_bench(model_spec, batch, context, budgets, transformers, kernel, out):
+def speed_bench(model_spec, batch, context, budgets, transformers, kernel, fused, out):
     """GPU decode speed: the runtime's CUDA-graph step vs its bandwidth floor and plain transformers."""
     from baklava.bench import gpu_decode
 
@@ -354,7 +360,10 @@ def speed_bench(model_spec, batch, context, budgets, transformers, kernel, out):
         context=context,
         budgets=budgets,
         transformers=transformers,
-        progress=lambda row: _log(f"{row['budget']}: {row['step_ms']:.2f} ms a step"),
+        fused=fused,
+        progress=lambda row: _log(
+            f"{row['budget']}{' fused' if row.get('fused') else ''}: {row['step_ms']:.2f} ms a step"
+        ),
     )
     click.echo(json.dumps(doc["end_to_end"], indent=1))
     if out:

@@ -50,18 +50,31 @@ def encode(tokenizer, prompts: list[str], *, chat: bool, max_context: int) -> di
 
 @torch.inference_mode()
 def generate(
-    model, tokenizer, cache: BudgetedCache, prompts: list[str], *, max_new_tokens: int = 64, chat: bool = True
+    model,
+    tokenizer,
+    cache: BudgetedCache,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 64,
+    chat: bool = True,
+    fused: bool = True,
 ):
     """Greedy-decode ``prompts`` as one batch with ``cache``; returns one :class:`Generation` each.
 
     On a CUDA device the prompt is prefilled once and every decode step is one CUDA graph replay
-    (:mod:`baklava.runtime.cuda_graph`); elsewhere ``model.generate`` runs the same greedy search.
+    (:mod:`baklava.runtime.cuda_graph`); with ``fused`` the model's layers first get the fused
+    one-token forward (:mod:`baklava.runtime.fused_decode`: the model is changed in place, for the
+    architectures it supports). Elsewhere ``model.generate`` runs the same greedy search.
     """
     enable(model)
     device = next(model.parameters()).device
     batch = encode(tokenizer, prompts, chat=chat, max_context=model.config.max_position_embeddings)
     batch = {k: v.to(device) for k, v in batch.items()}
     if device.type == "cuda":
+        from baklava.runtime import fused_decode
+
+        if fused:
+            fused_decode.fuse(model)
         new = _greedy_cuda_graph(model, cache, batch["input_ids"], batch["attention_mask"], max_new_tokens)
     else:
         out = model.generate(
