@@ -14,10 +14,10 @@ views into them), so no weight memory is added. Steps of more than one token (pr
 and one-token steps on devices the kernels do not run on, take the original forward. Each
 kernel rounds where transformers' eager code rounds (RMSNorm normalises in float32, casts, then
 scales by its weight; RoPE rounds each product), so the step differs from the original only by
-the matmuls' accumulation order and the MLP's residual add, done in the down projection's
-epilogue. (Measured on an H100, batch 8: the attention's residual add in the o projection's
-epilogue instead of the norm kernel was no faster, and a Triton GEMV did not beat cuBLAS on
-these shapes; BENCHMARKS.md.)
+the matmuls' accumulation order and the MLP's residual add, done inside the down projection's
+matmul (in place). (Measured on an H100, batch 8: the attention's residual add inside the o
+projection's matmul instead of the norm kernel was no faster, and a Triton GEMV did not beat
+cuBLAS on these shapes; BENCHMARKS.md.)
 """
 
 from __future__ import annotations
@@ -228,5 +228,5 @@ def _decode_forward(self, hidden_states, attention_mask=None, position_ids=None,
     o = F.linear(out.reshape(batch, -1), attn.o_proj.weight)
     x, h = add_rms_norm(x, o, norm.weight, norm.variance_epsilon)
     act = silu_mul(F.linear(h, fused.gate_up))
-    x = torch.addmm(x, act, mlp.down_proj.weight.t())  # the MLP's residual add in the matmul's epilogue
+    x.addmm_(act, mlp.down_proj.weight.t())  # the MLP's residual add in the matmul (in place: no copy of x)
     return x.view(batch, 1, -1)

@@ -198,7 +198,8 @@ def packed_cache_update(
     lse: torch.Tensor | None = None,
     logit_new: torch.Tensor | None = None,
     table=None,
-    block: int = 256,
+    block: int = 512,
+    warps: int = 8,
 ) -> None:
     """Commit ``key_new/value_new [B, H_kv, D]`` in place (see the module docstring).
 
@@ -248,7 +249,7 @@ def packed_cache_update(
         logits.stride(0) if h2o else 0, logits.stride(1) if h2o else 0,
         lse.stride(0) if h2o else 0,
         sink, window, tile,
-        H2O=h2o, GROUP=group, G_PAD=g_pad, BLOCK=block,
+        H2O=h2o, GROUP=group, G_PAD=g_pad, BLOCK=block, num_warps=warps,
     )  # fmt: skip
     _commit_kernel[(batch, kv_heads)](
         keys, values, positions, scores, fill, valid_seen, valid, capacities, offsets, tile_first,
