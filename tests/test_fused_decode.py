@@ -106,12 +106,18 @@ def test_kernels_round_like_eager():
 
 
 def test_unsupported_models_are_left_alone():
+    from transformers import LlamaForCausalLM
+
     model = _llama_tiny()
     model.config.hidden_act = "gelu"
     assert "activation 'gelu'" in supported(model)
     before = model.model.layers[0].forward
     assert not fuse(model)
     assert model.model.layers[0].forward == before
+    biased = LlamaForCausalLM(tiny_config(mlp_bias=True)).eval()  # the fused MLP has no biases
+    assert supported(biased) == "the MLP's projections have biases" and not fuse(biased)
+    biased = LlamaForCausalLM(tiny_config(attention_bias=True)).eval()  # o_proj too
+    assert supported(biased) == "o_proj has a bias" and not fuse(biased)
 
 
 def test_prefill_and_other_devices_take_the_original_forward():

@@ -143,9 +143,9 @@ def _concat_into_views(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One weight (and bias) holding ``linears``' rows; each linear's parameters become views of it."""
     weight = torch.cat([m.weight.detach() for m in linears])
     has_bias = [m.bias is not None for m in linears]
-    bias = torch.cat([m.bias.detach() for m in linears]) if all(has_bias) else None
-    if any(has_bias) and bias is None:
-        raise ValueError("some projections have a bias and others not")
+    bias = (
+        torch.cat([m.bias.detach() for m in linears]) if all(has_bias) else None
+    )  # supported(): all or none
     row = 0
     for m in linears:
         rows = m.weight.shape[0]
@@ -166,8 +166,14 @@ def supported(model) -> str | None:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     if head_dim & (head_dim - 1):
         return f"head_dim {head_dim} is not a power of two"
-    if any(layer.self_attn.o_proj.bias is not None for layer in model.model.layers):
-        return "o_proj has a bias"
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if attn.o_proj.bias is not None:
+            return "o_proj has a bias"
+        if any(m.bias is not None for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+            return "the MLP's projections have biases"
+        if len({m.bias is None for m in (attn.q_proj, attn.k_proj, attn.v_proj)}) > 1:
+            return "some of q/k/v have a bias and others not"
     return None
 
 
