@@ -203,19 +203,18 @@ def fuse(model, device_types: tuple[str, ...] = ("cuda",)) -> bool:
     return True
 
 
-def _decode_forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
-                    use_cache=False, position_embeddings=None, **kwargs):  # fmt: skip
+def _decode_forward(self, hidden_states, *args, **kwargs):
     fused = self._baklava_fused
-    if hidden_states.shape[1] != 1 or hidden_states.device.type not in fused.device_types:
-        return fused.original(
-            hidden_states,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            position_embeddings=position_embeddings,
-            **kwargs,
-        )
+    if args or hidden_states.shape[1] != 1 or hidden_states.device.type not in fused.device_types:
+        return fused.original(hidden_states, *args, **kwargs)
+    # transformers < 5.24 hands the cache over as `past_key_values`, later versions as `cache`
+    cache = kwargs.pop("past_key_values", None)
+    if cache is None:
+        cache = kwargs.pop("cache", None)
+    kwargs.pop("cache", None)
+    kwargs.pop("use_cache", None)
+    attention_mask = kwargs.pop("attention_mask", None)
+    position_embeddings = kwargs.pop("position_embeddings")
     attn, mlp = self.self_attn, self.mlp
     batch = hidden_states.shape[0]
     x = hidden_states.reshape(batch, -1)
@@ -226,8 +225,8 @@ def _decode_forward(self, hidden_states, attention_mask=None, position_ids=None,
     qkv = F.linear(h, fused.qkv_weight, fused.qkv_bias)
     cos, sin = position_embeddings
     q, k, v = rope_split(qkv, cos, sin, q_heads, kv_heads, head_dim)
-    if past_key_values is not None:
-        k, v = past_key_values.update(k, v, attn.layer_idx)
+    if cache is not None:
+        k, v = cache.update(k, v, attn.layer_idx)
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, None)
     out, _ = interface(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **kwargs)
     norm = self.post_attention_layernorm
