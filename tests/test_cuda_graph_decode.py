@@ -119,3 +119,43 @@ def test_generate_on_cuda_equals_model_generate(tiny_model_dir):
         if tokenizer.eos_token_id in want:
             want = want[: want.index(tokenizer.eos_token_id) + 1]
         assert g.token_ids == want
+
+
+@pytest.mark.parametrize("policy", ["h2o", "ring"])
+def test_overlapped_cache_updates_change_nothing(policy):
+    """The layers' cache updates on a second stream inside the graph (the default) give the same
+    tokens and the same cache, bit for bit, as the updates in line; heads long enough that the
+    update kernels run alongside the next layers' work. The stream is uninstalled after capture."""
+    from transformers import LlamaForCausalLM
+
+    from baklava.runtime.cuda_graph import DecodeGraph
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    config = tiny_config(
+        hidden_size=512,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        num_hidden_layers=4,
+        max_position_embeddings=4096,
+    )
+    model = LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
+    enable(model)
+    caps = np.array([[900, 40, 2000, 300]] * 4)
+    ev = EvictionConfig(sink=4, window=16, policy=policy)
+    ids = torch.randint(3, 96, (4, 2500), generator=torch.Generator().manual_seed(2)).cuda()
+    runs = []
+    for overlap in (False, True):
+        cache = BudgetedCache(caps, ev)
+        with torch.inference_mode():
+            first = model(input_ids=ids, past_key_values=cache).logits[:, -1].argmax(-1)
+            graph = DecodeGraph(model, cache, first, 24, overlap_updates=overlap)
+            for _ in range(23):
+                graph.replay()
+        assert all(layer.update_stream is None for layer in cache.layers)
+        runs.append((graph.tokens, cache))
+    (t_a, c_a), (t_b, c_b) = runs
+    assert torch.equal(t_a, t_b)
+    for a, b in zip(c_a.layers, c_b.layers, strict=True):
+        for name in ("keys", "values", "positions", "scores", "fill", "valid_seen"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name

@@ -63,6 +63,7 @@ class BudgetedLayer(CacheLayerMixin):
         self.eviction = eviction or EvictionConfig()
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.probe = None  # set while a ReconstructionProbe reads through this layer
+        self.update_stream = None  # a triton_decode.UpdateStream while a CUDA-graph step overlaps updates
 
     def __repr__(self) -> str:
         return f"BudgetedLayer(capacities={self.capacities}, policy={self.eviction.policy!r})"
@@ -248,8 +249,7 @@ class BudgetedLayer(CacheLayerMixin):
             else:
                 valid = new_token_bias(attention_mask, batch, 1, query)[:, 0, 0, 0] == 0  # [B]
             step = triton_decode.decode_step if self._use_kernels() else decode_step
-            out = step(self, query, k_new, v_new, valid, scaling)
-            self.valid_seen += valid
+            out = step(self, query, k_new, v_new, valid, scaling)  # advances valid_seen
             self.seen += 1
             return out.transpose(1, 2).contiguous(), None
         new_bias = new_token_bias(attention_mask, batch, q_len, query)  # [B, 1, q, q]

@@ -46,7 +46,7 @@ class SlotMap:
 def decode_step(
     layer, query: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, valid: torch.Tensor, scaling: float
 ):
-    """Attend and commit one token per row; returns ``[B, H_q, 1, D]``.
+    """Attend and commit one token per row (advancing ``layer.valid_seen``); returns ``[B, H_q, 1, D]``.
 
     ``query [B, H_q, 1, D]``, ``k_new/v_new [B, H_kv, 1, D]``, ``valid [B]`` (False: padding).
     """
@@ -82,6 +82,7 @@ def decode_step(
         layer.scores += p.sum(1) / group * q_ok  # [B, T]
         new_score = p_new.view(batch, heads, group).mean(-1) * q_ok
     _commit(layer, kn.to(layer.keys.dtype), vn.to(layer.values.dtype), new_score, valid)
+    layer.valid_seen += valid
     return out[:, :, None].to(query.dtype)
 
 

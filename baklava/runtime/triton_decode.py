@@ -11,10 +11,16 @@ Two kernels a layer, no host sync, so the step can be captured in a CUDA graph
 
 The kept tokens are the ones :mod:`baklava.runtime.packed_decode` keeps; after an eviction
 their slot order within a head differs (no shift), which attention does not see.
+
+Nothing later in the step reads what the update writes (the layer's own slots, scores and fill,
+read again by its next step's attention), so with an :class:`UpdateStream` the update of every
+layer runs on a second stream, beside the o projection, the MLP and the next layers; the step
+joins it once at its end (:class:`~baklava.runtime.cuda_graph.DecodeGraph` does).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -57,11 +63,43 @@ class _LayerState:
             self.logit_new = torch.empty(batch, layer.num_heads * group, **f32)
 
 
+class UpdateStream:
+    """A second CUDA stream for the layers' cache updates (set as ``BudgetedLayer.update_stream``).
+
+    Each layer's update waits for that layer's attention, then runs while the main stream goes on
+    with the rest of the step; :meth:`join` makes the main stream wait for every update launched
+    so far. Whoever installs it must join before anything reads the cache again (the next step,
+    the host, the end of a CUDA-graph capture).
+    """
+
+    def __init__(self, device):
+        self.stream = torch.cuda.Stream(device)
+        self.forked = False  # work launched since the last join (joining none breaks a capture)
+
+    @contextlib.contextmanager
+    def fork(self, *inputs: torch.Tensor):
+        """Launch the block's kernels on the update stream after what the main stream has queued;
+        ``inputs`` (made on the main stream) stay allocated until the update stream is done."""
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            yield
+        for tensor in inputs:
+            tensor.record_stream(self.stream)
+        self.forked = True
+
+    def join(self) -> None:
+        if self.forked:
+            torch.cuda.current_stream().wait_stream(self.stream)
+            self.forked = False
+
+
 def decode_step(layer, query, k_new, v_new, valid, scaling: float) -> torch.Tensor:
     """Attend and commit one token per row with the kernels; returns ``[B, H_q, 1, D]``.
 
-    Same arguments as :func:`baklava.runtime.packed_decode.decode_step`. The output of a padding
-    row (``valid`` False) is unspecified; its cache row is left unchanged.
+    Same arguments as :func:`baklava.runtime.packed_decode.decode_step` (the layer's
+    ``valid_seen`` is advanced here too). The output of a padding row (``valid`` False) is
+    unspecified; its cache row is left unchanged. With ``layer.update_stream`` set, the commit
+    runs on that stream and is only queued when this returns.
     """
     from baklava.trt_plugins.triton_cache_update import packed_cache_update
     from baklava.trt_plugins.triton_decode_attention import packed_decode_attention
@@ -76,10 +114,13 @@ def decode_step(layer, query, k_new, v_new, valid, scaling: float) -> torch.Tens
         table=state.table, logits=state.logits, lse=state.lse, logit_new=state.logit_new,
     )  # fmt: skip
     ev = layer.eviction
-    packed_cache_update(
-        layer.keys, layer.values, layer.positions, layer.scores, layer.fill, layer.valid_seen, valid,
-        kn, vn, state.capacities, state.offsets,
-        sink=ev.sink, window=ev.window, policy=ev.policy,
-        logits=state.logits, lse=state.lse, logit_new=state.logit_new, table=state.table,
-    )  # fmt: skip
+    side = layer.update_stream
+    with side.fork(kn, vn, valid) if side is not None else contextlib.nullcontext():
+        packed_cache_update(
+            layer.keys, layer.values, layer.positions, layer.scores, layer.fill, layer.valid_seen, valid,
+            kn, vn, state.capacities, state.offsets,
+            sink=ev.sink, window=ev.window, policy=ev.policy,
+            logits=state.logits, lse=state.lse, logit_new=state.logit_new, table=state.table,
+        )  # fmt: skip
+        layer.valid_seen += valid
     return out[:, :, None]
