@@ -12,7 +12,7 @@ Two launches, pointer-and-stride only (what a TensorRT plugin's ``enqueue`` can 
    GQA group (``g`` query heads), keeping an online softmax (``m``, ``l``, ``acc``) in fp32.
    Tiles past ``fill`` write ``m = -inf``. Heads get programs in proportion to their capacity,
    so ragged capacities keep every SM busy.
-2. ``_combine_kernel`` grid ``(B, H_q)``: merges the tiles of one query head (16 at a time) and
+2. ``_combine_kernel`` grid ``(B, H_q)``: merges the tiles of one query head in one pass (32 at a time) and
    the step's own token (``key_new``/``value_new``), writes ``out [B, H_q, D]``.
 
 For the H2O policy (``logits=`` given) the split kernel also writes every live slot's scaled
@@ -117,24 +117,22 @@ def _combine_kernel(
 
     first = b * N_TILES + tl.load(TILE_FIRST + h)
     count = tl.load(TILE_FIRST + h + 1) - tl.load(TILE_FIRST + h)
-    m = s_new
-    for s0 in range(0, count, TILE_BLOCK):
-        t = s0 + tl.arange(0, TILE_BLOCK)
-        m = tl.maximum(
-            m, tl.max(tl.load(MID_M + (first + t) * G_PAD + gi, mask=t < count, other=float("-inf")), 0)
-        )
-    w_new = tl.exp(s_new - m)
-    num = v_new * w_new
-    den = w_new
+    m = s_new  # one pass, rescaling as the running max grows: a block's m, l and o load together
+    num = v_new
+    den = tl.full([], 1.0, tl.float32)
     for s0 in range(0, count, TILE_BLOCK):
         t = s0 + tl.arange(0, TILE_BLOCK)
         ok = t < count
         row = (first + t) * G_PAD + gi
-        w = tl.exp(tl.load(MID_M + row, mask=ok, other=float("-inf")) - m)  # empty tiles: exp(-inf) = 0
-        den += tl.sum(tl.load(MID_L + row, mask=ok, other=0.0) * w, 0)
-        num += tl.sum(
-            tl.load(MID_O + row[:, None] * D + d[None, :], mask=ok[:, None], other=0.0) * w[:, None], 0
-        )
+        m_t = tl.load(MID_M + row, mask=ok, other=float("-inf"))  # empty tiles: -inf, weight 0
+        l_t = tl.load(MID_L + row, mask=ok, other=0.0)
+        o_t = tl.load(MID_O + row[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+        m_new = tl.maximum(m, tl.max(m_t, 0))
+        alpha = tl.exp(m - m_new)
+        w = tl.exp(m_t - m_new)
+        den = den * alpha + tl.sum(l_t * w, 0)
+        num = num * alpha + tl.sum(o_t * w[:, None], 0)
+        m = m_new
     if STORE_LOGITS:
         tl.store(LSE + b * stride_eb + qh, m + tl.log(den))
         tl.store(LOGIT_NEW + b * stride_eb + qh, s_new)
@@ -250,6 +248,6 @@ def packed_decode_attention(
         out.stride(0), out.stride(1),
         lse.stride(0) if store else 0,
         scale, n_tiles,
-        GROUP=group, G_PAD=g_pad, D=head_dim, TILE_BLOCK=16, STORE_LOGITS=store,
+        GROUP=group, G_PAD=g_pad, D=head_dim, TILE_BLOCK=32, STORE_LOGITS=store,
     )  # fmt: skip
     return out
