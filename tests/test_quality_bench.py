@@ -260,6 +260,7 @@ def test_cli_rejects_bad_options(tmp_path, capsys):
         (["--budgets", "0.3,2"], "budgets must be fractions"),
         (["--lengths", "1k"], "expected comma-separated integers"),
         (["--agnostic-scoring", "mean"], "'mean' is not one of 'reconstruct', 'window'"),
+        (["--reconstruct-pool", "4"], "must be a positive odd number, got 4"),
     ):
         with pytest.raises(SystemExit) as e:
             bench_main(["quality", "--out", str(tmp_path / "x"), "--model", "/nonexistent", *bad])
@@ -282,7 +283,24 @@ def test_same_prompts_give_the_same_scores(tiny_llama):
     assert len({r["output"] for r in first}) > 1  # the methods do differ: the comparison is not vacuous
 
 
-def _run_doc(path, lengths, params=None):
+def test_runner_pools_reconstruction_scores_as_told(tiny_llama, monkeypatch):
+    """``reconstruct_pool`` reaches the reconstruction pass (None: the eviction's own width)."""
+    from baklava.bench.quality import runner as runner_module
+
+    seen = []
+    monkeypatch.setattr(
+        runner_module, "score_by_reconstruction", lambda *a, pool_kernel=None, **k: seen.append(pool_kernel)
+    )
+    sample = Sample("niah_single", 64, 0, list(range(3, 53)), [7, 8, 9], ["5"], 2)
+    ctx = MethodContext(HeadScores.constant(2, 2), EvictionConfig(sink=2, window=4), {})
+    for pool in (None, 1):
+        Runner(tiny_llama, _Tok(), ctx, reconstruct_pool=pool).run(
+            [sample], "query-agnostic", combos(["uniform"], [0.5])
+        )
+    assert seen == [None, 1]
+
+
+def _run_doc(path, lengths, params=None, **meta_extra):
     """A quality.json as run_quality writes it, with rows for ``lengths`` (scores made up)."""
     rows = [
         {"setting": s, "task": "niah_single", "length": n, "method": m, "budget": b, "score": score}
@@ -294,7 +312,7 @@ def _run_doc(path, lengths, params=None):
         "model": "m", "dtype": "float32", "seed": 0, "samples": 1, "eviction": {"sink": 4},
         "baklava_params": params or {"0.3": {"sharpness": 1.0}}, "methods": ["full", "uniform", "baklava"],
         "budgets": [0.3, 1.0], "settings": ["query-aware", "query-agnostic"], "tasks": ["niah_single"],
-        "lengths": lengths, "seconds": 1.0, "date": "2026-11-24", "command": "x",
+        "lengths": lengths, "seconds": 1.0, "date": "2026-11-24", "command": "x", **meta_extra,
     }  # fmt: skip
     path.write_text(json.dumps({"meta": meta, "rows": rows}))
     return path
@@ -318,3 +336,20 @@ def test_merge_joins_runs_of_one_setup_and_refuses_others(tmp_path):
         merge_quality([a, _run_doc(tmp_path / "d.json", [2048, 4096])], tmp_path / "o3")
     with pytest.raises(BaklavaError, match="no per-prompt rows"):
         merge_quality([a, tmp_path / "out" / "quality.json"], tmp_path / "o4")
+
+
+def test_merge_compares_the_reconstruction_pool(tmp_path):
+    """A run written before ``reconstruct_pool`` was recorded pooled like SnapKV (its eviction's
+    width): it merges with a run that records that width and refuses one that records another."""
+    from baklava.bench.quality.benchmark import merge_quality
+
+    old = _run_doc(tmp_path / "old.json", [2048], eviction={"sink": 4, "pool_kernel": 31})
+    same = _run_doc(
+        tmp_path / "same.json", [4096], eviction={"sink": 4, "pool_kernel": 31}, reconstruct_pool=31
+    )
+    other = _run_doc(
+        tmp_path / "other.json", [8192], eviction={"sink": 4, "pool_kernel": 31}, reconstruct_pool=1
+    )
+    assert merge_quality([old, same], tmp_path / "ok", with_rows=False)["meta"]["lengths"] == [2048, 4096]
+    with pytest.raises(BaklavaError, match="reconstruct_pool"):
+        merge_quality([old, other], tmp_path / "no")

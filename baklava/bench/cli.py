@@ -161,6 +161,11 @@ def _names(ctx, param, value):
     show_default=True,
     help="Query-agnostic setting: score the context by re-reading it, or by its last tokens (SnapKV).",
 )
+@click.option(
+    "--reconstruct-pool",
+    type=click.IntRange(1),
+    help="Max-pool width of the reconstruction scores [the eviction's pool kernel].",
+)
 @calibration_options
 def quality_bench(
     model_spec,
@@ -182,6 +187,7 @@ def quality_bench(
     obs_window,
     pool_kernel,
     agnostic_scoring,
+    reconstruct_pool,
     calibration,
     samples,
     seq_len,
@@ -209,6 +215,7 @@ def quality_bench(
         seed=seed,
         search=search,
         agnostic_scoring=agnostic_scoring,
+        reconstruct_pool=reconstruct_pool,
         extra={"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])},
     )
     _check_writable(Path(out) / "quality.json")

@@ -45,6 +45,7 @@ class QualityConfig:
     # how a context compressed before its question is scored: "reconstruct" (the model re-reads it,
     # runtime/reconstruction.py) or "window" (SnapKV: the context's own last tokens)
     agnostic_scoring: str = "reconstruct"
+    reconstruct_pool: int | None = None  # max-pool width of reconstruction scores (None: eviction's)
     chat: bool = True
     extra: dict = field(default_factory=dict)  # recorded in the JSON (command line, profile source)
 
@@ -60,6 +61,12 @@ class QualityConfig:
         if self.agnostic_scoring not in AGNOSTIC_SCORING:
             raise BaklavaError(
                 f"unknown scoring {self.agnostic_scoring!r}; known: {', '.join(AGNOSTIC_SCORING)}"
+            )
+        if self.reconstruct_pool is not None and (
+            self.reconstruct_pool < 1 or self.reconstruct_pool % 2 == 0
+        ):
+            raise BaklavaError(
+                f"the reconstruction pool width must be a positive odd number, got {self.reconstruct_pool}"
             )
         if not all(0 < b <= 1 for b in self.budgets):
             raise BaklavaError(f"budgets must be fractions in (0, 1], got {list(self.budgets)}")
@@ -119,7 +126,15 @@ def run_quality(
         work += [(batch, mode) for batch in _batches(samples, size) for mode in modes]
     bar = tqdm(total=len(work) * len(todo), desc="quality", unit="run", disable=not progress)
     ctx = MethodContext(profile.scores, profile.eviction, params)
-    runner = Runner(lm.model, lm.tokenizer, ctx, on_step=bar.update, agnostic_scoring=config.agnostic_scoring)
+    pool = profile.eviction.pool_kernel if config.reconstruct_pool is None else config.reconstruct_pool
+    runner = Runner(
+        lm.model,
+        lm.tokenizer,
+        ctx,
+        on_step=bar.update,
+        agnostic_scoring=config.agnostic_scoring,
+        reconstruct_pool=pool,
+    )
     rows = []
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -148,6 +163,7 @@ def run_quality(
         "seed": config.seed,
         "eviction": profile.eviction.to_dict(),
         "agnostic_scoring": config.agnostic_scoring,
+        "reconstruct_pool": pool,
         "baklava_params": {str(k): v for k, v in params.items()},
         **config.extra,
     }
@@ -175,11 +191,18 @@ _SAME = (
     "samples",
     "eviction",
     "agnostic_scoring",
+    "reconstruct_pool",
     "baklava_params",
     "methods",
     "budgets",
     "settings",
 )
+
+
+def _setup(meta: dict, key: str):
+    if key == "reconstruct_pool" and key not in meta:  # runs before the option pooled like SnapKV
+        return meta.get("eviction", {}).get("pool_kernel")
+    return meta.get(key)
 
 
 def merge_quality(paths, out_dir, *, with_rows: bool = True) -> dict:
@@ -195,7 +218,7 @@ def merge_quality(paths, out_dir, *, with_rows: bool = True) -> dict:
         docs.append(doc)
     first = docs[0]["meta"]
     for p, doc in zip(paths[1:], docs[1:], strict=True):
-        diff = [k for k in _SAME if doc["meta"].get(k) != first.get(k)]
+        diff = [k for k in _SAME if _setup(doc["meta"], k) != _setup(first, k)]
         if diff:
             raise BaklavaError(f"{p}: not the same setup as {paths[0]} ({', '.join(diff)} differ)")
     seen: set = set()

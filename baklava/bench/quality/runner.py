@@ -70,12 +70,14 @@ class Runner:
         ctx: MethodContext,
         on_step: Callable[[], None] | None = None,
         agnostic_scoring: str = "reconstruct",
+        reconstruct_pool: int | None = None,
     ):
         enable(model)
         self.model, self.tokenizer, self.ctx = model, tokenizer, ctx
         if agnostic_scoring not in AGNOSTIC_SCORING:
             raise ValueError(f"unknown scoring {agnostic_scoring!r}; known: {', '.join(AGNOSTIC_SCORING)}")
         self.instruction = prompt_ids(tokenizer) if agnostic_scoring == "reconstruct" else None
+        self.reconstruct_pool = reconstruct_pool  # None: the eviction's pool kernel
         self.device = next(model.parameters()).device
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
@@ -146,7 +148,10 @@ class Runner:
         else:
             self._forward(ids[:, :split], mask[:, :split], full)
             if self.instruction is not None:  # score the context by re-reading it
-                score_by_reconstruction(self.model, full, ids[:, :split], mask[:, :split], self.instruction)
+                score_by_reconstruction(
+                    self.model, full, ids[:, :split], mask[:, :split], self.instruction,
+                    pool_kernel=self.reconstruct_pool,
+                )  # fmt: skip
         rows = []
         for combo in todo:
             caps, eviction = plan(combo.method, combo.budget, width, self.ctx, full)
