@@ -34,15 +34,22 @@ ARCHITECTURES = ("llama", "qwen2", "mistral")
 
 
 @triton.jit
+def _scaled_norm(x, W, Y, offs, ok, n, eps):
+    """transformers' RMSNorm of one row ``x`` (float32), rounded to ``Y``'s dtype: normalise in
+    float32, cast, then scale by the weight."""
+    var = tl.sum(x * x, axis=0) / n
+    normed = (x * tl.rsqrt(var + eps)).to(Y.dtype.element_ty)  # transformers casts before scaling
+    w = tl.load(W + offs, mask=ok, other=0.0)
+    return (w.to(tl.float32) * normed.to(tl.float32)).to(Y.dtype.element_ty)
+
+
+@triton.jit
 def _rms_norm_kernel(X, W, Y, n, eps, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     ok = offs < n
     x = tl.load(X + row * n + offs, mask=ok, other=0.0).to(tl.float32)
-    var = tl.sum(x * x, axis=0) / n
-    normed = (x * tl.rsqrt(var + eps)).to(Y.dtype.element_ty)  # transformers casts before scaling
-    w = tl.load(W + offs, mask=ok, other=0.0)
-    tl.store(Y + row * n + offs, (w.to(tl.float32) * normed.to(tl.float32)).to(Y.dtype.element_ty), mask=ok)
+    tl.store(Y + row * n + offs, _scaled_norm(x, W, Y, offs, ok, n, eps), mask=ok)
 
 
 @triton.jit
@@ -55,11 +62,7 @@ def _add_rms_norm_kernel(X, ADD, W, XO, Y, n, eps, BLOCK: tl.constexpr):
     o = tl.load(ADD + row * n + offs, mask=ok, other=0.0)
     s = (x.to(tl.float32) + o.to(tl.float32)).to(x.dtype)
     tl.store(XO + row * n + offs, s, mask=ok)
-    sf = s.to(tl.float32)
-    var = tl.sum(sf * sf, axis=0) / n
-    normed = (sf * tl.rsqrt(var + eps)).to(x.dtype)
-    w = tl.load(W + offs, mask=ok, other=0.0)
-    tl.store(Y + row * n + offs, (w.to(tl.float32) * normed.to(tl.float32)).to(x.dtype), mask=ok)
+    tl.store(Y + row * n + offs, _scaled_norm(s.to(tl.float32), W, Y, offs, ok, n, eps), mask=ok)
 
 
 @triton.jit
@@ -209,9 +212,9 @@ def _decode_forward(self, hidden_states, *args, **kwargs):
         return fused.original(hidden_states, *args, **kwargs)
     # transformers < 5.24 hands the cache over as `past_key_values`, later versions as `cache`
     cache = kwargs.pop("past_key_values", None)
+    named = kwargs.pop("cache", None)
     if cache is None:
-        cache = kwargs.pop("cache", None)
-    kwargs.pop("cache", None)
+        cache = named
     kwargs.pop("use_cache", None)
     attention_mask = kwargs.pop("attention_mask", None)
     position_embeddings = kwargs.pop("position_embeddings")
