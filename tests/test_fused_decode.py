@@ -11,10 +11,11 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from baklava.runtime import BudgetedCache, enable
-from baklava.runtime.fused_decode import add_rms_norm, fuse, rms_norm, rope_split, silu_mul, supported
+from baklava.runtime import BudgetedCache, decode_gemv, enable
+from baklava.runtime.fused_decode import fuse, rope_split, supported
 
 from .conftest import tiny_config
 
@@ -72,18 +73,47 @@ def test_fused_steps_match_the_original_forward(make):
         torch.testing.assert_close(lb.keys, la.keys, **TOL)
 
 
-def test_kernels_round_like_eager():
-    torch.manual_seed(0)
-    x = torch.randn(3, 96, device=DEVICE, dtype=DTYPE)
-    w = torch.randn(96, device=DEVICE, dtype=DTYPE)
+def _eager_norm(x, w, eps):
     xf = x.float()
-    want = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(DTYPE)
-    torch.testing.assert_close(rms_norm(x, w, 1e-6), want, **TOL)
-    o = torch.randn_like(x)
-    xo, y = add_rms_norm(x, o, w, 1e-6)
-    assert torch.equal(xo, x + o)
-    torch.testing.assert_close(y, rms_norm(x + o, w, 1e-6), **TOL)
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
+
+@pytest.mark.parametrize("rows", [3, 20, 70], ids=["rows3", "rows20-block32", "rows70-two-blocks"])
+def test_decode_matmuls_fold_norm_and_residual_like_eager(rows):
+    """Each fused matmul equals eager RMSNorm / linear / SiLU / residual add; shapes are not
+    multiples of the blocks; the partial sums of squares a residual matmul leaves behind give the
+    next norm the same result as summing the squares afresh."""
+    torch.manual_seed(0)
+    hidden, out_cols, inner, eps = 200, 72, 180, 1e-6
+    x = torch.randn(rows, hidden, device=DEVICE, dtype=DTYPE)
+    nw = torch.rand(hidden, device=DEVICE, dtype=DTYPE) + 0.5
+    w = torch.randn(out_cols, hidden, device=DEVICE, dtype=DTYPE) * 0.1
+    b = torch.randn(out_cols, device=DEVICE, dtype=DTYPE)
+    ss = decode_gemv.sum_squares(x)
+    torch.testing.assert_close(ss[0], x.float().pow(2).sum(-1), rtol=1e-5, atol=1e-4)
+    h = _eager_norm(x, nw, eps)
+    torch.testing.assert_close(decode_gemv.norm_linear(x, ss, nw, eps, w, b), F.linear(h, w, b), **TOL)
+    torch.testing.assert_close(decode_gemv.norm_linear(x, ss, nw, eps, w), F.linear(h, w), **TOL)
+
+    gate_up = torch.randn(2 * inner, hidden, device=DEVICE, dtype=DTYPE) * 0.1
+    g, u = F.linear(h, gate_up).split(inner, -1)
+    act = decode_gemv.norm_linear_silu(x, ss, nw, eps, gate_up)
+    torch.testing.assert_close(act, F.silu(g) * u, **TOL)
+
+    wd = torch.randn(hidden, inner, device=DEVICE, dtype=DTYPE) * 0.1
+    y, partials = decode_gemv.linear_residual(act, wd, x)
+    torch.testing.assert_close(y, x + F.linear(act, wd), **TOL)
+    assert partials.shape[1] == rows and partials.shape[0] > 1  # one row of partials per program
+    torch.testing.assert_close(partials.sum(0), y.float().pow(2).sum(-1), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        decode_gemv.norm_linear(y, partials, nw, eps, w),
+        decode_gemv.norm_linear(y, decode_gemv.sum_squares(y), nw, eps, w),
+        **TOL,
+    )
+
+
+def test_rope_rounds_like_eager():
+    torch.manual_seed(0)
     q_heads, kv_heads, d = 4, 2, 16
     qkv = torch.randn(3, (q_heads + 2 * kv_heads) * d, device=DEVICE, dtype=DTYPE)
     angle = torch.randn(3, 1, d // 2, device=DEVICE)
@@ -99,10 +129,6 @@ def test_kernels_round_like_eager():
     torch.testing.assert_close(q, rotate(heads[:, :q_heads]), **TOL)
     torch.testing.assert_close(k, rotate(heads[:, q_heads : q_heads + kv_heads]), **TOL)
     assert torch.equal(v, heads[:, q_heads + kv_heads :])
-
-    gu = torch.randn(3, 2 * 1100, device=DEVICE, dtype=DTYPE)  # not a multiple of the block
-    want = torch.nn.functional.silu(gu[:, :1100]) * gu[:, 1100:]
-    torch.testing.assert_close(silu_mul(gu), want, **TOL)
 
 
 def test_unsupported_models_are_left_alone():

@@ -4,20 +4,26 @@ transformers' Llama / Qwen2 / Mistral decoder layer launches ~45 kernels per one
 three projections for q, k, v, two for gate and up, and a trail of small elementwise kernels
 (RMSNorm's six, RoPE's concatenations, SiLU, residual adds). At batch 8 on an H100 those small
 kernels and the gaps between them cost ~2.5 ms of an 11 ms step (BENCHMARKS.md). :func:`fuse`
-gives each layer a one-token forward of about a dozen launches:
+gives each layer a one-token forward of five launches on the step's critical path, plus the
+attention's two (:mod:`baklava.runtime.decode_gemv` holds the matmuls):
 
-    RMSNorm ─▶ x @ [Wq|Wk|Wv] ─▶ RoPE(q, k) + copy v ─▶ cache update + attention ─▶ o @ Wo
-      ─▶ residual add + RMSNorm ─▶ h @ [Wg|Wu] ─▶ SiLU(g) * u ─▶ x + a @ Wd
+    RMSNorm(x) @ [Wq|Wk|Wv] ─▶ RoPE(q, k) + copy v ─▶ attention (split, merge) ─▶ x + o @ Wo
+      ─▶ SiLU(h @ Wg) * (h @ Wu), h = RMSNorm(x) ─▶ x + a @ Wd        (+ the cache update beside)
+
+Each norm is folded into the matmul after it: the matmul that wrote ``x`` (the residual add)
+leaves per-program partial sums of ``x^2`` behind, and the next matmul normalises ``x`` as it
+loads it. A layer hands its partials to the next through the model's :class:`_Chain`; the first
+layer (or one whose input came from elsewhere) sums its input's squares in one small launch.
 
 The concatenated weights are the storage of the original ones (the projections' weights become
 views into them), so no weight memory is added. Steps of more than one token (prefill chunks),
 and one-token steps on devices the kernels do not run on, take the original forward. Each
 kernel rounds where transformers' eager code rounds (RMSNorm normalises in float32, casts, then
-scales by its weight; RoPE rounds each product), so the step differs from the original only by
-the matmuls' accumulation order and the MLP's residual add, done inside the down projection's
-matmul (in place). (Measured on an H100, batch 8: the attention's residual add inside the o
-projection's matmul instead of the norm kernel was no faster, and a Triton GEMV did not beat
-cuBLAS on these shapes; BENCHMARKS.md.)
+scales by its weight; RoPE rounds each product; a projection rounds before its residual add), so
+the step differs from the original only by the matmuls' and the norms' summation order. On
+Hopper and later, each of these kernels (and the attention's) is launched while the previous one
+drains and waits for it before touching memory (programmatic dependent launch), which removes
+the 1-2 us gap between kernels inside the step's CUDA graph.
 """
 
 from __future__ import annotations
@@ -25,52 +31,26 @@ from __future__ import annotations
 import types
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from baklava.runtime import decode_gemv
+from baklava.trt_plugins.triton_decode_attention import dependent_launch
 
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 
 
 @triton.jit
-def _scaled_norm(x, W, Y, offs, ok, n, eps):
-    """transformers' RMSNorm of one row ``x`` (float32), rounded to ``Y``'s dtype: normalise in
-    float32, cast, then scale by the weight."""
-    var = tl.sum(x * x, axis=0) / n
-    normed = (x * tl.rsqrt(var + eps)).to(Y.dtype.element_ty)  # transformers casts before scaling
-    w = tl.load(W + offs, mask=ok, other=0.0)
-    return (w.to(tl.float32) * normed.to(tl.float32)).to(Y.dtype.element_ty)
-
-
-@triton.jit
-def _rms_norm_kernel(X, W, Y, n, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    offs = tl.arange(0, BLOCK)
-    ok = offs < n
-    x = tl.load(X + row * n + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(Y + row * n + offs, _scaled_norm(x, W, Y, offs, ok, n, eps), mask=ok)
-
-
-@triton.jit
-def _add_rms_norm_kernel(X, ADD, W, XO, Y, n, eps, BLOCK: tl.constexpr):
-    """``XO = X + ADD`` (rounded, as eager's residual add) and ``Y = RMSNorm(XO)``, one row each."""
-    row = tl.program_id(0)
-    offs = tl.arange(0, BLOCK)
-    ok = offs < n
-    x = tl.load(X + row * n + offs, mask=ok, other=0.0)
-    o = tl.load(ADD + row * n + offs, mask=ok, other=0.0)
-    s = (x.to(tl.float32) + o.to(tl.float32)).to(x.dtype)
-    tl.store(XO + row * n + offs, s, mask=ok)
-    tl.store(Y + row * n + offs, _scaled_norm(s.to(tl.float32), W, Y, offs, ok, n, eps), mask=ok)
-
-
-@triton.jit
-def _rope_kernel(QKV, COS, SIN, cs_stride, Q, K, V, q_heads, kv_heads, width, D: tl.constexpr):
+def _rope_kernel(
+    QKV, COS, SIN, cs_stride, Q, K, V, q_heads, kv_heads, width, D: tl.constexpr, PDL: tl.constexpr
+):
     """One program per (row, head) of q, k and v: rotate q and k (rotate_half convention), copy v."""
     b = tl.program_id(0)
     head = tl.program_id(1)
     offs = tl.arange(0, D)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     src = QKV + b * width + head * D
     x = tl.load(src + offs)
     if head < q_heads + kv_heads:
@@ -90,33 +70,6 @@ def _rope_kernel(QKV, COS, SIN, cs_stride, Q, K, V, q_heads, kv_heads, width, D:
         tl.store(V + (b * kv_heads + head - q_heads - kv_heads) * D + offs, x)
 
 
-@triton.jit
-def _silu_mul_kernel(GU, Y, inner, BLOCK: tl.constexpr):
-    b = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < inner
-    g = tl.load(GU + b * 2 * inner + offs, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(GU + b * 2 * inner + inner + offs, mask=ok, other=0.0)
-    act = (g * tl.sigmoid(g)).to(u.dtype)  # SiLU rounds, then the product rounds
-    tl.store(Y + b * inner + offs, (act.to(tl.float32) * u.to(tl.float32)).to(u.dtype), mask=ok)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' RMSNorm of ``x [B, n]`` (contiguous) in one launch."""
-    rows, n = x.shape
-    y = torch.empty_like(x)
-    _rms_norm_kernel[(rows,)](x, weight, y, n, eps, BLOCK=triton.next_power_of_2(n))
-    return y
-
-
-def add_rms_norm(x: torch.Tensor, o: torch.Tensor, weight: torch.Tensor, eps: float):
-    """``(x + o, RMSNorm(x + o))`` of ``[B, n]`` rows in one launch (the residual add, then the norm)."""
-    rows, n = x.shape
-    xo, y = torch.empty_like(x), torch.empty_like(x)
-    _add_rms_norm_kernel[(rows,)](x, o, weight, xo, y, n, eps, BLOCK=triton.next_power_of_2(n))
-    return xo, y
-
-
 def rope_split(qkv: torch.Tensor, cos, sin, q_heads: int, kv_heads: int, head_dim: int):
     """``q [B, H_q, 1, D]``, ``k, v [B, H_kv, 1, D]`` from one token's ``qkv [B, (H_q + 2 H_kv) D]``,
     q and k rotated by ``cos, sin [B or 1, 1, D]`` (last dim contiguous); one launch."""
@@ -128,18 +81,11 @@ def rope_split(qkv: torch.Tensor, cos, sin, q_heads: int, kv_heads: int, head_di
         cos, sin = cos.contiguous(), sin.contiguous()
     stride = 0 if cos.shape[0] == 1 else cos.stride(0)  # one row of angles shared by the batch
     grid = (batch, q_heads + 2 * kv_heads)
-    _rope_kernel[grid](qkv, cos, sin, stride, q, k, v, q_heads, kv_heads, qkv.shape[1], D=head_dim)
+    pdl = dependent_launch(qkv.device)
+    _rope_kernel[grid](
+        qkv, cos, sin, stride, q, k, v, q_heads, kv_heads, qkv.shape[1], D=head_dim, PDL=pdl, launch_pdl=pdl
+    )
     return q, k, v
-
-
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """``SiLU(g) * u`` of ``gate_up [B, 2 I]`` (gate first); one launch."""
-    batch, width = gate_up.shape
-    inner = width // 2
-    y = gate_up.new_empty(batch, inner)
-    block = 1024
-    _silu_mul_kernel[(batch, triton.cdiv(inner, block))](gate_up, y, inner, BLOCK=block)
-    return y
 
 
 def _concat_into_views(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -180,6 +126,31 @@ def supported(model) -> str | None:
     return None
 
 
+class _Chain:
+    """What one fused layer leaves for the next: its output's partial sums of squares.
+
+    Taken only by the next layer, and only for the tensor they were computed from; anything else
+    (the first layer, a layer after an unfused one) sums its input's squares afresh.
+    """
+
+    def __init__(self):
+        self.layer, self.ptr, self.ss = None, None, None
+
+    def put(self, layer: int, x: torch.Tensor, ss: torch.Tensor) -> None:
+        self.layer, self.ptr, self.ss = layer, x.data_ptr(), ss
+
+    def take(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        ss = self.ss
+        fresh = (
+            ss is not None
+            and self.layer == layer - 1
+            and self.ptr == x.data_ptr()
+            and ss.shape[1] == x.shape[0]
+        )
+        self.layer, self.ptr, self.ss = None, None, None
+        return ss if fresh else decode_gemv.sum_squares(x)
+
+
 def fuse(model, device_types: tuple[str, ...] = ("cuda",)) -> bool:
     """Give every decoder layer the fused one-token forward (idempotent); False if unsupported.
 
@@ -188,6 +159,7 @@ def fuse(model, device_types: tuple[str, ...] = ("cuda",)) -> bool:
     """
     if supported(model) is not None:
         return False
+    chain = _Chain()
     for layer in model.model.layers:
         if hasattr(layer, "_baklava_fused"):
             layer._baklava_fused.device_types = device_types
@@ -201,6 +173,7 @@ def fuse(model, device_types: tuple[str, ...] = ("cuda",)) -> bool:
             gate_up=gate_up,
             original=layer.forward,
             device_types=device_types,
+            chain=chain,
         )
         layer.forward = types.MethodType(_decode_forward, layer)
     return True
@@ -220,21 +193,21 @@ def _decode_forward(self, hidden_states, *args, **kwargs):
     position_embeddings = kwargs.pop("position_embeddings")
     attn, mlp = self.self_attn, self.mlp
     batch = hidden_states.shape[0]
-    x = hidden_states.reshape(batch, -1)
+    x = hidden_states.reshape(batch, -1).contiguous()
     head_dim = attn.head_dim
     q_heads = attn.q_proj.weight.shape[0] // head_dim
     kv_heads = attn.k_proj.weight.shape[0] // head_dim
-    h = rms_norm(x, self.input_layernorm.weight, self.input_layernorm.variance_epsilon)
-    qkv = F.linear(h, fused.qkv_weight, fused.qkv_bias)
+    ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+    ss = fused.chain.take(attn.layer_idx, x)
+    qkv = decode_gemv.norm_linear(x, ss, ln1.weight, ln1.variance_epsilon, fused.qkv_weight, fused.qkv_bias)
     cos, sin = position_embeddings
     q, k, v = rope_split(qkv, cos, sin, q_heads, kv_heads, head_dim)
     if cache is not None:
         k, v = cache.update(k, v, attn.layer_idx)
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, None)
     out, _ = interface(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **kwargs)
-    norm = self.post_attention_layernorm
-    o = F.linear(out.reshape(batch, -1), attn.o_proj.weight)
-    x, h = add_rms_norm(x, o, norm.weight, norm.variance_epsilon)
-    act = silu_mul(F.linear(h, fused.gate_up))
-    x.addmm_(act, mlp.down_proj.weight.t())  # the MLP's residual add in the matmul (in place: no copy of x)
+    x, ss = decode_gemv.linear_residual(out.reshape(batch, -1), attn.o_proj.weight, x)
+    act = decode_gemv.norm_linear_silu(x, ss, ln2.weight, ln2.variance_epsilon, fused.gate_up)
+    x, ss = decode_gemv.linear_residual(act, mlp.down_proj.weight, x)
+    fused.chain.put(attn.layer_idx, x, ss)
     return x.view(batch, 1, -1)

@@ -25,6 +25,7 @@ read, against ``4 x D`` bytes of keys and values in bf16).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -43,11 +44,13 @@ def _split_kernel(
     scale,
     SPLIT_LEN,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    STORE_LOGITS: tl.constexpr,
+    STORE_LOGITS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     t = tl.program_id(1)
     n_tiles = tl.num_programs(1)
+    if PDL:  # launched while the previous kernel drained: wait for it before touching memory
+        tl.extra.cuda.gdc_wait()
     h = tl.load(TILE_HEAD + t)
     start = tl.load(TILE_START + t)
     fill = tl.load(FILL + b * stride_fb + h).to(tl.int32)
@@ -103,13 +106,15 @@ def _combine_kernel(
     scale,
     N_TILES,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, TILE_BLOCK: tl.constexpr,
-    STORE_LOGITS: tl.constexpr,
+    STORE_LOGITS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     qh = tl.program_id(1)  # one program per query head: a long head's many tiles are read in
     h = qh // GROUP  # blocks of TILE_BLOCK, not one dependent load after another
     gi = qh % GROUP
     d = tl.arange(0, D)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     q = tl.load(Q + b * stride_qb + qh * stride_qh + d).to(tl.float32)
     k_new = tl.load(KN + b * stride_knb + h * stride_knh + d).to(tl.float32)
     v_new = tl.load(VN + b * stride_vnb + h * stride_vnh + d).to(tl.float32)
@@ -143,6 +148,19 @@ def multiprocessors(device) -> int:
     """SM count of a CUDA device; 4 elsewhere (the Triton interpreter runs on the CPU)."""
     device = torch.device(device)
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def dependent_launch(device) -> bool:
+    """Whether kernels on ``device`` may use programmatic dependent launch (Hopper and later): a
+    kernel is launched while the previous one drains and waits for it (``gdc_wait``) before it
+    touches memory, hiding the launch gap (1-2 us a kernel inside a CUDA graph)."""
+    device = torch.device(device)
+    return device.type == "cuda" and _capability(device.index) >= 9
+
+
+@functools.cache
+def _capability(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def tile_length(capacities, batch: int, block_n: int, sms: int, per_sm: int | None = None) -> int:
@@ -229,6 +247,7 @@ def packed_decode_attention(
         logits = lse = logit_new = mid_m  # never touched: STORE_LOGITS is False
     for t in (query, key_new, value_new, keys, values):
         assert t.stride(-1) == 1, "last dimension must be contiguous"
+    pdl = dependent_launch(query.device)
     _split_kernel[(batch, n_tiles)](
         query, keys, values, fill, offsets, tile_head, tile_start, mid_o, mid_m, mid_l, logits,
         query.stride(0), query.stride(1),
@@ -237,8 +256,8 @@ def packed_decode_attention(
         fill.stride(0),
         logits.stride(0), logits.stride(1) if store else 0,
         scale, tile,
-        GROUP=group, G_PAD=g_pad, D=head_dim, BLOCK_N=block_n, STORE_LOGITS=store,
-        num_warps=num_warps, num_stages=num_stages,
+        GROUP=group, G_PAD=g_pad, D=head_dim, BLOCK_N=block_n, STORE_LOGITS=store, PDL=pdl,
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     _combine_kernel[(batch, q_heads)](
         query, key_new, value_new, tile_first, mid_o, mid_m, mid_l, out, lse, logit_new,
@@ -248,6 +267,7 @@ def packed_decode_attention(
         out.stride(0), out.stride(1),
         lse.stride(0) if store else 0,
         scale, n_tiles,
-        GROUP=group, G_PAD=g_pad, D=head_dim, TILE_BLOCK=32, STORE_LOGITS=store,
+        GROUP=group, G_PAD=g_pad, D=head_dim, TILE_BLOCK=32, STORE_LOGITS=store, PDL=pdl,
+        launch_pdl=pdl,
     )  # fmt: skip
     return out
