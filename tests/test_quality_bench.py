@@ -260,7 +260,8 @@ def test_cli_rejects_bad_options(tmp_path, capsys):
         (["--budgets", "0.3,2"], "budgets must be fractions"),
         (["--lengths", "1k"], "expected comma-separated integers"),
         (["--agnostic-scoring", "mean"], "'mean' is not one of 'reconstruct', 'window'"),
-        (["--reconstruct-pool", "4"], "must be a positive odd number, got 4"),
+        (["--reconstruct-pool", "4"], "must be a positive odd number or 'auto', got 4"),
+        (["--reconstruct-pool", "wide"], "'wide' is neither 'auto' nor a width"),
     ):
         with pytest.raises(SystemExit) as e:
             bench_main(["quality", "--out", str(tmp_path / "x"), "--model", "/nonexistent", *bad])
@@ -298,6 +299,68 @@ def test_runner_pools_reconstruction_scores_as_told(tiny_llama, monkeypatch):
             [sample], "query-agnostic", combos(["uniform"], [0.5])
         )
     assert seen == [None, 1]
+
+
+def test_auto_pool_width_follows_the_budget(tiny_llama, monkeypatch):
+    """``"auto"``: the reconstruction scores are pooled like the eviction below budget 0.2 and
+    not at all from 0.2 on, re-pooled from the unpooled scores only when the width changes."""
+    from baklava.bench.quality import runner as runner_module
+    from baklava.runtime.reconstruction import pool_width
+
+    assert [pool_width(b, 31) for b in (0.05, 0.1, 0.19, 0.2, 0.3, 1.0)] == [31, 31, 31, 1, 1, 1]
+    raw = ["unpooled"]
+    calls, active, widths = [], [31], {}
+    monkeypatch.setattr(
+        runner_module,
+        "score_by_reconstruction",
+        lambda *a, pool_kernel=None, **k: calls.append(pool_kernel) or raw,
+    )
+    monkeypatch.setattr(
+        runner_module,
+        "pool_scores",
+        lambda cache, got, width: (active.append(width), calls.append((got, width))),
+    )
+    real_plan = runner_module.plan
+
+    def plan(method, budget, *args):
+        widths[budget] = active[-1]
+        return real_plan(method, budget, *args)
+
+    monkeypatch.setattr(runner_module, "plan", plan)
+    sample = Sample("niah_single", 64, 0, list(range(3, 53)), [7, 8, 9], ["5"], 2)
+    ctx = MethodContext(HeadScores.constant(2, 2), EvictionConfig(sink=2, window=4, pool_kernel=31), {})
+    Runner(tiny_llama, _Tok(), ctx, reconstruct_pool="auto").run(
+        [sample], "query-agnostic", combos(["uniform"], [0.1, 0.3, 0.5, 0.05])
+    )
+    assert {b: w for b, w in widths.items() if b < 1} == {0.05: 31, 0.1: 31, 0.3: 1, 0.5: 1}
+    assert calls == [None, (raw, 1)]  # scored once at the eviction's width, re-pooled once (budgets ascend)
+
+
+def test_pool_scores_pools_the_unpooled_scores(tiny_llama):
+    """``score_by_reconstruction`` returns unpooled scores; ``pool_scores`` pools them at any width,
+    matching a pass run at that width, and scores slots past a head's fill 0."""
+    from baklava.runtime.reconstruction import pool_scores, prompt_ids, score_by_reconstruction
+
+    ids = torch.randint(3, 96, (2, 40), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding
+    caches = []
+    for width in (1, 5):
+        cache = BudgetedCache(np.full((2, 2), 48), EvictionConfig(sink=2, window=4, pool_kernel=width))
+        enable(tiny_llama)
+        with torch.inference_mode():
+            tiny_llama(input_ids=ids, attention_mask=mask, past_key_values=cache)
+            raw = score_by_reconstruction(tiny_llama, cache, ids, mask, prompt_ids(_Tok()))
+        caches.append((cache, raw))
+    (one, raw_one), (five, raw_five) = caches
+    for a, b in zip(raw_one, raw_five, strict=True):
+        torch.testing.assert_close(a, b)
+    assert any(bool((l1.scores != l5.scores).any()) for l1, l5 in zip(one.layers, five.layers, strict=True))
+    with torch.inference_mode():
+        pool_scores(one, raw_one, 5)
+    for l1, l5 in zip(one.layers, five.layers, strict=True):
+        torch.testing.assert_close(l1.scores, l5.scores)
+        assert bool((l1.scores[1, 40 - 5 : 48] == 0).all())  # head 0 of row 1: 35 live slots
 
 
 def _run_doc(path, lengths, params=None, **meta_extra):

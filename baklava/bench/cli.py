@@ -117,6 +117,16 @@ def _names(ctx, param, value):
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
 
 
+def _odd_width(value: str) -> int:
+    try:
+        width = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither 'auto' nor a width") from None
+    if width < 1:
+        raise click.BadParameter(f"{width} is not a width >= 1")
+    return width
+
+
 @bench.command("quality")
 @model_option
 @click.option(
@@ -163,8 +173,11 @@ def _names(ctx, param, value):
 )
 @click.option(
     "--reconstruct-pool",
-    type=click.IntRange(1),
-    help="Max-pool width of the reconstruction scores [the eviction's pool kernel].",
+    default="auto",
+    show_default=True,
+    callback=lambda ctx, param, value: value if value == "auto" else _odd_width(value),
+    help="Max-pool width of the reconstruction scores: an odd width, or 'auto' (none from budget 0.2 on, "
+    "the eviction's pool kernel below).",
 )
 @calibration_options
 def quality_bench(

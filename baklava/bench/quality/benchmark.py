@@ -45,7 +45,9 @@ class QualityConfig:
     # how a context compressed before its question is scored: "reconstruct" (the model re-reads it,
     # runtime/reconstruction.py) or "window" (SnapKV: the context's own last tokens)
     agnostic_scoring: str = "reconstruct"
-    reconstruct_pool: int | None = None  # max-pool width of reconstruction scores (None: eviction's)
+    # max-pool width of the reconstruction scores: an odd width, None (the eviction's) or "auto"
+    # (none from budget 0.2 on, the eviction's below: runtime/reconstruction.pool_width)
+    reconstruct_pool: int | str | None = "auto"
     chat: bool = True
     extra: dict = field(default_factory=dict)  # recorded in the JSON (command line, profile source)
 
@@ -62,11 +64,13 @@ class QualityConfig:
             raise BaklavaError(
                 f"unknown scoring {self.agnostic_scoring!r}; known: {', '.join(AGNOSTIC_SCORING)}"
             )
-        if self.reconstruct_pool is not None and (
-            self.reconstruct_pool < 1 or self.reconstruct_pool % 2 == 0
+        if self.reconstruct_pool not in (None, "auto") and (
+            not isinstance(self.reconstruct_pool, int)
+            or self.reconstruct_pool < 1
+            or self.reconstruct_pool % 2 == 0
         ):
             raise BaklavaError(
-                f"the reconstruction pool width must be a positive odd number, got {self.reconstruct_pool}"
+                f"the reconstruction pool width must be a positive odd number or 'auto', got {self.reconstruct_pool}"
             )
         if not all(0 < b <= 1 for b in self.budgets):
             raise BaklavaError(f"budgets must be fractions in (0, 1], got {list(self.budgets)}")

@@ -31,7 +31,7 @@ from baklava.runtime.attention import enable
 from baklava.runtime.cuda_graph import greedy_cuda_graph
 from baklava.runtime.generate import positions_from_mask
 from baklava.runtime.packed_cache import BudgetedCache
-from baklava.runtime.reconstruction import prompt_ids, score_by_reconstruction
+from baklava.runtime.reconstruction import pool_scores, pool_width, prompt_ids, score_by_reconstruction
 
 SETTINGS = ("query-aware", "query-agnostic")
 AGNOSTIC_SCORING = ("reconstruct", "window")
@@ -70,14 +70,14 @@ class Runner:
         ctx: MethodContext,
         on_step: Callable[[], None] | None = None,
         agnostic_scoring: str = "reconstruct",
-        reconstruct_pool: int | None = None,
+        reconstruct_pool: int | str | None = None,
     ):
         enable(model)
         self.model, self.tokenizer, self.ctx = model, tokenizer, ctx
         if agnostic_scoring not in AGNOSTIC_SCORING:
             raise ValueError(f"unknown scoring {agnostic_scoring!r}; known: {', '.join(AGNOSTIC_SCORING)}")
         self.instruction = prompt_ids(tokenizer) if agnostic_scoring == "reconstruct" else None
-        self.reconstruct_pool = reconstruct_pool  # None: the eviction's pool kernel
+        self.reconstruct_pool = reconstruct_pool  # None: the eviction's; "auto": by budget (pool_width)
         self.device = next(model.parameters()).device
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
@@ -143,17 +143,24 @@ class Runner:
         width = ids.shape[1]  # the budget's reference context: prompt tokens incl. padding
         full = self._full_cache(width + steps + 1)
         split = ctx_ids.shape[1]
+        raw = None  # unpooled reconstruction scores, pooled per budget with "auto"
+        auto = self.reconstruct_pool == "auto"
         if setting == "query-aware":
             first = self._forward(ids, mask, full)[:, -1]
         else:
             self._forward(ids[:, :split], mask[:, :split], full)
             if self.instruction is not None:  # score the context by re-reading it
-                score_by_reconstruction(
+                raw = score_by_reconstruction(
                     self.model, full, ids[:, :split], mask[:, :split], self.instruction,
-                    pool_kernel=self.reconstruct_pool,
+                    pool_kernel=None if auto else self.reconstruct_pool,
                 )  # fmt: skip
+        pooled = self.ctx.eviction.pool_kernel
         rows = []
         for combo in todo:
+            want = pool_width(combo.budget, self.ctx.eviction.pool_kernel)
+            if raw is not None and auto and combo.method != "full" and want != pooled:  # full keeps all
+                pooled = want
+                pool_scores(full, raw, pooled)
             caps, eviction = plan(combo.method, combo.budget, width, self.ctx, full)
             cache = full.compressed(caps, eviction)
             logits = first if setting == "query-aware" else self._forward(ids[:, split:], mask, cache)[:, -1]
