@@ -112,6 +112,23 @@ def test_decode_matmuls_fold_norm_and_residual_like_eager(rows):
     )
 
 
+def test_chain_hands_partials_to_the_next_layer_only():
+    """A layer's partial sums of squares reach the next layer for the same tensor, once; any other
+    layer, tensor or a second take sums the squares afresh (so a stale buffer is never used)."""
+    from baklava.runtime.fused_decode import _Chain
+
+    x = torch.randn(3, 40, device=DEVICE, dtype=DTYPE)
+    partials = torch.full((5, 3), -1.0, device=DEVICE)  # not x's: a fresh sum is distinguishable
+    fresh = decode_gemv.sum_squares(x)
+    chain = _Chain()
+    chain.put(4, x, partials)
+    assert chain.take(5, x) is partials
+    assert torch.equal(chain.take(5, x), fresh)  # taken once
+    for layer, other in ((6, x), (0, x), (5, x.clone())):
+        chain.put(4, x, partials)
+        assert torch.equal(chain.take(layer, other), fresh)
+
+
 def test_rope_rounds_like_eager():
     torch.manual_seed(0)
     q_heads, kv_heads, d = 4, 2, 16

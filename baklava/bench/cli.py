@@ -117,7 +117,9 @@ def _names(ctx, param, value):
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
 
 
-def _odd_width(value: str) -> int:
+def _width_or_auto(value: str) -> int | str:
+    if value == "auto":
+        return value
     try:
         width = int(value)
     except ValueError:
@@ -175,7 +177,7 @@ def _odd_width(value: str) -> int:
     "--reconstruct-pool",
     default="auto",
     show_default=True,
-    callback=lambda ctx, param, value: value if value == "auto" else _odd_width(value),
+    callback=lambda ctx, param, value: _width_or_auto(value),
     help="Max-pool width of the reconstruction scores: an odd width, or 'auto' (none from budget 0.2 on, "
     "the eviction's pool kernel below).",
 )
