@@ -122,7 +122,9 @@ def _blocks(rows: int, cols: int, inner: int, prologue: bool) -> tuple[int, int,
     return block_m, block_n, min(256 if inner >= 8192 else 128, narrow), 5 if block_m == 16 else 3
 
 
-def _launch(x, weight, y, *, epi, bias=None, norm=None, residual=None, ss_out=None):
+def _launch(x, weight, y, *, epi, bias=None, norm=None, residual=None) -> torch.Tensor | None:
+    """Run ``_gemv_kernel`` into ``y``; with the residual epilogue, returns the partial sums of
+    squares it wrote (``[programs along N, B]``, sized by the same grid)."""
     rows, inner = x.shape
     cols = y.shape[1]
     assert x.is_contiguous() and weight.is_contiguous() and weight.shape[-1] == inner
@@ -133,6 +135,7 @@ def _launch(x, weight, y, *, epi, bias=None, norm=None, residual=None, ss_out=No
     else:
         norm_weight, ss_in, eps, n_ss = weight, weight, 0.0, 1
     grid = (triton.cdiv(cols, block_n), triton.cdiv(rows, block_m))
+    ss_out = torch.empty(grid[0], rows, dtype=torch.float32, device=x.device) if epi == RESIDUAL else None
     pdl = dependent_launch(x.device)
     _gemv_kernel[grid](
         x, weight, bias if bias is not None else weight, norm_weight, ss_in,
@@ -142,6 +145,7 @@ def _launch(x, weight, y, *, epi, bias=None, norm=None, residual=None, ss_out=No
         NORM=norm is not None, EPI=epi, HAS_BIAS=bias is not None, PDL=pdl,
         num_warps=4, num_stages=stages, launch_pdl=pdl,
     )  # fmt: skip
+    return ss_out
 
 
 def sum_squares(x: torch.Tensor) -> torch.Tensor:
@@ -170,8 +174,4 @@ def norm_linear_silu(x, ss, norm_weight, eps: float, gate_up) -> torch.Tensor:
 def linear_residual(a, weight, residual) -> tuple[torch.Tensor, torch.Tensor]:
     """``(residual + a @ weight^T, its partial sums of squares [P, B])``; ``residual [B, N]``."""
     y = torch.empty_like(residual)
-    rows, cols = residual.shape
-    block_n = _blocks(rows, cols, a.shape[1], prologue=False)[1]
-    ss = torch.empty(triton.cdiv(cols, block_n), rows, dtype=torch.float32, device=a.device)
-    _launch(a, weight, y, epi=RESIDUAL, residual=residual.contiguous(), ss_out=ss)
-    return y, ss
+    return y, _launch(a, weight, y, epi=RESIDUAL, residual=residual.contiguous())
