@@ -71,12 +71,13 @@ def test_empty_and_full_heads():
     torch.testing.assert_close(got[0, :2].float(), value_new[0, 0].float().expand(2, -1), atol=1e-3, rtol=0)
 
 
-@pytest.mark.parametrize("tile", [64, 128, 4096])
-def test_every_tile_size_gives_the_same_answer(tile):
+@pytest.mark.parametrize(("tile", "merge_block"), [(64, 4), (64, 32), (128, 32), (4096, 32)])
+def test_every_tile_size_gives_the_same_answer(tile, merge_block):
+    # tile 64: the 4097-slot head has 65 tiles, merged 4 (17 blocks) or 32 (3 blocks) at a time
     caps = [1, 200, 1000, 4097]
     args, offsets = _case(5, 2, caps, 8, 64, torch.float16)
     table = (tile, tile_table(caps, tile, DEVICE))
-    got = packed_decode_attention(*args, offsets, caps, 0.125, table=table)
+    got = packed_decode_attention(*args, offsets, caps, 0.125, table=table, merge_block=merge_block)
     torch.testing.assert_close(got.float(), reference(*args, caps, 0.125), atol=2e-3, rtol=2e-3)
 
 

@@ -12,8 +12,8 @@ Two launches, pointer-and-stride only (what a TensorRT plugin's ``enqueue`` can 
    GQA group (``g`` query heads), keeping an online softmax (``m``, ``l``, ``acc``) in fp32.
    Tiles past ``fill`` write ``m = -inf``. Heads get programs in proportion to their capacity,
    so ragged capacities keep every SM busy.
-2. ``_combine_kernel`` grid ``(B, H_q)``: merges the tiles of one query head in one pass (32 at a time) and
-   the step's own token (``key_new``/``value_new``), writes ``out [B, H_q, D]``.
+2. ``_combine_kernel`` grid ``(B, H_q)``, one warp each: merges the tiles of one query head in one
+   pass (32 at a time) and the step's own token (``key_new``/``value_new``), writes ``out [B, H_q, D]``.
 
 For the H2O policy (``logits=`` given) the split kernel also writes every live slot's scaled
 logits ``[B, C, group]`` (fp32) and the combine kernel each query head's log-sum-exp and the new
@@ -208,6 +208,8 @@ def packed_decode_attention(
     logit_new: torch.Tensor | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
+    merge_block: int = 32,
+    merge_warps: int = 1,
 ) -> torch.Tensor:
     """Decode attention on the GPU; arguments as the reference, plus ``offsets [H_kv]`` (int32).
 
@@ -219,6 +221,11 @@ def packed_decode_attention(
     contiguous) the kernels also write each live slot's scaled logits, each query head's
     log-sum-exp over its slots and the new token, and the new token's logit (what H2O scores
     need: every probability is then ``exp(logit - lse)``, computed one way for all candidates). Slots past ``fill`` are left untouched.
+
+    ``block_n``, ``num_warps``, ``num_stages``: the split launch; ``merge_block`` (tiles read at a
+    time) and ``merge_warps``: the merge launch. One warp a merge program: its few dependent loads
+    are latency, not bandwidth, so more programs in flight finish sooner (at batch 64 / 4k the
+    merge took 11 us with 4 warps, 4-5 us with one; BENCHMARKS.md).
     """
     batch, q_heads, head_dim = query.shape
     kv_heads = key_new.shape[1]
@@ -267,7 +274,7 @@ def packed_decode_attention(
         out.stride(0), out.stride(1),
         lse.stride(0) if store else 0,
         scale, n_tiles,
-        GROUP=group, G_PAD=g_pad, D=head_dim, TILE_BLOCK=32, STORE_LOGITS=store, PDL=pdl,
-        launch_pdl=pdl,
+        GROUP=group, G_PAD=g_pad, D=head_dim, TILE_BLOCK=merge_block, STORE_LOGITS=store, PDL=pdl,
+        num_warps=merge_warps, launch_pdl=pdl,
     )  # fmt: skip
     return out
