@@ -366,7 +366,15 @@ def test_pool_scores_pools_the_unpooled_scores(tiny_llama):
 def _run_doc(path, lengths, params=None, **meta_extra):
     """A quality.json as run_quality writes it, with rows for ``lengths`` (scores made up)."""
     rows = [
-        {"setting": s, "task": "niah_single", "length": n, "method": m, "budget": b, "score": score}
+        {
+            "setting": s,
+            "task": "niah_single",
+            "length": n,
+            "index": 0,
+            "method": m,
+            "budget": b,
+            "score": score,
+        }
         for n in lengths
         for s in ("query-aware", "query-agnostic")
         for m, b, score in (("full", 1.0, 1.0), ("uniform", 0.3, 0.5), ("baklava", 0.3, 0.75))

@@ -257,10 +257,7 @@ def quality_bench(
             raise BaklavaError(str(e)) from None
     doc = run_quality(lm, profile, config, out, settings=settings)
     name, checks = list(doc["targets"].items())[-1]  # "all" when both settings ran
-    for c in checks:
-        _log(
-            f"{name}: {c['target']} = {'n/a' if c['value'] is None else c['value']} (goal {c['goal']}) {'met' if c['met'] else 'MISSED'}"
-        )
+    _log_targets(name, checks)
     _log(f"wrote {Path(out) / 'quality.json'}, quality.md, quality.png ({doc['meta']['seconds']} s)")
 
 
@@ -279,9 +276,15 @@ def quality_merge(runs, out, rows):
     _check_out(str(Path(out) / "quality.json"))
     doc = merge_quality(list(runs), out, with_rows=rows)
     name, checks = list(doc["targets"].items())[-1]
-    for c in checks:
-        _log(f"{name}: {c['target']} = {c['value']} (goal {c['goal']}) {'met' if c['met'] else 'MISSED'}")
+    _log_targets(name, checks)
     _log(f"wrote {Path(out) / 'quality.json'}, quality.md, quality.png")
+
+
+def _log_targets(name: str, checks: list[dict]) -> None:
+    for c in checks:
+        value = "n/a" if c["value"] is None else c["value"]
+        band = f" [{c['interval'][0]}, {c['interval'][1]}]" if "interval" in c else ""
+        _log(f"{name}: {c['target']} = {value}{band} (goal {c['goal']}) {'met' if c['met'] else 'MISSED'}")
 
 
 RANDOM_LLAMA = "random-llama-3-8b"

@@ -178,11 +178,11 @@ def run_quality(
 
 def _write(out: Path, meta: dict, rows: list[dict], *, with_rows: bool = True) -> dict:
     summary = report.summarize(rows)
-    targets = {name: report.check_targets(table) for name, table in summary["average"].items()}
+    targets = report.targets(summary, rows)
     doc = {"meta": meta, "summary": summary, "targets": targets, "rows": rows}
     kept = doc if with_rows else {k: v for k, v in doc.items() if k != "rows"}
     write_text_atomic(out / "quality.json", json.dumps(kept, indent=1, default=float) + "\n")
-    write_text_atomic(out / "quality.md", report.markdown(summary, meta))
+    write_text_atomic(out / "quality.md", report.markdown(summary, meta, targets))
     report.plot(summary, meta, out / "quality.png")
     return doc
 

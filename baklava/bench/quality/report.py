@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from baklava.bench.quality.intervals import LEVEL, target_intervals
 from baklava.bench.quality.methods import METHODS
 
 BASELINES = ("uniform", "streaming", "layer", "pyramid")
@@ -101,8 +102,33 @@ def check_targets(average: dict[str, dict[float, float]]) -> list[dict]:
     return checks
 
 
-def markdown(summary: dict, meta: dict) -> str:
-    """The tables BENCHMARKS.md quotes: average score per method and budget, per setting."""
+def targets(summary: dict, rows: list[dict]) -> dict[str, list[dict]]:
+    """:func:`check_targets` per setting, each check with its bootstrap ``interval`` over the
+    prompts (:mod:`~baklava.bench.quality.intervals`) where one is defined."""
+    bands = target_intervals(rows, check_targets)
+    out = {}
+    for name, table in summary["average"].items():
+        checks = check_targets(table)
+        for c in checks:
+            if c["target"] in bands.get(name, {}):
+                c["interval"] = bands[name][c["target"]]
+        out[name] = checks
+    return out
+
+
+def _check_line(c: dict) -> str:
+    value = "n/a" if c["value"] is None else c["value"]
+    band = (
+        f" ({LEVEL:.0%} bootstrap over prompts: {c['interval'][0]} to {c['interval'][1]})"
+        if "interval" in c
+        else ""
+    )
+    return f"- {c['target']} = {value}{band} (goal {c['goal']}): {'met' if c['met'] else 'MISSED'}"
+
+
+def markdown(summary: dict, meta: dict, checks: dict[str, list[dict]] | None = None) -> str:
+    """The tables BENCHMARKS.md quotes: average score per method and budget, per setting, then the
+    target checks (``checks`` from :func:`targets`; without them, computed here, no intervals)."""
     budgets = summary["budgets"]
     lines = [
         f"Quality: {meta['model']}, lengths {meta['lengths']}, {meta['samples']} samples per task and length",
@@ -118,14 +144,12 @@ def markdown(summary: dict, meta: dict) -> str:
             cells = [f"{line[b]:.3f}" if b in line else "" for b in budgets]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
-    for name, table in summary["average"].items():
-        checks = check_targets(table)
-        if checks:
+    if checks is None:
+        checks = {name: check_targets(table) for name, table in summary["average"].items()}
+    for name, found in checks.items():
+        if found:
             lines += [f"Targets ({name}):", ""]
-            lines += [
-                f"- {c['target']} = {'n/a' if c['value'] is None else c['value']} (goal {c['goal']}): {'met' if c['met'] else 'MISSED'}"
-                for c in checks
-            ]
+            lines += [_check_line(c) for c in found]
             lines.append("")
     lines += ["Per task (all settings, mean score):", ""]
     lines += _per_task(summary)
