@@ -88,3 +88,19 @@ def test_tile_table_covers_every_slot_once():
     for h, cap in enumerate(caps):
         starts = [s for hh, s in zip(head, start, strict=True) if hh == h]
         assert starts == list(range(0, max(cap, 1), tile)) and first[h + 1] - first[h] == len(starts)
+
+
+def test_the_benchmark_case_feeds_the_kernel_in_its_argument_order():
+    from baklava.bench.kernel_speed import HKV, packed_case
+
+    case = packed_case(2, 512, 0.3, device=DEVICE, dtype=torch.float16)
+    assert sum(case.caps) == round(0.3 * 512 * HKV) and case.keys.shape == (2, sum(case.caps), 128)
+    assert case.fill.tolist() == [case.caps] * 2 and case.offsets.tolist() == list(
+        np.cumsum([0, *case.caps[:-1]])
+    )
+    kd, vd = case.dense_same()
+    assert kd.shape == vd.shape == (2, HKV, sum(case.caps) // HKV, 128)
+    args = case.args()
+    got = packed_decode_attention(*args)
+    want = reference(*args[:6], case.caps, args[-1])
+    torch.testing.assert_close(got.float(), want, atol=2e-3, rtol=2e-3)

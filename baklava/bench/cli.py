@@ -281,10 +281,10 @@ def quality_merge(runs, out, rows):
 
 
 def _log_targets(name: str, checks: list[dict]) -> None:
+    from baklava.bench.quality.report import describe
+
     for c in checks:
-        value = "n/a" if c["value"] is None else c["value"]
-        band = f" [{c['interval'][0]}, {c['interval'][1]}]" if "interval" in c else ""
-        _log(f"{name}: {c['target']} = {value}{band} (goal {c['goal']}) {'met' if c['met'] else 'MISSED'}")
+        _log(f"{name}: {describe(c)}")
 
 
 RANDOM_LLAMA = "random-llama-3-8b"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -65,9 +66,7 @@ def _best_sdpa(q, k, v) -> tuple[float, str]:
         SDPBackend.MATH,
     ):
         try:
-            with sdpa_kernel(backend):
-                t = _time(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-            best = min(best, (t, backend.name))
+            best = min(best, (_sdpa(q, k, v, backend.name), backend.name))
         except (RuntimeError, torch.cuda.CudaError):
             continue
     return best
@@ -82,36 +81,63 @@ def uneven_caps(context: int, budget: float, heads: int, seed: int = 0) -> list[
     return caps.clamp(1, context).tolist()
 
 
-def measure(batch: int, context: int, budget: float, rounds: int = 5) -> dict:
-    dev, dt = "cuda", torch.bfloat16
+class PackedCase(NamedTuple):
+    """One decode step's inputs over a packed cache with uneven capacities, every head full:
+    :func:`packed_decode_attention`'s arguments, in its order (:meth:`args`)."""
+
+    query: torch.Tensor  # [B, HQ, D]
+    key_new: torch.Tensor  # [B, HKV, D]
+    value_new: torch.Tensor
+    keys: torch.Tensor  # [B, sum(caps), D]
+    values: torch.Tensor
+    fill: torch.Tensor  # [B, HKV] int32, = caps
+    offsets: torch.Tensor  # [HKV] int32
+    caps: list[int]
+
+    def args(self) -> tuple:
+        """``(query, key_new, value_new, keys, values, fill, offsets, caps, scale)``."""
+        return (*self, D**-0.5)
+
+    def dense_same(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random dense K and V ``[B, HKV, sum(caps) // HKV, D]``: the packed cache's bytes, cut uniformly."""
+        batch, total = self.keys.shape[:2]
+        like = dict(device=self.keys.device, dtype=self.keys.dtype)
+        return torch.randn(batch, HKV, total // HKV, D, **like), torch.randn(
+            batch, HKV, total // HKV, D, **like
+        )
+
+
+def packed_case(batch: int, context: int, budget: float, device="cuda", dtype=torch.bfloat16) -> PackedCase:
+    """Random inputs for ``batch`` sequences, capacities :func:`uneven_caps` (Llama-3-8B head shapes)."""
     caps = uneven_caps(context, budget, HKV)
     total = sum(caps)
-    q = torch.randn(batch, HQ, D, device=dev, dtype=dt)
-    kn, vn = (
-        torch.randn(batch, HKV, D, device=dev, dtype=dt),
-        torch.randn(batch, HKV, D, device=dev, dtype=dt),
-    )
-    keys, values = (
-        torch.randn(batch, total, D, device=dev, dtype=dt),
-        torch.randn(batch, total, D, device=dev, dtype=dt),
-    )
-    fill = torch.tensor([caps] * batch, dtype=torch.int32, device=dev)
-    offsets = torch.tensor([sum(caps[:i]) for i in range(HKV)], dtype=torch.int32, device=dev)
+    rand = lambda *shape: torch.randn(*shape, device=device, dtype=dtype)  # noqa: E731
+    fill = torch.tensor([caps] * batch, dtype=torch.int32, device=device)
+    offsets = torch.tensor([sum(caps[:i]) for i in range(HKV)], dtype=torch.int32, device=device)
+    return PackedCase(
+        rand(batch, HQ, D), rand(batch, HKV, D), rand(batch, HKV, D), rand(batch, total, D), rand(batch, total, D),
+        fill, offsets, caps,
+    )  # fmt: skip
+
+
+def measure(batch: int, context: int, budget: float, rounds: int = 5) -> dict:
+    dev, dt = "cuda", torch.bfloat16
+    case = packed_case(batch, context, budget, dev, dt)
+    caps, keys, values = case.caps, case.keys, case.values
     packed_bytes = 2 * keys.numel() * keys.element_size()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     tile = tile_length(caps, batch, 64, sms)
     table = (tile, tile_table(caps, tile, dev))  # built once per layer, as a plugin would
 
     def packed():
-        return packed_decode_attention(q, kn, vn, keys, values, fill, offsets, caps, D**-0.5, table=table)
+        return packed_decode_attention(*case.args(), table=table)
 
-    q4 = q[:, :, None]  # [B, HQ, 1, D]
+    q4 = case.query[:, :, None]  # [B, HQ, 1, D]
     kf, vf = (torch.randn(batch, HKV, context, D, device=dev, dtype=dt) for _ in range(2))  # K and V distinct
     t_full, be_full = _best_sdpa(q4, kf, vf)
     full_bytes = 2 * kf.numel() * kf.element_size()
     del kf, vf
-    same = total // HKV
-    kd, vd = (torch.randn(batch, HKV, same, D, device=dev, dtype=dt) for _ in range(2))
+    kd, vd = case.dense_same()
     _, be_same = _best_sdpa(q4, kd, vd)
     same_bytes = 2 * kd.numel() * kd.element_size()
     times = [(_time(packed), _sdpa(q4, kd, vd, be_same)) for _ in range(rounds)]  # alternating

@@ -15,33 +15,30 @@ import json
 
 import torch
 
-from baklava.bench.kernel_speed import CASES, HKV, HQ, D, _best_sdpa, _time, uneven_caps
+from baklava.bench.kernel_speed import CASES, _best_sdpa, _time, packed_case
 from baklava.trt_plugins.triton_decode_attention import packed_decode_attention, tile_length, tile_table
 
 GRID = {"per_sm": (2, 4, 8, 16), "block_n": (32, 64, 128), "warps": (4, 8), "stages": (2, 3)}
 
 
 def sweep(batch: int, context: int, budget: float) -> list[tuple[str, float]]:
-    dev, dt = "cuda", torch.bfloat16
+    dev = "cuda"
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    caps = uneven_caps(context, budget, HKV)
-    total = sum(caps)
-    q = torch.randn(batch, HQ, D, device=dev, dtype=dt)
-    kn, vn = (torch.randn(batch, HKV, D, device=dev, dtype=dt) for _ in range(2))
-    keys, values = (torch.randn(batch, total, D, device=dev, dtype=dt) for _ in range(2))
-    fill = torch.tensor([caps] * batch, dtype=torch.int32, device=dev)
-    offsets = torch.tensor([sum(caps[:i]) for i in range(HKV)], dtype=torch.int32, device=dev)
-    kd, vd = (torch.randn(batch, HKV, total // HKV, D, device=dev, dtype=dt) for _ in range(2))
-    t_dense, _ = _best_sdpa(q[:, :, None], kd, vd)
-    del kd, vd
+    case = packed_case(batch, context, budget, dev)
+    caps = case.caps
+    t_dense, _ = _best_sdpa(case.query[:, :, None], *case.dense_same())
     ratios = []
     for per_sm, block_n, warps, stages in itertools.product(*GRID.values()):
         tile = tile_length(caps, batch, block_n, sms, per_sm)
         table = (tile, tile_table(caps, tile, dev))
         call = functools.partial(
-            packed_decode_attention, q, kn, vn, keys, values, fill, offsets, caps, D**-0.5,
-            table=table, block_n=block_n, num_warps=warps, num_stages=stages,
-        )  # fmt: skip
+            packed_decode_attention,
+            *case.args(),
+            table=table,
+            block_n=block_n,
+            num_warps=warps,
+            num_stages=stages,
+        )
         t = _time(call, iters=30)
         ratios.append(
             (f"per_sm={per_sm} block_n={block_n} warps={warps} stages={stages}", round(t_dense / t, 3))

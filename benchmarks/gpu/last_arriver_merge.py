@@ -3,11 +3,10 @@
 # DIRECT: a head with a single tile writes its output without the round trip. Timed against the
 # two-launch kernel (split + merge) and the split launch alone, three alternating rounds. GPU:
 #   python benchmarks/gpu/last_arriver_merge.py   (writes fused-merge.json to $OUT or /tmp)
-import json, os, sys, math
+import json, os, math
 import torch, triton
 import triton.language as tl
 from baklava.bench import kernel_speed as ks
-from baklava.trt_plugins import triton_decode_attention as tda
 from baklava.trt_plugins.triton_decode_attention import packed_decode_attention, tile_length, tile_table, _split_kernel
 
 
@@ -158,19 +157,12 @@ def main():
     res = []
     cases = [(64, 4096), (32, 8192), (16, 16384), (8, 32768), (1, 131072)]
     for batch, context in cases:
-        caps = ks.uneven_caps(context, 0.3, ks.HKV); total = sum(caps)
         torch.manual_seed(0)
-        q = torch.randn(batch, ks.HQ, ks.D, device=dev, dtype=dt)
-        kn, vn = (torch.randn(batch, ks.HKV, ks.D, device=dev, dtype=dt) for _ in range(2))
-        keys, values = (torch.randn(batch, total, ks.D, device=dev, dtype=dt) for _ in range(2))
-        fill = torch.tensor([caps] * batch, dtype=torch.int32, device=dev)
-        fill_ragged = (fill.float() * torch.rand(batch, ks.HKV, device=dev)).int()  # correctness with partial fills
-        offsets = torch.tensor([sum(caps[:i]) for i in range(ks.HKV)], dtype=torch.int32, device=dev)
-        nbytes = 2 * keys.numel() * 2
-        same = total // ks.HKV
-        kd, vd = (torch.randn(batch, ks.HKV, same, ks.D, device=dev, dtype=dt) for _ in range(2))
+        case = ks.packed_case(batch, context, 0.3, dev, dt); caps, q = case.caps, case.query
+        ragged = case._replace(fill=(case.fill.float() * torch.rand(batch, ks.HKV, device=dev)).int())  # partial fills
+        nbytes = 2 * case.keys.numel() * 2
+        kd, vd = case.dense_same()
         sbytes = 2 * kd.numel() * 2
-        sc = ks.D ** -0.5
         row = {"batch": batch, "context": context}
         tables = {}
         for per_sm in (4, 8, 12):
@@ -182,19 +174,19 @@ def main():
         row["tiles_per_seq"] = dtab[1][0].numel()
         row["single_tile_heads"] = sum(1 for c in caps if math.ceil(c / default) <= 1)
         # correctness
-        for f in (fill, fill_ragged):
-            ref = packed_decode_attention(q, kn, vn, keys, values, f, offsets, caps, sc, table=dtab)
+        for c in (case, ragged):
+            ref = packed_decode_attention(*c.args(), table=dtab)
             for direct in (False, True):
                 for _ in range(3):
-                    o = fused(q, kn, vn, keys, values, f, offsets, caps, sc, dtab, direct)
+                    o = fused(*c.args(), dtab, direct)
                     row.setdefault("maxdiff", []).append(float((o.float() - ref.float()).abs().max()))
         fns = {
-            "current": lambda: packed_decode_attention(q, kn, vn, keys, values, fill, offsets, caps, sc, table=dtab),
-            "split_only": lambda: split_only(q, kn, vn, keys, values, fill, offsets, caps, sc, dtab),
+            "current": lambda: packed_decode_attention(*case.args(), table=dtab),
+            "split_only": lambda: split_only(*case.args(), dtab),
         }
         for per_sm, tab in tables.items():
-            fns[f"fused{per_sm}"] = (lambda tab=tab: fused(q, kn, vn, keys, values, fill, offsets, caps, sc, tab, False))
-            fns[f"fused_direct{per_sm}"] = (lambda tab=tab: fused(q, kn, vn, keys, values, fill, offsets, caps, sc, tab, True))
+            fns[f"fused{per_sm}"] = (lambda tab=tab: fused(*case.args(), tab, False))
+            fns[f"fused_direct{per_sm}"] = (lambda tab=tab: fused(*case.args(), tab, True))
         times = {k: [] for k in fns}
         t_same = []
         for rep in range(3):
@@ -208,7 +200,7 @@ def main():
             row[k + "_ratio"] = [round((nbytes / x) / (sbytes / ts), 3) for x in v]
         print(json.dumps(row), flush=True)
         res.append(row)
-        del kd, vd, keys, values
+        case = ragged = kd = vd = None  # free this case's tensors before the next one
     json.dump(res, open(os.environ.get("OUT", "/tmp") + "/fused-merge.json", "w"), indent=1)
 
 

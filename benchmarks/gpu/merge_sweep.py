@@ -2,7 +2,7 @@
 # kernel_speed cases + batch 32 / 8k (budget 0.3); each configuration's full call timed in CUDA
 # graphs twice, and the merge kernel alone from torch.profiler (merge_us). GPU machine:
 #   python benchmarks/gpu/merge_sweep.py   (writes merge-sweep.json to $OUT or /tmp)
-import json, os, sys, math, itertools, torch
+import json, os, math, itertools, torch
 from baklava.bench import kernel_speed as ks
 from baklava.trt_plugins import triton_decode_attention as tda
 from torch.profiler import profile, ProfilerActivity
@@ -10,24 +10,17 @@ dev, dt = "cuda", torch.bfloat16
 sms = torch.cuda.get_device_properties(0).multi_processor_count
 out = []
 for batch, context, budget in ks.CASES + [(32, 8192, 0.3)]:
-    caps = ks.uneven_caps(context, budget, ks.HKV); total = sum(caps)
-    q = torch.randn(batch, ks.HQ, ks.D, device=dev, dtype=dt)
-    kn, vn = (torch.randn(batch, ks.HKV, ks.D, device=dev, dtype=dt) for _ in range(2))
-    keys, values = (torch.randn(batch, total, ks.D, device=dev, dtype=dt) for _ in range(2))
-    fill = torch.tensor([caps] * batch, dtype=torch.int32, device=dev)
-    offsets = torch.tensor([sum(caps[:i]) for i in range(ks.HKV)], dtype=torch.int32, device=dev)
+    case = ks.packed_case(batch, context, budget, dev, dt); caps, q = case.caps, case.query
     tile = tda.tile_length(caps, batch, 64, sms); tab = (tile, tda.tile_table(caps, tile, dev))
-    sc = ks.D ** -0.5
     maxc = max(math.ceil(c / tile) for c in caps)
-    nbytes = 2 * keys.numel() * 2
-    same = total // ks.HKV
-    kd, vd = (torch.randn(batch, ks.HKV, same, ks.D, device=dev, dtype=dt) for _ in range(2))
+    nbytes = 2 * case.keys.numel() * 2
+    kd, vd = case.dense_same()
     sbytes = 2 * kd.numel() * 2
-    ref = tda.packed_decode_attention(q, kn, vn, keys, values, fill, offsets, caps, sc, table=tab)
+    ref = tda.packed_decode_attention(*case.args(), table=tab)
     row = {"batch": batch, "context": context, "budget": budget, "tile": tile, "max_tiles_per_head": maxc, "configs": {}}
     t_same = [ks._best_sdpa(q[:, :, None], kd, vd)[0]]
     for mb, mw in itertools.product((4, 8, 16, 32, 64), (1, 2, 4)):
-        fn = lambda: tda.packed_decode_attention(q, kn, vn, keys, values, fill, offsets, caps, sc, table=tab, merge_block=mb, merge_warps=mw)
+        fn = lambda: tda.packed_decode_attention(*case.args(), table=tab, merge_block=mb, merge_warps=mw)
         diff = float((fn().float() - ref.float()).abs().max())
         ts = [ks._time(fn) for _ in range(2)]
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -44,5 +37,5 @@ for batch, context, budget in ks.CASES + [(32, 8192, 0.3)]:
     print(json.dumps({k: row[k] for k in ("batch", "context", "budget", "tile", "max_tiles_per_head", "sdpa_same_ms")}), flush=True)
     for k, v in best: print("   ", k, v, flush=True)
     out.append(row)
-    del keys, values, kd, vd
+    case = kd = vd = None  # free this case's tensors before the next one
 json.dump(out, open(os.environ.get("OUT", "/tmp") + "/merge-sweep.json", "w"), indent=1)

@@ -8,24 +8,18 @@ dev, dt = "cuda", torch.bfloat16
 sms = torch.cuda.get_device_properties(0).multi_processor_count
 res = {}
 for batch, context in ((64, 4096), (16, 16384)):
-    caps = ks.uneven_caps(context, 0.3, ks.HKV); total = sum(caps)
-    q = torch.randn(batch, ks.HQ, ks.D, device=dev, dtype=dt)
-    kn, vn = (torch.randn(batch, ks.HKV, ks.D, device=dev, dtype=dt) for _ in range(2))
-    keys, values = (torch.randn(batch, total, ks.D, device=dev, dtype=dt) for _ in range(2))
-    fill = torch.tensor([caps] * batch, dtype=torch.int32, device=dev)
-    offsets = torch.tensor([sum(caps[:i]) for i in range(ks.HKV)], dtype=torch.int32, device=dev)
-    nbytes = 2 * keys.numel() * 2
-    same = total // ks.HKV
-    kd, vd = (torch.randn(batch, ks.HKV, same, ks.D, device=dev, dtype=dt) for _ in range(2))
+    case = ks.packed_case(batch, context, 0.3, dev, dt); caps, q = case.caps, case.query
+    nbytes = 2 * case.keys.numel() * 2
+    kd, vd = case.dense_same()
     t_same, _ = ks._best_sdpa(q[:, :, None], kd, vd)
     sbytes = 2 * kd.numel() * 2; del kd, vd
     rows = []
     for per_sm, bn, warps, stages in itertools.product((4, 8, 12, 16, 32), (32, 64), (4, 8), (2, 3)):
         tile = tile_length(caps, batch, bn, sms, per_sm)
         table = (tile, tile_table(caps, tile, dev))
-        t = ks._time(lambda: packed_decode_attention(q, kn, vn, keys, values, fill, offsets, caps, ks.D ** -0.5, table=table, block_n=bn, num_warps=warps, num_stages=stages))
+        t = ks._time(lambda: packed_decode_attention(*case.args(), table=table, block_n=bn, num_warps=warps, num_stages=stages))
         rows.append((round((nbytes / t) / (sbytes / t_same), 3), per_sm, bn, warps, stages, tile, round(t * 1e3, 4)))
-    t_same2, _ = ks._best_sdpa(q[:, :, None], *(torch.randn(batch, ks.HKV, same, ks.D, device=dev, dtype=dt) for _ in range(2)))
+    t_same2, _ = ks._best_sdpa(q[:, :, None], *case.dense_same())
     rows.sort(reverse=True)
     default = tile_length(caps, batch, 64, sms)
     res[f"{batch}/{context}"] = {"sdpa_same_ms": [t_same * 1e3, t_same2 * 1e3], "default_tile": default, "top": rows[:8], "all": rows}

@@ -116,14 +116,13 @@ def targets(summary: dict, rows: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
-def _check_line(c: dict) -> str:
-    value = "n/a" if c["value"] is None else c["value"]
-    band = (
-        f" ({LEVEL:.0%} bootstrap over prompts: {c['interval'][0]} to {c['interval'][1]})"
-        if "interval" in c
-        else ""
-    )
-    return f"- {c['target']} = {value}{band} (goal {c['goal']}): {'met' if c['met'] else 'MISSED'}"
+def describe(check: dict) -> str:
+    """One target check as a line of text: value, interval where known, goal, verdict."""
+    value = "n/a" if check["value"] is None else check["value"]
+    band = ""
+    if "interval" in check:
+        band = f" ({LEVEL:.0%} bootstrap over prompts: {check['interval'][0]} to {check['interval'][1]})"
+    return f"{check['target']} = {value}{band} (goal {check['goal']}): {'met' if check['met'] else 'MISSED'}"
 
 
 def markdown(summary: dict, meta: dict, checks: dict[str, list[dict]] | None = None) -> str:
@@ -149,7 +148,7 @@ def markdown(summary: dict, meta: dict, checks: dict[str, list[dict]] | None = N
     for name, found in checks.items():
         if found:
             lines += [f"Targets ({name}):", ""]
-            lines += [_check_line(c) for c in found]
+            lines += [f"- {describe(c)}" for c in found]
             lines.append("")
     lines += ["Per task (all settings, mean score):", ""]
     lines += _per_task(summary)
