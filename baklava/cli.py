@@ -14,13 +14,15 @@ from pathlib import Path
 
 import click
 
+from baklava.cli_options import (
+    KV_DTYPES,
+    allocation_options,
+    calibration_options,
+    model_option,
+    parse_budget,
+)
 from baklava.errors import BaklavaError
-from baklava.profiles.allocators import ALLOCATORS
-from baklava.profiles.budget import Budget
-from baklava.profiles.eviction import POLICIES, EvictionConfig
-from baklava.profiles.scorers import SCORERS
-
-_KV_DTYPES = {"auto": None, "float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
+from baklava.profiles.eviction import EvictionConfig
 
 
 def _size(nbytes: float) -> str:
@@ -60,109 +62,6 @@ def _main(command: click.Command, prog: str):
     return entry
 
 
-def _parse_budget(ctx, param, value):
-    if value is None:
-        return None
-    return Budget.parse(value)  # BaklavaError -> one line via _main
-
-
-def model_option(f):
-    return click.option(
-        "--model",
-        "model_spec",
-        default="smollm2-135m",
-        show_default=True,
-        help="Alias (smollm2-135m, qwen2.5-coder-0.5b), local HF directory, .gguf file, or hub id.",
-    )(f)
-
-
-def calibration_options(f):
-    for opt in reversed(
-        [
-            click.option(
-                "--calibration",
-                type=click.Path(dir_okay=False),
-                help="Text or .jsonl file (default: pydoc prose).",
-            ),
-            click.option(
-                "--samples", default=4, show_default=True, type=click.IntRange(1), help="Calibration windows."
-            ),
-            click.option(
-                "--seq-len",
-                default=1024,
-                show_default=True,
-                type=click.IntRange(64),
-                help="Tokens per window.",
-            ),
-            click.option("--scorer", type=click.Choice(sorted(SCORERS)), default="cosine", show_default=True),
-            click.option(
-                "--search-context",
-                default=1024,
-                show_default=True,
-                type=click.IntRange(32),
-                help="Context length of the perplexity search.",
-            ),
-        ]
-    ):
-        f = opt(f)
-    return f
-
-
-def allocation_options(f):
-    for opt in reversed(
-        [
-            click.option(
-                "--method", type=click.Choice(sorted(ALLOCATORS)), default="baklava", show_default=True
-            ),
-            click.option(
-                "--max-context", type=click.IntRange(1), help="Reference context (default: the model's)."
-            ),
-            click.option(
-                "--min-cap",
-                default=16,
-                show_default=True,
-                type=click.IntRange(1),
-                help="Smallest head capacity.",
-            ),
-            click.option(
-                "--batch",
-                default=1,
-                show_default=True,
-                type=click.IntRange(1),
-                help="Batch for memory budgets.",
-            ),
-            click.option(
-                "--kv-dtype", type=click.Choice(list(_KV_DTYPES)), default="auto", show_default=True
-            ),
-            click.option("--sink", default=4, show_default=True, type=click.IntRange(0)),
-            click.option("--window", default=32, show_default=True, type=click.IntRange(0)),
-            click.option("--policy", type=click.Choice(POLICIES), default="h2o", show_default=True),
-            click.option(
-                "--search/--no-search",
-                default=True,
-                show_default=True,
-                help="Perplexity search of parameters.",
-            ),
-            click.option(
-                "--sharpness", type=click.FloatRange(0), help="Fix the BaKlaVa sharpness (skips the search)."
-            ),
-            click.option(
-                "--floor-frac", type=click.FloatRange(0, 1), help="Fix the BaKlaVa floor (skips the search)."
-            ),
-        ]
-    ):
-        f = opt(f)
-    return f
-
-
-def _settings(calibration, samples, seq_len, search_context):
-    from baklava.profiles.pipeline import CalibrationSettings
-
-    return CalibrationSettings(
-        path=calibration, samples=samples, seq_len=seq_len, search_context=search_context
-    )
-
-
 def _precheck(lm, budget, o) -> None:
     """Reject an impossible budget before profiling (which takes minutes on a CPU)."""
     from baklava.profiles.pipeline import resolve_budget
@@ -174,7 +73,7 @@ def _precheck(lm, budget, o) -> None:
         max_context=o["max_context"],
         min_cap=o["min_cap"],
         batch=o["batch"],
-        dtype_bytes=_KV_DTYPES[o["kv_dtype"]] or lm.model.dtype.itemsize,
+        dtype_bytes=KV_DTYPES[o["kv_dtype"]] or lm.model.dtype.itemsize,
     )
 
 
@@ -193,7 +92,7 @@ def _allocate(profile, budget, lm, settings, o) -> object:
         max_context=o["max_context"],
         min_cap=o["min_cap"],
         batch=o["batch"],
-        dtype_bytes=_KV_DTYPES[o["kv_dtype"]],
+        dtype_bytes=KV_DTYPES[o["kv_dtype"]],
         eviction=EvictionConfig(sink=o["sink"], window=o["window"], policy=o["policy"]),
         search=o["search"],
         params=params,
@@ -210,11 +109,6 @@ def _check_writable(out) -> None:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise BaklavaError(f"cannot write {out}: {parent} is not a writable directory")
-
-
-def _check_calibration(path):
-    if path is not None and not Path(path).is_file():
-        raise BaklavaError(f"calibration file not found: {path}")
 
 
 def _summary(profile) -> str:
@@ -235,21 +129,17 @@ def _summary(profile) -> str:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @model_option
 @calibration_options
-@click.option("--budget", callback=_parse_budget, help="Also allocate: 0.3, 512 (tokens/head) or 2GiB.")
+@click.option("--budget", callback=parse_budget, help="Also allocate: 0.3, 512 (tokens/head) or 2GiB.")
 @allocation_options
 @click.option("--out", "out", type=click.Path(dir_okay=False), required=True, help="Profile JSON to write.")
 @click.option(
     "--plot", type=click.Path(dir_okay=False), help="Write a PNG heatmap of scores (and capacities)."
 )
-def profile_cmd(
-    model_spec, calibration, samples, seq_len, scorer, search_context, budget, out, plot, **alloc_opts
-):
+def profile_cmd(model_spec, settings, scorer, budget, out, plot, **alloc_opts):
     """Profile a model once: per-KV-head importance (and capacities with --budget)."""
     from baklava.model_zoo import load_model
     from baklava.profiles.pipeline import score
 
-    _check_calibration(calibration)
-    settings = _settings(calibration, samples, seq_len, search_context)
     lm = load_model(model_spec)
     if budget is not None:
         _precheck(lm, budget, alloc_opts)
@@ -268,7 +158,7 @@ def profile_cmd(
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @model_option
 @click.option(
-    "--budget", callback=_parse_budget, required=True, help="0.3 (fraction), 512 (tokens/head) or 2GiB."
+    "--budget", callback=parse_budget, required=True, help="0.3 (fraction), 512 (tokens/head) or 2GiB."
 )
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Artifact directory to create.")
 @click.option(
@@ -303,11 +193,8 @@ def export_cmd(
     budget,
     out,
     profile_path,
-    calibration,
-    samples,
-    seq_len,
+    settings,
     scorer,
-    search_context,
     plot,
     with_onnx,
     with_engine,
@@ -329,10 +216,8 @@ def export_cmd(
     if with_engine and not with_onnx:
         raise BaklavaError("--engine is built from the ONNX graph: drop --no-onnx")
     _check_writable(out)
-    _check_calibration(calibration)
     resolve(model_spec)  # fail fast on a missing model or an unsupported architecture
     reused = BudgetProfile.load(profile_path) if profile_path else None
-    settings = _settings(calibration, samples, seq_len, search_context)
     lm = load_model(model_spec)
     _precheck(lm, budget, alloc_opts)
     if reused is not None:

@@ -4,8 +4,8 @@ import torch
 
 from baklava.profiles import calibration as calib
 from baklava.profiles.head_scores import HeadScores
-from baklava.profiles.profiler import profile_model
-from baklava.profiles.scorers import SCORERS, CosineScorer, EntropyScorer
+from baklava.profiles.profiler import profile_model, repeat_half
+from baklava.profiles.scorers import SCORERS, CosineScorer, EntropyScorer, RetrievalScorer
 
 S, D = 12, 8
 
@@ -39,6 +39,28 @@ def test_entropy_zero_when_focused_one_when_uniform():
     torch.testing.assert_close(uniform[..., 1:], torch.ones(1, 1, S - 1), atol=1e-5, rtol=0)
 
 
+def test_retrieval_scores_the_copy_source_only():
+    m = S // 2  # the second copy starts at m; its token t came first at t, the next one at t + 1
+    induction = torch.eye(S)  # reads itself ...
+    induction[m:-1] = 0
+    induction[torch.arange(m, S - 1), torch.arange(1, m)] = 1  # ... except the copy source
+    previous = torch.zeros(S, S)
+    previous[0, 0] = 1
+    previous[torch.arange(1, S), torch.arange(S - 1)] = 1  # previous-token head: not a copier
+    weights = torch.stack([induction, previous, torch.eye(S)])[None]  # [1, 3, S, S]
+    case = attention_case(weights[:, :1]) | {"weights": weights}
+    scores = RetrievalScorer().score(**case)
+    assert scores.shape == (1, 3, m - 1)
+    torch.testing.assert_close(scores[0, 0], torch.ones(m - 1))
+    torch.testing.assert_close(scores[0, 1:], torch.zeros(2, m - 1))
+    with pytest.raises(ValueError, match="repeated twice"):
+        RetrievalScorer().score(**(case | {"weights": weights[..., :-1, :-1]}))
+
+
+def test_repeat_half():
+    assert repeat_half(torch.arange(7)).tolist() == [0, 1, 2, 0, 1, 2]
+
+
 class _Tok:
     """Whitespace 'tokenizer' over a fixed vocabulary, enough for calibration.build."""
 
@@ -51,7 +73,7 @@ def test_profile_tiny_model_shapes_and_gqa_reduction(tiny_llama):
     cal = calib.build(
         _Tok(), calib.default_text(), "pydoc", num_samples=2, seq_len=64, num_heldout=1, heldout_len=80
     )
-    scores = profile_model(tiny_llama, cal, skip_first=4, progress=False)
+    scores = profile_model(tiny_llama, cal, method="cosine", skip_first=4, progress=False)
     assert isinstance(scores, HeadScores)
     assert scores.kv_head.shape == (2, 2) and scores.layer.shape == (2,)
     assert np.isfinite(scores.kv_head).all() and (scores.kv_head > 0).all()
@@ -61,6 +83,11 @@ def test_profile_tiny_model_shapes_and_gqa_reduction(tiny_llama):
     q = np.array(raw["cosine"]["q_head_mean"])  # [L, H_q=4] -> KV heads own query heads (0,1), (2,3)
     np.testing.assert_allclose(scores.kv_head, q.reshape(2, 2, 2).mean(-1), atol=1e-5)
     assert raw["cosine"]["tokens_per_head"] == 2 * (64 - 4)
+    assert raw["retrieval"]["tokens_per_head"] == 2 * (32 - 1)  # the repeated pass's second copies
+    retrieval = profile_model(tiny_llama, cal, method="retrieval", skip_first=4, progress=False)
+    q = np.array(retrieval.raw["scorers"]["retrieval"]["q_head_mean"])
+    np.testing.assert_allclose(retrieval.kv_head, q.reshape(2, 2, 2).max(-1), atol=1e-5)  # GQA: max
+    np.testing.assert_allclose(retrieval.layer, scores.layer)  # the layer proxy reads the plain pass
     assert tiny_llama.config._attn_implementation != "baklava_profile"  # restored afterwards
 
 

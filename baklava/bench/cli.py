@@ -11,7 +11,8 @@ from pathlib import Path
 import click
 
 from baklava.atomic import write_text_atomic
-from baklava.cli import _log, _main, calibration_options, model_option
+from baklava.cli import _log, _main
+from baklava.cli_options import calibration_options, model_option
 from baklava.errors import BaklavaError
 
 
@@ -203,11 +204,8 @@ def quality_bench(
     pool_kernel,
     agnostic_scoring,
     reconstruct_pool,
-    calibration,
-    samples,
-    seq_len,
+    settings,
     scorer,
-    search_context,
 ):
     """Long-context quality of every method and budget on a seeded RULER-like suite."""
     import dataclasses
@@ -216,7 +214,7 @@ def quality_bench(
     import torch
 
     from baklava.bench.quality.benchmark import QualityConfig, run_quality
-    from baklava.cli import _check_calibration, _check_writable, _settings
+    from baklava.cli import _check_writable
     from baklava.model_zoo import load_model
     from baklava.profiles.pipeline import score
     from baklava.profiles.profile_file import BudgetProfile, config_fingerprint
@@ -234,14 +232,12 @@ def quality_bench(
         extra={"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])},
     )
     _check_writable(Path(out) / "quality.json")
-    _check_calibration(calibration)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise BaklavaError("--device cuda: no CUDA device here")
     lm = load_model(model_spec, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
     lm.model.to(device)
-    settings = _settings(calibration, samples, seq_len, search_context)
     if profile_path:
         profile = BudgetProfile.load(profile_path, expect_fingerprint=config_fingerprint(lm.model.config))
     else:

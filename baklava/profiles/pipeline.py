@@ -19,6 +19,7 @@ from baklava.profiles.budget import Budget
 from baklava.profiles.eviction import EvictionConfig
 from baklava.profiles.profile_file import BudgetProfile, ModelInfo
 from baklava.profiles.profiler import profile_model
+from baklava.profiles.scorers import DEFAULT_SCORER
 
 
 @dataclass
@@ -31,6 +32,7 @@ class CalibrationSettings:
     search_texts: int = 2
     search_context: int = 1024
     search_continuation: int = 128
+    search_objective: str = "reconstruction"  # allocation_search.OBJECTIVES
 
     def build(self, tokenizer) -> calib.CalibrationSet:
         text, description = calib.read_text(self.path)
@@ -46,7 +48,7 @@ class CalibrationSettings:
 
 
 def score(
-    lm, settings: CalibrationSettings | None = None, *, method: str = "cosine", progress: bool = True
+    lm, settings: CalibrationSettings | None = None, *, method: str = DEFAULT_SCORER, progress: bool = True
 ) -> BudgetProfile:
     """Profile ``lm`` (a :class:`~baklava.model_zoo.LoadedModel`); returns a scores-only profile."""
     settings = settings or CalibrationSettings()
@@ -132,6 +134,8 @@ def allocate(
     if method == "baklava" and params is None and search and fraction < 1.0:
         if lm is None:
             raise ValueError("the perplexity search needs the model (pass lm=..., or search=False)")
+        from baklava.runtime.reconstruction import prompt_ids
+
         settings = settings or CalibrationSettings()
         cal = settings.build(lm.tokenizer)
         searched = search_allocation(
@@ -142,6 +146,8 @@ def allocate(
             context_len=settings.search_context,
             eviction=eviction,
             min_cap=min_cap,
+            objective=settings.search_objective,
+            instruction=prompt_ids(lm.tokenizer),
             progress=progress,
         )
         params = searched.best

@@ -7,7 +7,10 @@ decoder layer for the layer proxy (SqueezeAttention)::
     layer_score_l = mean_t 1 - cos(x_t, x_t + attn_l(x_t))      x: the layer's residual input
 
 Per query head the scorers' per-token values are averaged over tokens and samples; query heads
-are then reduced to their KV head by the mean over the group (the max is kept in the raw stats).
+are then reduced to their KV head by each scorer's ``group_reduce`` (the mean, or the max; both are
+kept in the raw stats). Scorers marked ``repeated`` (retrieval) read a second pass in which each
+window's first half is repeated, ``[x, x]``, so that every token of the second copy has a source
+to copy from; the layer proxy reads the first pass only.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from baklava.profiles.calibration import CalibrationSet
 from baklava.profiles.head_scores import HeadScores
-from baklava.profiles.scorers import SCORERS, HeadScorer
+from baklava.profiles.scorers import DEFAULT_SCORER, SCORERS, HeadScorer
 
 PROFILE_IMPLEMENTATION = "baklava_profile"
 _RECORDER: contextvars.ContextVar[_Recorder | None] = contextvars.ContextVar("baklava_recorder", default=None)
@@ -60,13 +63,18 @@ class _Recorder:
         self.heads = {s.name: _Running((num_layers, num_q_heads)) for s in scorers}
         self.layer = _Running((num_layers,))
         self.skip_first = skip_first
+        self.repeated = False  # which pass runs: plain windows, or first halves repeated
 
     def observe_heads(self, layer_idx: int, **tensors) -> None:
         for scorer in self.scorers:
+            if scorer.repeated != self.repeated:
+                continue
             per_token = scorer.score(**tensors)  # [B, H_q, T]
             self.heads[scorer.name].add(layer_idx, per_token.sum(0) / per_token.shape[0])
 
     def observe_layer(self, layer_idx: int, x: torch.Tensor, attn_out: torch.Tensor) -> None:
+        if self.repeated:
+            return
         s = self.skip_first
         cos = F.cosine_similarity(x[:, s:].float(), (x + attn_out)[:, s:].float(), dim=-1, eps=1e-6)
         self.layer.add(layer_idx, (1.0 - cos).mean(0))  # [T]
@@ -87,6 +95,12 @@ def _recording_attention(module, query, key, value, attention_mask, scaling=None
     if recorder is not None:
         recorder.observe_heads(module.layer_idx, query=query, values=values, weights=weights, output=output)
     return output.transpose(1, 2).contiguous(), None
+
+
+def repeat_half(ids: torch.Tensor) -> torch.Tensor:
+    """``[x, x]`` with ``x`` the first half of ``ids`` (same length, rounded down to even)."""
+    half = ids[: ids.numel() // 2]
+    return torch.cat([half, half])
 
 
 @contextlib.contextmanager
@@ -120,7 +134,7 @@ def profile_model(
     model,
     calibration: CalibrationSet,
     *,
-    method: str = "cosine",
+    method: str = DEFAULT_SCORER,
     skip_first: int = 32,
     progress: bool = True,
 ) -> HeadScores:
@@ -149,20 +163,25 @@ def profile_model(
     scorers = [cls(skip_first=skip_first) for cls in SCORERS.values()]
     recorder = _Recorder(scorers, num_layers, num_q, skip_first)
     device = next(model.parameters()).device
+    passes = [(False, ids) for ids in calibration.samples]
+    if any(s.repeated for s in scorers):
+        passes += [(True, repeat_half(ids)) for ids in calibration.samples]
     with _recording(model, recorder), torch.inference_mode():
-        for ids in tqdm(calibration.samples, desc="profiling", unit="sample", disable=not progress):
+        for repeated, ids in tqdm(passes, desc="profiling", unit="pass", disable=not progress):
+            recorder.repeated = repeated
             model(input_ids=ids[None].to(device), use_cache=False)
 
     raw: dict = {"calibration": calibration.to_dict(), "skip_first": skip_first, "scorers": {}}
     kv_scores = {}
-    for name, stat in recorder.heads.items():
+    for scorer in scorers:
+        stat = recorder.heads[scorer.name]
         q_mean = stat.mean()  # [L, H_q]
         grouped = q_mean.reshape(num_layers, num_kv, num_q // num_kv)
-        kv_scores[name] = grouped.mean(-1)
-        raw["scorers"][name] = {
+        kv_scores[scorer.name] = grouped.max(-1) if scorer.group_reduce == "max" else grouped.mean(-1)
+        raw["scorers"][scorer.name] = {
             "q_head_mean": np.round(q_mean, 6).tolist(),
             "q_head_std": np.round(stat.std(), 6).tolist(),
-            "kv_head_mean": np.round(kv_scores[name], 6).tolist(),
+            "kv_head_mean": np.round(grouped.mean(-1), 6).tolist(),
             "kv_head_max": np.round(grouped.max(-1), 6).tolist(),
             "tokens_per_head": int(stat.count.max()),
         }

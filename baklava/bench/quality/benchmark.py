@@ -168,6 +168,8 @@ def run_quality(
         "eviction": profile.eviction.to_dict(),
         "agnostic_scoring": config.agnostic_scoring,
         "reconstruct_pool": pool,
+        "scorer": profile.scores.method,  # head scores BaKlaVa allocates by
+        "search_objective": (settings or CalibrationSettings()).search_objective if config.search else None,
         "baklava_params": {str(k): v for k, v in params.items()},
         **config.extra,
     }
@@ -196,6 +198,7 @@ _SAME = (
     "eviction",
     "agnostic_scoring",
     "reconstruct_pool",
+    "scorer",
     "baklava_params",
     "methods",
     "budgets",

@@ -133,6 +133,12 @@ def markdown(summary: dict, meta: dict, checks: dict[str, list[dict]] | None = N
         f"Quality: {meta['model']}, lengths {meta['lengths']}, {meta['samples']} samples per task and length",
         "",
     ]
+    if meta.get("baklava_params"):
+        how = [f"{meta['scorer']} head scores"] if meta.get("scorer") else []  # older runs: unrecorded
+        if meta.get("search_objective"):
+            how.append(f"parameters by {meta['search_objective']} perplexity")
+        params = "; ".join(f"{b}: {p}" for b, p in meta["baklava_params"].items())
+        lines += [f"BaKlaVa: {', '.join([*how, params])}", ""]
     blocks = list(summary["average"].items())
     if summary["ppl"]:
         blocks.append(("perplexity (lower is better)", summary["ppl"]))

@@ -22,10 +22,16 @@ class HeadScorer:
     skip_first : int
         Tokens at the start of each sample that are not scored (their attention has almost no
         choice, so they say little about the head).
+
+    Class attributes: ``repeated`` scorers see the profiler's second pass, in which each window's
+    first half is repeated (``[x, x]``), instead of the plain windows; ``group_reduce`` (``"mean"``
+    or ``"max"``) reduces a KV head's query heads to its score.
     """
 
     skip_first: int = 32
     name: ClassVar[str] = "base"
+    repeated: ClassVar[bool] = False
+    group_reduce: ClassVar[str] = "mean"
 
     def __post_init__(self) -> None:
         if self.skip_first < 0:

@@ -1,0 +1,144 @@
+"""Option groups the commands share: model, calibration (profile + search), allocation.
+
+``calibration_options`` hands the command two values instead of its six options: ``settings``
+(a :class:`~baklava.profiles.pipeline.CalibrationSettings`, its file checked) and ``scorer``.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import click
+
+from baklava.errors import BaklavaError
+from baklava.profiles.allocation_search import OBJECTIVES
+from baklava.profiles.allocators import ALLOCATORS
+from baklava.profiles.budget import Budget
+from baklava.profiles.eviction import POLICIES
+from baklava.profiles.scorers import DEFAULT_SCORER, SCORERS
+
+KV_DTYPES = {"auto": None, "float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
+
+
+def parse_budget(ctx, param, value):
+    if value is None:
+        return None
+    return Budget.parse(value)  # BaklavaError -> one line via _main
+
+
+def model_option(f):
+    return click.option(
+        "--model",
+        "model_spec",
+        default="smollm2-135m",
+        show_default=True,
+        help="Alias (smollm2-135m, qwen2.5-coder-0.5b), local HF directory, .gguf file, or hub id.",
+    )(f)
+
+
+def check_calibration(path) -> None:
+    if path is not None and not Path(path).is_file():
+        raise BaklavaError(f"calibration file not found: {path}")
+
+
+def calibration_options(f):
+    """The calibration and search options; the command receives ``settings`` and ``scorer``."""
+
+    @functools.wraps(f)
+    def command(*args, calibration, samples, seq_len, scorer, search_context, search_objective, **kwargs):
+        from baklava.profiles.pipeline import CalibrationSettings
+
+        check_calibration(calibration)
+        settings = CalibrationSettings(
+            path=calibration,
+            samples=samples,
+            seq_len=seq_len,
+            search_context=search_context,
+            search_objective=search_objective,
+        )
+        return f(*args, settings=settings, scorer=scorer, **kwargs)
+
+    options = [
+        click.option(
+            "--calibration",
+            type=click.Path(dir_okay=False),
+            help="Text or .jsonl file (default: pydoc prose).",
+        ),
+        click.option(
+            "--samples", default=4, show_default=True, type=click.IntRange(1), help="Calibration windows."
+        ),
+        click.option(
+            "--seq-len", default=1024, show_default=True, type=click.IntRange(64), help="Tokens per window."
+        ),
+        click.option(
+            "--scorer",
+            type=click.Choice(sorted(SCORERS)),
+            default=DEFAULT_SCORER,
+            show_default=True,
+            help="Head importance: retrieval (copy-source attention), cosine or entropy.",
+        ),
+        click.option(
+            "--search-context",
+            default=1024,
+            show_default=True,
+            type=click.IntRange(32),
+            help="Context length of the allocation search.",
+        ),
+        click.option(
+            "--search-objective",
+            type=click.Choice(OBJECTIVES),
+            default="reconstruction",
+            show_default=True,
+            help="What the allocation search minimises: perplexity of the context repeated from the "
+            "compressed cache, or of the text that follows it.",
+        ),
+    ]
+    for opt in reversed(options):
+        command = opt(command)
+    return command
+
+
+def allocation_options(f):
+    for opt in reversed(
+        [
+            click.option(
+                "--method", type=click.Choice(sorted(ALLOCATORS)), default="baklava", show_default=True
+            ),
+            click.option(
+                "--max-context", type=click.IntRange(1), help="Reference context (default: the model's)."
+            ),
+            click.option(
+                "--min-cap",
+                default=16,
+                show_default=True,
+                type=click.IntRange(1),
+                help="Smallest head capacity.",
+            ),
+            click.option(
+                "--batch",
+                default=1,
+                show_default=True,
+                type=click.IntRange(1),
+                help="Batch for memory budgets.",
+            ),
+            click.option("--kv-dtype", type=click.Choice(list(KV_DTYPES)), default="auto", show_default=True),
+            click.option("--sink", default=4, show_default=True, type=click.IntRange(0)),
+            click.option("--window", default=32, show_default=True, type=click.IntRange(0)),
+            click.option("--policy", type=click.Choice(POLICIES), default="h2o", show_default=True),
+            click.option(
+                "--search/--no-search",
+                default=True,
+                show_default=True,
+                help="Search the BaKlaVa parameters (--search-objective).",
+            ),
+            click.option(
+                "--sharpness", type=click.FloatRange(0), help="Fix the BaKlaVa sharpness (skips the search)."
+            ),
+            click.option(
+                "--floor-frac", type=click.FloatRange(0, 1), help="Fix the BaKlaVa floor (skips the search)."
+            ),
+        ]
+    ):
+        f = opt(f)
+    return f
