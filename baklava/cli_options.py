@@ -94,13 +94,19 @@ def calibration_options(f):
             "compressed cache, or of the text that follows it.",
         ),
     ]
+    return _stack(command, options)
+
+
+def _stack(f, options):
+    """``f`` decorated with ``options`` in the order listed (the first shows first in --help)."""
     for opt in reversed(options):
-        command = opt(command)
-    return command
+        f = opt(f)
+    return f
 
 
 def allocation_options(f):
-    for opt in reversed(
+    return _stack(
+        f,
         [
             click.option(
                 "--method", type=click.Choice(sorted(ALLOCATORS)), default="baklava", show_default=True
@@ -138,7 +144,5 @@ def allocation_options(f):
             click.option(
                 "--floor-frac", type=click.FloatRange(0, 1), help="Fix the BaKlaVa floor (skips the search)."
             ),
-        ]
-    ):
-        f = opt(f)
-    return f
+        ],
+    )

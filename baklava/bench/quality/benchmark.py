@@ -96,19 +96,17 @@ def run_quality(
     if longest > max_context:
         raise BaklavaError(f"length {longest} is over {lm.name}'s context of {max_context}")
     started = time.perf_counter()
+    settings = settings or CalibrationSettings()
     params: dict[float, dict] = {}
+    objective = None  # what the search minimised, when one ran
     if "baklava" in config.methods:
         for b in sorted(config.budgets):
             if b < 1.0:
                 alloc = allocate(
-                    profile,
-                    b,
-                    lm=lm,
-                    search=config.search,
-                    settings=settings or CalibrationSettings(),
-                    progress=progress,
+                    profile, b, lm=lm, search=config.search, settings=settings, progress=progress
                 ).allocation
                 params[b] = alloc["params"]
+                objective = alloc["search"]["objective"] if alloc["search"] else objective
     suite = build_suite(
         lm.tokenizer,
         list(config.tasks),
@@ -169,7 +167,7 @@ def run_quality(
         "agnostic_scoring": config.agnostic_scoring,
         "reconstruct_pool": pool,
         "scorer": profile.scores.method,  # head scores BaKlaVa allocates by
-        "search_objective": (settings or CalibrationSettings()).search_objective if config.search else None,
+        "search_objective": objective,
         "baklava_params": {str(k): v for k, v in params.items()},
         **config.extra,
     }
