@@ -1,6 +1,6 @@
 """Option groups the commands share: model, calibration (profile + search), allocation.
 
-``calibration_options`` hands the command two values instead of its six options: ``settings``
+``calibration_options`` hands the command two values instead of its seven options: ``settings``
 (a :class:`~baklava.profiles.pipeline.CalibrationSettings`, its file checked) and ``scorer``.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from baklava.errors import BaklavaError
-from baklava.profiles.allocation_search import OBJECTIVES
+from baklava.profiles.allocation_search import DEFAULT_FLOORS, OBJECTIVES
 from baklava.profiles.allocators import ALLOCATORS
 from baklava.profiles.budget import Budget
 from baklava.profiles.eviction import POLICIES
@@ -37,6 +37,17 @@ def model_option(f):
     )(f)
 
 
+def parse_floors(ctx, param, value) -> tuple[float, ...]:
+    """``--search-floors``: a comma list of fractions in [0, 1]."""
+    try:
+        floors = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma list of numbers") from None
+    if not all(0 <= f <= 1 for f in floors):
+        raise click.BadParameter(f"{value!r}: every floor is a fraction of the uniform share in [0, 1]")
+    return floors
+
+
 def check_calibration(path) -> None:
     if path is not None and not Path(path).is_file():
         raise BaklavaError(f"calibration file not found: {path}")
@@ -46,7 +57,17 @@ def calibration_options(f):
     """The calibration and search options; the command receives ``settings`` and ``scorer``."""
 
     @functools.wraps(f)
-    def command(*args, calibration, samples, seq_len, scorer, search_context, search_objective, **kwargs):
+    def command(
+        *args,
+        calibration,
+        samples,
+        seq_len,
+        scorer,
+        search_context,
+        search_objective,
+        search_floors,
+        **kwargs,
+    ):
         from baklava.profiles.pipeline import CalibrationSettings
 
         check_calibration(calibration)
@@ -56,6 +77,7 @@ def calibration_options(f):
             seq_len=seq_len,
             search_context=search_context,
             search_objective=search_objective,
+            search_floors=search_floors,
         )
         return f(*args, settings=settings, scorer=scorer, **kwargs)
 
@@ -92,6 +114,14 @@ def calibration_options(f):
             show_default=True,
             help="What the allocation search minimises: perplexity of the context repeated from the "
             "compressed cache, or of the text that follows it.",
+        ),
+        click.option(
+            "--search-floors",
+            default=",".join(f"{f:g}" for f in DEFAULT_FLOORS),
+            show_default=True,
+            callback=parse_floors,
+            help="Head floors the search tries, as fractions of the uniform share (comma list); "
+            "the older default was 0.1,0.3.",
         ),
     ]
     return _stack(command, options)

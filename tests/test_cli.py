@@ -49,7 +49,10 @@ def test_export_then_run(tiny_model_dir, tmp_path, capfd):
     profile = json.loads((out / "profile.json").read_text())
     caps = profile["capacities"]
     assert sum(map(sum, caps)) == round(0.3 * 256 * 4) == manifest["budget"]["total_tokens"]
-    assert profile["allocation"]["search"]["candidates"]  # the perplexity search ran
+    search = profile["allocation"]["search"]
+    assert search["candidates"]  # the perplexity search ran
+    assert {c["floor_frac"] for c in search["candidates"] if c["sharpness"]} == {0.5}  # default floors
+    assert min(map(min, caps)) >= int(0.5 * manifest["budget"]["total_tokens"] / 8)  # half the even share
     assert manifest["graphs"]["decoder"]["file"] == "model.onnx"
     assert manifest["backends"] == ["torch", "onnxruntime"]
     assert manifest["budget"]["kv_bytes_per_sequence"] == 307 * 2 * 16 * 4
@@ -84,6 +87,17 @@ def test_profile_command_with_plot(tiny_model_dir, tmp_path, capfd):
     d = json.loads(out.read_text())
     assert d["capacities"] is None and len(d["scores"]["kv_head"]) == 2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_profile_searches_the_floors_asked_for(tiny_model_dir, tmp_path, capfd):
+    out = tmp_path / "p.json"
+    argv = ["--model", tiny_model_dir, "--out", out, "--budget", "0.3", *FAST, "--search-context", "96"]
+    code, _, err = call(profile_main, [*argv, "--search-floors", "0.2,0.4"], capfd)
+    assert code == 0, err
+    search = json.loads(out.read_text())["allocation"]["search"]
+    assert sorted({c["floor_frac"] for c in search["candidates"]}) == [0.0, 0.2, 0.4]  # 0.0: uniform
+    code, _, err = call(profile_main, [*argv, "--search-floors", "0.2,1.5"], capfd)
+    assert code == 2 and "--search-floors" in err and "[0, 1]" in err
 
 
 @pytest.mark.parametrize(

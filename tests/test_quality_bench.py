@@ -214,6 +214,9 @@ def test_report_files(tmp_path):
     params = {"0.3": {"sharpness": 1.0, "floor_frac": 0.1}}
     md = report.markdown(summary, meta | {"baklava_params": params, "scorer": "retrieval"})
     assert "BaKlaVa: retrieval head scores, 0.3: {'sharpness': 1.0, 'floor_frac': 0.1}" in md
+    searched = {"search_objective": "reconstruction", "search_floors": [0.1, 0.3]}
+    md = report.markdown(summary, meta | {"baklava_params": params, "scorer": "retrieval", **searched})
+    assert "retrieval head scores, parameters by reconstruction perplexity among floors 0.1, 0.3, 0.3:" in md
     path = report.plot(summary, meta, tmp_path / "q.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     json.dumps(summary, default=float)  # the JSON document serialises
@@ -253,6 +256,7 @@ def test_cli_smoke_run_full_cache_finds_the_needle(tmp_path, smol):
     assert all(abs(r["kv_fraction"] - 0.3) < 0.01 for r in rows if r["method"] != "full")
     assert (out / "quality.md").read_text().startswith("Quality: smollm2-135m")
     assert doc["meta"]["scorer"] == "retrieval" and doc["meta"]["search_objective"] is None  # --no-search
+    assert doc["meta"]["search_floors"] is None
     assert (out / "quality.png").stat().st_size > 10_000
     assert (out / "profile.json").is_file()
 

@@ -13,7 +13,7 @@ import torch
 
 from baklava.errors import BudgetError
 from baklava.profiles import calibration as calib
-from baklava.profiles.allocation_search import search_allocation
+from baklava.profiles.allocation_search import DEFAULT_FLOORS, DEFAULT_SHARPNESS, search_allocation
 from baklava.profiles.allocators import ALLOCATORS, make_allocator
 from baklava.profiles.budget import Budget
 from baklava.profiles.eviction import EvictionConfig
@@ -33,6 +33,7 @@ class CalibrationSettings:
     search_context: int = 1024
     search_continuation: int = 128
     search_objective: str = "reconstruction"  # allocation_search.OBJECTIVES
+    search_floors: tuple[float, ...] = DEFAULT_FLOORS  # floor_frac values of the search's grid
 
     def build(self, tokenizer) -> calib.CalibrationSet:
         text, description = calib.read_text(self.path)
@@ -147,6 +148,7 @@ def allocate(
             eviction=eviction,
             min_cap=min_cap,
             objective=settings.search_objective,
+            grid={"sharpness": DEFAULT_SHARPNESS, "floor_frac": tuple(settings.search_floors)},
             instruction=prompt_ids(lm.tokenizer),
             progress=progress,
         )

@@ -168,6 +168,7 @@ def run_quality(
         "reconstruct_pool": pool,
         "scorer": profile.scores.method,  # head scores BaKlaVa allocates by
         "search_objective": objective,
+        "search_floors": list(settings.search_floors) if objective else None,
         "baklava_params": {str(k): v for k, v in params.items()},
         **config.extra,
     }
