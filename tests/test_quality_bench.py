@@ -216,7 +216,7 @@ def test_report_files(tmp_path):
     assert "BaKlaVa: retrieval head scores, 0.3: {'sharpness': 1.0, 'floor_frac': 0.1}" in md
     searched = {"search_objective": "reconstruction", "search_floors": [0.1, 0.3]}
     md = report.markdown(summary, meta | {"baklava_params": params, "scorer": "retrieval", **searched})
-    assert "retrieval head scores, parameters by reconstruction perplexity among floors 0.1, 0.3, 0.3:" in md
+    assert "retrieval head scores, parameters by reconstruction perplexity (floors 0.1/0.3), 0.3: {" in md
     path = report.plot(summary, meta, tmp_path / "q.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     json.dumps(summary, default=float)  # the JSON document serialises

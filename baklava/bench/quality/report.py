@@ -137,7 +137,7 @@ def markdown(summary: dict, meta: dict, checks: dict[str, list[dict]] | None = N
         how = [f"{meta['scorer']} head scores"] if meta.get("scorer") else []  # older runs: unrecorded
         if meta.get("search_objective"):
             floors = meta.get("search_floors")
-            among = f" among floors {', '.join(f'{f:g}' for f in floors)}" if floors else ""
+            among = f" (floors {'/'.join(f'{f:g}' for f in floors)})" if floors else ""
             how.append(f"parameters by {meta['search_objective']} perplexity{among}")
         params = "; ".join(f"{b}: {p}" for b, p in meta["baklava_params"].items())
         lines += [f"BaKlaVa: {', '.join([*how, params])}", ""]
