@@ -37,13 +37,22 @@ def model_option(f):
     )(f)
 
 
+def comma_list(kind, noun: str):
+    """A click callback parsing ``"a,b,c"`` into a tuple of ``kind`` (None when not given)."""
+
+    def parse(ctx, param, value):
+        try:
+            return tuple(kind(v) for v in value.split(",")) if value else None
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated {noun}, got {value!r}") from None
+
+    return parse
+
+
 def parse_floors(ctx, param, value) -> tuple[float, ...]:
     """``--search-floors``: a comma list of fractions in [0, 1]."""
-    try:
-        floors = tuple(float(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma list of numbers") from None
-    if not all(0 <= f <= 1 for f in floors):
+    floors = comma_list(float, "numbers")(ctx, param, value)
+    if not floors or not all(0 <= f <= 1 for f in floors):
         raise click.BadParameter(f"{value!r}: every floor is a fraction of the uniform share in [0, 1]")
     return floors
 

@@ -12,7 +12,7 @@ import click
 
 from baklava.atomic import write_text_atomic
 from baklava.cli import _log, _main
-from baklava.cli_options import calibration_options, model_option
+from baklava.cli_options import calibration_options, comma_list, model_option
 from baklava.errors import BaklavaError
 
 
@@ -88,19 +88,7 @@ def decode_bench(artifacts, context, steps, chunk):
             )
 
 
-def _comma_list(kind, noun: str):
-    """A click callback parsing ``"a,b,c"`` into a tuple of ``kind`` (None when not given)."""
-
-    def parse(ctx, param, value):
-        try:
-            return tuple(kind(v) for v in value.split(",")) if value else None
-        except ValueError:
-            raise click.BadParameter(f"expected comma-separated {noun}, got {value!r}") from None
-
-    return parse
-
-
-_floats = _comma_list(float, "numbers")
+_floats = comma_list(float, "numbers")
 
 
 def _fractions(ctx, param, value):
@@ -111,7 +99,7 @@ def _fractions(ctx, param, value):
     return budgets
 
 
-_ints = _comma_list(int, "integers")
+_ints = comma_list(int, "integers")
 
 
 def _names(ctx, param, value):
