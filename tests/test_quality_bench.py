@@ -271,6 +271,7 @@ def test_cli_rejects_bad_options(tmp_path, capsys):
         (["--agnostic-scoring", "mean"], "'mean' is not one of 'reconstruct', 'window'"),
         (["--reconstruct-pool", "4"], "must be a positive odd number or 'auto', got 4"),
         (["--reconstruct-pool", "wide"], "'wide' is neither 'auto' nor a width"),
+        (["--baklava-selection", "mine"], "'mine' is not one of 'auto', 'shared', 'own'"),
     ):
         with pytest.raises(SystemExit) as e:
             bench_main(["quality", "--out", str(tmp_path / "x"), "--model", "/nonexistent", *bad])
@@ -345,6 +346,49 @@ def test_auto_pool_width_follows_the_budget(tiny_llama, monkeypatch):
     assert calls == [None, (raw, 1)]  # scored once at the eviction's width, re-pooled once (budgets ascend)
 
 
+@pytest.mark.parametrize(
+    ("selection", "shared_at"), [("auto", [0.05, 0.1]), ("shared", [0.05, 0.1, 0.3]), ("own", [])]
+)
+def test_runner_shares_the_ranking_for_baklava_only(tiny_llama, monkeypatch, selection, shared_at):
+    """Only BaKlaVa's heads share one ranking ("auto": below budget 0.2), and the full cache's own
+    scores are back in place for the next method (so the baselines never see the shared ranking)."""
+    from baklava.bench.quality import runner as runner_module
+
+    seen, events = [], []  # events: ("share" | "compress", the full cache's scores at that call)
+    real_share, real_compress = runner_module.share_scores, BudgetedCache.compressed
+
+    def snapshot(cache):
+        return [layer.scores.clone() for layer in cache.layers]
+
+    def share(cache, caps, importance):
+        events.append(("share", snapshot(cache)))
+        seen.append(int(np.asarray(caps).sum()))
+        real_share(cache, caps, importance)
+
+    def compressed(self, caps, eviction=None):
+        events.append(("compress", snapshot(self)))
+        return real_compress(self, caps, eviction)
+
+    monkeypatch.setattr(runner_module, "share_scores", share)
+    monkeypatch.setattr(BudgetedCache, "compressed", compressed)
+    sample = Sample("niah_single", 64, 0, list(range(3, 53)), [7, 8, 9], ["5"], 2)
+    kv = np.array([[0.9, 0.1], [0.2, 0.0]])
+    scores = HeadScores(kv_head=kv, layer=kv.mean(1), method="retrieval")
+    ctx = MethodContext(scores, EvictionConfig(sink=2, window=4), {})
+    budgets = [0.05, 0.1, 0.3]
+    todo = [Combo("baklava", b) for b in budgets] + [Combo("uniform", 0.1)]
+    Runner(tiny_llama, _Tok(), ctx, baklava_selection=selection).run([sample], "query-aware", todo)
+    width = 50 + 3  # the prompt: context and question
+    assert seen == [int(plan("baklava", b, width, ctx, None)[0].sum()) for b in shared_at]
+    kinds = [kind for kind, _ in events]
+    assert kinds.count("compress") == len(todo) and kinds.count("share") == len(shared_at)
+    for i, (kind, own) in enumerate(events):
+        if kind == "share":  # the shared compression, then whatever comes next sees the own scores again
+            assert kinds[i + 1] == "compress"
+            assert not all(torch.equal(a, b) for a, b in zip(own, events[i + 1][1], strict=True))
+            assert all(torch.equal(a, b) for a, b in zip(own, events[i + 2][1], strict=True))
+
+
 def test_pool_scores_pools_the_unpooled_scores(tiny_llama):
     """``score_by_reconstruction`` returns unpooled scores; ``pool_scores`` pools them at any width,
     matching a pass run at that width, and scores slots past a head's fill 0."""
@@ -416,6 +460,18 @@ def test_merge_joins_runs_of_one_setup_and_refuses_others(tmp_path):
         merge_quality([a, _run_doc(tmp_path / "d.json", [2048, 4096])], tmp_path / "o3")
     with pytest.raises(BaklavaError, match="no per-prompt rows"):
         merge_quality([a, tmp_path / "out" / "quality.json"], tmp_path / "o4")
+
+
+def test_merge_compares_the_token_selection(tmp_path):
+    """A run written before the selection was recorded kept each head's own tokens."""
+    from baklava.bench.quality.benchmark import merge_quality
+
+    old = _run_doc(tmp_path / "old.json", [2048])
+    own = _run_doc(tmp_path / "own.json", [4096], baklava_selection="own")
+    auto = _run_doc(tmp_path / "auto.json", [8192], baklava_selection="auto")
+    assert merge_quality([old, own], tmp_path / "ok", with_rows=False)["meta"]["lengths"] == [2048, 4096]
+    with pytest.raises(BaklavaError, match="baklava_selection"):
+        merge_quality([old, auto], tmp_path / "no")
 
 
 def test_merge_compares_the_reconstruction_pool(tmp_path):

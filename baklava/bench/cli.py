@@ -170,6 +170,14 @@ def _width_or_auto(value: str) -> int | str:
     help="Max-pool width of the reconstruction scores: an odd width, or 'auto' (none from budget 0.2 on, "
     "the eviction's pool kernel below).",
 )
+@click.option(
+    "--baklava-selection",
+    type=click.Choice(["auto", "shared", "own"]),
+    default="auto",
+    show_default=True,
+    help="Tokens BaKlaVa's heads keep: one ranking from the favoured heads for all ('shared'), each "
+    "head's own ('own'), or shared below budget 0.2 and own from it ('auto').",
+)
 @calibration_options
 def quality_bench(
     model_spec,
@@ -192,6 +200,7 @@ def quality_bench(
     pool_kernel,
     agnostic_scoring,
     reconstruct_pool,
+    baklava_selection,
     settings,
     scorer,
 ):
@@ -217,6 +226,7 @@ def quality_bench(
         search=search,
         agnostic_scoring=agnostic_scoring,
         reconstruct_pool=reconstruct_pool,
+        baklava_selection=baklava_selection,
         extra={"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])},
     )
     _check_writable(Path(out) / "quality.json")

@@ -24,6 +24,7 @@ from baklava.bench.quality.methods import METHODS, MethodContext
 from baklava.bench.quality.runner import AGNOSTIC_SCORING, SETTINGS, Runner, combos
 from baklava.bench.quality.tasks import TASKS, build_suite
 from baklava.errors import BaklavaError
+from baklava.runtime.shared_selection import SELECTIONS
 
 DEFAULT_BUDGETS = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 
@@ -48,6 +49,9 @@ class QualityConfig:
     # max-pool width of the reconstruction scores: an odd width, None (the eviction's) or "auto"
     # (none from budget 0.2 on, the eviction's below: runtime/reconstruction.pool_width)
     reconstruct_pool: int | str | None = "auto"
+    # tokens BaKlaVa's heads keep: "auto" (one shared ranking below budget 0.2, each head's own from
+    # it), "shared" or "own" (runtime/shared_selection.py)
+    baklava_selection: str = "auto"
     chat: bool = True
     extra: dict = field(default_factory=dict)  # recorded in the JSON (command line, profile source)
 
@@ -63,6 +67,10 @@ class QualityConfig:
         if self.agnostic_scoring not in AGNOSTIC_SCORING:
             raise BaklavaError(
                 f"unknown scoring {self.agnostic_scoring!r}; known: {', '.join(AGNOSTIC_SCORING)}"
+            )
+        if self.baklava_selection not in SELECTIONS:
+            raise BaklavaError(
+                f"unknown selection {self.baklava_selection!r}; known: {', '.join(SELECTIONS)}"
             )
         if self.reconstruct_pool not in (None, "auto") and (
             not isinstance(self.reconstruct_pool, int)
@@ -136,6 +144,7 @@ def run_quality(
         on_step=bar.update,
         agnostic_scoring=config.agnostic_scoring,
         reconstruct_pool=pool,
+        baklava_selection=config.baklava_selection,
     )
     rows = []
     out = Path(out_dir)
@@ -166,6 +175,7 @@ def run_quality(
         "eviction": profile.eviction.to_dict(),
         "agnostic_scoring": config.agnostic_scoring,
         "reconstruct_pool": pool,
+        "baklava_selection": config.baklava_selection,
         "scorer": profile.scores.method,  # head scores BaKlaVa allocates by
         "search_objective": objective,
         "search_floors": list(settings.search_floors) if objective else None,
@@ -197,6 +207,7 @@ _SAME = (
     "eviction",
     "agnostic_scoring",
     "reconstruct_pool",
+    "baklava_selection",
     "scorer",
     "baklava_params",
     "methods",
@@ -206,6 +217,8 @@ _SAME = (
 
 
 def _setup(meta: dict, key: str):
+    if key == "baklava_selection" and key not in meta:  # runs before shared selection existed
+        return "own"
     if key == "reconstruct_pool" and key not in meta:  # runs before the option pooled like SnapKV
         return meta.get("eviction", {}).get("pool_kernel")
     return meta.get(key)

@@ -139,6 +139,11 @@ def markdown(summary: dict, meta: dict, checks: dict[str, list[dict]] | None = N
             floors = meta.get("search_floors")
             among = f" (floors {'/'.join(f'{f:g}' for f in floors)})" if floors else ""
             how.append(f"parameters by {meta['search_objective']} perplexity{among}")
+        selection = meta.get("baklava_selection")
+        if selection:
+            how.append(
+                "shared token selection below 0.2" if selection == "auto" else f"{selection} token selection"
+            )
         params = "; ".join(f"{b}: {p}" for b, p in meta["baklava_params"].items())
         lines += [f"BaKlaVa: {', '.join([*how, params])}", ""]
     blocks = list(summary["average"].items())

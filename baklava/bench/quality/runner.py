@@ -32,6 +32,7 @@ from baklava.runtime.cuda_graph import greedy_cuda_graph
 from baklava.runtime.generate import positions_from_mask
 from baklava.runtime.packed_cache import BudgetedCache
 from baklava.runtime.reconstruction import pool_scores, pool_width, prompt_ids, score_by_reconstruction
+from baklava.runtime.shared_selection import SELECTIONS, share_scores, use_shared
 
 SETTINGS = ("query-aware", "query-agnostic")
 AGNOSTIC_SCORING = ("reconstruct", "window")
@@ -71,6 +72,7 @@ class Runner:
         on_step: Callable[[], None] | None = None,
         agnostic_scoring: str = "reconstruct",
         reconstruct_pool: int | str | None = None,
+        baklava_selection: str = "auto",
     ):
         enable(model)
         self.model, self.tokenizer, self.ctx = model, tokenizer, ctx
@@ -78,6 +80,11 @@ class Runner:
             raise ValueError(f"unknown scoring {agnostic_scoring!r}; known: {', '.join(AGNOSTIC_SCORING)}")
         self.instruction = prompt_ids(tokenizer) if agnostic_scoring == "reconstruct" else None
         self.reconstruct_pool = reconstruct_pool  # None: the eviction's; "auto": by budget (pool_width)
+        if baklava_selection not in SELECTIONS:
+            raise ValueError(f"unknown selection {baklava_selection!r}; known: {', '.join(SELECTIONS)}")
+        # which tokens BaKlaVa's heads keep (runtime/shared_selection.py): one ranking from the
+        # favoured heads ("shared"), each head's own as the other methods ("own"), or by budget ("auto")
+        self.baklava_selection = baklava_selection
         self.device = next(model.parameters()).device
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
@@ -125,6 +132,18 @@ class Runner:
     def _full_cache(self, width: int) -> BudgetedCache:
         return BudgetedCache(np.full(self.shape, width), self.ctx.eviction)
 
+    def _compress(self, full: BudgetedCache, combo: Combo, caps, eviction) -> BudgetedCache:
+        """``full`` cut to ``caps``; BaKlaVa with shared selection ranks the tokens once for all heads."""
+        if combo.method != "baklava" or not use_shared(self.baklava_selection, combo.budget):
+            return full.compressed(caps, eviction)
+        own = [layer.scores.clone() for layer in full.layers]
+        try:
+            share_scores(full, caps, self.ctx.scores.kv_head)
+            return full.compressed(caps, eviction)
+        finally:
+            for layer, scores in zip(full.layers, own, strict=True):
+                layer.scores.copy_(scores)
+
     # ------------------------------------------------------------------ one batch
     @torch.inference_mode()
     def run(self, samples: list[Sample], setting: str, todo: list[Combo]) -> list[dict]:
@@ -162,7 +181,7 @@ class Runner:
                 pooled = want
                 pool_scores(full, raw, pooled)
             caps, eviction = plan(combo.method, combo.budget, width, self.ctx, full)
-            cache = full.compressed(caps, eviction)
+            cache = self._compress(full, combo, caps, eviction)
             logits = first if setting == "query-aware" else self._forward(ids[:, split:], mask, cache)[:, -1]
             outputs = self._greedy(cache, logits, mask, steps)
             for s, out in zip(samples, outputs, strict=True):
@@ -181,7 +200,7 @@ class Runner:
         rows = []
         for combo in todo:
             caps, eviction = plan(combo.method, combo.budget, width, self.ctx, full)
-            cache = full.compressed(caps, eviction)
+            cache = self._compress(full, combo, caps, eviction)
             logits = torch.cat([last, self._forward(cont, mask, cache, keep=0)[:, :-1]], 1).float()
             nll = F.cross_entropy(logits.transpose(1, 2), cont, reduction="none").mean(1)  # [B]
             for s, value in zip(samples, nll.tolist(), strict=True):
