@@ -15,6 +15,7 @@ import numpy as np
 
 from baklava.bench.quality.intervals import LEVEL, target_intervals
 from baklava.bench.quality.methods import METHODS
+from baklava.runtime.shared_selection import SHARED_BELOW
 
 BASELINES = ("uniform", "streaming", "layer", "pyramid")
 
@@ -142,7 +143,9 @@ def markdown(summary: dict, meta: dict, checks: dict[str, list[dict]] | None = N
         selection = meta.get("baklava_selection")
         if selection:
             how.append(
-                "shared token selection below 0.2" if selection == "auto" else f"{selection} token selection"
+                f"shared token selection below {SHARED_BELOW:g}"
+                if selection == "auto"
+                else f"{selection} token selection"
             )
         params = "; ".join(f"{b}: {p}" for b, p in meta["baklava_params"].items())
         lines += [f"BaKlaVa: {', '.join([*how, params])}", ""]
