@@ -5,7 +5,8 @@
 # the query-agnostic reconstruction scores; mode "-" (every head its own scores), "ring" (heads at
 # or below the even share keep sink + the most recent tokens), "guide" (they keep by the
 # importance-weighted mean of the favoured heads' normalised scores) or "guideall" (every head
-# keeps by that mean: what shared selection does).
+# keeps by that mean: what shared selection does) or "blendW" (every head keeps by W times that mean
+# plus 1 - W times its own normalised scores).
 import collections, json, sys, time
 import numpy as np, torch
 from baklava.model_zoo import load_model
@@ -39,9 +40,8 @@ def set_floor_scores(full, caps, share, mode):
     """Overwrite the scores of heads at or below the uniform share (positions align across heads)."""
     if mode == "-":
         return
-    n_heads = imp.shape[1]
     guide = None
-    if mode.startswith("guide"):  # importance-weighted mean of the rich heads' normalised scores
+    if mode.startswith(("guide", "blend")):  # importance-weighted mean of the rich heads' normalised scores
         guide, wsum = 0.0, 0.0
         for l, layer in enumerate(full.layers):
             for h, (off, cap) in enumerate(zip(layer.offsets, layer.capacities)):
@@ -53,9 +53,13 @@ def set_floor_scores(full, caps, share, mode):
         guide = guide / wsum
     for l, layer in enumerate(full.layers):
         for h, (off, cap) in enumerate(zip(layer.offsets, layer.capacities)):
-            if caps[l, h] > share and mode != "guideall":
+            if mode in ("guide", "ring") and caps[l, h] > share:
                 continue
-            if mode == "ring":
+            if mode.startswith("blend"):
+                w = float(mode[len("blend"):])
+                s = layer.scores[:, off : off + cap]
+                layer.scores[:, off : off + cap] = w * guide + (1 - w) * s / s.amax(1, keepdim=True).clamp_min(1e-9)
+            elif mode == "ring":
                 pos = layer.positions[:, off : off + cap].float()
                 layer.scores[:, off : off + cap] = torch.where(pos >= 0, 1 + pos / 1e7, 0.0)
             else:
