@@ -274,7 +274,12 @@ def export_cmd(
     show_default=True,
     help="torch backend: cuda runs bf16 with the Triton kernels and CUDA-graph decode steps.",
 )
-def run_cmd(artifact, prompts, max_new_tokens, chat, as_json, backend, device):
+@click.option(
+    "--max-batch",
+    type=click.IntRange(1),
+    help="torch backend: prompts served at once (the engine's pool rows) [default: all of them].",
+)
+def run_cmd(artifact, prompts, max_new_tokens, chat, as_json, backend, device, max_batch):
     """Generate from an exported artifact with its budgeted per-head cache."""
     from baklava.exporter import read_artifact
 
@@ -304,12 +309,14 @@ def run_cmd(artifact, prompts, max_new_tokens, chat, as_json, backend, device):
             stats=stats,
             chunk=chunk,
         )
-        kv_bytes = stats["kv_bytes"]
+        kv_bytes, kv_rows = stats["kv_bytes"], None
     else:
         import torch
 
         from baklava.model_zoo import load_model
-        from baklava.runtime import BudgetedCache, generate
+        from baklava.runtime.engine import Engine
+        from baklava.runtime.generate import Generation
+        from baklava.runtime.sampling import SamplingParams
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -318,12 +325,17 @@ def run_cmd(artifact, prompts, max_new_tokens, chat, as_json, backend, device):
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         lm = load_model(art.model_spec, dtype=dtype, progress=not as_json)
         lm.model.to(device)
-        cache = BudgetedCache.from_profile(art.profile, model=lm.model)
-        started = time.perf_counter()
-        results = generate(
-            lm.model, lm.tokenizer, cache, list(prompts), max_new_tokens=max_new_tokens, chat=chat
+        # every prompt is a request of the batching engine, all served at once from one pool
+        engine = Engine.from_profile(
+            lm.model, lm.tokenizer, art.profile, max_batch=max_batch or len(prompts), chat=chat
         )
-        kv_bytes = cache.kv_bytes()
+        started = time.perf_counter()
+        tokens = engine.generate(list(prompts), SamplingParams(max_tokens=max_new_tokens))
+        results = [
+            Generation(p, lm.tokenizer.decode(t, skip_special_tokens=True), t, len(engine.encode(p)))
+            for p, t in zip(prompts, tokens, strict=True)
+        ]
+        kv_bytes, kv_rows = engine.pool.kv_bytes(), engine.pool.rows
     elapsed = time.perf_counter() - started
     for r in results:
         if as_json:
@@ -334,7 +346,7 @@ def run_cmd(artifact, prompts, max_new_tokens, chat, as_json, backend, device):
     _log(
         f"{tokens} tokens in {elapsed:.1f} s ({backend}{'' if backend != 'torch' else ', ' + device}); "
         f"KV cache {_size(kv_bytes)} "
-        f"for {len(prompts)} sequence(s) ({art.profile.total_tokens} slots each)"
+        f"for {kv_rows or len(prompts)} sequence(s) ({art.profile.total_tokens} slots each)"
     )
 
 

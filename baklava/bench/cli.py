@@ -453,3 +453,8 @@ def _check_out(out: str) -> None:
 
 
 bench_main = _main(bench, "baklava-bench")
+
+
+from baklava.bench.engine_cli import engine_bench  # noqa: E402 - registered on the group above
+
+bench.add_command(engine_bench)

@@ -122,3 +122,11 @@ class Budget:
         if total < 1:
             raise BudgetError(f"budget {self.text!r} leaves no token slot at all")
         return total
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a memory size like ``"40GiB"`` or ``"512MB"``; :class:`BudgetError` otherwise."""
+    budget = Budget.parse(text)
+    if budget.kind != "bytes":
+        raise BudgetError(f"{str(text).strip()!r} is not a memory size (use a unit: 40GiB, 512MB)")
+    return int(budget.value)

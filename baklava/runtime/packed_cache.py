@@ -64,6 +64,7 @@ class BudgetedLayer(CacheLayerMixin):
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.probe = None  # set while a ReconstructionProbe reads through this layer
         self.update_stream = None  # a triton_decode.UpdateStream while a CUDA-graph step overlaps updates
+        self.tile_rows = None  # rows the decode kernels' tiles are sized for (default: the batch)
 
     def __repr__(self) -> str:
         return f"BudgetedLayer(capacities={self.capacities}, policy={self.eviction.policy!r})"
@@ -86,7 +87,9 @@ class BudgetedLayer(CacheLayerMixin):
         self.valid_seen = torch.zeros(batch, dtype=torch.int64, device=dev)  # [B] next position per row
         self.seen = 0  # tokens processed, padding included (what transformers calls the sequence length)
         self._slot_map = None  # built on first use: only the PyTorch one-token path needs it
-        self._all_valid = torch.ones(batch, dtype=torch.bool, device=dev)  # [B] a decode step without padding
+        # [B] rows a one-token step without a mask writes: all of them, except in a slot pool,
+        # whose engine clears the rows that are free or still prefilling (runtime/slot_pool.py)
+        self.step_rows = torch.ones(batch, dtype=torch.bool, device=dev)
         self.is_initialized = True
 
     @property
@@ -137,7 +140,7 @@ class BudgetedLayer(CacheLayerMixin):
         for name in ("keys", "values", "positions", "scores", "fill", "valid_seen"):
             setattr(self, name, getattr(self, name).index_select(0, index.to(self.device)))
         self.batch_size = self.keys.shape[0]
-        self._all_valid = torch.ones(self.batch_size, dtype=torch.bool, device=self.device)
+        self.step_rows = torch.ones(self.batch_size, dtype=torch.bool, device=self.device)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
@@ -245,7 +248,7 @@ class BudgetedLayer(CacheLayerMixin):
         group = q_heads // self.num_heads
         if q_len == 1 and self.vectorized_decode:
             if attention_mask is None:  # a decode step without padding: no mask to build (fewer launches)
-                valid = self._all_valid
+                valid = self.step_rows
             else:
                 valid = new_token_bias(attention_mask, batch, 1, query)[:, 0, 0, 0] == 0  # [B]
             step = triton_decode.decode_step if self._use_kernels() else decode_step

@@ -21,6 +21,7 @@ joins it once at its end (:class:`~baklava.runtime.cuda_graph.DecodeGraph` does)
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 
 import torch
@@ -53,7 +54,9 @@ class _LayerState:
         self.key = (batch, group)
         self.capacities = torch.tensor(layer.capacities, **i32)
         self.offsets = torch.tensor(layer.offsets, **i32)
-        tile = tile_length(layer.capacities, batch, 64, multiprocessors(dev))
+        # A slot pool's views tile as the whole pool does (`tile_rows`), so a row's attention is
+        # summed in the same order whichever rows run beside it.
+        tile = tile_length(layer.capacities, layer.tile_rows or batch, 64, multiprocessors(dev))
         self.table = (tile, tile_table(layer.capacities, tile, dev))
         self.logits = self.lse = self.logit_new = None
         if layer.eviction.policy == "h2o":
@@ -61,6 +64,15 @@ class _LayerState:
             self.logits = torch.empty(batch, layer.total, group, **f32)
             self.lse = torch.empty(batch, layer.num_heads * group, **f32)
             self.logit_new = torch.empty(batch, layer.num_heads * group, **f32)
+
+    def rows(self, stop: int) -> _LayerState:
+        """This state for the first ``stop`` rows: same tile table, scratch buffers as views."""
+        view = copy.copy(self)
+        view.key = (stop, self.key[1])
+        for name in ("logits", "lse", "logit_new"):
+            buf = getattr(self, name)
+            setattr(view, name, None if buf is None else buf[:stop])
+        return view
 
 
 class UpdateStream:

@@ -14,22 +14,59 @@ from baklava.cli import _log, _main
 from baklava.errors import BaklavaError
 
 
+def _engine_options(command):
+    """--device, --kv-memory, --max-batch, --prefill-chunk: where an instance runs and its pool size."""
+    for option in reversed(
+        [
+            click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
+            click.option(
+                "--kv-memory",
+                help="KV memory of an instance's pool, e.g. 40GiB (rows = memory / one sequence's "
+                "budgeted cache) [default: 80% of free GPU memory on cuda].",
+            ),
+            click.option(
+                "--max-batch",
+                type=click.IntRange(1),
+                help="Sequences served at once (pool rows) [default: from --kv-memory; 8 on cpu].",
+            ),
+            click.option(
+                "--prefill-chunk",
+                default=2048,
+                show_default=True,
+                type=click.IntRange(1),
+                help="Prompt tokens per prefill call (the cache evicts after each).",
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("artifact", type=click.Path(file_okay=False))
 @click.option("--repo", type=click.Path(file_okay=False), required=True, help="Model repository to create.")
 @click.option("--instances", default=1, show_default=True, type=click.IntRange(1), help="Model instances.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@_engine_options
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Apply the chat template to prompts.")
 @click.option(
     "--threads", type=click.IntRange(1), help="Torch threads per instance (default: cores / instances)."
 )
 @click.option("--force", is_flag=True, help="Replace an existing repository.")
-def triton_cmd(artifact, repo, instances, device, chat, threads, force):
+def triton_cmd(artifact, repo, instances, device, kv_memory, max_batch, prefill_chunk, chat, threads, force):
     """Write a Triton model repository (Python backend, token streaming) for ARTIFACT."""
     from baklava.serving.triton_repo import write_repository
 
     path = write_repository(
-        artifact, repo, instances=instances, device=device, chat=chat, threads=threads, overwrite=force
+        artifact,
+        repo,
+        instances=instances,
+        device=device,
+        chat=chat,
+        threads=threads,
+        kv_memory=kv_memory,
+        max_batch=max_batch,
+        prefill_chunk=prefill_chunk,
+        overwrite=force,
     )
     _log(f"wrote model repository {path} (serve it with: baklava-serve {path})")
 
@@ -47,16 +84,26 @@ def triton_cmd(artifact, repo, instances, device, chat, threads, force):
     "--timeout", default=600, show_default=True, type=click.IntRange(1), help="Seconds to wait for ready."
 )
 @click.option("--log", "log_path", type=click.Path(dir_okay=False), help="Server log file.")
-def serve_cmd(path, http_port, grpc_port, metrics_port, host, instances, timeout, log_path):
-    """Serve an artifact DIR or a model REPO with a real tritonserver until Ctrl-C."""
+@_engine_options
+def serve_cmd(path, http_port, grpc_port, metrics_port, host, instances, timeout, log_path, **engine):
+    """Serve an artifact DIR or a model REPO with a real tritonserver until Ctrl-C.
+
+    An artifact gets a temporary repository with --device, --kv-memory, --max-batch and
+    --prefill-chunk; a repository keeps the settings it was written with.
+    """
     from baklava.serving.server import TritonServer
     from baklava.serving.triton_repo import MODEL_NAME, is_artifact, is_repository, write_repository
 
     temp = None
     if is_artifact(path):
         temp = Path(tempfile.mkdtemp(prefix="baklava-repo-"))
-        repo = write_repository(path, temp / "repo", instances=instances)
+        repo = write_repository(path, temp / "repo", instances=instances, **engine)
     elif is_repository(path):
+        if engine["kv_memory"] or engine["max_batch"] or engine["device"] != "cpu":
+            raise BaklavaError(
+                f"{path} is a model repository: its config.pbtxt sets device and pool size "
+                "(rewrite it with baklava-triton, or serve the artifact)"
+            )
         repo = Path(path)
     else:
         raise BaklavaError(

@@ -1,9 +1,13 @@
-"""The Triton Python-backend model (decoupled): one BaKlaVa runtime per instance.
+"""The Triton Python-backend model (decoupled) on the batching engine: one engine per instance.
 
 A model repository's ``1/model.py`` re-exports :class:`TritonPythonModel` from here. Each
-instance loads the artifact once (``parameters.artifact`` in ``config.pbtxt``); every request gets
-a fresh :class:`~baklava.runtime.packed_cache.BudgetedCache`, so no cache is shared between
-requests. Requests follow Triton's LLM conventions:
+instance loads the artifact once (``parameters.artifact`` in ``config.pbtxt``), on CUDA in bf16 on
+the GPU Triton placed it on (``model_instance_device_id``), and serves every request from one
+:class:`~baklava.runtime.engine.Engine`, whose pool rows are sequence slots: a row is emptied
+before each request, so no cache is shared between requests. ``execute()`` only parses and
+enqueues; a background :class:`~baklava.serving.engine_loop.EngineLoop` owns the engine and
+answers through each request's response sender, stopping a request whose client has gone
+(``is_cancelled()``). Requests follow Triton's LLM conventions:
 
 ========================  =====================  ==========================================
 tensor                    type                   meaning
@@ -17,7 +21,9 @@ tensor                    type                   meaning
 ``text_output``           BYTES [1]              generated text (a piece when streaming)
 ========================  =====================  ==========================================
 
-Bad requests get an error response; the instance keeps serving.
+Bad requests get an error response; the instance keeps serving. Pool size (``config.pbtxt``
+parameters): ``max_batch`` rows, or as many as ``kv_memory`` bytes hold; neither: 8 rows on the
+CPU, 80% of the GPU memory left after loading the model on CUDA.
 """
 
 from __future__ import annotations
@@ -56,6 +62,8 @@ class TritonPythonModel:
 
         from baklava.exporter import read_artifact
         from baklava.model_zoo import load_model
+        from baklava.runtime.engine import Engine
+        from baklava.serving.engine_loop import EngineLoop
 
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
@@ -63,17 +71,30 @@ class TritonPythonModel:
         if not artifact.is_absolute():
             artifact = Path(args["model_repository"]) / args["model_version"] / artifact
         torch.set_num_threads(int(params.get("threads", os.cpu_count() or 1)))
-        self.chat = params.get("chat_template", "true").lower() == "true"
         self.artifact = read_artifact(artifact)
         device = params.get("device", "cpu")
-        self.lm = load_model(self.artifact.model_spec, progress=False)
+        if device.startswith("cuda") and args.get("model_instance_kind") == "GPU":
+            device = f"cuda:{args.get('model_instance_device_id', 0)}"  # where Triton placed this instance
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
+        self.lm = load_model(self.artifact.model_spec, dtype=dtype, progress=False)
         self.lm.model.to(device)
-        from baklava.runtime import enable
-
-        enable(self.lm.model)
+        kv_memory, max_batch = pool_size(params, device)
+        self.engine = Engine.from_profile(
+            self.lm.model,
+            self.lm.tokenizer,
+            self.artifact.profile,
+            kv_memory=kv_memory,
+            max_batch=max_batch,
+            prefill_chunk=int(params.get("prefill_chunk", 2048)),
+            chat=params.get("chat_template", "true").lower() == "true",
+        )
+        self.engine.step_fn.capture_all()  # CUDA graphs recorded before the first request
+        self.loop = EngineLoop(self.engine).start()
 
     def _params(self, request):
-        from baklava.runtime.streaming import SamplingParams
+        from baklava.runtime.sampling import SamplingParams
 
         prompt = _scalar(request, "text_input")
         if prompt is None:
@@ -98,35 +119,63 @@ class TritonPythonModel:
         out = pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_))
         return pb_utils.InferenceResponse(output_tensors=[out])
 
-    def _serve(self, request) -> None:
+    @staticmethod
+    def _error_response(message: str):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
+
+    def _enqueue(self, request) -> None:
         from baklava.errors import BaklavaError
-        from baklava.runtime import BudgetedCache
-        from baklava.runtime.streaming import stream_generate
 
         sender = request.get_response_sender()
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
             prompt, stream, sampling = self._params(request)
-            cache = BudgetedCache.from_profile(self.artifact.profile)  # fresh per request
-            pieces = stream_generate(
-                self.lm.model, self.lm.tokenizer, cache, prompt, sampling, chat=self.chat
-            )
-            if stream:
-                for piece in pieces:
-                    sender.send(self._text_response(piece))
-                sender.send(flags=final)
-            else:
-                sender.send(self._text_response("".join(pieces)), flags=final)
         except (RequestError, BaklavaError, ValueError, TypeError) as e:
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))), flags=final)
-        except Exception as e:  # noqa: BLE001 - one failed request must not take the instance down
-            msg = f"internal error: {type(e).__name__}: {e}"
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(msg)), flags=final)
+            sender.send(self._error_response(str(e)), flags=final)
+            return
+        parts: list[str] = []
+
+        def on_event(event) -> None:  # on the engine's thread
+            if event.error is not None:
+                sender.send(self._error_response(event.error), flags=final)
+            elif stream:
+                if event.text:
+                    sender.send(self._text_response(event.text))
+                if event.finished:
+                    sender.send(flags=final)
+            else:
+                parts.append(event.text)
+                if event.finished:
+                    sender.send(self._text_response("".join(parts)), flags=final)
+
+        is_cancelled = getattr(request, "is_cancelled", None)
+        self.loop.submit(prompt, sampling, on_event, is_cancelled)
 
     def execute(self, requests):
         for request in requests:
-            self._serve(request)
-        return None  # decoupled: responses went through each request's sender
+            self._enqueue(request)
+        return None  # decoupled: responses go through each request's sender, from the engine's thread
 
     def finalize(self) -> None:
-        self.lm = None
+        if getattr(self, "loop", None) is not None:
+            self.loop.stop()
+        self.lm = self.engine = self.loop = None
+
+
+def pool_size(params: dict, device: str) -> tuple[int | None, int | None]:
+    """``(kv_memory bytes, max_batch)`` from the repository's parameters (see the module docstring)."""
+    from baklava.profiles.budget import parse_size
+
+    kv_memory = params.get("kv_memory", "")
+    max_batch = params.get("max_batch", "")
+    kv = parse_size(kv_memory) if kv_memory else None
+    rows = int(max_batch) if max_batch else None
+    if kv is None and rows is None:
+        if device.startswith("cuda"):
+            import torch
+
+            free, _ = torch.cuda.mem_get_info(torch.device(device))
+            kv = int(0.8 * free)
+        else:
+            rows = 8
+    return kv, rows

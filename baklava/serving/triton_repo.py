@@ -3,7 +3,8 @@
     REPO/
       baklava/
         config.pbtxt          Python backend, decoupled (token streaming), instance group,
-                              parameters: artifact, device, chat_template, threads
+                              parameters: artifact, device, kv_memory, max_batch,
+                              prefill_chunk, chat_template, threads
         1/model.py            re-exports baklava.serving.triton_model.TritonPythonModel
         1/artifact/           copy of the artifact (profile.json, manifest.json)
 
@@ -47,8 +48,10 @@ output [
 instance_group [ {{ count: {instances} kind: {kind} }} ]
 
 parameters {{ key: "artifact" value: {{ string_value: "artifact" }} }}
-parameters {{ key: "backend" value: {{ string_value: "torch" }} }}
 parameters {{ key: "device" value: {{ string_value: "{device}" }} }}
+parameters {{ key: "kv_memory" value: {{ string_value: "{kv_memory}" }} }}
+parameters {{ key: "max_batch" value: {{ string_value: "{max_batch}" }} }}
+parameters {{ key: "prefill_chunk" value: {{ string_value: "{prefill_chunk}" }} }}
 parameters {{ key: "chat_template" value: {{ string_value: "{chat}" }} }}
 parameters {{ key: "threads" value: {{ string_value: "{threads}" }} }}
 """
@@ -67,12 +70,30 @@ def write_repository(
     device: str = "cpu",
     chat: bool = True,
     threads: int | None = None,
+    kv_memory: str | None = None,
+    max_batch: int | None = None,
+    prefill_chunk: int = 2048,
     overwrite: bool = False,
 ) -> Path:
-    """Create the model repository ``repo`` for ``artifact_dir``; returns ``repo``."""
+    """Create the model repository ``repo`` for ``artifact_dir``; returns ``repo``.
+
+    Each instance serves from one engine whose pool has ``max_batch`` rows, or as many as
+    ``kv_memory`` (a size like ``"40GiB"``) holds; neither: 8 rows on the CPU, 80% of the free GPU
+    memory on CUDA.
+    """
+    from baklava.profiles.budget import parse_size
+
     art = read_artifact(artifact_dir)  # verifies manifest, profile checksum and sha256
     if instances < 1:
         raise BaklavaError("instances must be >= 1")
+    if not (device == "cpu" or device == "cuda" or device.startswith("cuda:")):
+        raise BaklavaError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+    if kv_memory is not None:
+        parse_size(kv_memory)  # refuse a bad size now, not when the server loads the model
+    if max_batch is not None and max_batch < 1:
+        raise BaklavaError(f"max_batch must be >= 1, got {max_batch}")
+    if prefill_chunk < 1:
+        raise BaklavaError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     repo = Path(repo)
     if repo.exists() and not overwrite:
         raise BaklavaError(f"{repo} already exists; choose another repository path or pass --force")
@@ -87,6 +108,9 @@ def write_repository(
                 instances=instances,
                 kind=kind,
                 device=device,
+                kv_memory=kv_memory or "",
+                max_batch=max_batch or "",
+                prefill_chunk=prefill_chunk,
                 chat=str(chat).lower(),
                 threads=threads,
             )

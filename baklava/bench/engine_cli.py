@@ -1,0 +1,97 @@
+"""``baklava-bench engine``: served throughput per budget at equal KV memory (the batching engine
+in process) against plain transformers, on one GPU in one run (:mod:`baklava.bench.serve_engine`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from baklava.cli import _log
+from baklava.errors import BaklavaError
+
+
+def _pair(ctx, param, value):
+    try:
+        lo, hi = (int(x) for x in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected two integers LO,HI, got {value!r}") from None
+    if not 1 <= lo <= hi:
+        raise click.BadParameter(f"expected 1 <= LO <= HI, got {value!r}")
+    return lo, hi
+
+
+@click.command("engine")
+@click.option(
+    "--model",
+    "model_spec",
+    default="random-llama-3-8b",
+    show_default=True,
+    help="random-llama-3-8b (Llama-3-8B shapes, random bf16 weights), or an alias / directory / .gguf.",
+)
+@click.option("--budgets", default="1.0,0.3,0.1", show_default=True, help="Comma list of fractions.")
+@click.option("--kv-memory", default="40GiB", show_default=True, help="KV memory every system gets.")
+@click.option("--requests", "n_requests", default=256, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--prompt-lengths", default="1024,16384", show_default=True, callback=_pair, help="LO,HI tokens."
+)
+@click.option("--new-tokens", default="128,256", show_default=True, callback=_pair, help="LO,HI tokens.")
+@click.option("--prefill-chunk", default=2048, show_default=True, type=click.IntRange(1))
+@click.option("--max-prefill-tokens", default=8192, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--hf-requests",
+    default=8,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Requests plain transformers serves one at a time (0: skip).",
+)
+@click.option(
+    "--hf-batch",
+    type=click.IntRange(0),
+    help="Static batch of plain transformers [default: what the KV memory holds at the longest "
+    "sequence; 0: skip].",
+)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", type=click.Path(file_okay=False), help="Write serve.json and serve.md here.")
+def engine_bench(
+    model_spec, budgets, kv_memory, n_requests, prompt_lengths, new_tokens, prefill_chunk,
+    max_prefill_tokens, hf_requests, hf_batch, seed, out,
+):  # fmt: skip
+    """Served tokens/s, TTFT and inter-token latency per budget at equal KV memory (GPU)."""
+    import torch
+
+    from baklava.atomic import write_text_atomic
+    from baklava.bench.cli import _gpu_meta
+    from baklava.bench.serve_engine import compare, markdown
+    from baklava.profiles.budget import parse_size
+
+    if not torch.cuda.is_available():
+        raise BaklavaError("this benchmark measures the GPU path: no CUDA device here")
+    try:
+        fractions = [float(b) for b in budgets.split(",")]
+    except ValueError:
+        raise BaklavaError(f"--budgets: expected fractions like 1.0,0.3,0.1, got {budgets!r}") from None
+    if not all(0 < b <= 1 for b in fractions):
+        raise BaklavaError(f"--budgets: fractions must be in (0, 1], got {budgets!r}")
+    rows, meta = compare(
+        model_spec,
+        budgets=fractions,
+        kv_memory=parse_size(kv_memory),
+        requests=n_requests,
+        lengths=prompt_lengths,
+        new_tokens=new_tokens,
+        prefill_chunk=prefill_chunk,
+        max_prefill_tokens=max_prefill_tokens,
+        hf_requests=hf_requests,
+        hf_batch=hf_batch,
+        seed=seed,
+    )
+    meta |= _gpu_meta()
+    table = markdown(rows, meta)
+    click.echo(table)
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_text_atomic(Path(out) / "serve.json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        write_text_atomic(Path(out) / "serve.md", table)
+        _log(f"wrote {out}/serve.json and serve.md")

@@ -1,0 +1,340 @@
+"""Served throughput at equal KV memory: the batching engine per budget against plain transformers.
+
+One run, one GPU, one workload::
+
+    N requests, all arriving at t = 0, prompts of [lo, hi] tokens, [a, b] new tokens each (no EOS)
+        │
+        ├─ transformers one at a time   model.generate (sdpa, DynamicCache), the first K requests
+        ├─ transformers static batches  model.generate on batches as large as the KV memory holds
+        │                               at the longest sequence (left-padded)
+        └─ engine per budget            one pool of rows = kv_memory / sum(cap) bytes, CUDA graphs
+                                        captured before the clock starts
+
+For each: generated tokens/s, requests/s, time to first token (from t = 0, so queueing counts) and
+inter-token latency percentiles, peak GPU memory (``max_memory_allocated``, weights included).
+One-at-a-time serves only K requests (its rate is what counts); its TTFT is per request, from
+the start of its own ``generate`` call.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from baklava.runtime.engine import Engine
+from baklava.runtime.sampling import SamplingParams
+
+RANDOM_LLAMA = "random-llama-3-8b"  # the name baklava-bench's GPU commands use
+
+
+@dataclass(frozen=True)
+class Work:
+    prompt: list[int]
+    max_tokens: int
+
+
+def workload(
+    n: int, lengths: tuple[int, int], new_tokens: tuple[int, int], source: np.ndarray, seed: int = 0
+) -> list[Work]:
+    """``n`` requests: prompt lengths uniform in ``lengths``, new tokens uniform in ``new_tokens``,
+    prompts cut from ``source`` (token ids, read cyclically from a random start)."""
+    gen = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        length = int(gen.integers(lengths[0], lengths[1] + 1))
+        start = int(gen.integers(0, len(source)))
+        ids = np.take(source, np.arange(start, start + length), mode="wrap")
+        out.append(Work(ids.tolist(), int(gen.integers(new_tokens[0], new_tokens[1] + 1))))
+    return out
+
+
+def prose_tokens(tokenizer) -> np.ndarray:
+    """The standard library's documentation prose as token ids (the calibration text)."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+
+
+def _pct(values, q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 4) if len(values) else None
+
+
+def summarize(
+    name: str, wall: float, tokens: int, done: int, ttft: list[float], itl: list[float], **extra
+) -> dict:
+    """One row of the report (seconds, tokens/s, requests/s, percentiles in seconds)."""
+    return {
+        "system": name,
+        "requests": done,
+        "tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 1),
+        "requests_per_s": round(done / wall, 3),
+        "ttft_p50_s": _pct(ttft, 50),
+        "ttft_p99_s": _pct(ttft, 99),
+        "itl_p50_ms": None if not itl else round(1000 * float(np.percentile(itl, 50)), 3),
+        "itl_p99_ms": None if not itl else round(1000 * float(np.percentile(itl, 99)), 3),
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if torch.cuda.is_available()
+        else None,
+        **extra,
+    }
+
+
+def _fresh_peak() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+
+
+def run_engine(engine: Engine, work: list[Work], name: str, progress: bool = True, **extra) -> dict:
+    """Serve ``work`` (all arriving at once) with ``engine``; the report row."""
+    _fresh_peak()
+    setup = time.perf_counter()
+    engine.step_fn.capture_all()
+    capture_s = time.perf_counter() - setup
+    bar = tqdm(total=len(work), desc=name, unit="req", disable=not progress)
+    start = time.perf_counter()
+    ids = [engine.submit(w.prompt, SamplingParams(max_tokens=w.max_tokens, ignore_eos=True)) for w in work]
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    itl: list[float] = []
+    tokens = 0
+    rows_busy = []
+    while engine.has_work():
+        rows_busy.append(engine.running)
+        for event in engine.step():
+            rid, now = event.request_id, event.time
+            tokens += len(event.token_ids)
+            if event.token_ids:
+                if rid in last:
+                    itl.append(now - last[rid])
+                first.setdefault(rid, now)
+                last[rid] = now
+            if event.finished:
+                bar.update()
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    wall = time.perf_counter() - start
+    bar.close()
+    ttft = [first[i] - start for i in ids if i in first]
+    return summarize(
+        name,
+        wall,
+        tokens,
+        len(first),
+        ttft,
+        itl,
+        rows=engine.pool.rows,
+        kv_gib=round(engine.pool.kv_bytes() / 2**30, 3),
+        slots_per_sequence=int(engine.pool.cache.capacities.sum()),
+        mean_rows_busy=round(float(np.mean(rows_busy)), 1) if rows_busy else 0,
+        capture_s=round(capture_s, 2),
+        **extra,
+    )
+
+
+class _Clock:
+    """A transformers streamer that records when each new token arrives (the first put is the prompt)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.puts = 0
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts > 1:
+            torch.cuda.synchronize() if torch.cuda.is_available() else None
+            self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _hf_generate(model, ids: torch.Tensor, mask: torch.Tensor, max_tokens: int, clock=None):
+    return model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=max_tokens,
+        min_new_tokens=max_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=0,
+        streamer=clock,
+    )
+
+
+@torch.inference_mode()
+def run_transformers_serial(model, work: list[Work], progress: bool = True) -> dict:
+    """Plain ``model.generate`` (sdpa, DynamicCache) one request after another."""
+    _fresh_peak()
+    dev = next(model.parameters()).device
+    ttft, itl, tokens = [], [], 0
+    start = time.perf_counter()
+    for w in tqdm(work, desc="transformers 1-at-a-time", unit="req", disable=not progress):
+        clock = _Clock()
+        ids = torch.tensor([w.prompt], device=dev)
+        began = time.perf_counter()
+        _hf_generate(model, ids, torch.ones_like(ids), w.max_tokens, clock)
+        ttft.append(clock.times[0] - began)
+        itl += np.diff(clock.times).tolist()
+        tokens += len(clock.times)
+    return summarize("transformers, one at a time", time.perf_counter() - start, tokens, len(work), ttft, itl)
+
+
+@torch.inference_mode()
+def run_transformers_static(model, work: list[Work], batch: int, progress: bool = True) -> dict:
+    """Plain ``model.generate`` on consecutive static batches of ``batch`` (left-padded); a batch
+    runs until its longest request is done, and only each request's own tokens count."""
+    _fresh_peak()
+    dev = next(model.parameters()).device
+    ttft, itl, tokens = [], [], 0
+    start = time.perf_counter()
+    for i in tqdm(range(0, len(work), batch), desc=f"transformers static x{batch}", disable=not progress):
+        group = work[i : i + batch]
+        longest = max(len(w.prompt) for w in group)
+        ids = torch.zeros(len(group), longest, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, w in enumerate(group):
+            ids[j, longest - len(w.prompt) :] = torch.tensor(w.prompt)
+            mask[j, longest - len(w.prompt) :] = 1
+        clock = _Clock()
+        _hf_generate(model, ids.to(dev), mask.to(dev), max(w.max_tokens for w in group), clock)
+        for w in group:
+            mine = clock.times[: w.max_tokens]
+            ttft.append(mine[0] - start)
+            itl += np.diff(mine).tolist()
+            tokens += len(mine)
+    return summarize(
+        f"transformers, static batches of {batch}", time.perf_counter() - start, tokens, len(work), ttft, itl
+    )
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    """The report as a Markdown table, ratios against budget 1.0 and one-at-a-time."""
+    base = next((r for r in rows if r.get("budget") == 1.0), None)
+    serial = next((r for r in rows if r["system"].endswith("one at a time")), None)
+    lines = [
+        f"{meta['model']}, {meta['requests']} requests (prompts {meta['prompt_lengths']} tokens, "
+        f"{meta['new_tokens']} new), KV memory {meta['kv_memory_gib']} GiB, {meta['gpu']}, {meta['date']}",
+        "",
+        "| system | rows | tokens/s | vs 1.0 | vs 1-at-a-time | req/s | TTFT p50 / p99 s | ITL p50 / p99 ms | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        vs_base = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base and "budget" in r else ""
+        vs_serial = f"{r['tokens_per_s'] / serial['tokens_per_s']:.1f}x" if serial else ""
+        lines.append(
+            f"| {r['system']} | {r.get('rows', '')} | {r['tokens_per_s']} | {vs_base} | {vs_serial} | "
+            f"{r['requests_per_s']} | {r['ttft_p50_s']} / {r['ttft_p99_s']} | "
+            f"{r['itl_p50_ms']} / {r['itl_p99_ms']} | {r['peak_gpu_gib']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _logged(row: dict) -> dict:
+    """Print each row as it is measured (a run cut short keeps what it measured in its log)."""
+    import json
+    import sys
+
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    return row
+
+
+def _capacities(model, lm, budget: float, context: int, scored):
+    """``[L, H_kv]`` capacities at ``budget`` of ``context``: the profile's allocation for a real
+    model (scored once, no search), a log-normal spread for random weights."""
+    from baklava.bench.gpu_decode import model_shape, uneven_capacities
+
+    if scored is None:
+        layers, kv_heads, _, _ = model_shape(model)
+        return uneven_capacities(layers, kv_heads, context, budget)
+    from baklava.profiles.pipeline import allocate
+
+    return allocate(scored, budget, lm=lm, max_context=context, search=False, progress=False).capacities
+
+
+def compare(
+    model_spec: str,
+    *,
+    budgets: list[float],
+    kv_memory: int,
+    requests: int,
+    lengths: tuple[int, int],
+    new_tokens: tuple[int, int],
+    prefill_chunk: int,
+    max_prefill_tokens: int,
+    hf_requests: int,
+    hf_batch: int | None,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[list[dict], dict]:
+    """Every system of the module docstring on one workload; returns ``(rows, meta)``."""
+    from baklava.bench.gpu_decode import LLAMA3_8B, model_shape, random_llama
+    from baklava.model_zoo import load_model
+    from baklava.profiles.eviction import EvictionConfig
+    from baklava.profiles.pipeline import score
+
+    lm, scored = None, None
+    if model_spec == RANDOM_LLAMA:
+        model, tokenizer = random_llama(LLAMA3_8B), None
+        source = np.random.default_rng(seed).integers(0, LLAMA3_8B["vocab_size"], 1 << 20)
+    else:
+        lm = load_model(model_spec, dtype=torch.bfloat16, progress=progress)
+        lm.model.to("cuda").eval()
+        model, tokenizer = lm.model, lm.tokenizer
+        source = prose_tokens(tokenizer)
+    context = lengths[1] + new_tokens[1]
+    if context > model.config.max_position_embeddings:
+        raise ValueError(f"prompts up to {lengths[1]} + {new_tokens[1]} new exceed the model's context")
+    work = workload(requests, lengths, new_tokens, source, seed)
+    layers, kv_heads, _, head_dim = model_shape(model)
+    token_bytes = layers * kv_heads * head_dim * 2 * 2  # K and V, bf16
+    rows = []
+    model.set_attn_implementation("sdpa")  # plain transformers first, before the engine fuses layers
+    if hf_requests:
+        rows.append(_logged(run_transformers_serial(model, work[:hf_requests], progress)))
+    batch = hf_batch if hf_batch is not None else max(1, kv_memory // (context * token_bytes))
+    if batch:
+        rows.append(_logged(run_transformers_static(model, work, batch, progress)))
+    if lm is not None:
+        with torch.inference_mode():
+            scored = score(lm, progress=progress)
+    for budget in budgets:
+        caps = _capacities(model, lm, budget, context, scored)
+        engine = Engine.from_capacities(
+            model,
+            tokenizer,
+            caps,
+            EvictionConfig(),
+            kv_memory=kv_memory,
+            prefill_chunk=prefill_chunk,
+            max_prefill_tokens=max_prefill_tokens,
+            chat=False,
+        )
+        name = f"baklava engine, budget {budget}"
+        rows.append(_logged(run_engine(engine, work, name, progress, budget=budget)))
+        del engine
+    meta = {
+        "model": model_spec,
+        "requests": requests,
+        "prompt_lengths": list(lengths),
+        "new_tokens": list(new_tokens),
+        "kv_memory_gib": round(kv_memory / 2**30, 2),
+        "reference_context": context,
+        "prefill_chunk": prefill_chunk,
+        "max_prefill_tokens": max_prefill_tokens,
+        "transformers_one_at_a_time_requests": hf_requests,
+        "transformers_static_batch": batch,
+        "seed": seed,
+    }
+    return rows, meta

@@ -1,0 +1,313 @@
+"""A continuous-batching engine over one budgeted slot pool: fewer KV bytes -> more sequences at once.
+
+Every :meth:`Engine.step` is one iteration of the scheduler and the model::
+
+    cancelled requests ─▶ finish, free their rows
+    waiting requests   ─▶ free rows (lowest first), each row emptied (SlotPool.reset_row)
+    prefilling rows    ─▶ the next chunk of each prompt into its own row, up to
+                          ``max_prefill_tokens`` a step; a finished prompt samples its first token
+    decoding rows      ─▶ one decode step for rows 0 .. n-1 (DecodeStep: a CUDA graph per bucket),
+                          only decoding rows written; sample every row; stream text pieces
+    EOS / max_tokens   ─▶ finish, free the row
+
+Requests enter through :meth:`Engine.submit` (token ids or a prompt) and come back as
+:class:`Event` s: one per new text piece, the last one with ``finished`` set. A request's tokens
+do not depend on what else runs: its prefill sees only its row, the decode step writes only
+decoding rows, and the decode kernels tile every step as the whole pool (tested token for token
+against the request alone).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from baklava.errors import BaklavaError
+from baklava.runtime.engine_step import DecodeStep
+from baklava.runtime.sampling import SamplingParams, TextPieces, next_token
+from baklava.runtime.slot_pool import SlotPool, rows_for_memory
+
+WAITING, PREFILLING, DECODING, FINISHED = "waiting", "prefilling", "decoding", "finished"
+
+
+@dataclass
+class Event:
+    """What one step produced for one request: a text piece and/or the end of the request."""
+
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)  # tokens sampled this step (EOS too, not its text)
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" (EOS), "length", "cancelled", "error"
+    error: str | None = None
+    time: float = 0.0  # perf_counter when the step produced it
+
+
+@dataclass
+class _Request:
+    id: str
+    prompt: torch.Tensor  # [S] token ids
+    params: SamplingParams
+    pieces: TextPieces
+    generator: torch.Generator | None
+    arrival: float
+    state: str = WAITING
+    row: int | None = None
+    prefilled: int = 0
+    view: object = None  # the row's cache view while prefilling
+    output: list[int] = field(default_factory=list)
+    first_token_time: float | None = None
+
+
+class Engine:
+    """Serve many requests at once from ``pool``'s rows with ``model``.
+
+    Parameters
+    ----------
+    model, tokenizer
+        A transformers decoder (switched to the ``baklava`` attention here) and its tokenizer
+        (None: token ids in, token ids out, empty text pieces).
+    pool : SlotPool
+        The cache rows (see :meth:`from_capacities` to size one from memory).
+    prefill_chunk : int
+        Tokens of one prompt per prefill call (bounds attention to capacity + one chunk).
+    max_prefill_tokens : int
+        Prompt tokens prefilled per step, over all requests, in whole chunks (bounds the pause of
+        decoding rows; one chunk always runs).
+    chat : bool
+        Apply the chat template to text prompts.
+    fused, cuda_graphs : bool
+        On CUDA, the fused one-token layer forward and one CUDA graph per step bucket.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        pool: SlotPool,
+        *,
+        prefill_chunk: int = 2048,
+        max_prefill_tokens: int = 4096,
+        chat: bool = True,
+        fused: bool = True,
+        cuda_graphs: bool = True,
+    ):
+        from baklava.runtime.attention import enable
+
+        if prefill_chunk < 1 or max_prefill_tokens < 1:
+            raise BaklavaError("prefill_chunk and max_prefill_tokens must be >= 1")
+        enable(model)
+        if fused and pool.device.type == "cuda":
+            from baklava.runtime import fused_decode
+
+            fused_decode.fuse(model)
+        self.model, self.tokenizer, self.pool = model, tokenizer, pool
+        self.prefill_chunk, self.max_prefill_tokens, self.chat = prefill_chunk, max_prefill_tokens, chat
+        self.context = model.config.max_position_embeddings
+        self.eos = tokenizer.eos_token_id if tokenizer is not None else model.config.eos_token_id
+        self.step_fn = DecodeStep(model, pool, cuda_graphs=cuda_graphs)
+        self._free = list(range(pool.rows))  # a heap: lowest free row first keeps steps small
+        self._waiting: deque[_Request] = deque()
+        self._active: dict[int, _Request] = {}  # row -> request
+        self._by_id: dict[str, _Request] = {}
+        self._cancelled: set[str] = set()
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_capacities(
+        cls,
+        model,
+        tokenizer,
+        capacities,
+        eviction=None,
+        *,
+        kv_memory: int | None = None,
+        max_batch: int | None = None,
+        **kwargs,
+    ) -> Engine:
+        """An engine whose pool holds ``max_batch`` rows, or as many as fit in ``kv_memory`` bytes
+        (exactly ``sum(capacities)`` slots a row), or the smaller of the two when both are given."""
+        if kv_memory is None and max_batch is None:
+            raise BaklavaError("size the engine's pool with kv_memory or max_batch")
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        dtype = next(model.parameters()).dtype
+        rows = max_batch or rows_for_memory(kv_memory, capacities, head_dim, dtype)
+        if kv_memory is not None:
+            rows = min(rows, rows_for_memory(kv_memory, capacities, head_dim, dtype))
+        pool = SlotPool.for_model(model, capacities, eviction, rows)
+        return cls(model, tokenizer, pool, **kwargs)
+
+    @classmethod
+    def from_profile(cls, model, tokenizer, profile, **kwargs) -> Engine:
+        """:meth:`from_capacities` with a budget profile's capacities and eviction, after checking
+        the profile was made for ``model``."""
+        from baklava.profiles.profile_file import config_fingerprint
+
+        if profile.capacities is None:
+            profile._require_capacities()
+        profile.check_model(config_fingerprint(model.config))
+        return cls.from_capacities(model, tokenizer, profile.capacities, profile.eviction, **kwargs)
+
+    # ------------------------------------------------------------------ requests
+    def encode(self, prompt: str) -> torch.Tensor:
+        """Token ids ``[S]`` of a text prompt (with the chat template when ``chat``)."""
+        from baklava.runtime.generate import encode
+
+        return encode(self.tokenizer, [prompt], chat=self.chat, max_context=self.context)["input_ids"][0]
+
+    def submit(
+        self, prompt: str | list[int] | torch.Tensor, params: SamplingParams | None = None, request_id=None
+    ) -> str:
+        """Queue a request (text, or token ids); returns its id. Raises :class:`BaklavaError`
+        for an empty prompt, a duplicate id, or prompt + ``max_tokens`` over the context."""
+        params = params or SamplingParams()
+        ids = self.encode(prompt) if isinstance(prompt, str) else torch.as_tensor(prompt, dtype=torch.long)
+        ids = ids.reshape(-1).cpu()
+        if ids.numel() == 0:
+            raise BaklavaError("prompt is empty")
+        if ids.numel() + params.max_tokens > self.context:
+            raise BaklavaError(
+                f"prompt ({ids.numel()} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
+                f"of {self.context}"
+            )
+        rid = str(next(self._ids)) if request_id is None else str(request_id)
+        if rid in self._by_id:
+            raise BaklavaError(f"request id {rid!r} is already in flight")
+        req = _Request(rid, ids, params, TextPieces(self.tokenizer), params.generator(), time.perf_counter())
+        self._by_id[rid] = req
+        self._waiting.append(req)
+        return rid
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request at the next step (its last event has ``finish_reason="cancelled"``)."""
+        if str(request_id) in self._by_id:
+            self._cancelled.add(str(request_id))
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._active)
+
+    @property
+    def running(self) -> int:
+        """Requests holding a row (prefilling or decoding)."""
+        return len(self._active)
+
+    # ------------------------------------------------------------------ the step
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """One scheduler iteration (see the module docstring); returns the events it produced."""
+        events: list[Event] = []
+        for rid in list(self._cancelled):
+            self._finish(self._by_id[rid], "cancelled", events)
+        self._cancelled.clear()
+        self._admit()
+        self._prefill(events)
+        self._decode(events)
+        return events
+
+    def _admit(self) -> None:
+        while self._waiting and self._free:
+            req = self._waiting.popleft()
+            req.row = heapq.heappop(self._free)
+            self.pool.reset_row(req.row)
+            req.view = self.pool.row_view(req.row)
+            req.state = PREFILLING
+            self._active[req.row] = req
+
+    def _prefill(self, events: list[Event]) -> None:
+        budget = self.max_prefill_tokens
+        for req in sorted(self._active.values(), key=lambda r: r.arrival):
+            if budget <= 0:
+                break
+            if req.state != PREFILLING:
+                continue
+            # whole chunks only: where a prompt is cut decides what its cache keeps, and that must
+            # not depend on the other requests (the step's budget may be overrun by one chunk)
+            n = min(self.prefill_chunk, req.prompt.numel() - req.prefilled)
+            chunk = req.prompt[req.prefilled : req.prefilled + n].to(self.pool.device)[None]  # [1, n]
+            logits = self.model(input_ids=chunk, past_key_values=req.view, logits_to_keep=1).logits[0, -1]
+            req.prefilled += n
+            budget -= n
+            if req.prefilled == req.prompt.numel():
+                req.view, req.state = None, DECODING
+                self._emit(req, next_token(logits.float().cpu(), req.params, req.generator), events)
+
+    def _decode(self, events: list[Event]) -> None:
+        decoding = [r for r in self._active.values() if r.state == DECODING]
+        if not decoding:
+            return
+        n = self.step_fn.bucket(max(r.row for r in decoding) + 1)
+        fed = torch.zeros(n, dtype=torch.long)
+        mask = torch.zeros(self.pool.rows, dtype=torch.bool)
+        for r in decoding:
+            fed[r.row], mask[r.row] = r.output[-1], True
+        self.pool.step_rows.copy_(mask, non_blocking=True)
+        logits = self.step_fn(n, fed)  # [n, V]
+        greedy = [r for r in decoding if r.params.greedy]
+        if greedy:
+            rows = torch.tensor([r.row for r in greedy], device=logits.device)
+            for r, token in zip(greedy, logits[rows].argmax(-1).tolist(), strict=True):
+                self._emit(r, token, events)
+        for r in decoding:
+            if not r.params.greedy:
+                self._emit(r, next_token(logits[r.row].float().cpu(), r.params, r.generator), events)
+
+    def _emit(self, req: _Request, token: int, events: list[Event]) -> None:
+        """Record a sampled token: an event with its text piece, and the end of the request if due."""
+        now = time.perf_counter()
+        if req.first_token_time is None:
+            req.first_token_time = now
+        if token == self.eos and not req.params.ignore_eos:
+            self._finish(req, "stop", events, [token])
+            return
+        req.output.append(token)
+        piece = req.pieces.push(token)
+        if len(req.output) >= req.params.max_tokens:
+            events.append(Event(req.id, piece + req.pieces.flush(), [token], True, "length", time=now))
+            self._release(req)
+        else:
+            events.append(Event(req.id, piece, [token], time=now))
+
+    def _finish(
+        self, req: _Request, reason: str, events: list[Event], tokens: list[int] | None = None
+    ) -> None:
+        events.append(Event(req.id, req.pieces.flush(), tokens or [], True, reason, time=time.perf_counter()))
+        self._release(req)
+
+    def _release(self, req: _Request) -> None:
+        if req.state == WAITING:
+            self._waiting.remove(req)
+        elif req.row is not None:
+            self.pool.step_rows[req.row] = False
+            del self._active[req.row]
+            heapq.heappush(self._free, req.row)
+        req.state, req.row, req.view = FINISHED, None, None
+        self._by_id.pop(req.id, None)
+
+    def abort_all(self, reason: str) -> list[Event]:
+        """Finish every request with an error (after a failed step); the pool serves on."""
+        events = []
+        for req in [*self._waiting, *self._active.values()]:
+            events.append(Event(req.id, "", [], True, "error", error=reason, time=time.perf_counter()))
+            self._release(req)
+        self._cancelled.clear()
+        return events
+
+    # ------------------------------------------------------------------ convenience
+    def run(self):
+        """Step until every request is done, yielding events as they come."""
+        while self.has_work():
+            yield from self.step()
+
+    def generate(self, prompts: list, params: SamplingParams | None = None) -> list[list[int]]:
+        """Generated token ids of every prompt (text or ids; a final EOS included), served together."""
+        ids = [self.submit(p, params) for p in prompts]
+        out: dict[str, list[int]] = {i: [] for i in ids}
+        for event in self.run():
+            out[event.request_id] += event.token_ids
+        return [out[i] for i in ids]

@@ -1,0 +1,206 @@
+"""The batching engine: rows of one slot pool, token-identical to serving a request alone.
+
+CPU with the tiny random Llama and capacities small enough that every head evicts; the same
+checks run on the GPU (``gpu`` marker) with the Triton kernels, the fused layers and CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from baklava.errors import BaklavaError
+from baklava.profiles.eviction import EvictionConfig
+from baklava.runtime import BudgetedCache, decode_one_token, prefill
+from baklava.runtime.engine import Engine
+from baklava.runtime.engine_step import buckets
+from baklava.runtime.sampling import SamplingParams
+from baklava.runtime.slot_pool import SlotPool, bytes_per_sequence, rows_for_memory
+from baklava.serving.engine_loop import EngineLoop
+from tests.conftest import _tiny_tokenizer, tiny_config
+
+CAPS = [[8, 24], [16, 12]]  # every head evicts within the prompts below (3 .. 60 tokens)
+EVICTION = EvictionConfig(sink=2, window=4, obs_window=4)
+CHUNK = 16
+
+
+def _prompts(lengths=(5, 40, 17, 60, 3, 33), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, 96, (n,), generator=g).tolist() for n in lengths]
+
+
+def _engine(model, rows, device="cpu", **kwargs):
+    kwargs = {"prefill_chunk": CHUNK, "chat": False, **kwargs}
+    return Engine.from_capacities(model, _tiny_tokenizer(), CAPS, EVICTION, max_batch=rows, **kwargs)
+
+
+def _reference(model, prompt, steps):
+    """Greedy tokens from the runtime's own path: a fresh cache, chunked prefill, one-token steps."""
+    cache = BudgetedCache(CAPS, EVICTION)
+    logits = prefill(model, cache, torch.tensor([prompt]), chunk=CHUNK)
+    out = []
+    for _ in range(steps):
+        out.append(int(logits.argmax(-1)))
+        logits = decode_one_token(model, cache, torch.tensor([[out[-1]]]))
+    return out
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_config()).eval()
+
+
+def test_engine_matches_the_reference_alone_and_beside_others(model):
+    prompts, params = _prompts(), SamplingParams(max_tokens=20, ignore_eos=True)
+    want = [_reference(model, p, 20) for p in prompts]
+    alone = [_engine(model, 1).generate([p], params)[0] for p in prompts]
+    # 4 rows for 6 requests: rows are reused, requests queue, prefills interleave with decode steps
+    together = _engine(model, 4, max_prefill_tokens=20).generate(prompts, params)
+    assert alone == want
+    assert together == want
+
+
+def test_every_head_evicted_and_rows_hold_exactly_their_capacity(model):
+    engine = _engine(model, 2)
+    engine.generate(_prompts((60, 40)), SamplingParams(max_tokens=4, ignore_eos=True))
+    for layer, caps in zip(engine.pool.cache.layers, CAPS, strict=True):
+        assert layer.fill.tolist() == [caps, caps]  # full: 64 and 44 tokens seen, caps <= 24
+        assert layer.keys.shape == (2, sum(caps), 16)
+    assert engine.pool.kv_bytes() == 2 * bytes_per_sequence(CAPS, 16, torch.float32)
+
+
+def test_a_new_request_sees_nothing_of_the_row_it_reuses(model):
+    engine = _engine(model, 1)
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    first, second = _prompts((50, 9))
+    engine.generate([first], params)
+    assert engine.generate([second], params)[0] == _reference(model, second, 8)
+    layer = engine.pool.cache.layers[0]
+    assert int(layer.valid_seen[0]) == 9 + 8 - 1  # prompt + fed tokens of the second request only
+    assert int(layer.positions[0].max()) == 9 + 8 - 2
+
+
+def test_sampling_with_a_seed_is_reproducible_and_independent_of_batching(model):
+    params = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, top_k=20, seed=7, ignore_eos=True)
+    prompts = _prompts((12, 30, 7))
+    alone = [_engine(model, 1).generate([p], params)[0] for p in prompts]
+    together = _engine(model, 3).generate(prompts, params)
+    assert together == alone
+    assert alone[0] != _engine(model, 1).generate([prompts[0]], SamplingParams(max_tokens=12))[0]
+
+
+def test_eos_length_and_cancel_free_rows(model):
+    engine = _engine(model, 2)
+    greedy = _reference(model, _prompts((20,))[0], 12)
+    k = next(i for i in range(2, 12) if greedy[i] not in greedy[:i])
+    engine.eos = greedy[k]  # the first greedy token seen there for the first time ends the request
+    stop = engine.submit(_prompts((20,))[0], SamplingParams(max_tokens=50))
+    cancel = engine.submit(_prompts((25,))[0], SamplingParams(max_tokens=50, ignore_eos=True))
+    events, cancelled_at = [], None
+    while engine.has_work():
+        events += engine.step()
+        if cancelled_at is None and sum(e.request_id == cancel for e in events) >= 3:
+            engine.cancel(cancel)
+            cancelled_at = len(events)
+    last = {e.request_id: e for e in events if e.finished}
+    assert last[stop].finish_reason == "stop" and last[stop].token_ids == [greedy[k]]
+    assert [t for e in events if e.request_id == stop for t in e.token_ids] == greedy[: k + 1]
+    assert last[cancel].finish_reason == "cancelled"
+    assert sum(e.request_id == cancel for e in events[cancelled_at:]) == 1  # only the final event
+    assert engine.running == 0 and sorted(engine._free) == [0, 1]
+    assert not engine.pool.step_rows.any()
+
+
+def test_text_pieces_join_to_the_decoded_tokens(model):
+    engine = _engine(model, 2)
+    rid = engine.submit("the a of to and in is", SamplingParams(max_tokens=10, ignore_eos=True))
+    events = list(engine.run())
+    ids = [t for e in events for t in e.token_ids]
+    assert "".join(e.text for e in events) == engine.tokenizer.decode(ids, skip_special_tokens=True)
+    assert events[-1].finished and events[-1].request_id == rid
+
+
+def test_bad_requests_are_refused_with_one_line(model):
+    engine = _engine(model, 1)
+    with pytest.raises(BaklavaError, match="exceeds the context of 256"):
+        engine.submit(list(range(4, 250)), SamplingParams(max_tokens=20))
+    with pytest.raises(BaklavaError, match="empty"):
+        engine.submit([], SamplingParams())
+    engine.submit([5, 6], request_id="x")
+    with pytest.raises(BaklavaError, match="already in flight"):
+        engine.submit([5, 6], request_id="x")
+
+
+def test_pool_size_from_memory():
+    per = bytes_per_sequence(CAPS, 16, torch.bfloat16)
+    assert per == 60 * 2 * 16 * 2
+    assert rows_for_memory(10 * per + per - 1, CAPS, 16, torch.bfloat16) == 10
+    with pytest.raises(BaklavaError, match="holds no sequence"):
+        rows_for_memory(per - 1, CAPS, 16, torch.bfloat16)
+    pool = SlotPool(CAPS, EVICTION, 3, head_dim=16, q_heads=4, dtype=torch.bfloat16, device="cpu")
+    assert pool.kv_bytes() == 3 * per
+
+
+def test_buckets_cover_every_row_count():
+    assert buckets(1) == [1]
+    assert buckets(6) == [1, 2, 4, 6]
+    assert buckets(8) == [1, 2, 4, 8]
+
+
+def test_engine_loop_streams_cancels_and_survives_a_broken_callback(model):
+    engine = _engine(model, 2)
+    done = {name: threading.Event() for name in ("a", "b", "bad", "long")}
+    events: dict[str, list] = {name: [] for name in done}
+    stop_long = threading.Event()
+
+    def collect(name):
+        def on_event(event):
+            events[name].append(event)
+            if event.finished:
+                done[name].set()
+
+        return on_event
+
+    def broken(event):
+        raise RuntimeError("client went away")
+
+    with EngineLoop(engine) as loop:
+        loop.submit(_prompts((30,))[0], SamplingParams(max_tokens=6, ignore_eos=True), collect("a"))
+        loop.submit(list(range(4, 300)), SamplingParams(max_tokens=4), collect("bad"))
+        loop.submit(_prompts((10,))[0], SamplingParams(max_tokens=500, ignore_eos=True), broken)
+        loop.submit(
+            _prompts((12,))[0],
+            SamplingParams(max_tokens=200, ignore_eos=True),
+            collect("long"),
+            stop_long.is_set,
+        )
+        loop.submit(_prompts((8,))[0], SamplingParams(max_tokens=5, ignore_eos=True), collect("b"))
+        assert done["a"].wait(60) and done["bad"].wait(60)
+        stop_long.set()
+        assert done["long"].wait(60) and done["b"].wait(60)
+    assert [t for e in events["a"] for t in e.token_ids] == _reference(model, _prompts((30,))[0], 6)
+    assert events["bad"][-1].error and "exceeds the context" in events["bad"][-1].error
+    assert events["long"][-1].finish_reason == "cancelled"
+    assert len([t for e in events["long"] for t in e.token_ids]) < 200
+    assert engine.running == 0  # the broken callback's request was cancelled too
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_engine_on_the_gpu_matches_itself_alone_with_graphs_and_kernels():
+    torch.manual_seed(0)
+    cfg = tiny_config(num_attention_heads=8, num_key_value_heads=2, hidden_size=512, intermediate_size=1024)
+    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    prompts = _prompts((5, 40, 17, 60, 3, 33, 90, 120))
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    alone = [_engine(model, 1).generate([p], params)[0] for p in prompts]
+    engine = _engine(model, 6, max_prefill_tokens=32)
+    assert engine.step_fn.graphed
+    together = engine.generate(prompts, params)
+    assert together == alone
+    eager = _engine(model, 6, cuda_graphs=False).generate(prompts, params)
+    assert eager == alone
