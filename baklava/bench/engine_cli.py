@@ -52,11 +52,16 @@ def _pair(ctx, param, value):
     help="Static batch of plain transformers [default: what the KV memory holds at the longest "
     "sequence; 0: skip].",
 )
+@click.option(
+    "--hf-static-requests",
+    type=click.IntRange(1),
+    help="Requests plain transformers serves in static batches [default: all].",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", type=click.Path(file_okay=False), help="Write serve.json and serve.md here.")
 def engine_bench(
     model_spec, budgets, kv_memory, n_requests, prompt_lengths, new_tokens, prefill_chunk,
-    max_prefill_tokens, hf_requests, hf_batch, seed, out,
+    max_prefill_tokens, hf_requests, hf_batch, hf_static_requests, seed, out,
 ):  # fmt: skip
     """Served tokens/s, TTFT and inter-token latency per budget at equal KV memory (GPU)."""
     import torch
@@ -85,6 +90,7 @@ def engine_bench(
         max_prefill_tokens=max_prefill_tokens,
         hf_requests=hf_requests,
         hf_batch=hf_batch,
+        hf_static_requests=hf_static_requests,
         seed=seed,
     )
     meta |= _gpu_meta()

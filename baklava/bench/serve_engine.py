@@ -275,6 +275,7 @@ def compare(
     max_prefill_tokens: int,
     hf_requests: int,
     hf_batch: int | None,
+    hf_static_requests: int | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[list[dict], dict]:
@@ -297,15 +298,11 @@ def compare(
     if context > model.config.max_position_embeddings:
         raise ValueError(f"prompts up to {lengths[1]} + {new_tokens[1]} new exceed the model's context")
     work = workload(requests, lengths, new_tokens, source, seed)
+    hf_static_requests = hf_static_requests or requests
     layers, kv_heads, _, head_dim = model_shape(model)
     token_bytes = layers * kv_heads * head_dim * 2 * 2  # K and V, bf16
     rows = []
-    model.set_attn_implementation("sdpa")  # plain transformers first, before the engine fuses layers
-    if hf_requests:
-        rows.append(_logged(run_transformers_serial(model, work[:hf_requests], progress)))
     batch = hf_batch if hf_batch is not None else max(1, kv_memory // (context * token_bytes))
-    if batch:
-        rows.append(_logged(run_transformers_static(model, work, batch, progress)))
     if lm is not None:
         with torch.inference_mode():
             scored = score(lm, progress=progress)
@@ -324,6 +321,16 @@ def compare(
         name = f"baklava engine, budget {budget}"
         rows.append(_logged(run_engine(engine, work, name, progress, budget=budget)))
         del engine
+    # plain transformers last, with transformers' own layer forward again (the fused one-token
+    # forward off everywhere; its weights are views of the originals) and sdpa
+    from baklava.runtime import fused_decode
+
+    fused_decode.fuse(model, device_types=())
+    model.set_attn_implementation("sdpa")
+    if hf_requests:
+        rows.append(_logged(run_transformers_serial(model, work[:hf_requests], progress)))
+    if batch and hf_static_requests:
+        rows.append(_logged(run_transformers_static(model, work[:hf_static_requests], batch, progress)))
     meta = {
         "model": model_spec,
         "requests": requests,
@@ -335,6 +342,7 @@ def compare(
         "max_prefill_tokens": max_prefill_tokens,
         "transformers_one_at_a_time_requests": hf_requests,
         "transformers_static_batch": batch,
+        "transformers_static_requests": min(hf_static_requests or requests, requests),
         "seed": seed,
     }
     return rows, meta
