@@ -14,7 +14,7 @@ import click
 from baklava.errors import BaklavaError
 from baklava.profiles.allocation_search import DEFAULT_FLOORS, OBJECTIVES
 from baklava.profiles.allocators import ALLOCATORS
-from baklava.profiles.budget import Budget
+from baklava.profiles.budget import Budget, BudgetError, parse_size
 from baklava.profiles.eviction import POLICIES
 from baklava.profiles.scorers import DEFAULT_SCORER, SCORERS
 
@@ -47,6 +47,24 @@ def comma_list(kind, noun: str):
             raise click.BadParameter(f"expected comma-separated {noun}, got {value!r}") from None
 
     return parse
+
+
+def parse_fractions(ctx, param, value):
+    """Comma list of budget fractions, each in (0, 1] (None when not given)."""
+    budgets = comma_list(float, "numbers")(ctx, param, value)
+    if budgets and any(not 0 < b <= 1 for b in budgets):
+        raise click.BadParameter(f"fractions in (0, 1], got {value}")
+    return budgets
+
+
+def parse_size_option(ctx, param, value):
+    """A memory size like ``16GiB`` in bytes (None when not given)."""
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except BudgetError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 def parse_floors(ctx, param, value) -> tuple[float, ...]:
@@ -182,6 +200,34 @@ def allocation_options(f):
             ),
             click.option(
                 "--floor-frac", type=click.FloatRange(0, 1), help="Fix the BaKlaVa floor (skips the search)."
+            ),
+        ],
+    )
+
+
+def engine_options(f):
+    """--device, --kv-memory, --max-batch, --prefill-chunk: where a serving instance runs and the
+    size of its engine's pool (``kv_memory`` stays the text typed: the repository records it)."""
+    return _stack(
+        f,
+        [
+            click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
+            click.option(
+                "--kv-memory",
+                help="KV memory of an instance's pool, e.g. 40GiB (rows = memory / one sequence's "
+                "budgeted cache) [default: 80% of free GPU memory on cuda].",
+            ),
+            click.option(
+                "--max-batch",
+                type=click.IntRange(1),
+                help="Sequences served at once (pool rows) [default: from --kv-memory; 8 on cpu].",
+            ),
+            click.option(
+                "--prefill-chunk",
+                default=2048,
+                show_default=True,
+                type=click.IntRange(1),
+                help="Prompt tokens per prefill call (the cache evicts after each).",
             ),
         ],
     )

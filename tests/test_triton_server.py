@@ -198,6 +198,35 @@ def _processes_mentioning(text: str) -> list[int]:
     return pids
 
 
+def test_repository_records_the_engine_pool_and_refuses_bad_settings(repo, tmp_path):
+    from baklava.errors import BaklavaError
+    from baklava.serving.triton_repo import pool_size
+
+    art = repo.parent / "artifact"
+    out = write_repository(art, tmp_path / "gpu", device="cuda:1", kv_memory="40GiB", prefill_chunk=512)
+    config = (out / "baklava" / "config.pbtxt").read_text()
+    assert "kind: KIND_GPU" in config
+    for key, value in (
+        ("device", "cuda:1"),
+        ("kv_memory", "40GiB"),
+        ("max_batch", ""),
+        ("prefill_chunk", "512"),
+    ):
+        assert f'key: "{key}" value: {{ string_value: "{value}" }}' in config
+    assert pool_size({"kv_memory": "40GiB", "max_batch": ""}, "cuda:1") == (40 * 2**30, None)
+    assert pool_size({"kv_memory": "", "max_batch": "3"}, "cpu") == (None, 3)
+    assert pool_size({}, "cpu") == (None, 8)
+    for kwargs, needle in (
+        ({"kv_memory": "lots"}, "lots"),
+        ({"kv_memory": "3"}, "not a memory size"),
+        ({"device": "gpu"}, "device must be cpu, cuda or cuda:N"),
+        ({"max_batch": 0}, "max_batch must be >= 1"),
+    ):
+        with pytest.raises(BaklavaError, match=needle):
+            write_repository(art, tmp_path / "bad", **kwargs)
+        assert not (tmp_path / "bad").exists()  # refused before anything is written
+
+
 def test_server_shuts_down_without_leftovers(repo, tmp_path):
     srv = TritonServer(repo, 0, 0, 0, log_path=tmp_path / "log").start()
     pid, pgid = srv.process.pid, os.getpgid(srv.process.pid)

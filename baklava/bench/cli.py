@@ -12,7 +12,13 @@ import click
 
 from baklava.atomic import write_text_atomic
 from baklava.cli import _log, _main
-from baklava.cli_options import calibration_options, comma_list, model_option
+from baklava.cli_options import (
+    calibration_options,
+    comma_list,
+    model_option,
+    parse_fractions,
+    parse_size_option,
+)
 from baklava.errors import BaklavaError
 
 
@@ -89,14 +95,6 @@ def decode_bench(artifacts, context, steps, chunk):
 
 
 _floats = comma_list(float, "numbers")
-
-
-def _fractions(ctx, param, value):
-    """Comma list of budget fractions, each in (0, 1]."""
-    budgets = _floats(ctx, param, value)
-    if budgets and any(not 0 < b <= 1 for b in budgets):
-        raise click.BadParameter(f"fractions in (0, 1], got {value}")
-    return budgets
 
 
 _ints = comma_list(int, "integers")
@@ -325,23 +323,11 @@ _gpu_model_option = click.option(
 )
 
 
-def _size_option(ctx, param, value):
-    from baklava.profiles.budget import Budget, BudgetError
-
-    try:
-        parsed = Budget.parse(value)
-    except BudgetError as e:
-        raise click.BadParameter(str(e)) from None
-    if parsed.kind != "bytes":
-        raise click.BadParameter(f"expected a memory size like 16GiB, got {value!r}")
-    return int(parsed.value)
-
-
 @bench.command("speed")
 @_gpu_model_option
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--context", default=16384, show_default=True, type=click.IntRange(64))
-@click.option("--budgets", default="1.0,0.3", show_default=True, callback=_fractions)
+@click.option("--budgets", default="1.0,0.3", show_default=True, callback=parse_fractions)
 @click.option(
     "--transformers/--no-transformers", default=True, show_default=True, help="Also time plain transformers."
 )
@@ -392,12 +378,12 @@ def speed_bench(model_spec, batch, context, budgets, transformers, kernel, fused
 @bench.command("memory")
 @_gpu_model_option
 @click.option("--context", default=32768, show_default=True, type=click.IntRange(64))
-@click.option("--budgets", default="1.0,0.3,0.1", show_default=True, callback=_fractions)
+@click.option("--budgets", default="1.0,0.3,0.1", show_default=True, callback=parse_fractions)
 @click.option(
     "--kv-memory",
     default="16GiB",
     show_default=True,
-    callback=_size_option,
+    callback=parse_size_option,
     help="Memory for the largest-batch search.",
 )
 @click.option(

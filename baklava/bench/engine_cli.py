@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from baklava.cli import _log
+from baklava.cli_options import parse_fractions, parse_size_option
 from baklava.errors import BaklavaError
 
 
@@ -30,8 +31,16 @@ def _pair(ctx, param, value):
     show_default=True,
     help="random-llama-3-8b (Llama-3-8B shapes, random bf16 weights), or an alias / directory / .gguf.",
 )
-@click.option("--budgets", default="1.0,0.3,0.1", show_default=True, help="Comma list of fractions.")
-@click.option("--kv-memory", default="40GiB", show_default=True, help="KV memory every system gets.")
+@click.option(
+    "--budgets", default="1.0,0.3,0.1", show_default=True, callback=parse_fractions, help="Fractions."
+)
+@click.option(
+    "--kv-memory",
+    default="40GiB",
+    show_default=True,
+    callback=parse_size_option,
+    help="KV memory every system gets.",
+)
 @click.option("--requests", "n_requests", default=256, show_default=True, type=click.IntRange(1))
 @click.option(
     "--prompt-lengths", default="1024,16384", show_default=True, callback=_pair, help="LO,HI tokens."
@@ -69,20 +78,13 @@ def engine_bench(
     from baklava.atomic import write_text_atomic
     from baklava.bench.cli import _gpu_meta
     from baklava.bench.serve_engine import compare, markdown
-    from baklava.profiles.budget import parse_size
 
     if not torch.cuda.is_available():
         raise BaklavaError("this benchmark measures the GPU path: no CUDA device here")
-    try:
-        fractions = [float(b) for b in budgets.split(",")]
-    except ValueError:
-        raise BaklavaError(f"--budgets: expected fractions like 1.0,0.3,0.1, got {budgets!r}") from None
-    if not all(0 < b <= 1 for b in fractions):
-        raise BaklavaError(f"--budgets: fractions must be in (0, 1], got {budgets!r}")
     rows, meta = compare(
         model_spec,
-        budgets=fractions,
-        kv_memory=parse_size(kv_memory),
+        budgets=list(budgets),
+        kv_memory=kv_memory,
         requests=n_requests,
         lengths=prompt_lengths,
         new_tokens=new_tokens,

@@ -126,9 +126,6 @@ class SlotPool:
         """Bytes of the pool's keys and values (measured from the tensors)."""
         return self.cache.kv_bytes()
 
-    def bytes_per_row(self) -> int:
-        return self.kv_bytes() // self.rows
-
     # ------------------------------------------------------------------ rows
     def reset_row(self, row: int) -> None:
         """Empty row ``row`` for a new sequence: no token, score or position of the last one stays."""

@@ -11,42 +11,15 @@ from pathlib import Path
 import click
 
 from baklava.cli import _log, _main
+from baklava.cli_options import engine_options
 from baklava.errors import BaklavaError
-
-
-def _engine_options(command):
-    """--device, --kv-memory, --max-batch, --prefill-chunk: where an instance runs and its pool size."""
-    for option in reversed(
-        [
-            click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
-            click.option(
-                "--kv-memory",
-                help="KV memory of an instance's pool, e.g. 40GiB (rows = memory / one sequence's "
-                "budgeted cache) [default: 80% of free GPU memory on cuda].",
-            ),
-            click.option(
-                "--max-batch",
-                type=click.IntRange(1),
-                help="Sequences served at once (pool rows) [default: from --kv-memory; 8 on cpu].",
-            ),
-            click.option(
-                "--prefill-chunk",
-                default=2048,
-                show_default=True,
-                type=click.IntRange(1),
-                help="Prompt tokens per prefill call (the cache evicts after each).",
-            ),
-        ]
-    ):
-        command = option(command)
-    return command
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("artifact", type=click.Path(file_okay=False))
 @click.option("--repo", type=click.Path(file_okay=False), required=True, help="Model repository to create.")
 @click.option("--instances", default=1, show_default=True, type=click.IntRange(1), help="Model instances.")
-@_engine_options
+@engine_options
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Apply the chat template to prompts.")
 @click.option(
     "--threads", type=click.IntRange(1), help="Torch threads per instance (default: cores / instances)."
@@ -84,7 +57,7 @@ def triton_cmd(artifact, repo, instances, device, kv_memory, max_batch, prefill_
     "--timeout", default=600, show_default=True, type=click.IntRange(1), help="Seconds to wait for ready."
 )
 @click.option("--log", "log_path", type=click.Path(dir_okay=False), help="Server log file.")
-@_engine_options
+@engine_options
 def serve_cmd(path, http_port, grpc_port, metrics_port, host, instances, timeout, log_path, **engine):
     """Serve an artifact DIR or a model REPO with a real tritonserver until Ctrl-C.
 

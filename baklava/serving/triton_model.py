@@ -64,6 +64,7 @@ class TritonPythonModel:
         from baklava.model_zoo import load_model
         from baklava.runtime.engine import Engine
         from baklava.serving.engine_loop import EngineLoop
+        from baklava.serving.triton_repo import pool_size
 
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
@@ -160,22 +161,3 @@ class TritonPythonModel:
         if getattr(self, "loop", None) is not None:
             self.loop.stop()
         self.lm = self.engine = self.loop = None
-
-
-def pool_size(params: dict, device: str) -> tuple[int | None, int | None]:
-    """``(kv_memory bytes, max_batch)`` from the repository's parameters (see the module docstring)."""
-    from baklava.profiles.budget import parse_size
-
-    kv_memory = params.get("kv_memory", "")
-    max_batch = params.get("max_batch", "")
-    kv = parse_size(kv_memory) if kv_memory else None
-    rows = int(max_batch) if max_batch else None
-    if kv is None and rows is None:
-        if device.startswith("cuda"):
-            import torch
-
-            free, _ = torch.cuda.mem_get_info(torch.device(device))
-            kv = int(0.8 * free)
-        else:
-            rows = 8
-    return kv, rows

@@ -21,6 +21,7 @@ from pathlib import Path
 from baklava.atomic import atomic_directory
 from baklava.errors import BaklavaError
 from baklava.exporter.artifact import MANIFEST_FILE, PLOT_FILE, read_artifact
+from baklava.profiles.budget import parse_size
 
 MODEL_NAME = "baklava"
 
@@ -81,8 +82,6 @@ def write_repository(
     ``kv_memory`` (a size like ``"40GiB"``) holds; neither: 8 rows on the CPU, 80% of the free GPU
     memory on CUDA.
     """
-    from baklava.profiles.budget import parse_size
-
     art = read_artifact(artifact_dir)  # verifies manifest, profile checksum and sha256
     if instances < 1:
         raise BaklavaError("instances must be >= 1")
@@ -128,3 +127,22 @@ def is_repository(path: str | os.PathLike) -> bool:
 
 def is_artifact(path: str | os.PathLike) -> bool:
     return (Path(path) / MANIFEST_FILE).is_file()
+
+
+def pool_size(params: dict, device: str) -> tuple[int | None, int | None]:
+    """``(kv_memory bytes, max_batch)`` of an instance's engine pool from the parameters written above:
+    ``max_batch`` rows, or as many as ``kv_memory`` holds; neither: 8 rows on the CPU, 80% of the
+    GPU memory free after loading the model on CUDA."""
+    kv_memory = params.get("kv_memory", "")
+    max_batch = params.get("max_batch", "")
+    kv = parse_size(kv_memory) if kv_memory else None
+    rows = int(max_batch) if max_batch else None
+    if kv is None and rows is None:
+        if device.startswith("cuda"):
+            import torch
+
+            free, _ = torch.cuda.mem_get_info(torch.device(device))
+            kv = int(0.8 * free)
+        else:
+            rows = 8
+    return kv, rows
