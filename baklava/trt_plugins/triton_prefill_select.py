@@ -75,7 +75,26 @@ def _count_at_least(
     return count
 
 
-@triton.jit
+# Arguments that differ from call to call in a batching engine: a row of a slot pool starts at
+# row x sum(cap) elements (so its positions / scores / fill pointers are 16-byte aligned or not by
+# the row's parity), each layer has its own sum(cap) (the row strides), and a prompt's last chunk
+# has any length. Specialising on them compiled a new variant for most combinations: on an H200 a
+# budget-0.3 engine run spent 51 s in prefill against 11 s at budget 1.0 (all rows aligned), over
+# 200 new files in Triton's cache. The kernels load these one element at a time, so the hints buy
+# nothing here.
+_PER_CALL_INTS = [
+    "stride_pb",
+    "stride_sb",
+    "stride_npb",
+    "stride_nsb",
+    "stride_nsh",
+    "stride_nvb",
+    "stride_kb",
+]
+_ROW_POINTERS = ["POS", "SCORE", "FILL"]
+
+
+@triton.jit(do_not_specialize=[*_PER_CALL_INTS, "S"], do_not_specialize_on_alignment=_ROW_POINTERS)
 def _select_kernel(
     POS, SCORE, FILL, NEW_POS, NEW_SCORE, NEW_VALID, SEEN_AFTER, CAPS, OFFSETS, KEEP, NEW_FILL,
     stride_pb, stride_sb, stride_fb,
@@ -141,7 +160,10 @@ def _select_kernel(
     tl.store(NEW_FILL + b * stride_nfb + h, k.to(NEW_FILL.dtype.element_ty))
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=["stride_pb", "stride_sb", "stride_npb", "stride_nsb", "stride_nsh", "stride_keb"],
+    do_not_specialize_on_alignment=["POS", "SCORE"],
+)
 def _gather_kernel(
     K, V, POS, SCORE, KN, VN, NEW_POS, NEW_SCORE, KEEP, NEW_FILL, CAPS, OFFSETS,
     K_OUT, V_OUT, POS_OUT, SCORE_OUT,
