@@ -178,6 +178,18 @@ def test_malformed_requests_get_errors_and_the_server_keeps_serving(server, body
     assert code == 200 and ok["text_output"]
 
 
+def test_a_short_soak_of_mixed_requests_fails_nothing_and_leaks_no_row(server):
+    from baklava.bench.soak import soak
+
+    # the repository's instances serve 8 rows each (the CPU default): 8 concurrent requests after
+    # the soak succeed only if abandoned and refused requests gave their rows back
+    result = soak(f"http://{server.http_url}", duration_s=12, clients=4, max_tokens=4, rows=8, seed=1)
+    assert result["failures"] == 0, result["failure_reasons"]
+    assert set(result["requests"]) == {"valid", "malformed", "abandoned"}
+    assert result["after_soak_rows_ok"] == 8
+    assert server.is_ready()
+
+
 def test_wrong_dtype_over_grpc(server):
     inputs = text_inputs(PROMPTS[0])
     inputs["max_tokens"] = (np.array([4.0], dtype=np.float32), "FP32")

@@ -1,5 +1,7 @@
-"""``baklava-bench engine``: served throughput per budget at equal KV memory (the batching engine
-in process) against plain transformers, on one GPU in one run (:mod:`baklava.bench.serve_engine`)."""
+"""Serving benchmarks: ``baklava-bench engine`` (served throughput per budget at equal KV memory,
+the batching engine in process against plain transformers, one GPU, one run:
+:mod:`baklava.bench.serve_engine`) and ``baklava-bench soak`` (a real tritonserver under valid,
+malformed and abandoned requests for a set time: :mod:`baklava.bench.soak`)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from pathlib import Path
 import click
 
 from baklava.cli import _log
-from baklava.cli_options import parse_fractions, parse_size_option
+from baklava.cli_options import engine_options, parse_fractions, parse_size_option
 from baklava.errors import BaklavaError
 
 
@@ -103,3 +105,57 @@ def engine_bench(
         write_text_atomic(Path(out) / "serve.json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
         write_text_atomic(Path(out) / "serve.md", table)
         _log(f"wrote {out}/serve.json and serve.md")
+
+
+@click.command("soak")
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("--duration", default=600, show_default=True, type=click.IntRange(1), help="Seconds.")
+@click.option("--clients", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--max-tokens", default=16, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--malformed", default=0.2, show_default=True, type=click.FloatRange(0, 1), help="Share.")
+@click.option("--abandoned", default=0.1, show_default=True, type=click.FloatRange(0, 1), help="Share.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the summary as JSON.")
+@engine_options
+def soak_bench(artifact, duration, clients, max_tokens, malformed, abandoned, seed, out, **engine):
+    """Serve ARTIFACT with a real tritonserver and soak it; exit 1 on any failed request."""
+    import os
+    import platform
+    import tempfile
+    from datetime import date
+
+    from baklava.atomic import write_text_atomic
+    from baklava.bench.soak import soak
+    from baklava.serving.server import TritonServer
+    from baklava.serving.triton_repo import write_repository
+
+    if malformed + abandoned > 1:
+        raise BaklavaError("--malformed + --abandoned must be at most 1")
+    rows = engine["max_batch"] or 8
+    repo = write_repository(
+        artifact, Path(tempfile.mkdtemp(prefix="baklava-soak-")) / "repo", **engine | {"max_batch": rows}
+    )
+    log = Path(tempfile.gettempdir()) / "baklava-soak-tritonserver.log"
+    with TritonServer(repo, 0, 0, 0, log_path=log).start() as server:
+        _log(f"tritonserver ready at http://{server.http_url} ({rows} rows; log {log}); soaking {duration} s")
+        summary = soak(
+            f"http://{server.http_url}",
+            duration_s=duration,
+            clients=clients,
+            max_tokens=max_tokens,
+            malformed_share=malformed,
+            abandoned_share=abandoned,
+            rows=rows,
+            seed=seed,
+        )
+        summary["ready_after"] = server.is_ready()
+    summary |= {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "date": date.today().isoformat(),
+        "device": engine["device"],
+    }
+    click.echo(json.dumps(summary, indent=1))
+    if out:
+        write_text_atomic(out, json.dumps(summary, indent=1) + "\n")
+    if summary["failures"] or not summary["ready_after"] or summary["after_soak_rows_ok"] < rows:
+        raise SystemExit(1)
