@@ -224,7 +224,7 @@ def engine_options(f):
             ),
             click.option(
                 "--prefill-chunk",
-                default=2048,
+                default=8192,
                 show_default=True,
                 type=click.IntRange(1),
                 help="Prompt tokens per prefill call (the cache evicts after each).",

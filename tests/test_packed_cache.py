@@ -8,6 +8,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from baklava.profiles.eviction import EvictionConfig
 from baklava.runtime import BudgetedCache, decode_one_token, enable, prefill
+from baklava.runtime.cache_keyword import forward_cache, generate_cache
 
 FULL = [[256, 256], [256, 256]]
 
@@ -27,7 +28,7 @@ def test_full_budget_generates_exactly_like_dynamic_cache(tiny_llama):
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
     ref = tiny_llama.generate(**kw)
     enable(tiny_llama)
-    out = tiny_llama.generate(**kw, past_key_values=BudgetedCache(FULL))
+    out = tiny_llama.generate(**kw, **generate_cache(tiny_llama, BudgetedCache(FULL)))
     assert torch.equal(ref, out)
 
 
@@ -65,7 +66,7 @@ def test_allocated_bytes_equal_sum_of_capacities(tiny_llama, batch):
     tiny_llama.generate(
         input_ids=ids,
         attention_mask=mask,
-        past_key_values=cache,
+        **generate_cache(tiny_llama, cache),
         max_new_tokens=10,
         do_sample=False,
         pad_token_id=0,
@@ -186,7 +187,7 @@ def test_batch_rows_do_not_leak_into_each_other(tiny_llama):
     for p in prompts:
         out = tiny_llama.generate(
             input_ids=p,
-            past_key_values=BudgetedCache(caps),
+            **generate_cache(tiny_llama, BudgetedCache(caps)),
             max_new_tokens=12,
             min_new_tokens=12,
             do_sample=False,
@@ -201,7 +202,7 @@ def test_batch_rows_do_not_leak_into_each_other(tiny_llama):
     out = tiny_llama.generate(
         input_ids=ids,
         attention_mask=mask,
-        past_key_values=BudgetedCache(caps),
+        **generate_cache(tiny_llama, BudgetedCache(caps)),
         max_new_tokens=12,
         min_new_tokens=12,
         do_sample=False,
@@ -333,13 +334,13 @@ def test_chunked_prefill_bounds_the_attended_keys_by_budget_plus_chunk(tiny_llam
     torch.testing.assert_close(chunked, one_pass, rtol=0, atol=1e-5)  # nothing evicted: exact attention
 
     seen_keys = []
-    real = prefill_attention.sdpa_in_query_blocks
+    real = prefill_attention.causal_attention
 
-    def spy(q, k, v, bias, scale):
+    def spy(q, k, v, past, scale):
         seen_keys.append(k.shape[2])
-        return real(q, k, v, bias, scale)
+        return real(q, k, v, past, scale)
 
-    monkeypatch.setattr(prefill_attention, "sdpa_in_query_blocks", spy)
+    monkeypatch.setattr(prefill_attention, "causal_attention", spy)
     caps = [[12, 20], [8, 24]]
     prefill(tiny_llama, BudgetedCache(caps), ids, chunk=16)
     assert max(seen_keys) <= 24 + 16  # the largest head's capacity plus one chunk
@@ -374,3 +375,122 @@ def test_query_blocks_give_the_same_prefill(tiny_llama, monkeypatch):
     torch.testing.assert_close(s1, s2)
     for a, b in zip(c1.layers, c2.layers, strict=True):
         assert torch.equal(a.positions, b.positions) and torch.equal(a.fill, b.fill)
+
+
+@pytest.mark.parametrize("policy", ["h2o", "ring"])
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_unpadded_prefill_matches_the_biased_per_head_path(policy, chunk, monkeypatch):
+    """Chunks without padding skip the bias (SDPA's causal kernels, one call per layer for the first
+    chunk, SnapKV masses from the observation window alone): same logits, same kept tokens, same
+    scores as the per-head biased path, with heads evicting in the middle of the prompt."""
+    from transformers import LlamaForCausalLM
+
+    from baklava.runtime import prefill_attention
+    from baklava.runtime.packed_cache import BudgetedLayer
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config(num_attention_heads=8, num_key_value_heads=4)).eval()  # GQA 2
+    ev = EvictionConfig(sink=2, window=3, policy=policy, obs_window=4, pool_kernel=3)
+    caps = [[1, 7, 12, 30], [9, 3, 16, 5]]
+    ids = torch.randint(3, 96, (2, 25), generator=torch.Generator().manual_seed(5))
+    calls = []
+    real = prefill_attention.unpadded_chunk
+    monkeypatch.setattr(prefill_attention, "unpadded_chunk", lambda *a: calls.append(1) or real(*a))
+    runs = {}
+    for fast in (False, True):
+        monkeypatch.setattr(BudgetedLayer, "unpadded_prefill", fast)
+        cache = BudgetedCache(caps, ev)
+        with torch.inference_mode():
+            logits = prefill(model, cache, ids, chunk=chunk)
+            after = decode_one_token(model, cache, logits.argmax(-1, keepdim=True))
+        runs[fast] = (cache, logits, after)
+    assert len(calls) == 2 * (1 if chunk is None else 4)  # the fast run took it, every layer and chunk
+    (ref, ref_logits, ref_after), (got, got_logits, got_after) = runs[False], runs[True]
+    torch.testing.assert_close(got_logits, ref_logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_after, ref_after, rtol=0, atol=1e-5)
+    assert torch.equal(got.fill_levels(), ref.fill_levels())
+    for a, b in zip(got.layers, ref.layers, strict=True):
+        assert torch.equal(a.positions, b.positions) and torch.equal(a.valid_seen, b.valid_seen)
+        torch.testing.assert_close(a.keys, b.keys, rtol=0, atol=1e-5)
+        torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-5)
+    assert int(ref.layers[0].fill[0, 0]) == 1 < 25  # heads evicted during the prefill
+
+
+def test_padded_prompts_keep_the_biased_path(tiny_llama, monkeypatch):
+    """Any padding token means an explicit mask and the per-row biased path."""
+    from baklava.runtime import prefill_attention
+
+    calls = []
+    real = prefill_attention.unpadded_chunk
+    monkeypatch.setattr(prefill_attention, "unpadded_chunk", lambda *a: calls.append(1) or real(*a))
+    enable(tiny_llama)
+    ids, mask = ids_and_mask(pad=3)
+    with torch.inference_mode():
+        tiny_llama(input_ids=ids, attention_mask=mask, past_key_values=BudgetedCache([[5, 9], [16, 2]]))
+        assert calls == []
+        tiny_llama(input_ids=ids, attention_mask=torch.ones_like(mask), past_key_values=BudgetedCache(FULL))
+    assert len(calls) == 2  # an all-ones mask is no padding: both layers took the fast path
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_unpadded_prefill_on_the_gpu_matches_the_biased_path(chunk, monkeypatch):
+    """bf16 on CUDA: flash (first chunk) and bottom-right causal SDPA (later chunks) + the Triton
+    commit against the per-head biased path; rounding may flip a near-tie, so kept positions are
+    compared as a share."""
+    from transformers import LlamaForCausalLM
+
+    from baklava.runtime.packed_cache import BudgetedLayer
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    cfg = tiny_config(
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        hidden_size=512,
+        head_dim=64,
+        max_position_embeddings=512,
+    )
+    model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    ids = torch.randint(3, 96, (1, 300), generator=torch.Generator().manual_seed(5)).cuda()
+    caps = [[40, 200]] * cfg.num_hidden_layers
+    runs = {}
+    for fast in (False, True):
+        monkeypatch.setattr(BudgetedLayer, "unpadded_prefill", fast)
+        cache = BudgetedCache(caps)
+        with torch.inference_mode():
+            runs[fast] = (prefill(model, cache, ids, chunk=chunk).float(), cache)
+    (ref, ref_cache), (got, got_cache) = runs[False], runs[True]
+    torch.testing.assert_close(got, ref, rtol=0.05, atol=0.05)
+    assert torch.equal(got_cache.fill_levels(), ref_cache.fill_levels())
+    same = sum(
+        int((a.positions == b.positions).sum())
+        for a, b in zip(got_cache.layers, ref_cache.layers, strict=True)
+    )
+    assert same / sum(a.positions.numel() for a in ref_cache.layers) > 0.95
+
+
+def test_the_cache_goes_in_under_the_keyword_this_transformers_wants(tiny_llama):
+    """``cache=`` where transformers renamed ``past_key_values=`` (5.2x: forward and generate), the
+    old name where it did not (5.17): either way no deprecation warning, and the cache is used."""
+    import warnings
+
+    enable(tiny_llama)
+    ids = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(1))
+    cache, stepped = BudgetedCache([[3, 5], [4, 2]]), BudgetedCache([[3, 5], [4, 2]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        tiny_llama.generate(
+            input_ids=ids,
+            max_new_tokens=4,
+            do_sample=False,
+            pad_token_id=0,
+            **generate_cache(tiny_llama, cache),
+        )
+        with torch.no_grad():
+            tiny_llama(input_ids=ids, **forward_cache(tiny_llama, stepped))
+    assert int(cache.layers[0].valid_seen[0]) == 12 + 3  # the prompt and three fed-back tokens went in
+    assert int(stepped.layers[0].valid_seen[0]) == 12
+    assert cache.fill_levels().tolist() == [[[3, 5]], [[4, 2]]]  # and it evicted down to the capacities

@@ -54,7 +54,7 @@ def test_weight_bytes_read_skip_an_untied_embedding(tiny_llama):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
-@pytest.mark.parametrize("command", ["speed", "memory"])
+@pytest.mark.parametrize("command", ["speed", "memory", "prefill"])
 def test_gpu_benchmarks_say_they_need_a_gpu(command, tmp_path):
     out = tmp_path / "r.json"
     result = CliRunner().invoke(
@@ -71,6 +71,7 @@ def test_bad_sizes_and_budgets_are_one_line_errors(tmp_path):
         ["memory", "--kv-memory", "3x"],
         ["memory", "--kv-memory", "0.3"],
         ["speed", "--budgets", "0.3,2"],
+        ["prefill", "--chunks", "none,many"],
     ):
         with pytest.raises(SystemExit) as exit_info:
             bench_main(args)

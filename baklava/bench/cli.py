@@ -441,7 +441,8 @@ def _check_out(out: str) -> None:
 bench_main = _main(bench, "baklava-bench")
 
 
-from baklava.bench.serve_cli import engine_bench, soak_bench  # noqa: E402 - registered on the group above
+from baklava.bench.serve_cli import engine_bench, prefill_bench, soak_bench  # noqa: E402 - registered on the group above
 
 bench.add_command(engine_bench)
 bench.add_command(soak_bench)
+bench.add_command(prefill_bench)

@@ -21,6 +21,7 @@ import torch
 
 from baklava.profiles.eviction import EvictionConfig
 from baklava.runtime import fused_decode
+from baklava.runtime.cache_keyword import forward_cache
 from baklava.runtime.cuda_graph import DecodeGraph
 from baklava.runtime.packed_cache import BudgetedCache
 from baklava.runtime.packed_decode import SlotMap
@@ -183,8 +184,8 @@ def transformers_step(model, *, batch: int, context: int, iters: int = 10) -> di
         cache.update(k, torch.randn_like(k), i)
     token = torch.zeros(batch, 1, dtype=torch.long, device=param.device)
     try:
-        model(input_ids=token, past_key_values=cache)  # warm-up
-        ms = median_ms(lambda: model(input_ids=token, past_key_values=cache), iters)
+        model(input_ids=token, **forward_cache(model, cache))  # warm-up
+        ms = median_ms(lambda: model(input_ids=token, **forward_cache(model, cache)), iters)
     finally:
         model.set_attn_implementation(implementation)
     kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))

@@ -13,6 +13,7 @@ import torch
 
 from baklava.bench.gpu_decode import model_shape
 from baklava.profiles.eviction import EvictionConfig
+from baklava.runtime.cache_keyword import forward_cache
 from baklava.runtime.generate import prefill
 from baklava.runtime.packed_cache import BudgetedCache
 
@@ -92,7 +93,7 @@ def prefill_peak(model, *, context: int, capacities=None, chunk: int | None = No
         model.set_attn_implementation("sdpa")
         try:
             cache = DynamicCache()
-            model(input_ids=ids, past_key_values=cache, logits_to_keep=1)
+            model(input_ids=ids, **forward_cache(model, cache), logits_to_keep=1)
         finally:
             model.set_attn_implementation(implementation)
         kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))

@@ -25,14 +25,17 @@ def _pair(ctx, param, value):
     return lo, hi
 
 
-@click.command("engine")
-@click.option(
+_model_option = click.option(
     "--model",
     "model_spec",
     default="random-llama-3-8b",
     show_default=True,
     help="random-llama-3-8b (Llama-3-8B shapes, random bf16 weights), or an alias / directory / .gguf.",
 )
+
+
+@click.command("engine")
+@_model_option
 @click.option(
     "--budgets", default="1.0,0.3,0.1", show_default=True, callback=parse_fractions, help="Fractions."
 )
@@ -48,8 +51,8 @@ def _pair(ctx, param, value):
     "--prompt-lengths", default="1024,16384", show_default=True, callback=_pair, help="LO,HI tokens."
 )
 @click.option("--new-tokens", default="128,256", show_default=True, callback=_pair, help="LO,HI tokens.")
-@click.option("--prefill-chunk", default=2048, show_default=True, type=click.IntRange(1))
-@click.option("--max-prefill-tokens", default=8192, show_default=True, type=click.IntRange(1))
+@click.option("--prefill-chunk", default=8192, show_default=True, type=click.IntRange(1))
+@click.option("--max-prefill-tokens", default=16384, show_default=True, type=click.IntRange(1))
 @click.option(
     "--hf-requests",
     default=8,
@@ -159,3 +162,46 @@ def soak_bench(artifact, duration, clients, max_tokens, malformed, abandoned, se
         write_text_atomic(out, json.dumps(summary, indent=1) + "\n")
     if summary["failures"] or not summary["ready_after"] or summary["after_soak_rows_ok"] < rows:
         raise SystemExit(1)
+
+
+def _chunks(ctx, param, value):
+    try:
+        return [None if c.strip() in ("0", "none") else int(c) for c in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected sizes like 'none,512,2048', got {value!r}") from None
+
+
+@click.command("prefill")
+@_model_option
+@click.option("--contexts", default="8192,32768", show_default=True, help="Prompt lengths, comma-separated.")
+@click.option("--budgets", default="1.0,0.3,0.1", show_default=True, callback=parse_fractions)
+@click.option("--chunks", default="none,2048", show_default=True, callback=_chunks, help="'none' = one pass.")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1))
+@click.option("--out", type=click.Path(file_okay=False), help="Write prefill.json and prefill.md here.")
+def prefill_bench(model_spec, contexts, budgets, chunks, repeats, out):
+    """Time to first token of the budgeted prefill against transformers sdpa (GPU)."""
+    from baklava.atomic import write_text_atomic
+    from baklava.bench.cli import _gpu_meta, _gpu_model
+    from baklava.bench.prefill_speed import markdown, prefill_speed
+
+    try:
+        lengths = [int(c) for c in contexts.split(",")]
+    except ValueError:
+        raise BaklavaError(f"--contexts: expected integers like 8192,32768, got {contexts!r}") from None
+    model = _gpu_model(model_spec)
+    if max(lengths) > model.config.max_position_embeddings:
+        raise BaklavaError(f"--contexts exceed the model's {model.config.max_position_embeddings} positions")
+    rows = prefill_speed(
+        model, contexts=lengths, budgets=list(budgets), chunks=chunks, repeats=repeats,
+        progress=lambda row: click.echo(json.dumps(row), err=True),
+    )  # fmt: skip
+    meta = _gpu_meta() | {"model": model_spec, "repeats": repeats}
+    table = markdown(rows, meta)
+    click.echo(table)
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_text_atomic(
+            Path(out) / "prefill.json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n"
+        )
+        write_text_atomic(Path(out) / "prefill.md", table)
+        _log(f"wrote {out}/prefill.json and prefill.md")

@@ -137,6 +137,8 @@ def run_engine(engine: Engine, work: list[Work], name: str, progress: bool = Tru
         slots_per_sequence=int(engine.pool.cache.capacities.sum()),
         mean_rows_busy=round(float(np.mean(rows_busy)), 1) if rows_busy else 0,
         capture_s=round(capture_s, 2),
+        prefill_s=round(engine.phase_seconds["prefill"], 2),
+        decode_s=round(engine.phase_seconds["decode"], 2),
         **extra,
     )
 

@@ -43,6 +43,7 @@ from baklava.profiles.allocators import BaklavaAllocator, UniformAllocator
 from baklava.profiles.allocators.base import Allocator
 from baklava.profiles.eviction import EvictionConfig
 from baklava.profiles.head_scores import HeadScores
+from baklava.runtime.cache_keyword import forward_cache
 
 DEFAULT_SHARPNESS = (0.5, 1.0, 2.0)
 DEFAULT_FLOORS = (0.5,)
@@ -76,8 +77,10 @@ def heldout_nll(
     fed = torch.cat([prompt, target])[None]
     caps = capacities if capacities is not None else np.full(_shape(model), ctx.numel() + fed.shape[1])
     cache = BudgetedCache(caps, eviction)
-    last = model(input_ids=ctx[None], past_key_values=cache, logits_to_keep=1).logits  # [1, 1, V]
-    logits = model(input_ids=fed, past_key_values=cache).logits[:, :-1]  # logits[i] predicts fed[i + 1]
+    last = model(input_ids=ctx[None], **forward_cache(model, cache), logits_to_keep=1).logits  # [1, 1, V]
+    logits = model(input_ids=fed, **forward_cache(model, cache)).logits[
+        :, :-1
+    ]  # logits[i] predicts fed[i + 1]
     if prompt.numel():
         logits = logits[:, prompt.numel() - 1 :]  # from the instruction's last token: the target
     else:

@@ -38,12 +38,17 @@ def baklava_attention(
 
 
 def baklava_mask(*, q_length: int, attention_mask: torch.Tensor | None = None, **kwargs):
-    """transformers' eager mask, except none for one new token without padding (a decode step).
+    """transformers' eager mask, except none where no token is padding.
 
-    The packed cache masks its stored slots by fill level, so such a step needs no mask; building
-    one would copy a host scalar to the device, which a CUDA graph cannot capture.
+    The packed cache masks its stored slots by fill level, so a step without padding needs no
+    mask: a decode step must not build one (it would copy a host scalar to the device, which a
+    CUDA graph cannot capture), and a prefill chunk without one runs SDPA's causal kernels
+    (:func:`baklava.runtime.prefill_attention.unpadded_chunk`) instead of a biased loop per head.
     """
-    if q_length == 1 and attention_mask is None:
+    if attention_mask is None:
+        return None
+    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+    if q_length > 1 and not tracing and bool(attention_mask.all()):
         return None
     return eager_mask(q_length=q_length, attention_mask=attention_mask, **kwargs)
 

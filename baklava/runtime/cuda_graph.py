@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from baklava.runtime.cache_keyword import forward_cache
 from baklava.runtime.packed_cache import BudgetedCache
 from baklava.runtime.triton_decode import UpdateStream
 
@@ -61,7 +62,9 @@ class DecodeGraph:
         updates = UpdateStream(first.device) if overlap_updates else None
 
         def step() -> None:
-            logits = model(input_ids=token, position_ids=position, past_key_values=cache).logits[:, -1]
+            logits = model(input_ids=token, position_ids=position, **forward_cache(model, cache)).logits[
+                :, -1
+            ]
             if updates is not None:
                 updates.join()
             nxt = logits.argmax(-1, keepdim=True)  # [B, 1]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from baklava.runtime.cache_keyword import forward_cache
 from baklava.runtime.slot_pool import SlotPool
 
 
@@ -71,7 +72,7 @@ class DecodeStep:
             layer.update_stream = updates
         try:
             out = self.model(
-                input_ids=self.tokens[:n], position_ids=self.position[:n], past_key_values=view
+                input_ids=self.tokens[:n], position_ids=self.position[:n], **forward_cache(self.model, view)
             ).logits[:, -1]  # [n, V]
             if updates is not None:
                 updates.join()

@@ -2,7 +2,7 @@
 
 Two entry points that read top to bottom:
 
-* :func:`generate` - ``model.generate(past_key_values=BudgetedCache)`` for a batch of prompts;
+* :func:`generate` - ``model.generate(cache=BudgetedCache)`` for a batch of prompts;
 * :func:`prefill` / :func:`decode_one_token` - the same thing step by step, returning logits.
 """
 
@@ -14,6 +14,7 @@ import torch
 
 from baklava.errors import BaklavaError
 from baklava.runtime.attention import enable
+from baklava.runtime.cache_keyword import forward_cache, generate_cache
 from baklava.runtime.packed_cache import BudgetedCache
 
 
@@ -79,7 +80,7 @@ def generate(
     else:
         out = model.generate(
             **batch,
-            past_key_values=cache,
+            **generate_cache(model, cache),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             temperature=None,
@@ -110,7 +111,11 @@ def _greedy_cuda_graph(model, cache, ids, mask, steps: int) -> torch.Tensor:
 
     positions = positions_from_mask(mask)
     logits = model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, logits_to_keep=1
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        **forward_cache(model, cache),
+        logits_to_keep=1,
     ).logits[:, -1]
     return greedy_cuda_graph(model, cache, logits.argmax(-1), steps)
 
@@ -132,7 +137,7 @@ def prefill(
     step = chunk or input_ids.shape[1]
     for start in range(0, input_ids.shape[1], step):
         logits = model(
-            input_ids=input_ids[:, start : start + step], past_key_values=cache, logits_to_keep=1
+            input_ids=input_ids[:, start : start + step], **forward_cache(model, cache), logits_to_keep=1
         ).logits
     return logits[:, -1]
 
@@ -140,4 +145,4 @@ def prefill(
 @torch.inference_mode()
 def decode_one_token(model, cache: BudgetedCache, token: torch.Tensor) -> torch.Tensor:
     """Feed one token per row ``[B, 1]``; returns next-token logits ``[B, V]``."""
-    return model(input_ids=token, past_key_values=cache).logits[:, -1]
+    return model(input_ids=token, **forward_cache(model, cache)).logits[:, -1]

@@ -17,8 +17,9 @@ One model step runs in two halves, because eviction needs the step's attention:
    attends each query group over its head's live slots plus the new tokens, then commits the new
    tokens into the head's slots, evicting by :mod:`baklava.runtime.selection` when it is full.
 
-It plugs into ``model.generate(past_key_values=cache)`` for Llama / Qwen2 / Mistral models once
-the model uses ``attn_implementation="baklava"`` (:func:`baklava.runtime.attention.enable`).
+It plugs into ``model.generate(cache=cache)`` (``past_key_values=`` before transformers 5.2x) for
+Llama / Qwen2 / Mistral models once the model uses ``attn_implementation="baklava"``
+(:func:`baklava.runtime.attention.enable`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ class BudgetedLayer(CacheLayerMixin):
     # one-token steps with the Triton kernels (triton_decode.py): "auto" = on CUDA where Triton
     # imports; "triton" also elsewhere (the tests run them in TRITON_INTERPRET mode); "torch" never
     decode_kernels = "auto"
+    # prefill chunks without padding through SDPA's causal kernels (prefill_attention.unpadded_chunk);
+    # False: the per-head biased path every chunk (the reference the fast one is tested against)
+    unpadded_prefill = True
     is_compileable = False
     is_croppable = False
     supports_early_init = True
@@ -255,15 +259,24 @@ class BudgetedLayer(CacheLayerMixin):
             out = step(self, query, k_new, v_new, valid, scaling)  # advances valid_seen
             self.seen += 1
             return out.transpose(1, 2).contiguous(), None
+        need_scores = self.eviction.policy == "h2o"
+        obs = min(q_len, self.eviction.obs_window)
+        kernels = self._use_kernels()
+        if attention_mask is None and self.probe is None and self.unpadded_prefill:
+            fast = prefill_attention.unpadded_chunk(self, query, k_new, v_new, scaling, obs * need_scores)
+            if fast is not None:
+                out, masses = fast
+                valid_new = torch.ones(batch, q_len, dtype=torch.bool, device=self.device)
+                self._commit(k_new, v_new, valid_new, masses, kernels)
+                return out.transpose(1, 2).contiguous(), None
+
         new_bias = new_token_bias(attention_mask, batch, q_len, query)  # [B, 1, q, q]
         valid_new = torch.diagonal(new_bias[:, 0], dim1=-2, dim2=-1) == 0  # [B, q] False for padding
         if self.probe is not None:  # reading without storing (runtime/reconstruction.py)
             return self.probe.attend(self, query, k_new, v_new, new_bias, valid_new, scaling), None
-        need_scores = self.eviction.policy == "h2o"
-        obs = min(q_len, self.eviction.obs_window)
 
         out = query.new_empty(batch, q_heads, q_len, v_new.shape[-1])  # [B, H_q, q, D]
-        kernels, masses = self._use_kernels(), []
+        masses = []
         for h in range(self.num_heads):
             n, qh, k_g, v_g, bias = self.head_inputs(h, query, k_new, v_new, new_bias)
             out[:, h * group : (h + 1) * group] = prefill_attention.sdpa_in_query_blocks(
@@ -277,16 +290,19 @@ class BudgetedLayer(CacheLayerMixin):
                 )  # [B, g, obs, n + q]
                 q_ok = valid_new[:, -obs:].to(probs.dtype)[:, None, :, None]
                 mass = (probs * q_ok).sum(2).mean(1)
-            if kernels:  # heads are independent: commit them all at once below
-                masses.append((n, mass))
-            else:
-                self._commit_head(h, n, k_new[:, h], v_new[:, h], valid_new, mass)
-        if kernels:
-            self._commit_chunk(k_new, v_new, valid_new, masses)
-
-        self.valid_seen += valid_new.sum(1)
-        self.seen += q_len
+            masses.append((n, mass))
+        self._commit(k_new, v_new, valid_new, masses, kernels)
         return out.transpose(1, 2).contiguous(), None
+
+    def _commit(self, k_new, v_new, valid, masses, kernels: bool) -> None:
+        """Store a prefill chunk ``[B, H_kv, q, D]`` (``masses``: each head's ``(n, mass)``)."""
+        if kernels:  # heads are independent: all of them in two launches
+            self._commit_chunk(k_new, v_new, valid, masses)
+        else:
+            for h, (n, mass) in enumerate(masses):
+                self._commit_head(h, n, k_new[:, h], v_new[:, h], valid, mass)
+        self.valid_seen += valid.sum(1)
+        self.seen += k_new.shape[2]
 
     def head_inputs(self, h: int, query, k_new, v_new, new_bias):
         """What head ``h``'s query group attends over in a prefill chunk: ``(n, q, k, v, bias)`` with
@@ -412,7 +428,7 @@ class BudgetedCache(Cache):
     Examples
     --------
     >>> cache = BudgetedCache.from_profile(profile)                     # doctest: +SKIP
-    >>> model.generate(**inputs, past_key_values=cache, max_new_tokens=32)  # doctest: +SKIP
+    >>> model.generate(**inputs, cache=cache, max_new_tokens=32)  # doctest: +SKIP
     """
 
     def __init__(self, capacities, eviction: EvictionConfig | None = None):

@@ -1,4 +1,7 @@
-"""Attention bias of a prefill chunk over a head's ``[stored slots | new tokens]``, in query blocks.
+"""Prefill attention of a chunk over a head's ``[stored slots | new tokens]``.
+
+Chunks without padding take :func:`unpadded_chunk` (SDPA's causal kernels, no bias); padded
+batches build each head's bias, in query blocks.
 
 :meth:`baklava.runtime.packed_cache.BudgetedLayer.attend` runs SDPA per KV head for prefill
 chunks; these helpers keep its memory bounded for long prompts: queries go ``QUERY_BLOCK`` at a
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 QUERY_BLOCK = 2048  # long prefills attend in blocks of queries: the math kernel's memory stays bounded
 
@@ -57,3 +61,65 @@ def new_token_bias(mask: torch.Tensor | None, batch: int, q_len: int, like: torc
         mask = bias
     mask = mask[..., -q_len:].to(like.dtype)
     return mask.expand(batch, 1, q_len, q_len)
+
+
+# ---------------------------------------------------------------------- chunks without padding
+# A chunk whose rows have no padding (the engine's prefill, baklava-run with one prompt, every
+# chunk of an unpadded batch) needs no bias at all: each query sees every stored slot and the new
+# tokens up to itself, i.e. causal attention aligned to the bottom right. SDPA runs that on its
+# flash kernel; the first chunk (nothing stored) is one call for every head of the layer.
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, scale) -> torch.Tensor:
+    """``q [B, Hq, s, D]`` over ``k, v [B, H, past + s, D]`` (``Hq`` a multiple of ``H``): the
+    ``past`` stored keys are all visible, the ``s`` new ones causally. Returns ``[B, Hq, s, D]``."""
+    if past == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    group = q.shape[1] // k.shape[1]
+    if group > 1:  # the bottom-right causal bias takes no GQA: every query head gets its keys
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    bias = causal_lower_right(q.shape[2], k.shape[2])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
+def observation_mass(q: torch.Tensor, k: torch.Tensor, past: int, obs: int, scale) -> torch.Tensor:
+    """SnapKV's scores of an unpadded chunk: the attention the last ``obs`` queries of
+    ``q [B, Hq, s, D]`` pay to each key of ``k [B, H, past + s, D]``, summed over those queries
+    and averaged over each head's query group. Returns ``[B, H, past + s]`` float32."""
+    batch, q_heads, s, dim = q.shape
+    heads, keys = k.shape[1], k.shape[2]
+    group = q_heads // heads
+    window = q[:, :, s - obs :].float().reshape(batch, heads, group * obs, dim)
+    logits = (window @ k.float().transpose(-1, -2)).view(batch, heads, group, obs, keys) * scale
+    visible = torch.ones(obs, keys, dtype=torch.bool, device=q.device).tril(keys - obs)
+    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1)
+    return probs.sum(3).mean(2)
+
+
+def unpadded_chunk(layer, query, k_new, v_new, scale, obs: int):
+    """Attention of a chunk without padding over ``layer`` 's stored slots and the chunk itself.
+
+    Returns ``(out [B, Hq, s, D], [(n_h, mass_h [B, n_h + s] or None) per KV head])`` for the
+    layer's commit (``obs`` = 0: no scores), or None when the rows hold different numbers of
+    tokens (then the caller masks per row)."""
+    batch, q_heads, s, _ = query.shape
+    heads = layer.num_heads
+    group = q_heads // heads
+    fills = layer.fill.tolist() if layer.seen else [[0] * heads] * batch
+    if any(row != fills[0] for row in fills):
+        return None
+    if not any(fills[0]):  # nothing stored: one flash call for every head
+        out = causal_attention(query, k_new, v_new, 0, scale)
+        if not obs:
+            return out, [(0, None)] * heads
+        mass = observation_mass(query, k_new, 0, obs, scale)
+        return out, [(0, mass[:, h]) for h in range(heads)]
+    out = query.new_empty(batch, q_heads, s, v_new.shape[-1])
+    masses = []
+    for h, (off, n) in enumerate(zip(layer.offsets, fills[0], strict=True)):
+        k = torch.cat([layer.keys[:, off : off + n], k_new[:, h]], dim=1)[:, None]  # [B, 1, n + s, D]
+        v = torch.cat([layer.values[:, off : off + n], v_new[:, h]], dim=1)[:, None]
+        qh = query[:, h * group : (h + 1) * group]
+        out[:, h * group : (h + 1) * group] = causal_attention(qh, k, v, n, scale)
+        masses.append((n, observation_mass(qh, k, n, obs, scale)[:, 0] if obs else None))
+    return out, masses

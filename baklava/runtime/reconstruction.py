@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import torch
 
 from baklava.runtime import prefill_attention
+from baklava.runtime.cache_keyword import forward_cache
 from baklava.runtime.generate import positions_from_mask
 from baklava.runtime.selection import snapkv_pool
 
@@ -132,7 +133,7 @@ def score_by_reconstruction(
                 input_ids=part,
                 attention_mask=full_mask,
                 position_ids=positions_from_mask(full_mask)[:, -part.shape[1] :],
-                past_key_values=cache,
+                **forward_cache(model, cache),
                 logits_to_keep=1,
             )
     finally:

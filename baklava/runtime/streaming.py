@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import torch
 
 from baklava.errors import BaklavaError
+from baklava.runtime.cache_keyword import forward_cache
 from baklava.runtime.generate import encode
 from baklava.runtime.packed_cache import BudgetedCache
 from baklava.runtime.sampling import SamplingParams, TextPieces, next_token
@@ -38,7 +39,9 @@ def stream_generate(
         )
     device = next(model.parameters()).device
     generator = params.generator()
-    logits = model(input_ids=batch["input_ids"].to(device), past_key_values=cache).logits[0, -1]  # [V]
+    logits = model(input_ids=batch["input_ids"].to(device), **forward_cache(model, cache)).logits[
+        0, -1
+    ]  # [V]
     pieces = TextPieces(tokenizer)
     eos = tokenizer.eos_token_id
     for _ in range(params.max_tokens):
@@ -48,7 +51,9 @@ def stream_generate(
         piece = pieces.push(token)
         if piece:
             yield piece
-        logits = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache).logits[0, -1]
+        logits = model(
+            input_ids=torch.tensor([[token]], device=device), **forward_cache(model, cache)
+        ).logits[0, -1]
     rest = pieces.flush()
     if rest:
         yield rest

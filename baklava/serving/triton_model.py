@@ -88,7 +88,7 @@ class TritonPythonModel:
             self.artifact.profile,
             kv_memory=kv_memory,
             max_batch=max_batch,
-            prefill_chunk=int(params.get("prefill_chunk", 2048)),
+            prefill_chunk=int(params.get("prefill_chunk", 8192)),
             chat=params.get("chat_template", "true").lower() == "true",
         )
         self.engine.step_fn.capture_all()  # CUDA graphs recorded before the first request

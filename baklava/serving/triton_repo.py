@@ -73,7 +73,7 @@ def write_repository(
     threads: int | None = None,
     kv_memory: str | None = None,
     max_batch: int | None = None,
-    prefill_chunk: int = 2048,
+    prefill_chunk: int = 8192,
     overwrite: bool = False,
 ) -> Path:
     """Create the model repository ``repo`` for ``artifact_dir``; returns ``repo``.

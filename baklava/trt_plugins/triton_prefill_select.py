@@ -12,7 +12,7 @@ Two launches, pointer and stride arguments only:
 
 1. ``_select_kernel`` grid ``(B, H_kv)``: finds the ``k``-th largest priority by bisection on its
    float64 bit pattern (priorities of valid candidates are >= 0, so the bits order like the
-   values; 64 counting passes over the candidates), then one ordered pass writes the kept
+   values; 64 counting passes over the candidates, none when every candidate fits), then one ordered pass writes the kept
    candidates' indices (``j`` for stored slot ``j``, ``cap_h + i`` for new token ``i``) and the
    new fill;
 2. ``_gather_kernel`` grid ``(B, H_kv, ceil(max cap / BLOCK))``: copies the kept keys, values,
@@ -119,10 +119,13 @@ def _select_kernel(
     )  # fmt: skip
     k = tl.minimum(cap, n_valid)
 
-    # the k-th largest bit pattern: largest t with count(bits >= t) >= k
+    # the k-th largest bit pattern: largest t with count(bits >= t) >= k. When every valid
+    # candidate fits (a head that does not evict this chunk, every head at budget 1.0) that is
+    # t = 0 and the 64 counting passes are skipped: they were most of a long prompt's prefill
     lo = tl.zeros([], tl.int64)
     hi = tl.full([], 0x7FF0000000000000, tl.int64)  # +inf
-    for _ in range(64):
+    passes = tl.where(n_valid > cap, 64, 0)
+    for _ in range(passes):
         mid = lo + (hi - lo + 1) // 2
         count = _count_at_least(
             POS, SCORE, NEW_POS, NEW_SCORE, NEW_VALID, b, h, base, fill, mid,
@@ -243,7 +246,8 @@ def packed_prefill_select(
     sink: int,
     window: int,
     policy: str,
-    block: int = 256,
+    block: int = 1024,
+    num_warps: int = 8,
 ):
     """Keep each head's highest-priority candidates; returns new ``(keys, values, positions,
     scores, fill)`` (the inputs are not modified).
@@ -270,7 +274,7 @@ def packed_prefill_select(
         new_positions.stride(0), new_scores.stride(0), new_scores.stride(1), new_valid.stride(0),
         keep.stride(0), new_fill.stride(0),
         chunk, sink, window,
-        H2O=policy == "h2o", BLOCK=block,
+        H2O=policy == "h2o", BLOCK=block, num_warps=num_warps,
     )  # fmt: skip
     # slots past the new fill are zeros, as in the reference (a masked-out slot must not hold a NaN)
     outs = (

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from baklava.bench.quality.methods import MethodContext, plan
 from baklava.bench.quality.tasks import Sample
 from baklava.runtime.attention import enable
+from baklava.runtime.cache_keyword import forward_cache
 from baklava.runtime.cuda_graph import greedy_cuda_graph
 from baklava.runtime.generate import positions_from_mask
 from baklava.runtime.packed_cache import BudgetedCache
@@ -106,7 +107,7 @@ class Runner:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            **forward_cache(self.model, cache),
             logits_to_keep=keep,
         )
         return out.logits

@@ -1,0 +1,50 @@
+"""What the prefill commit kernel costs per layer, Qwen2.5-0.5B shapes (a diagnostic, not a benchmark).
+
+    python benchmarks/serve/commit_kernel.py
+
+One row of a slot pool (2 KV heads, head dim 64), a first chunk of S tokens: heads that keep
+everything (budget 1.0: capacity >= S) and heads that evict (capacities 3000 / 7000), at the old
+launch (block 256, 4 warps) and the new one (block 1024, 8 warps). Prints milliseconds a layer.
+"""
+
+import torch
+
+from baklava.profiles.eviction import EvictionConfig
+from baklava.runtime.packed_cache import BudgetedLayer
+from baklava.trt_plugins.triton_prefill_select import packed_prefill_select
+
+
+def case(caps, s, block, warps, reps=20):
+    layer = BudgetedLayer(caps, EvictionConfig())
+    empty = torch.empty(1, len(caps), 0, 64, dtype=torch.bfloat16, device="cuda")
+    layer.lazy_initialization(empty, empty)
+    kn = torch.randn(1, len(caps), s, 64, dtype=torch.bfloat16, device="cuda")
+    valid = torch.ones(1, s, dtype=torch.bool, device="cuda")
+    new_pos = torch.arange(s, device="cuda")[None]
+    new_scores = torch.rand(1, len(caps), s, device="cuda")
+    offsets = torch.tensor(layer.offsets, dtype=torch.int32, device="cuda")
+
+    def run():
+        return packed_prefill_select(
+            layer.keys, layer.values, layer.positions, layer.scores, layer.fill, kn, kn, new_pos,
+            new_scores, valid, torch.tensor([s], device="cuda"), caps, offsets, sink=4, window=32,
+            policy="h2o", block=block, num_warps=warps,
+        )  # fmt: skip
+
+    run()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+for s in (2048, 8192, 16384):
+    for name, caps in (("keeps all", [16640, 16640]), ("evicts", [3000, 7000])):
+        for block, warps in ((256, 4), (1024, 8), (2048, 8)):
+            print(
+                f"S={s:6d} {name:9s} block {block:4d} warps {warps}: {case(caps, s, block, warps):8.3f} ms",
+                flush=True,
+            )
