@@ -22,7 +22,7 @@ _API = {
     "allocate": "baklava.profiles.pipeline",
     "CalibrationSettings": "baklava.profiles.pipeline",
     "BudgetProfile": "baklava.profiles.profile_file",
-    "EvictionConfig": "baklava.profiles.eviction",
+    "EvictionConfig": "baklava.eviction",
     "Budget": "baklava.profiles.budget",
     "BudgetedCache": "baklava.runtime.packed_cache",
     "enable": "baklava.runtime.attention",

@@ -162,7 +162,7 @@ def check(artifact, backends, *, context: int, steps: int, atol: float, rtol: fl
             if "decoder" not in artifact.manifest.get("graphs", {}):
                 verdicts.append(Verdict(name, "skipped", reason="the artifact has no ONNX graph"))
                 continue
-            from baklava.runtime.onnx_backend import load_decoder
+            from baklava.backends.onnx_backend import load_decoder
 
             trace = run_graph(load_decoder(artifact.path, artifact.manifest), artifact, ids, feed)
         elif name == "torch-cuda":
@@ -176,7 +176,7 @@ def check(artifact, backends, *, context: int, steps: int, atol: float, rtol: fl
             if reason:
                 verdicts.append(Verdict(name, "skipped", reason=reason))
                 continue
-            from baklava.runtime.tensorrt_backend import TensorRTDecoder
+            from baklava.backends.tensorrt_backend import TensorRTDecoder
 
             trace = run_graph(TensorRTDecoder(artifact.path, artifact.manifest), artifact, ids, feed)
         verdicts.append(compare(reference, trace, name, atol=atol, rtol=rtol))

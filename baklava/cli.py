@@ -6,9 +6,7 @@ nothing is written unless the command succeeds.
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -21,8 +19,9 @@ from baklava.cli_options import (
     model_option,
     parse_budget,
 )
+from baklava.cli_runner import check_writable, entry_point, log
 from baklava.errors import BaklavaError
-from baklava.profiles.eviction import EvictionConfig
+from baklava.eviction import EvictionConfig
 
 
 def _size(nbytes: float) -> str:
@@ -31,35 +30,6 @@ def _size(nbytes: float) -> str:
             return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
         nbytes /= 1024
     raise AssertionError
-
-
-def _log(msg: str) -> None:
-    click.echo(f"baklava: {msg}", err=True)
-
-
-def _main(command: click.Command, prog: str):
-    """Run a click command so that every expected error is one line and a non-zero exit."""
-
-    @functools.wraps(command.callback)
-    def entry(argv: list[str] | None = None) -> None:
-        try:
-            command.main(args=argv, prog_name=prog, standalone_mode=False)
-        except click.exceptions.Exit as e:
-            sys.exit(e.exit_code)
-        except click.Abort:
-            click.echo(f"{prog}: aborted", err=True)
-            sys.exit(130)
-        except click.ClickException as e:
-            click.echo(f"{prog}: error: {e.format_message()}", err=True)
-            sys.exit(2)
-        except BaklavaError as e:
-            click.echo(f"{prog}: error: {e}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo(f"{prog}: interrupted", err=True)
-            sys.exit(130)
-
-    return entry
 
 
 def _precheck(lm, budget, o) -> None:
@@ -100,17 +70,6 @@ def _allocate(profile, budget, lm, settings, o) -> object:
     )
 
 
-def _check_writable(out) -> None:
-    """Fail before any expensive work when ``out`` cannot be created."""
-    import os
-
-    parent = Path(out).resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise BaklavaError(f"cannot write {out}: {parent} is not a writable directory")
-
-
 def _summary(profile) -> str:
     alloc = profile.allocation
     caps = profile.capacities
@@ -146,13 +105,13 @@ def profile_cmd(model_spec, settings, scorer, budget, out, plot, **alloc_opts):
     profile = score(lm, settings, method=scorer)
     if budget is not None:
         profile = _allocate(profile, budget, lm, settings, alloc_opts)
-        _log(_summary(profile))
+        log(_summary(profile))
     profile.save(out)
-    _log(f"wrote {out}")
+    log(f"wrote {out}")
     if plot:
         from baklava.profiles.plot import plot_profile
 
-        _log(f"wrote {plot_profile(profile, plot)}")
+        log(f"wrote {plot_profile(profile, plot)}")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -215,7 +174,7 @@ def export_cmd(
         raise BaklavaError(f"{out} already exists; choose another --out or pass --force")
     if with_engine and not with_onnx:
         raise BaklavaError("--engine is built from the ONNX graph: drop --no-onnx")
-    _check_writable(out)
+    check_writable(out)
     resolve(model_spec)  # fail fast on a missing model or an unsupported architecture
     reused = BudgetProfile.load(profile_path) if profile_path else None
     lm = load_model(model_spec)
@@ -223,11 +182,11 @@ def export_cmd(
     if reused is not None:
         reused.check_model(config_fingerprint(lm.model.config), source=profile_path)
         scored = BudgetProfile(model=ModelInfo.from_config(lm.model.config, lm.name), scores=reused.scores)
-        _log(f"reusing scores from {profile_path}")
+        log(f"reusing scores from {profile_path}")
     else:
         scored = score(lm, settings, method=scorer)
     profile = _allocate(scored, budget, lm, settings, alloc_opts)
-    _log(_summary(profile))
+    log(_summary(profile))
     extra = None
     if with_onnx:
         from baklava.exporter.onnx_export import onnx_available, onnx_writer
@@ -235,16 +194,16 @@ def export_cmd(
         if onnx_available():
             extra = onnx_writer(lm, profile)
         else:
-            _log("onnx/onnxruntime not installed: no ONNX graph (pip install 'baklava[onnx]')")
+            log("onnx/onnxruntime not installed: no ONNX graph (pip install 'baklava[onnx]')")
     artifact = write_artifact(out, profile, model_spec=model_spec, plot=plot, overwrite=force, extra=extra)
     kv = artifact.manifest["budget"]["kv_bytes_per_sequence"]
-    _log(f"wrote {out} (KV cache {_size(kv)} per sequence) in {time.perf_counter() - started:.0f} s")
+    log(f"wrote {out} (KV cache {_size(kv)} per sequence) in {time.perf_counter() - started:.0f} s")
     if with_engine:
-        from baklava.exporter.engine import EngineShapes, build_engine_after_export
+        from baklava.trt_plugins.engine_build import EngineShapes, build_engine_after_export
 
         shapes = EngineShapes(max_batch=engine_max_batch, max_tokens=engine_max_tokens)
         entry = build_engine_after_export(artifact, engine_precision, shapes)
-        _log(
+        log(
             f"wrote {out}/{entry['file']} (TensorRT {entry['tensorrt']}, {entry['gpu']}) in {entry['build_seconds']:.0f} s"
         )
     click.echo(str(Path(out) / "manifest.json"))
@@ -287,11 +246,11 @@ def run_cmd(artifact, prompts, max_new_tokens, chat, as_json, backend, device, m
     if backend in ("onnxruntime", "tensorrt"):
         from transformers import AutoTokenizer
 
-        from baklava.runtime.onnx_backend import generate_onnx, load_decoder
+        from baklava.backends.onnx_backend import generate_onnx, load_decoder
 
         chunk = None
         if backend == "tensorrt":
-            from baklava.runtime.tensorrt_backend import TensorRTDecoder
+            from baklava.backends.tensorrt_backend import TensorRTDecoder
 
             decoder = TensorRTDecoder(art.path, art.manifest)
             chunk = decoder.max_tokens
@@ -343,7 +302,7 @@ def run_cmd(artifact, prompts, max_new_tokens, chat, as_json, backend, device, m
         else:
             click.echo(r.text)
     tokens = sum(len(r.token_ids) for r in results)
-    _log(
+    log(
         f"{tokens} tokens in {elapsed:.1f} s ({backend}{'' if backend != 'torch' else ', ' + device}); "
         f"KV cache {_size(kv_bytes)} "
         f"for {kv_rows or len(prompts)} sequence(s) ({art.profile.total_tokens} slots each)"
@@ -392,7 +351,7 @@ def check_cmd(artifact, backends, context, steps, atol, rtol, as_json):
         raise SystemExit(1)
 
 
-profile_main = _main(profile_cmd, "baklava-profile")
-export_main = _main(export_cmd, "baklava-export")
-run_main = _main(run_cmd, "baklava-run")
-check_main = _main(check_cmd, "baklava-check")
+profile_main = entry_point(profile_cmd, "baklava-profile")
+export_main = entry_point(export_cmd, "baklava-export")
+run_main = entry_point(run_cmd, "baklava-run")
+check_main = entry_point(check_cmd, "baklava-check")

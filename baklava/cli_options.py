@@ -12,10 +12,10 @@ from pathlib import Path
 import click
 
 from baklava.errors import BaklavaError
+from baklava.eviction import POLICIES
 from baklava.profiles.allocation_search import DEFAULT_FLOORS, OBJECTIVES
 from baklava.profiles.allocators import ALLOCATORS
 from baklava.profiles.budget import Budget, BudgetError, parse_size
-from baklava.profiles.eviction import POLICIES
 from baklava.profiles.scorers import DEFAULT_SCORER, SCORERS
 
 KV_DTYPES = {"auto": None, "float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}

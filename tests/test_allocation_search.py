@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from baklava.eviction import EvictionConfig
 from baklava.profiles.allocation_search import heldout_nll, search_allocation
-from baklava.profiles.eviction import EvictionConfig
 from baklava.profiles.head_scores import HeadScores
 
 EVICTION = EvictionConfig(sink=2, window=4)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from baklava.profiles.eviction import EvictionConfig
+from baklava.eviction import EvictionConfig
 from baklava.runtime.packed_cache import BudgetedLayer
 from tests.op_reference import assert_same_cache, reference_step, step_inputs
 from tests.triton_env import DEVICE

@@ -80,8 +80,8 @@ def test_budget_point_three_allocates_exactly_the_budgeted_bytes(smol, tmp_path,
 def test_evicting_cache_keeps_a_long_prompt_coherent(smol):
     """A 2k-token prompt through 256-token heads: the cache stays at its budget and still finds a
     needle in the middle of the prompt (query-aware SnapKV selection at the end of prefill)."""
+    from baklava.eviction import EvictionConfig
     from baklava.profiles.calibration import default_text
-    from baklava.profiles.eviction import EvictionConfig
     from baklava.runtime import generate
 
     text = default_text()[:9000]

@@ -13,7 +13,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from baklava.errors import BaklavaError
-from baklava.profiles.eviction import EvictionConfig
+from baklava.eviction import EvictionConfig
 from baklava.runtime import BudgetedCache, decode_one_token, prefill
 from baklava.runtime.engine import Engine
 from baklava.runtime.engine_step import buckets

@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from baklava.runtime import BudgetedCache, decode_gemv, enable
-from baklava.runtime.fused_decode import fuse, rope_split, supported
+from baklava.kernels import decode_gemv
+from baklava.kernels.rope import rope_split
+from baklava.runtime import BudgetedCache, enable
+from baklava.runtime.fused_decode import fuse, supported
 
 from .conftest import tiny_config
 

@@ -9,10 +9,10 @@ import torch
 pytest.importorskip("onnxruntime", reason="onnx extra not installed")
 onnx = pytest.importorskip("onnx")
 
+from baklava.backends.onnx_backend import generate_onnx, load_decoder  # noqa: E402
 from baklava.exporter import read_artifact  # noqa: E402
 from baklava.runtime import BudgetedCache  # noqa: E402
 from baklava.runtime.generate import encode  # noqa: E402
-from baklava.runtime.onnx_backend import generate_onnx, load_decoder  # noqa: E402
 from tests.conftest import export_smol  # noqa: E402
 
 pytestmark = pytest.mark.model

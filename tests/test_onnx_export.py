@@ -7,13 +7,13 @@ import torch
 onnx = pytest.importorskip("onnx", reason="onnx extra not installed")
 pytest.importorskip("onnxruntime")
 
+from baklava.backends.onnx_backend import OnnxDecoder  # noqa: E402
 from baklava.errors import ModelError  # noqa: E402
+from baklava.eviction import EvictionConfig  # noqa: E402
 from baklava.exporter.graph_builder import build_decoder, save_model  # noqa: E402
-from baklava.profiles.eviction import EvictionConfig  # noqa: E402
 from baklava.profiles.head_scores import HeadScores  # noqa: E402
 from baklava.profiles.profile_file import BudgetProfile, ModelInfo  # noqa: E402
 from baklava.runtime import BudgetedCache, enable  # noqa: E402
-from baklava.runtime.onnx_backend import OnnxDecoder  # noqa: E402
 
 CAPS = np.array([[10, 17], [13, 8]])
 

@@ -7,8 +7,8 @@ import torch
 ort = pytest.importorskip("onnxruntime", reason="onnx extra not installed")
 onnx = pytest.importorskip("onnx")
 
+from baklava.eviction import EvictionConfig  # noqa: E402
 from baklava.exporter.ops import single_layer_model  # noqa: E402
-from baklava.profiles.eviction import EvictionConfig  # noqa: E402
 from baklava.runtime.packed_cache import BudgetedLayer  # noqa: E402
 from tests.op_reference import D, assert_same_cache, reference_step, state, step_inputs  # noqa: E402
 

@@ -6,7 +6,7 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from baklava.profiles.eviction import EvictionConfig
+from baklava.eviction import EvictionConfig
 from baklava.runtime import BudgetedCache, decode_one_token, enable, prefill
 from baklava.runtime.cache_keyword import forward_cache, generate_cache
 
@@ -473,7 +473,7 @@ def test_unpadded_prefill_on_the_gpu_matches_the_biased_path(chunk, monkeypatch)
 
 
 def test_the_cache_goes_in_under_the_keyword_this_transformers_wants(tiny_llama):
-    """``cache=`` where transformers renamed ``past_key_values=`` (5.2x: forward and generate), the
+    """``cache=`` where transformers renamed ``past_key_values=`` (5.24: forward and generate), the
     old name where it did not (5.17): either way no deprecation warning, and the cache is used."""
     import warnings
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from baklava.errors import ProfileError
-from baklava.profiles.eviction import EvictionConfig
+from baklava.eviction import EvictionConfig
 from baklava.profiles.head_scores import HeadScores
 from baklava.profiles.profile_file import SCHEMA_VERSION, BudgetProfile, ModelInfo, config_fingerprint
 from tests.conftest import tiny_config

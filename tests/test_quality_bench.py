@@ -12,7 +12,7 @@ from baklava.bench.quality.methods import METHODS, MethodContext, adaptive_capac
 from baklava.bench.quality.runner import Combo, Runner, combos
 from baklava.bench.quality.tasks import GENERATION_TASKS, PromptFormatter, Sample, build_suite, make_sample
 from baklava.errors import BaklavaError
-from baklava.profiles.eviction import EvictionConfig
+from baklava.eviction import EvictionConfig
 from baklava.profiles.head_scores import HeadScores
 from baklava.runtime import BudgetedCache, enable
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from baklava.profiles.eviction import EvictionConfig
+from baklava.eviction import EvictionConfig
 from baklava.runtime import BudgetedCache, enable
 from baklava.runtime.reconstruction import score_by_reconstruction
 from baklava.runtime.selection import snapkv_pool

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from baklava.profiles.eviction import EvictionConfig
+from baklava.eviction import EvictionConfig
 from baklava.runtime import BudgetedCache, enable
 from baklava.runtime.shared_selection import favoured_weights, share_scores, use_shared
 

@@ -195,9 +195,9 @@ def test_a_kernel_that_reads_a_hidden_parameter_is_refused():
 
 def test_the_parser_graph_maps_baklava_nodes_to_plugins():
     onnx = pytest.importorskip("onnx")
-    from baklava.exporter.engine import plugin_graph
+    from baklava.eviction import EvictionConfig
     from baklava.exporter.ops import single_layer_model
-    from baklava.profiles.eviction import EvictionConfig
+    from baklava.trt_plugins.engine_build import plugin_graph
 
     model = single_layer_model([4, 9], 4, 16, EvictionConfig())
     graph = plugin_graph(model)
@@ -210,7 +210,7 @@ def test_the_parser_graph_maps_baklava_nodes_to_plugins():
 
 
 def test_engine_profile_covers_batch_and_tokens_only():
-    from baklava.exporter.engine import EngineShapes, profile_bounds
+    from baklava.trt_plugins.engine_build import EngineShapes, profile_bounds
 
     shapes = EngineShapes(max_batch=8, max_tokens=512, opt_batch=4)
     assert profile_bounds([-1, -1], shapes) == ((1, 1), (4, 1), (8, 512))  # input_ids [B, S]
@@ -231,7 +231,7 @@ ENTRY = {
 
 
 def test_engine_checks_reject_other_tensorrt_gpu_and_shapes():
-    from baklava.runtime.tensorrt_backend import check_engine, check_shapes
+    from baklava.backends.tensorrt_backend import check_engine, check_shapes
 
     here = dict(tensorrt_version="10.13.0.35", gpu="NVIDIA H100 80GB HBM3", capability="9.0")
     here["budget_profile_sha256"] = "ab12"
@@ -314,7 +314,7 @@ def test_default_model_engine_greedy_tokens_match_the_reference(tmp_path, capfd)
 @pytest.mark.tensorrt
 @needs_tensorrt
 def test_an_engine_from_another_tensorrt_is_refused(tmp_path):
-    from baklava.runtime.tensorrt_backend import TensorRTDecoder
+    from baklava.backends.tensorrt_backend import TensorRTDecoder
 
     manifest = {"engine": {**ENTRY, "tensorrt": "0.0.0"}, "profile": {"sha256": "ab12"}}
     with pytest.raises(BaklavaError, match="built with TensorRT 0.0.0"):

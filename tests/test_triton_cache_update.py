@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 
-from baklava.profiles.eviction import EvictionConfig
+from baklava.eviction import EvictionConfig
 from baklava.runtime.packed_cache import BudgetedLayer
 from tests.triton_env import DEVICE
 

@@ -12,8 +12,8 @@ from tests.triton_env import DEVICE, INTERPRETED
 
 pytest.importorskip("triton", reason="Triton is not installed")
 
-from baklava.trt_plugins.reference import packed_decode_attention as reference  # noqa: E402
-from baklava.trt_plugins.triton_decode_attention import packed_decode_attention, tile_length, tile_table  # noqa: E402
+from baklava.kernels.decode_attention import packed_decode_attention, tile_length, tile_table  # noqa: E402
+from baklava.kernels.reference import packed_decode_attention as reference  # noqa: E402
 
 # fp16/bf16 inputs, fp32 accumulation: outputs within these of the fp32 reference
 TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

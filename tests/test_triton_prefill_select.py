@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from baklava.profiles.eviction import EvictionConfig
+from baklava.eviction import EvictionConfig
 from baklava.runtime.packed_cache import BudgetedLayer
 from tests.triton_env import DEVICE
 
 pytest.importorskip("triton", reason="Triton is not installed")
 
-from baklava.trt_plugins.triton_prefill_select import packed_prefill_select  # noqa: E402
+from baklava.kernels.prefill_select import packed_prefill_select  # noqa: E402
 
 D = 32
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import click
 
 from baklava.atomic import write_text_atomic
-from baklava.cli import _log, _main
 from baklava.cli_options import (
     calibration_options,
     comma_list,
@@ -19,6 +18,7 @@ from baklava.cli_options import (
     parse_fractions,
     parse_size_option,
 )
+from baklava.cli_runner import entry_point, log
 from baklava.errors import BaklavaError
 
 
@@ -60,7 +60,7 @@ def serve_bench(path, url, n_requests, concurrency, max_tokens, instances, out):
         log = Path(tempfile.gettempdir()) / "baklava-bench-tritonserver.log"
         server = TritonServer(repo, 0, 0, 0, log_path=log).start()
         url = f"http://{server.http_url}"
-        _log(f"tritonserver ready at {url} ({instances} instance(s); log {log})")
+        log(f"tritonserver ready at {url} ({instances} instance(s); log {log})")
     try:
         summary = load_run(url, requests=n_requests, concurrency=concurrency, max_tokens=max_tokens)
     finally:
@@ -89,7 +89,7 @@ def decode_bench(artifacts, context, steps, chunk):
     if len(rows) > 1:
         base = rows[0]["decode_ms_per_token"]
         for row in rows[1:]:
-            _log(
+            log(
                 f"budget {row['budget']}: {base / row['decode_ms_per_token']:.2f}x the decode speed of {rows[0]['budget']}"
             )
 
@@ -209,7 +209,7 @@ def quality_bench(
     import torch
 
     from baklava.bench.quality.benchmark import QualityConfig, run_quality
-    from baklava.cli import _check_writable
+    from baklava.cli_runner import check_writable
     from baklava.model_zoo import load_model
     from baklava.profiles.pipeline import score
     from baklava.profiles.profile_file import BudgetProfile, config_fingerprint
@@ -227,7 +227,7 @@ def quality_bench(
         baklava_selection=baklava_selection,
         extra={"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])},
     )
-    _check_writable(Path(out) / "quality.json")
+    check_writable(Path(out) / "quality.json")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -250,7 +250,7 @@ def quality_bench(
     doc = run_quality(lm, profile, config, out, settings=settings)
     name, checks = list(doc["targets"].items())[-1]  # "all" when both settings ran
     _log_targets(name, checks)
-    _log(f"wrote {Path(out) / 'quality.json'}, quality.md, quality.png ({doc['meta']['seconds']} s)")
+    log(f"wrote {Path(out) / 'quality.json'}, quality.md, quality.png ({doc['meta']['seconds']} s)")
 
 
 @bench.command("quality-merge")
@@ -269,14 +269,14 @@ def quality_merge(runs, out, rows):
     doc = merge_quality(list(runs), out, with_rows=rows)
     name, checks = list(doc["targets"].items())[-1]
     _log_targets(name, checks)
-    _log(f"wrote {Path(out) / 'quality.json'}, quality.md, quality.png")
+    log(f"wrote {Path(out) / 'quality.json'}, quality.md, quality.png")
 
 
 def _log_targets(name: str, checks: list[dict]) -> None:
     from baklava.bench.quality.report import describe
 
     for c in checks:
-        _log(f"{name}: {describe(c)}")
+        log(f"{name}: {describe(c)}")
 
 
 RANDOM_LLAMA = "random-llama-3-8b"
@@ -366,7 +366,7 @@ def speed_bench(model_spec, batch, context, budgets, transformers, kernel, fused
         budgets=budgets,
         transformers=transformers,
         fused=fused,
-        progress=lambda row: _log(
+        progress=lambda row: log(
             f"{row['budget']}{' fused' if row.get('fused') else ''}: {row['step_ms']:.2f} ms a step"
         ),
     )
@@ -433,12 +433,12 @@ def memory_bench(model_spec, context, budgets, kv_memory, chunk, prefill, out):
 
 
 def _check_out(out: str) -> None:
-    from baklava.cli import _check_writable
+    from baklava.cli_runner import check_writable
 
-    _check_writable(Path(out))
+    check_writable(Path(out))
 
 
-bench_main = _main(bench, "baklava-bench")
+bench_main = entry_point(bench, "baklava-bench")
 
 
 from baklava.bench.serve_cli import engine_bench, prefill_bench, soak_bench  # noqa: E402 - registered on the group above

@@ -16,8 +16,8 @@ from baklava.profiles.calibration import default_text
 def decode_speed(artifact_dir, *, context: int, steps: int = 16, chunk: int = 512) -> dict:
     from transformers import AutoTokenizer
 
+    from baklava.backends.onnx_backend import load_decoder
     from baklava.exporter import read_artifact
-    from baklava.runtime.onnx_backend import load_decoder
 
     art = read_artifact(artifact_dir)
     decoder = load_decoder(art.path, art.manifest)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from baklava.profiles.eviction import EvictionConfig
+from baklava.eviction import EvictionConfig
 from baklava.runtime import fused_decode
 from baklava.runtime.cache_keyword import forward_cache
 from baklava.runtime.cuda_graph import DecodeGraph

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from baklava.bench.gpu_decode import median_ms
-from baklava.trt_plugins.triton_decode_attention import packed_decode_attention, tile_length, tile_table
+from baklava.kernels.decode_attention import packed_decode_attention, tile_length, tile_table
 
 HQ, HKV, D = 32, 8, 128
 

@@ -3,7 +3,7 @@
 For each case of :mod:`baklava.bench.kernel_speed`, every combination of programs per SM (tile
 length), block length, warps and pipeline stages is timed as there (CUDA-graph replays) and
 printed as its bandwidth ratio to SDPA on a dense cache of the same bytes, best first. This is
-how the defaults of :func:`~baklava.trt_plugins.triton_decode_attention.tile_length` and the
+how the defaults of :func:`~baklava.kernels.decode_attention.tile_length` and the
 stage count were chosen.
 """
 
@@ -16,7 +16,7 @@ import json
 import torch
 
 from baklava.bench.kernel_speed import CASES, _best_sdpa, _time, packed_case
-from baklava.trt_plugins.triton_decode_attention import packed_decode_attention, tile_length, tile_table
+from baklava.kernels.decode_attention import packed_decode_attention, tile_length, tile_table
 
 GRID = {"per_sm": (2, 4, 8, 16), "block_n": (32, 64, 128), "warps": (4, 8), "stages": (2, 3)}
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from baklava.bench.gpu_decode import model_shape
-from baklava.profiles.eviction import EvictionConfig
+from baklava.eviction import EvictionConfig
 from baklava.runtime.cache_keyword import forward_cache
 from baklava.runtime.generate import prefill
 from baklava.runtime.packed_cache import BudgetedCache

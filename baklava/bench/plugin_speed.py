@@ -21,9 +21,9 @@ import torch
 
 from baklava.atomic import write_text_atomic
 from baklava.bench.kernel_speed import HKV, HQ, D, _time, uneven_caps
+from baklava.kernels.decode_attention import packed_decode_attention, tile_length, tile_table
 from baklava.trt_plugins import aot
 from baklava.trt_plugins.cuda_launch import launch_kernel
-from baklava.trt_plugins.triton_decode_attention import packed_decode_attention, tile_length, tile_table
 
 CASES = [(8, 32768, 0.3), (1, 131072, 0.3), (64, 4096, 0.3)]
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 
 from baklava.bench.gpu_decode import model_shape, uneven_capacities
-from baklava.profiles.eviction import EvictionConfig
+from baklava.eviction import EvictionConfig
 from baklava.runtime.attention import enable
 from baklava.runtime.cache_keyword import forward_cache
 from baklava.runtime.generate import prefill

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
-from baklava.cli import _log
 from baklava.cli_options import engine_options, parse_fractions, parse_size_option
+from baklava.cli_runner import log
 from baklava.errors import BaklavaError
 
 
@@ -107,7 +107,7 @@ def engine_bench(
         Path(out).mkdir(parents=True, exist_ok=True)
         write_text_atomic(Path(out) / "serve.json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
         write_text_atomic(Path(out) / "serve.md", table)
-        _log(f"wrote {out}/serve.json and serve.md")
+        log(f"wrote {out}/serve.json and serve.md")
 
 
 @click.command("soak")
@@ -140,7 +140,7 @@ def soak_bench(artifact, duration, clients, max_tokens, malformed, abandoned, se
     )
     log = Path(tempfile.gettempdir()) / "baklava-soak-tritonserver.log"
     with TritonServer(repo, 0, 0, 0, log_path=log).start() as server:
-        _log(f"tritonserver ready at http://{server.http_url} ({rows} rows; log {log}); soaking {duration} s")
+        log(f"tritonserver ready at http://{server.http_url} ({rows} rows; log {log}); soaking {duration} s")
         summary = soak(
             f"http://{server.http_url}",
             duration_s=duration,
@@ -204,4 +204,4 @@ def prefill_bench(model_spec, contexts, budgets, chunks, repeats, out):
             Path(out) / "prefill.json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n"
         )
         write_text_atomic(Path(out) / "prefill.md", table)
-        _log(f"wrote {out}/prefill.json and prefill.md")
+        log(f"wrote {out}/prefill.json and prefill.md")

@@ -283,8 +283,8 @@ def compare(
 ) -> tuple[list[dict], dict]:
     """Every system of the module docstring on one workload; returns ``(rows, meta)``."""
     from baklava.bench.gpu_decode import LLAMA3_8B, model_shape, random_llama
+    from baklava.eviction import EvictionConfig
     from baklava.model_zoo import load_model
-    from baklava.profiles.eviction import EvictionConfig
     from baklava.profiles.pipeline import score
 
     lm, scored = None, None

@@ -61,7 +61,7 @@ def write_artifact(
     out = Path(out)
     if out.exists() and not overwrite:
         raise BaklavaError(f"{out} already exists; choose another --out or pass --force")
-    profile._require_capacities()
+    profile.require_capacities()
     alloc = profile.allocation or {}
     dtype_bytes = alloc.get("dtype_bytes", 2)
     try:

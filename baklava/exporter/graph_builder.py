@@ -134,7 +134,7 @@ def build_decoder(model, profile: BudgetProfile, *, progress: bool = True) -> on
     }
     if rope.get("rope_type", "default") != "default":
         raise ModelError(f"cannot export RoPE type {rope['rope_type']!r} yet (only the default RoPE)")
-    profile._require_capacities()
+    profile.require_capacities()
     info = profile.model
     n_q, n_kv, d = info.num_q_heads, info.num_kv_heads, info.head_dim
     eps = float(cfg.rms_norm_eps)

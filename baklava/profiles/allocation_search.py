@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from baklava.eviction import EvictionConfig
 from baklava.profiles.allocators import BaklavaAllocator, UniformAllocator
 from baklava.profiles.allocators.base import Allocator
-from baklava.profiles.eviction import EvictionConfig
 from baklava.profiles.head_scores import HeadScores
 from baklava.runtime.cache_keyword import forward_cache
 

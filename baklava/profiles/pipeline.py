@@ -12,11 +12,11 @@ import numpy as np
 import torch
 
 from baklava.errors import BudgetError
+from baklava.eviction import EvictionConfig
 from baklava.profiles import calibration as calib
 from baklava.profiles.allocation_search import DEFAULT_FLOORS, DEFAULT_SHARPNESS, search_allocation
 from baklava.profiles.allocators import ALLOCATORS, make_allocator
 from baklava.profiles.budget import Budget
-from baklava.profiles.eviction import EvictionConfig
 from baklava.profiles.profile_file import BudgetProfile, ModelInfo
 from baklava.profiles.profiler import profile_model
 from baklava.profiles.scorers import DEFAULT_SCORER

@@ -33,7 +33,7 @@ import numpy as np
 from baklava import __version__
 from baklava.atomic import write_text_atomic
 from baklava.errors import ProfileError
-from baklava.profiles.eviction import EvictionConfig
+from baklava.eviction import EvictionConfig
 from baklava.profiles.head_scores import HeadScores
 
 SCHEMA_VERSION = 1
@@ -127,18 +127,27 @@ class BudgetProfile:
     # ------------------------------------------------------------------ budgets
     @property
     def total_tokens(self) -> int:
-        self._require_capacities()
+        self.require_capacities()
         return int(self.capacities.sum())
 
     def kv_bytes(self, batch: int = 1, dtype_bytes: int = 2) -> int:
         """Bytes of the packed K and V buffers: ``sum(cap) * 2 * head_dim * dtype_bytes * batch``."""
         return self.total_tokens * 2 * self.model.head_dim * dtype_bytes * batch
 
-    def _require_capacities(self) -> None:
+    def require_capacities(self) -> np.ndarray:
+        """The ``[L, H_kv]`` capacities; :class:`ProfileError` for a profile that has scores only."""
         if self.capacities is None:
             raise ProfileError(
                 "this profile has scores but no capacities; allocate a budget first (--budget)"
             )
+        return self.capacities
+
+    def capacities_for(self, config) -> np.ndarray:
+        """:meth:`require_capacities`, after checking the profile was made for a model of ``config``
+        (a transformers config) - what a runtime asks before it builds a cache."""
+        caps = self.require_capacities()
+        self.check_model(config_fingerprint(config))
+        return caps
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict:

@@ -1,6 +1,6 @@
 """Which keyword hands a model its cache: ``cache=`` or ``past_key_values=``.
 
-transformers 5.2x renamed ``past_key_values=`` to ``cache=`` on the models' ``forward`` and on
+transformers 5.24 renamed ``past_key_values=`` to ``cache=`` on the models' ``forward`` and on
 ``generate`` (the old name warns, and goes in 5.40 / 6.0); 5.17, the GPU machine's version, knows
 only the old one. The rename is a ``deprecate_kwarg`` decorator, whose wrapper keeps the old and
 new names in its closure, so the answer is read from the function itself rather than from a

@@ -151,12 +151,8 @@ class Engine:
     def from_profile(cls, model, tokenizer, profile, **kwargs) -> Engine:
         """:meth:`from_capacities` with a budget profile's capacities and eviction, after checking
         the profile was made for ``model``."""
-        from baklava.profiles.profile_file import config_fingerprint
-
-        if profile.capacities is None:
-            profile._require_capacities()
-        profile.check_model(config_fingerprint(model.config))
-        return cls.from_capacities(model, tokenizer, profile.capacities, profile.eviction, **kwargs)
+        caps = profile.capacities_for(model.config)
+        return cls.from_capacities(model, tokenizer, caps, profile.eviction, **kwargs)
 
     # ------------------------------------------------------------------ requests
     def encode(self, prompt: str) -> torch.Tensor:

@@ -17,7 +17,7 @@ One model step runs in two halves, because eviction needs the step's attention:
    attends each query group over its head's live slots plus the new tokens, then commits the new
    tokens into the head's slots, evicting by :mod:`baklava.runtime.selection` when it is full.
 
-It plugs into ``model.generate(cache=cache)`` (``past_key_values=`` before transformers 5.2x) for
+It plugs into ``model.generate(cache=cache)`` (``past_key_values=`` before transformers 5.24) for
 Llama / Qwen2 / Mistral models once the model uses ``attn_implementation="baklava"``
 (:func:`baklava.runtime.attention.enable`).
 """
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from baklava.profiles.eviction import EvictionConfig
+from baklava.eviction import EvictionConfig
 from baklava.runtime import prefill_attention, triton_decode
 from baklava.runtime.packed_decode import SlotMap, decode_step
 from baklava.runtime.prefill_attention import new_token_bias
@@ -335,7 +335,7 @@ class BudgetedLayer(CacheLayerMixin):
     def _commit_chunk(self, k_new, v_new, valid, masses) -> None:
         """Every head's :meth:`_commit_head` in two kernel launches (the GPU path of a prefill
         chunk): ``masses`` holds each head's ``(n, mass [B, n + q] or None)``."""
-        from baklava.trt_plugins.triton_prefill_select import packed_prefill_select
+        from baklava.kernels.prefill_select import packed_prefill_select
 
         ev = self.eviction
         q_len = k_new.shape[2]
@@ -446,15 +446,13 @@ class BudgetedCache(Cache):
         With ``model``, also check the profile was made for that model and switch the model to the
         ``baklava`` attention implementation.
         """
-        if profile.capacities is None:
-            profile._require_capacities()
-        if model is not None:
-            from baklava.profiles.profile_file import config_fingerprint
-            from baklava.runtime.attention import enable
+        if model is None:
+            return cls(profile.require_capacities(), profile.eviction)
+        from baklava.runtime.attention import enable
 
-            profile.check_model(config_fingerprint(model.config))
-            enable(model)
-        return cls(profile.capacities, profile.eviction)
+        caps = profile.capacities_for(model.config)
+        enable(model)
+        return cls(caps, profile.eviction)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         # The previous layer's step must have been attended by now; if not, the model is not

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from baklava.errors import BaklavaError
-from baklava.profiles.eviction import EvictionConfig
+from baklava.eviction import EvictionConfig
 from baklava.runtime.packed_cache import BudgetedCache, BudgetedLayer
 
 _ROW_STATE = ("keys", "values", "positions", "scores", "fill", "valid_seen")

@@ -3,10 +3,10 @@
 Two kernels a layer, no host sync, so the step can be captured in a CUDA graph
 (:mod:`baklava.runtime.cuda_graph`):
 
-1. :func:`~baklava.trt_plugins.triton_decode_attention.packed_decode_attention` reads every
+1. :func:`~baklava.kernels.decode_attention.packed_decode_attention` reads every
    live slot once (flash-decoding over a static tile table) and, for H2O, leaves each slot's
    logits and each query head's log-sum-exp behind;
-2. :func:`~baklava.trt_plugins.triton_cache_update.packed_cache_update` adds the step's
+2. :func:`~baklava.kernels.cache_update.packed_cache_update` adds the step's
    attention to the scores and appends, or overwrites the lowest-priority slot in place.
 
 The kept tokens are the ones :mod:`baklava.runtime.packed_decode` keeps; after an eviction
@@ -47,7 +47,7 @@ class _LayerState:
     tile table, and the H2O scratch buffers (allocated once, so CUDA-graph replays reuse them)."""
 
     def __init__(self, layer, group: int):
-        from baklava.trt_plugins.triton_decode_attention import multiprocessors, tile_length, tile_table
+        from baklava.kernels.decode_attention import multiprocessors, tile_length, tile_table
 
         dev, batch = layer.device, layer.batch_size
         i32 = dict(dtype=torch.int32, device=dev)
@@ -113,8 +113,8 @@ def decode_step(layer, query, k_new, v_new, valid, scaling: float) -> torch.Tens
     unspecified; its cache row is left unchanged. With ``layer.update_stream`` set, the commit
     runs on that stream and is only queued when this returns.
     """
-    from baklava.trt_plugins.triton_cache_update import packed_cache_update
-    from baklava.trt_plugins.triton_decode_attention import packed_decode_attention
+    from baklava.kernels.cache_update import packed_cache_update
+    from baklava.kernels.decode_attention import packed_decode_attention
 
     group = query.shape[1] // layer.num_heads
     state = getattr(layer, "_triton_state", None)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
-from baklava.cli import _log, _main
 from baklava.cli_options import engine_options
+from baklava.cli_runner import entry_point, log
 from baklava.errors import BaklavaError
 
 
@@ -41,7 +41,7 @@ def triton_cmd(artifact, repo, instances, device, kv_memory, max_batch, prefill_
         prefill_chunk=prefill_chunk,
         overwrite=force,
     )
-    _log(f"wrote model repository {path} (serve it with: baklava-serve {path})")
+    log(f"wrote model repository {path} (serve it with: baklava-serve {path})")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -87,12 +87,10 @@ def serve_cmd(path, http_port, grpc_port, metrics_port, host, instances, timeout
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        _log(f"starting tritonserver for {repo} (log: {log_path})")
+        log(f"starting tritonserver for {repo} (log: {log_path})")
         server.start(timeout=timeout)
         url = f"http://{server.http_url}"
-        _log(
-            f"ready: HTTP {url}  gRPC {server.grpc_url}  metrics http://{host}:{server.metrics_port}/metrics"
-        )
+        log(f"ready: HTTP {url}  gRPC {server.grpc_url}  metrics http://{host}:{server.metrics_port}/metrics")
         click.echo(
             f"curl -s {url}/v2/models/{MODEL_NAME}/generate "
             '-d \'{"text_input": "What is the capital of France?", "max_tokens": 32}\''
@@ -103,7 +101,7 @@ def serve_cmd(path, http_port, grpc_port, metrics_port, host, instances, timeout
                     raise BaklavaError(f"tritonserver exited unexpectedly (log: {log_path})")
         except KeyboardInterrupt:
             pass
-        _log("shutting down")
+        log("shutting down")
     finally:
         server.stop()
         signal.signal(signal.SIGTERM, previous)
@@ -111,5 +109,5 @@ def serve_cmd(path, http_port, grpc_port, metrics_port, host, instances, timeout
             shutil.rmtree(temp, ignore_errors=True)
 
 
-triton_main = _main(triton_cmd, "baklava-triton")
-serve_main = _main(serve_cmd, "baklava-serve")
+triton_main = entry_point(triton_cmd, "baklava-triton")
+serve_main = entry_point(serve_cmd, "baklava-serve")

@@ -33,8 +33,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from baklava.kernels.cache_update import _priority
 from baklava.trt_plugins.aot_attention import head_extent
-from baklava.trt_plugins.triton_cache_update import _priority
 
 INVALID = tl.constexpr(-1)  # int64 bits below every valid priority (valid ones are >= 0)
 

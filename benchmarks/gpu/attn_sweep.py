@@ -4,7 +4,7 @@
 #   python benchmarks/gpu/attn_sweep.py 0.3 1.0      (writes attn_sweep.json to $OUT or /tmp)
 import itertools, json, os, sys, torch
 from baklava.bench.gpu_decode import uneven_capacities, median_ms, copy_bandwidth
-from baklava.trt_plugins.triton_decode_attention import packed_decode_attention, tile_length, tile_table
+from baklava.kernels.decode_attention import packed_decode_attention, tile_length, tile_table
 B, CTX, L, HKV, HQ, D = 8, 16384, 32, 8, 32, 128
 dev, dt = "cuda", torch.bfloat16
 sms = torch.cuda.get_device_properties(0).multi_processor_count

@@ -1,5 +1,5 @@
 # Each decode projection of Llama-3-8B at batch 8 timed alone in a CUDA graph (4 weights rotated, no L2
-# reuse): cuBLAS with the separate RMSNorm / SiLU / residual launches against runtime/decode_gemv.py's
+# reuse): cuBLAS with the separate RMSNorm / SiLU / residual launches against kernels/decode_gemv.py's
 # kernels (and variants of a normalising prologue). GPU machine: python benchmarks/gpu/gemv_parts.py
 import itertools, json, os, sys, time, torch, triton, triton.language as tl
 import torch.nn.functional as F
@@ -164,7 +164,7 @@ def _var(X, W, NW, SS, Y, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 def var(x, w, nw, ss, y, mode, bn=32, bk=128, stages=5):
     _var[(w.shape[0] // bn,)](x, w, nw, ss, y, x.shape[0], w.shape[0], x.shape[1], BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, MODE=mode, num_warps=4, num_stages=stages)
 
-from baklava.runtime import decode_gemv as dg
+from baklava.kernels import decode_gemv as dg
 B=8; D=128; HQ=32; HKV=8
 dev, dt = "cuda", torch.bfloat16
 res = {}

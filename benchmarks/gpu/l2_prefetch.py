@@ -4,7 +4,7 @@
 import json, os, torch, triton, triton.language as tl
 import torch.nn.functional as F
 from baklava.bench.gpu_decode import uneven_capacities, median_ms
-from baklava.trt_plugins.triton_decode_attention import packed_decode_attention, tile_length, tile_table
+from baklava.kernels.decode_attention import packed_decode_attention, tile_length, tile_table
 
 @triton.jit
 def _touch(W, OUT, n, BLOCK: tl.constexpr, POLICY: tl.constexpr):

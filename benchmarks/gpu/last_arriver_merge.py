@@ -7,7 +7,7 @@ import json, os, math
 import torch, triton
 import triton.language as tl
 from baklava.bench import kernel_speed as ks
-from baklava.trt_plugins.triton_decode_attention import packed_decode_attention, tile_length, tile_table, _split_kernel
+from baklava.kernels.decode_attention import packed_decode_attention, tile_length, tile_table, _split_kernel
 
 
 @triton.jit

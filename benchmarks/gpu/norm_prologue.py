@@ -4,7 +4,7 @@
 import json, os, torch, triton
 import torch.nn.functional as F
 import numpy as np
-from baklava.runtime import decode_gemv as dg
+from baklava.kernels import decode_gemv as dg
 def median_ms(fn, iters):
     ts = []
     for _ in range(iters):

@@ -7,7 +7,7 @@ from baklava.bench.gpu_decode import (LLAMA3_8B, random_llama, uneven_capacities
                                       median_ms, copy_bandwidth, weight_bytes_read)
 from baklava.runtime.attention import enable
 from baklava.runtime import fused_decode
-from baklava.profiles.eviction import EvictionConfig
+from baklava.eviction import EvictionConfig
 from baklava.runtime.cuda_graph import DecodeGraph
 bw = copy_bandwidth(); torch.cuda.empty_cache()
 model = random_llama(LLAMA3_8B); enable(model); fused_decode.fuse(model)

@@ -5,7 +5,7 @@ from baklava.bench import gpu_decode as g
 from baklava.runtime import fused_decode
 from baklava.runtime.attention import enable
 from baklava.trt_plugins import triton_cache_update as u
-from baklava.profiles.eviction import EvictionConfig
+from baklava.eviction import EvictionConfig
 model = g.random_llama(g.LLAMA3_8B); enable(model); fused_decode.fuse(model)
 bw = g.copy_bandwidth(); torch.cuda.empty_cache(); w = g.weight_bytes_read(model)
 rows = []

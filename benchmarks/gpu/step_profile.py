@@ -4,7 +4,7 @@ import json, os, collections, torch
 from baklava.bench import gpu_decode as gd
 from baklava.runtime import fused_decode
 from baklava.runtime.cuda_graph import DecodeGraph
-from baklava.profiles.eviction import EvictionConfig
+from baklava.eviction import EvictionConfig
 from baklava.runtime.attention import enable
 model = gd.random_llama(gd.LLAMA3_8B)
 enable(model)

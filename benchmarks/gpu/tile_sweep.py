@@ -3,7 +3,7 @@
 #   python benchmarks/gpu/tile_sweep.py   (writes tile-sweep.json to $OUT or /tmp)
 import itertools, json, os, torch
 from baklava.bench import kernel_speed as ks
-from baklava.trt_plugins.triton_decode_attention import packed_decode_attention, tile_length, tile_table
+from baklava.kernels.decode_attention import packed_decode_attention, tile_length, tile_table
 dev, dt = "cuda", torch.bfloat16
 sms = torch.cuda.get_device_properties(0).multi_processor_count
 res = {}

@@ -9,9 +9,9 @@ launch (block 256, 4 warps) and the new one (block 1024, 8 warps). Prints millis
 
 import torch
 
-from baklava.profiles.eviction import EvictionConfig
+from baklava.eviction import EvictionConfig
+from baklava.kernels.prefill_select import packed_prefill_select
 from baklava.runtime.packed_cache import BudgetedLayer
-from baklava.trt_plugins.triton_prefill_select import packed_prefill_select
 
 
 def case(caps, s, block, warps, reps=20):

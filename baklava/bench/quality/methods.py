@@ -24,9 +24,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from baklava.eviction import EvictionConfig
 from baklava.profiles.allocators import make_allocator
 from baklava.profiles.allocators.base import water_fill
-from baklava.profiles.eviction import EvictionConfig
 from baklava.profiles.head_scores import HeadScores
 from baklava.runtime.packed_cache import BudgetedCache, BudgetedLayer
 from baklava.runtime.selection import keep_priority

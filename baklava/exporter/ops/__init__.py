@@ -9,6 +9,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper
 
+from baklava.eviction import EvictionConfig
 from baklava.exporter.ops import budgeted_attention, cache_update
 from baklava.exporter.ops.spec import (
     BUDGETED_ATTENTION,
@@ -17,7 +18,6 @@ from baklava.exporter.ops.spec import (
     ONNX_OPSET,
     OPSET_VERSION,
 )
-from baklava.profiles.eviction import EvictionConfig
 
 __all__ = ["BUDGETED_ATTENTION", "BUDGETED_CACHE_UPDATE", "DOMAIN", "layer_ops", "single_layer_model"]
 

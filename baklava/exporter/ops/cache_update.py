@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from onnx import FunctionProto, NodeProto
 
+from baklava.eviction import POLICIES
 from baklava.exporter.ops.body import DOUBLE, FLOAT, INT64, Body, make_op_node
 from baklava.exporter.ops.spec import BUDGETED_CACHE_UPDATE
-from baklava.profiles.eviction import POLICIES
 from baklava.runtime.selection import TIER
 
 

@@ -102,7 +102,7 @@ def generate_onnx(
     """Greedy-decode ``prompts`` as one left-padded batch; returns :class:`Generation` s.
 
     ``decoder`` is an :class:`OnnxDecoder` or a
-    :class:`~baklava.runtime.tensorrt_backend.TensorRTDecoder` (same step interface). The prompt
+    :class:`~baklava.backends.tensorrt_backend.TensorRTDecoder` (same step interface). The prompt
     is prefilled in steps of at most ``chunk`` tokens (all at once by default); the cache ops
     compress after every step. With ``return_logits=n`` also returns the logits of the first
     ``n`` generated positions; ``stats`` receives ``kv_bytes``, measured from the cache buffers.

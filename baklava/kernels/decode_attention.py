@@ -1,6 +1,6 @@
 """Triton kernel: decode attention over the packed, ragged per-head cache (flash-decoding).
 
-Contract: :func:`baklava.trt_plugins.reference.packed_decode_attention` (one decode step of
+Contract: :func:`baklava.kernels.reference.packed_decode_attention` (one decode step of
 ``BudgetedLayer.attend``). Layout: ``keys/values [B, C, D]`` with KV head ``h`` owning slots
 ``[o_h, o_h + cap_h)`` of which the first ``fill[b, h]`` are live; no padding to the largest head.
 
@@ -18,19 +18,20 @@ Two launches, pointer-and-stride only (what a TensorRT plugin's ``enqueue`` can 
 For the H2O policy (``logits=`` given) the split kernel also writes every live slot's scaled
 logits ``[B, C, group]`` (fp32) and the combine kernel each query head's log-sum-exp and the new
 token's probability ``[B, H_q]``: the cache-update kernel
-(:mod:`baklava.trt_plugins.triton_cache_update`) turns them into the attention each slot
+(:mod:`baklava.kernels.cache_update`) turns them into the attention each slot
 received, without reading the keys a second time (``4 x group`` bytes per slot written and
 read, against ``4 x D`` bytes of keys and values in bf16).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
+
+from baklava.kernels.launch import dependent_launch
 
 
 @triton.jit
@@ -148,19 +149,6 @@ def multiprocessors(device) -> int:
     """SM count of a CUDA device; 4 elsewhere (the Triton interpreter runs on the CPU)."""
     device = torch.device(device)
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
-def dependent_launch(device) -> bool:
-    """Whether kernels on ``device`` may use programmatic dependent launch (Hopper and later): a
-    kernel is launched while the previous one drains and waits for it (``gdc_wait``) before it
-    touches memory, hiding the launch gap (1-2 us a kernel inside a CUDA graph)."""
-    device = torch.device(device)
-    return device.type == "cuda" and _capability(device.index) >= 9
-
-
-@functools.cache
-def _capability(index: int | None) -> int:
-    return torch.cuda.get_device_capability(index)[0]
 
 
 def tile_length(capacities, batch: int, block_n: int, sms: int, per_sm: int | None = None) -> int:

@@ -229,7 +229,7 @@ def packed_cache_update(
     assert scores.dtype == torch.float32 and positions.stride(-1) == 1 and scores.stride(-1) == 1
     assert fill.stride(-1) == 1
     if table is None:
-        from baklava.trt_plugins.triton_decode_attention import multiprocessors, tile_length, tile_table
+        from baklava.kernels.decode_attention import multiprocessors, tile_length, tile_table
 
         caps = capacities.tolist()
         tile = tile_length(caps, batch, 64, multiprocessors(keys.device))

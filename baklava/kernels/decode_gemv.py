@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from baklava.trt_plugins.triton_decode_attention import dependent_launch
+from baklava.kernels.launch import dependent_launch
 
 PLAIN, RESIDUAL, SILU_GATE = 0, 1, 2  # epilogues
 _PLAIN, _RESIDUAL, _SILU_GATE = tl.constexpr(PLAIN), tl.constexpr(RESIDUAL), tl.constexpr(SILU_GATE)

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from baklava.trt_plugins.triton_cache_update import _priority
+from baklava.kernels.cache_update import _priority
 
 NEG_BITS = tl.constexpr(-1)  # int64 bits of padding candidates: below every valid priority (those are >= 0)
 

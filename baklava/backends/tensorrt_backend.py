@@ -4,8 +4,8 @@ The cache is allocated once per generation (one set of device buffers, no double
 each ``past.*`` tensor is bound by address as the engine's input *and* as the matching
 ``present.*`` output, which the ``BudgetedCacheUpdate`` plugin declares aliased to its input, so
 a step updates the cache in place and moves no cache bytes. The step interface is the ONNX
-Runtime decoder's (:class:`~baklava.runtime.onnx_backend.OnnxDecoder`), so the same greedy loop
-(:func:`~baklava.runtime.onnx_backend.generate_onnx`) drives both.
+Runtime decoder's (:class:`~baklava.backends.onnx_backend.OnnxDecoder`), so the same greedy loop
+(:func:`~baklava.backends.onnx_backend.generate_onnx`) drives both.
 
 Before anything is loaded, :func:`check_engine` compares the manifest's ``engine`` entry with this
 TensorRT, this GPU and the requested batch and chunk, and stops with one line if they differ
@@ -69,12 +69,12 @@ class DeviceCache:
 
 
 class TensorRTDecoder:
-    """A built ``model.engine`` (see :mod:`baklava.exporter.engine`) on the current CUDA device."""
+    """A built ``model.engine`` (see :mod:`baklava.trt_plugins.engine_build`) on the current CUDA device."""
 
     def __init__(self, artifact_dir: str | os.PathLike, manifest: dict):
         import torch
 
-        from baklava.exporter.engine import current_gpu, require_tensorrt
+        from baklava.trt_plugins.engine_build import current_gpu, require_tensorrt
 
         trt = require_tensorrt()
         gpu, capability = current_gpu("the tensorrt backend")
