@@ -48,12 +48,13 @@ def _precheck(lm, budget, o) -> None:
 
 
 def _allocate(profile, budget, lm, settings, o) -> object:
+    from baklava.profiles.allocators.baklava_allocator import DEFAULT_FLOOR_FRAC
     from baklava.profiles.pipeline import allocate
 
     params = None
     if o["method"] == "baklava" and (o["sharpness"] is not None or o["floor_frac"] is not None):
         params = {"sharpness": o["sharpness"] if o["sharpness"] is not None else 1.0}
-        params["floor_frac"] = o["floor_frac"] if o["floor_frac"] is not None else 0.25
+        params["floor_frac"] = o["floor_frac"] if o["floor_frac"] is not None else DEFAULT_FLOOR_FRAC
     return allocate(
         profile,
         budget,

@@ -208,6 +208,12 @@ def test_run_rejects_tampered_artifact(tiny_model_dir, tmp_path, capfd):
     )
     assert code == 0, err
     profile = out / "profile.json"
+    # without the search the deployed floor is still the search's default (half the uniform share)
+    alloc = json.loads(profile.read_text())["allocation"]
+    assert alloc["params"]["floor_frac"] == 0.5 and alloc["search"] is None
+    caps = json.loads(profile.read_text())["capacities"]
+    flat = [c for layer in caps for c in layer]
+    assert min(flat) >= int(0.5 * sum(flat) / len(flat))
     profile.write_text(profile.read_text() + " ")
     code, _, err = call(run_main, [out, "--prompt", "the"], capfd)
     assert_one_line_error(code, err, "baklava-run", "sha256")

@@ -489,3 +489,38 @@ def test_merge_compares_the_reconstruction_pool(tmp_path):
     assert merge_quality([old, same], tmp_path / "ok", with_rows=False)["meta"]["lengths"] == [2048, 4096]
     with pytest.raises(BaklavaError, match="reconstruct_pool"):
         merge_quality([old, other], tmp_path / "no")
+
+
+@pytest.mark.parametrize("length", [160, 200, 256])
+@pytest.mark.parametrize("fraction", [0.1, 0.3, 0.5])
+def test_benchmark_budget_at_a_length_is_an_export_with_that_max_context(length, fraction):
+    """One meaning of budget: the benchmark's budget ``b`` on prompts of ``L`` tokens gives the
+    capacities of ``baklava-export --budget b --max-context L`` (same profile, same searched
+    parameters; the search depends on the fraction, not on the context)."""
+    from baklava.profiles.pipeline import allocate
+    from baklava.profiles.profile_file import BudgetProfile, ModelInfo
+    from tests.conftest import tiny_config
+
+    scores = HeadScores(np.array([[0.1, 0.5], [0.9, 0.3]]), np.array([0.2, 0.01]))
+    profile = BudgetProfile(ModelInfo.from_config(tiny_config(), "tiny"), scores, EvictionConfig())
+    params = {"sharpness": 2.0, "floor_frac": 0.5}
+    exported = allocate(profile, str(fraction), max_context=length, params=params, search=False)
+    benchmarked, _ = plan(
+        "baklava", fraction, length, MethodContext(scores, EvictionConfig(), {fraction: params}), None
+    )
+    np.testing.assert_array_equal(exported.capacities, benchmarked)
+
+
+def test_below_the_floors_the_benchmark_spends_the_floor_and_export_refuses():
+    """Where ``budget x L`` is under 16 slots a head, the benchmark raises every head to the floor
+    (its row then costs more than the budget says) and export refuses with one line."""
+    from baklava.errors import BaklavaError
+    from baklava.profiles.pipeline import allocate
+    from baklava.profiles.profile_file import BudgetProfile, ModelInfo
+    from tests.conftest import tiny_config
+
+    scores = HeadScores(np.array([[0.1, 0.5], [0.9, 0.3]]), np.array([0.2, 0.01]))
+    assert total_slots(0.1, (2, 2), 64) == 4 * 16 > round(0.1 * 4 * 64)
+    profile = BudgetProfile(ModelInfo.from_config(tiny_config(), "tiny"), scores, EvictionConfig())
+    with pytest.raises(BaklavaError, match="smaller than the floor"):
+        allocate(profile, "0.1", max_context=64, params={"sharpness": 1.0}, search=False)

@@ -41,12 +41,13 @@ from tqdm.auto import tqdm
 
 from baklava.eviction import EvictionConfig
 from baklava.profiles.allocators import BaklavaAllocator, UniformAllocator
+from baklava.profiles.allocators.baklava_allocator import DEFAULT_FLOOR_FRAC
 from baklava.profiles.allocators.base import Allocator
 from baklava.profiles.head_scores import HeadScores
 from baklava.runtime.cache_keyword import forward_cache
 
 DEFAULT_SHARPNESS = (0.5, 1.0, 2.0)
-DEFAULT_FLOORS = (0.5,)
+DEFAULT_FLOORS = (DEFAULT_FLOOR_FRAC,)
 DEFAULT_GRID = {"sharpness": DEFAULT_SHARPNESS, "floor_frac": DEFAULT_FLOORS}
 OBJECTIVES = ("reconstruction", "continuation")
 

@@ -25,6 +25,12 @@ def importance_weights(scores: np.ndarray, sharpness: float) -> np.ndarray:
     return (s / s.mean()) ** sharpness
 
 
+# Every head keeps at least half the uniform share: the allocation search's default grid uses
+# this floor (allocation_search.DEFAULT_FLOORS), so an allocation without the search
+# (--no-search, --sharpness) deploys the same floor as one with it.
+DEFAULT_FLOOR_FRAC = 0.5
+
+
 @dataclass
 class BaklavaAllocator(Allocator):
     """Per-head capacities from per-head importance.
@@ -38,7 +44,7 @@ class BaklavaAllocator(Allocator):
     """
 
     sharpness: float = 1.0
-    floor_frac: float = 0.25
+    floor_frac: float = DEFAULT_FLOOR_FRAC
     name = "baklava"
 
     def __post_init__(self) -> None:
