@@ -35,7 +35,9 @@ def _state(caps, batch, seed, policy, tie_scores):
             layer.positions[b, off : off + n] = pos.to(DEVICE)
             layer.fill[b, h] = n
     score = torch.rand(batch, layer.total, generator=gen) * 1e-2
-    if tie_scores:  # SnapKV pooling makes neighbours tie: coarse scores give many equal ones
+    if tie_scores == "wide":  # scores over 32 orders of magnitude: the search's range is all of it
+        score = 10.0 ** (torch.rand(batch, layer.total, generator=gen) * 32 - 30)
+    elif tie_scores:  # SnapKV pooling makes neighbours tie: coarse scores give many equal ones
         score = (score * 1e3).round() / 1e5
     layer.scores.copy_(score.to(DEVICE))
     layer.keys.copy_(torch.randn(batch, layer.total, D, generator=gen).half().to(DEVICE))
@@ -51,6 +53,7 @@ def _state(caps, batch, seed, policy, tie_scores):
         ([1, 6, 40], 2, 9, False),
         ([5, 17, 120, 2], 2, 33, True),  # one head keeps everything, others evict; ties
         ([24], 1, 70, False),  # chunk longer than the capacity
+        ([3, 9, 50, 31], 2, 40, "wide"),  # priorities spread over the whole float range
     ],
 )
 def test_select_keeps_what_the_reference_keeps(policy, caps, batch, chunk, tie_scores):
@@ -65,7 +68,11 @@ def test_select_keeps_what_the_reference_keeps(policy, caps, batch, chunk, tie_s
     mass = []
     for h in range(heads):
         m = torch.rand(batch, int(ref.fill[:, h].max()) + chunk, generator=gen) * 1e-2
-        mass.append(((m * 1e3).round() / 1e5 if tie_scores else m).to(DEVICE))
+        if tie_scores == "wide":
+            m = 10.0 ** (m * 3200 - 30)
+        elif tie_scores:
+            m = (m * 1e3).round() / 1e5
+        mass.append(m.to(DEVICE))
 
     # the kernel's inputs, built as attend() builds them before committing
     scores = ref.scores.clone()

@@ -10,10 +10,10 @@ in candidate (arrival) order.
 
 Two launches, pointer and stride arguments only:
 
-1. ``_select_kernel`` grid ``(B, H_kv)``: finds the ``k``-th largest priority by bisection on its
-   float64 bit pattern (priorities of valid candidates are >= 0, so the bits order like the
-   values; 64 counting passes over the candidates, none when every candidate fits), then one ordered pass writes the kept
-   candidates' indices (``j`` for stored slot ``j``, ``cap_h + i`` for new token ``i``) and the
+1. ``_select_kernel`` grid ``(B, H_kv)``: finds the ``k``-th largest priority by a 16-way search on
+   its float64 bit pattern (priorities of valid candidates are >= 0, so the bits order like the
+   values; each pass over the candidates counts them against 15 thresholds, 17 passes; none when
+   every candidate fits), then one ordered pass writes the kept candidates' indices (``j`` for stored slot ``j``, ``cap_h + i`` for new token ``i``) and the
    new fill;
 2. ``_gather_kernel`` grid ``(B, H_kv, ceil(max cap / BLOCK))``: copies the kept keys, values,
    positions and scores into *separate* output buffers (a TensorRT plugin's ``present_*``; the
@@ -28,6 +28,8 @@ import triton.language as tl
 
 from baklava.kernels.cache_update import _priority
 
+WAYS = tl.constexpr(16)  # parts the k-th-largest search splits its range into per pass
+SEARCH_PASSES = 17  # ceil(63 / log2(WAYS)) + 1: from the whole non-negative int64 range to one value
 NEG_BITS = tl.constexpr(-1)  # int64 bits of padding candidates: below every valid priority (those are >= 0)
 
 
@@ -75,6 +77,24 @@ def _count_at_least(
     return count
 
 
+@triton.jit
+def _counts_at_least(
+    POS, SCORE, NEW_POS, NEW_SCORE, NEW_VALID, b, h, base, fill, t,
+    stride_pb, stride_sb, stride_npb, stride_nsb, stride_nsh, stride_nvb,
+    seen_after, sink, window, CAP, S, H2O: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """:func:`_count_at_least` for a vector of thresholds ``t [WAYS]`` in one pass."""
+    count = tl.zeros([WAYS], tl.int64)
+    for j0 in range(0, CAP + S, BLOCK):
+        bits = _candidate_bits(
+            POS, SCORE, NEW_POS, NEW_SCORE, NEW_VALID, b, h, base, fill, j0 + tl.arange(0, BLOCK),
+            stride_pb, stride_sb, stride_npb, stride_nsb, stride_nsh, stride_nvb,
+            seen_after, sink, window, CAP, S, H2O,
+        )  # fmt: skip
+        count += tl.sum((bits[:, None] >= t[None, :]).to(tl.int64), 0)
+    return count
+
+
 # Arguments that differ from call to call in a batching engine: a row of a slot pool starts at
 # row x sum(cap) elements (so its positions / scores / fill pointers are 16-byte aligned or not by
 # the row's parity), each layer has its own sum(cap) (the row strides), and a prompt's last chunk
@@ -119,22 +139,28 @@ def _select_kernel(
     )  # fmt: skip
     k = tl.minimum(cap, n_valid)
 
-    # the k-th largest bit pattern: largest t with count(bits >= t) >= k. When every valid
-    # candidate fits (a head that does not evict this chunk, every head at budget 1.0) that is
-    # t = 0 and the 64 counting passes are skipped: they were most of a long prompt's prefill
+    # the k-th largest bit pattern: largest t with count(bits >= t) >= k, searched in [lo, hi]
+    # (count(bits >= lo) >= k holds throughout). Each pass splits the range into WAYS parts and
+    # counts against the inner thresholds at once: the range of 2^63 shrinks WAYS-fold a pass, so
+    # 17 passes reach one value (a bisection took 64). When every valid candidate fits (a head
+    # that does not evict this chunk, every head at budget 1.0) the answer is t = 0: no passes.
     lo = tl.zeros([], tl.int64)
     hi = tl.full([], 0x7FF0000000000000, tl.int64)  # +inf
-    passes = tl.where(n_valid > cap, 64, 0)
+    ways = tl.arange(0, WAYS).to(tl.int64)  # 0 stands for lo itself (known to qualify)
+    passes = tl.where(n_valid > cap, SEARCH_PASSES, 0)
     for _ in range(passes):
-        mid = lo + (hi - lo + 1) // 2
-        count = _count_at_least(
-            POS, SCORE, NEW_POS, NEW_SCORE, NEW_VALID, b, h, base, fill, mid,
+        step = (hi - lo + WAYS - 1) // WAYS
+        t = tl.minimum(lo + ways * step, hi)
+        counts = _counts_at_least(
+            POS, SCORE, NEW_POS, NEW_SCORE, NEW_VALID, b, h, base, fill, t,
             stride_pb, stride_sb, stride_npb, stride_nsb, stride_nsh, stride_nvb,
             seen_after, sink, window, cap, S, H2O, BLOCK,
         )  # fmt: skip
-        ok = count >= k
-        lo = tl.where(ok & (lo < hi), mid, lo)
-        hi = tl.where(ok | (lo >= hi), hi, mid - 1)
+        # thresholds that qualify (counts fall as t grows): the last one is the new lo
+        best = tl.sum(((counts >= k) & (ways > 0)).to(tl.int64), 0)
+        new_hi = tl.where(best < WAYS - 1, tl.minimum(hi, lo + (best + 1) * step - 1), hi)
+        lo = tl.minimum(lo + best * step, hi)
+        hi = tl.maximum(new_hi, lo)
     threshold = lo
 
     # ordered pass: everything above the threshold, and the first ties at it (lowest index first)
