@@ -5,6 +5,7 @@ For every context S (one random prompt of S tokens)::
     transformers sdpa, one pass       model(ids, DynamicCache)              the reference
     baklava, budget b, one pass       prefill(model, BudgetedCache, ids)
     baklava, budget b, chunk C        prefill(..., chunk=C): the cache evicts after every chunk
+    (with kernel=True also) the same with later chunks by kernels/prefill_attention.py
 
 each timed from the first forward to the last token's logits (synchronised; one warm-up, then
 the best of ``repeats``), with the peak GPU memory above the weights and the KV bytes the cache
@@ -24,7 +25,7 @@ from baklava.eviction import EvictionConfig
 from baklava.runtime.attention import enable
 from baklava.runtime.cache_keyword import forward_cache
 from baklava.runtime.generate import prefill
-from baklava.runtime.packed_cache import BudgetedCache
+from baklava.runtime.packed_cache import BudgetedCache, BudgetedLayer
 
 
 def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float, object]:
@@ -56,6 +57,7 @@ def prefill_speed(
     contexts: list[int],
     budgets: list[float],
     chunks: list[int | None],
+    kernel: bool = False,
     repeats: int = 3,
     seed: int = 0,
     progress: Callable[[dict], None] | None = None,
@@ -97,6 +99,25 @@ def prefill_speed(
                 seconds, peak, cache = timed(budgeted, repeats)
                 report(_row(context, "baklava", budget, chunk, seconds, ref, peak, kv_gib(cache)))
                 del cache
+                if kernel and chunk is not None:  # later chunks by the Triton prefill kernels
+                    BudgetedLayer.prefill_kernel = True
+                    try:
+                        seconds, peak, cache = timed(budgeted, repeats)
+                    finally:
+                        BudgetedLayer.prefill_kernel = False
+                    report(
+                        _row(
+                            context,
+                            "baklava, prefill kernel",
+                            budget,
+                            chunk,
+                            seconds,
+                            ref,
+                            peak,
+                            kv_gib(cache),
+                        )
+                    )
+                    del cache
     return rows
 
 

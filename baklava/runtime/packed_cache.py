@@ -53,6 +53,10 @@ class BudgetedLayer(CacheLayerMixin):
     # prefill chunks without padding through SDPA's causal kernels (prefill_attention.unpadded_chunk);
     # False: the per-head biased path every chunk (the reference the fast one is tested against)
     unpadded_prefill = True
+    # later chunks of an unpadded prefill in two Triton launches per layer instead of an SDPA call
+    # per KV head (kernels/prefill_attention.py; where the decode kernels run). Off until measured
+    # on a GPU against the SDPA path (baklava-bench prefill --kernel)
+    prefill_kernel = False
     is_compileable = False
     is_croppable = False
     supports_early_init = True

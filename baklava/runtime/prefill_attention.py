@@ -114,6 +114,8 @@ def unpadded_chunk(layer, query, k_new, v_new, scale, obs: int):
             return out, [(0, None)] * heads
         mass = observation_mass(query, k_new, 0, obs, scale)
         return out, [(0, mass[:, h]) for h in range(heads)]
+    if layer.prefill_kernel and layer._use_kernels():
+        return _kernel_chunk(layer, query, k_new, v_new, scale, obs, fills[0])
     out = query.new_empty(batch, q_heads, s, v_new.shape[-1])
     masses = []
     for h, (off, n) in enumerate(zip(layer.offsets, fills[0], strict=True)):
@@ -123,3 +125,17 @@ def unpadded_chunk(layer, query, k_new, v_new, scale, obs: int):
         out[:, h * group : (h + 1) * group] = causal_attention(qh, k, v, n, scale)
         masses.append((n, observation_mass(qh, k, n, obs, scale)[:, 0] if obs else None))
     return out, masses
+
+
+def _kernel_chunk(layer, query, k_new, v_new, scale, obs: int, fills: list[int]):
+    """:func:`unpadded_chunk` 's later chunks in two Triton launches for the whole layer
+    (:mod:`baklava.kernels.prefill_attention`): stored slots read in place, no per-head loop."""
+    from baklava.kernels.prefill_attention import observation_masses, prefill_attention
+
+    offsets = torch.tensor(layer.offsets, dtype=torch.int32, device=query.device)
+    out, lse = prefill_attention(query, layer.keys, layer.values, k_new, v_new, layer.fill, offsets, scale)
+    if not obs:
+        return out.transpose(1, 2), [(n, None) for n in fills]
+    mass = observation_masses(query, layer.keys, k_new, layer.fill, offsets, lse, max(fills), obs, scale)
+    s = query.shape[2]
+    return out.transpose(1, 2), [(n, mass[:, h, : n + s]) for h, n in enumerate(fills)]

@@ -1,0 +1,95 @@
+"""The prefill-attention kernels against the SDPA path of an unpadded chunk (their reference).
+
+A layer's stored slots (ragged capacities, heads full and empty) and a new chunk, GQA: the
+kernels' output, log-sum-exp and SnapKV masses against per-head PyTorch attention over
+``[stored | chunk]``; then whole chunked prefills through ``BudgetedLayer.attend`` with and
+without the kernels keep the same tokens. Runs on a CUDA device, or in Triton's interpreter.
+"""
+
+import pytest
+import torch
+
+from baklava.eviction import EvictionConfig
+from baklava.runtime.packed_cache import BudgetedLayer
+from tests.triton_env import DEVICE
+
+pytest.importorskip("triton", reason="Triton is not installed")
+
+from baklava.kernels.prefill_attention import observation_masses, prefill_attention  # noqa: E402
+
+D = 32
+
+
+def _reference(query, layer, k_new, v_new, scale, obs):
+    """Per KV head: softmax over [stored slots | causal chunk] in fp32; out, lse and masses."""
+    batch, q_heads, s, _ = query.shape
+    group = q_heads // layer.num_heads
+    outs, lses, masses = [], [], []
+    for h, off in enumerate(layer.offsets):
+        n = int(layer.fill[0, h])
+        k = torch.cat([layer.keys[:, off : off + n], k_new[:, h]], 1).float()  # [B, n + s, D]
+        v = torch.cat([layer.values[:, off : off + n], v_new[:, h]], 1).float()
+        q = query[:, h * group : (h + 1) * group].float()  # [B, g, s, D]
+        logits = q @ k[:, None].transpose(-1, -2) * scale  # [B, g, s, n + s]
+        visible = torch.ones(s, n + s, dtype=torch.bool, device=q.device).tril(n)
+        logits = logits.masked_fill(~visible, float("-inf"))
+        lse = torch.logsumexp(logits, -1)
+        probs = torch.exp(logits - lse[..., None])
+        outs.append(probs @ v[:, None])
+        lses.append(lse)
+        masses.append(probs[:, :, s - obs :].sum(2).mean(1))  # [B, n + s]
+    return torch.cat(outs, 1), torch.cat(lses, 1), masses
+
+
+@pytest.mark.parametrize(
+    ("caps", "fills", "chunk"), [([40, 7, 90], [40, 0, 33], 21), ([16, 16], [5, 16], 70)]
+)
+def test_kernels_match_attention_over_stored_slots_and_the_chunk(caps, fills, chunk):
+    gen = torch.Generator().manual_seed(len(caps) + chunk)
+    rand = lambda *s: torch.randn(*s, generator=gen).half().to(DEVICE)  # noqa: E731
+    batch, heads, group, obs = 2, len(caps), 3, 8
+    layer = BudgetedLayer(caps, EvictionConfig())
+    empty = torch.empty(batch, heads, 0, D, dtype=torch.float16, device=DEVICE)
+    layer.lazy_initialization(empty, empty)
+    layer.keys.copy_(rand(batch, layer.total, D))
+    layer.values.copy_(rand(batch, layer.total, D))
+    layer.fill.copy_(torch.tensor([fills] * batch))
+    query = rand(batch, heads * group, chunk, D)
+    k_new, v_new = rand(batch, heads, chunk, D), rand(batch, heads, chunk, D)
+    offsets = torch.tensor(layer.offsets, dtype=torch.int32, device=DEVICE)
+    scale = D**-0.5
+
+    out, lse = prefill_attention(query, layer.keys, layer.values, k_new, v_new, layer.fill, offsets, scale)
+    mass = observation_masses(query, layer.keys, k_new, layer.fill, offsets, lse, max(fills), obs, scale)
+    want_out, want_lse, want_masses = _reference(query, layer, k_new, v_new, scale, obs)
+    torch.testing.assert_close(out.transpose(1, 2).float(), want_out, atol=2e-3, rtol=0)
+    torch.testing.assert_close(lse, want_lse, atol=1e-3, rtol=0)
+    for h, n in enumerate(fills):
+        torch.testing.assert_close(mass[:, h, : n + chunk], want_masses[h], atol=1e-3, rtol=0)
+        assert (mass[:, h, n + chunk :] == 0).all()  # columns past the head's candidates stay empty
+
+
+@pytest.mark.parametrize("policy", ["h2o", "ring"])
+def test_chunked_prefill_with_the_kernel_keeps_what_the_sdpa_path_keeps(policy, monkeypatch):
+    """Three unpadded chunks through ``attend`` (commit kernels on), the later ones by the prefill
+    kernels or by SDPA per head: same outputs, same kept tokens, heads evicting."""
+    caps, batch, q_heads = [3, 11, 20], 2, 6
+    gen = torch.Generator().manual_seed(3)
+    rand = lambda *s: torch.randn(*s, generator=gen).half().to(DEVICE)  # noqa: E731
+    eviction = EvictionConfig(sink=1, window=2, policy=policy, obs_window=4, pool_kernel=3)
+    layers = {}
+    for kernel in (False, True):
+        layers[kernel] = BudgetedLayer(caps, eviction)
+        layers[kernel].decode_kernels = "triton"
+        layers[kernel].prefill_kernel = kernel
+    for chunk in (12, 16, 9):
+        k, v, q = rand(batch, 3, chunk, D), rand(batch, 3, chunk, D), rand(batch, q_heads, chunk, D)
+        outs = []
+        for layer in layers.values():
+            layer.update(k, v)
+            outs.append(layer.attend(q, None, D**-0.5)[0].float())
+        torch.testing.assert_close(outs[1], outs[0], atol=2e-3, rtol=0)
+    ref, got = layers[False], layers[True]
+    assert torch.equal(ref.fill, got.fill) and int(ref.fill.min()) == 3 < 37  # every head evicted some
+    assert torch.equal(ref.positions, got.positions)
+    torch.testing.assert_close(got.scores, ref.scores, atol=1e-3, rtol=0)
