@@ -379,7 +379,8 @@ def test_query_blocks_give_the_same_prefill(tiny_llama, monkeypatch):
 
 @pytest.mark.parametrize("policy", ["h2o", "ring"])
 @pytest.mark.parametrize("chunk", [None, 7])
-def test_unpadded_prefill_matches_the_biased_per_head_path(policy, chunk, monkeypatch):
+@pytest.mark.parametrize("room", [False, True])
+def test_unpadded_prefill_matches_the_biased_per_head_path(policy, chunk, room, monkeypatch):
     """Chunks without padding skip the bias (SDPA's causal kernels, one call per layer for the first
     chunk, SnapKV masses from the observation window alone): same logits, same kept tokens, same
     scores as the per-head biased path, with heads evicting in the middle of the prompt."""
@@ -392,11 +393,13 @@ def test_unpadded_prefill_matches_the_biased_per_head_path(policy, chunk, monkey
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_config(num_attention_heads=8, num_key_value_heads=4)).eval()  # GQA 2
     ev = EvictionConfig(sink=2, window=3, policy=policy, obs_window=4, pool_kernel=3)
-    caps = [[1, 7, 12, 30], [9, 3, 16, 5]]
+    # room: every head holds the prompt, so every chunk is appended in place (append_chunk)
+    caps = [[26, 30, 27, 40], [25, 33, 26, 28]] if room else [[1, 7, 12, 30], [9, 3, 16, 5]]
     ids = torch.randint(3, 96, (2, 25), generator=torch.Generator().manual_seed(5))
-    calls = []
-    real = prefill_attention.unpadded_chunk
+    calls, appends = [], []
+    real, real_append = prefill_attention.unpadded_chunk, prefill_attention.append_chunk
     monkeypatch.setattr(prefill_attention, "unpadded_chunk", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(prefill_attention, "append_chunk", lambda *a: appends.append(1) or real_append(*a))
     runs = {}
     for fast in (False, True):
         monkeypatch.setattr(BudgetedLayer, "unpadded_prefill", fast)
@@ -406,6 +409,7 @@ def test_unpadded_prefill_matches_the_biased_per_head_path(policy, chunk, monkey
             after = decode_one_token(model, cache, logits.argmax(-1, keepdim=True))
         runs[fast] = (cache, logits, after)
     assert len(calls) == 2 * (1 if chunk is None else 4)  # the fast run took it, every layer and chunk
+    assert len(appends) == (len(calls) if room else 0)  # without room some head evicts every chunk
     (ref, ref_logits, ref_after), (got, got_logits, got_after) = runs[False], runs[True]
     torch.testing.assert_close(got_logits, ref_logits, rtol=0, atol=1e-5)
     torch.testing.assert_close(got_after, ref_after, rtol=0, atol=1e-5)
@@ -414,7 +418,8 @@ def test_unpadded_prefill_matches_the_biased_per_head_path(policy, chunk, monkey
         assert torch.equal(a.positions, b.positions) and torch.equal(a.valid_seen, b.valid_seen)
         torch.testing.assert_close(a.keys, b.keys, rtol=0, atol=1e-5)
         torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-5)
-    assert int(ref.layers[0].fill[0, 0]) == 1 < 25  # heads evicted during the prefill
+    if not room:
+        assert int(ref.layers[0].fill[0, 0]) == 1 < 25  # heads evicted during the prefill
 
 
 def test_padded_prompts_keep_the_biased_path(tiny_llama, monkeypatch):

@@ -270,8 +270,11 @@ class BudgetedLayer(CacheLayerMixin):
             fast = prefill_attention.unpadded_chunk(self, query, k_new, v_new, scaling, obs * need_scores)
             if fast is not None:
                 out, masses = fast
-                valid_new = torch.ones(batch, q_len, dtype=torch.bool, device=self.device)
-                self._commit(k_new, v_new, valid_new, masses, kernels)
+                if all(n + q_len <= cap for (n, _), cap in zip(masses, self.capacities, strict=True)):
+                    prefill_attention.append_chunk(self, k_new, v_new, masses)  # nothing to evict
+                else:
+                    valid_new = torch.ones(batch, q_len, dtype=torch.bool, device=self.device)
+                    self._commit(k_new, v_new, valid_new, masses, kernels)
                 return out.transpose(1, 2).contiguous(), None
 
         new_bias = new_token_bias(attention_mask, batch, q_len, query)  # [B, 1, q, q]

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from baklava.runtime.selection import snapkv_pool
+
 QUERY_BLOCK = 2048  # long prefills attend in blocks of queries: the math kernel's memory stays bounded
 
 
@@ -139,3 +141,27 @@ def _kernel_chunk(layer, query, k_new, v_new, scale, obs: int, fills: list[int])
     mass = observation_masses(query, layer.keys, k_new, layer.fill, offsets, lse, max(fills), obs, scale)
     s = query.shape[2]
     return out.transpose(1, 2), [(n, mass[:, h, : n + s]) for h, n in enumerate(fills)]
+
+
+def append_chunk(layer, k_new, v_new, masses) -> None:
+    """Commit an unpadded chunk ``k_new, v_new [B, H_kv, S, D]`` that fits every head (``n + S <=
+    cap`` for each head's ``(n, mass)`` of :func:`unpadded_chunk`): each head's new tokens go
+    after its live slots, in place, as the reference's room-for-everything branch
+    (``BudgetedLayer._commit_head``) writes them. No selection, no copy of the layer: at budget 1.0
+    every chunk of a prompt within the reference context takes this path."""
+    batch, _, s, _ = k_new.shape
+    positions = layer.valid_seen[:, None] + torch.arange(s, device=layer.device)  # [B, S]
+    for h, ((n, mass), off) in enumerate(zip(masses, layer.offsets, strict=True)):
+        lo = off + n
+        layer.keys[:, lo : lo + s] = k_new[:, h]
+        layer.values[:, lo : lo + s] = v_new[:, h]
+        layer.positions[:, lo : lo + s] = positions
+        if mass is None:
+            layer.scores[:, lo : lo + s] = 0
+        else:
+            layer.scores[:, off : off + n] += mass[:, :n]
+            new = mass[:, n:]
+            layer.scores[:, lo : lo + s] = snapkv_pool(new, layer.eviction.pool_kernel) if s > 1 else new
+    layer.fill += s
+    layer.valid_seen += s
+    layer.seen += s
