@@ -149,7 +149,7 @@ def append_chunk(layer, k_new, v_new, masses) -> None:
     after its live slots, in place, as the reference's room-for-everything branch
     (``BudgetedLayer._commit_head``) writes them. No selection, no copy of the layer: at budget 1.0
     every chunk of a prompt within the reference context takes this path."""
-    batch, _, s, _ = k_new.shape
+    s = k_new.shape[2]
     positions = layer.valid_seen[:, None] + torch.arange(s, device=layer.device)  # [B, S]
     for h, ((n, mass), off) in enumerate(zip(masses, layer.offsets, strict=True)):
         lo = off + n
