@@ -20,7 +20,7 @@ written for that ABI:
 Flash-attention with an online softmax over the head's live slots, then the chunk's own tokens
 (causal, padding masked); tile 0 then re-reads the keys once to turn its logits into
 probabilities (``exp(s - lse)``) summed over the observation rows and averaged over the group.
-Decode-speed work (split along the cache) lives in :mod:`triton_decode_attention`, which the
+Decode-speed work (split along the cache) lives in :mod:`baklava.kernels.decode_attention`, which the
 PyTorch runtime launches as two kernels; TensorRT's one-launch ABI does not allow that split.
 """
 

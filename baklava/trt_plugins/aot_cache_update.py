@@ -19,7 +19,8 @@ their int64 bit patterns. Three cases, by the number ``n`` of valid candidates:
 * ``n == cap + 1`` (every full decode step): one pass finds the lowest priority, ties going to the
   highest candidate index, and drops that one candidate;
 * otherwise (a prefill chunk into a full head): bisection on the bit pattern for the
-  ``cap``-th largest priority (64 counting passes), as :mod:`triton_prefill_select`.
+  ``cap``-th largest priority (64 counting passes), as :mod:`baklava.kernels.prefill_select` did
+  before its 16-way search.
 
 Then one ordered pass compacts: the ``r``-th kept candidate goes to slot ``r <= its index``, so a
 block only ever writes slots that this or an earlier block already read (a barrier separates a
