@@ -524,3 +524,48 @@ def test_below_the_floors_the_benchmark_spends_the_floor_and_export_refuses():
     profile = BudgetProfile(ModelInfo.from_config(tiny_config(), "tiny"), scores, EvictionConfig())
     with pytest.raises(BaklavaError, match="smaller than the floor"):
         allocate(profile, "0.1", max_context=64, params={"sharpness": 1.0}, search=False)
+
+
+def test_chunked_mode_prefills_each_cache_as_the_engine_does(tiny_llama, monkeypatch):
+    """``prefill_chunk``: a method's cache is what the runtime's chunked prefill (the engine's
+    path) leaves in a cache of the method's capacities: same kept tokens, same first logits; no
+    reconstruction pass; every method forward is at most one chunk long."""
+    from baklava.bench.quality import runner as runner_module
+    from baklava.runtime import prefill
+
+    monkeypatch.setattr(runner_module, "score_by_reconstruction", lambda *a, **k: pytest.fail("re-read"))
+    ids = torch.randint(3, 96, (58,), generator=torch.Generator().manual_seed(2)).tolist()
+    sample = Sample("niah_single", 64, 0, ids[:50], ids[50:], ["5"], 4)
+    ctx = MethodContext(HeadScores.constant(2, 2), EvictionConfig(sink=2, window=4), {})
+    seen = {}
+    real_greedy, real_forward = Runner._greedy, Runner._forward
+
+    def greedy(self, cache, logits, mask, steps):
+        kept = [(layer.positions.clone(), layer.fill.clone()) for layer in cache.layers]  # before decoding
+        seen.setdefault("cache", []).append((cache.capacities, kept, logits.clone()))
+        return real_greedy(self, cache, logits, mask, steps)
+
+    monkeypatch.setattr(Runner, "_greedy", greedy)
+    monkeypatch.setattr(
+        Runner,
+        "_forward",
+        lambda self, x, *a, **k: (
+            seen.setdefault("q", []).append(x.shape[1]) or real_forward(self, x, *a, **k)
+        ),
+    )
+    for setting in ("query-aware", "query-agnostic"):
+        seen.clear()
+        Runner(tiny_llama, _Tok(), ctx, prefill_chunk=16).run([sample], setting, combos(["uniform"], [0.3]))
+        caps, kept, logits = seen["cache"][-1]  # after the full cache's row
+        want = BudgetedCache(caps, ctx.eviction)
+        if setting == "query-aware":
+            want_logits = prefill(tiny_llama, want, torch.tensor([ids]), chunk=16)
+        else:  # the context in chunks, then the question in chunks
+            prefill(tiny_llama, want, torch.tensor([ids[:50]]), chunk=16)
+            want_logits = prefill(tiny_llama, want, torch.tensor([ids[50:]]), chunk=16)
+        assert int(caps.max()) < 58  # every head evicted
+        torch.testing.assert_close(logits, want_logits, rtol=0, atol=1e-5)
+        for (positions, fill), layer in zip(kept, want.layers, strict=True):
+            assert torch.equal(positions, layer.positions) and torch.equal(fill, layer.fill)
+        assert seen["q"][0] == (58 if setting == "query-aware" else 50)  # the full prefill (for planning)
+        assert max(seen["q"][1:]) <= 16  # the method's own cache: one chunk at a time

@@ -169,6 +169,12 @@ def _width_or_auto(value: str) -> int | str:
     "the eviction's pool kernel below).",
 )
 @click.option(
+    "--prefill-chunk",
+    type=click.IntRange(1),
+    help="Prefill each method's cache in chunks of N tokens straight into its capacities, as the "
+    "engine deploys it (SnapKV scores, each head its own tokens) [default: compress one full prefill].",
+)
+@click.option(
     "--baklava-selection",
     type=click.Choice(["auto", "shared", "own"]),
     default="auto",
@@ -198,6 +204,7 @@ def quality_bench(
     pool_kernel,
     agnostic_scoring,
     reconstruct_pool,
+    prefill_chunk,
     baklava_selection,
     settings,
     scorer,
@@ -225,6 +232,7 @@ def quality_bench(
         agnostic_scoring=agnostic_scoring,
         reconstruct_pool=reconstruct_pool,
         baklava_selection=baklava_selection,
+        prefill_chunk=prefill_chunk,
         extra={"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])},
     )
     check_writable(Path(out) / "quality.json")

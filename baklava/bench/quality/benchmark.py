@@ -52,6 +52,10 @@ class QualityConfig:
     # tokens BaKlaVa's heads keep: "auto" (one shared ranking below budget 0.2, each head's own from
     # it), "shared" or "own" (runtime/shared_selection.py)
     baklava_selection: str = "auto"
+    # None: every method's cache is the one full prefill compressed (the benchmark's path); N: each
+    # method's cache is prefilled in N-token chunks straight into its capacities, as the engine and
+    # baklava-run do (SnapKV scores accumulated per chunk, each head its own tokens)
+    prefill_chunk: int | None = None
     chat: bool = True
     extra: dict = field(default_factory=dict)  # recorded in the JSON (command line, profile source)
 
@@ -145,6 +149,7 @@ def run_quality(
         agnostic_scoring=config.agnostic_scoring,
         reconstruct_pool=pool,
         baklava_selection=config.baklava_selection,
+        prefill_chunk=config.prefill_chunk,
     )
     rows = []
     out = Path(out_dir)
@@ -176,6 +181,7 @@ def run_quality(
         "agnostic_scoring": config.agnostic_scoring,
         "reconstruct_pool": pool,
         "baklava_selection": config.baklava_selection,
+        "prefill_chunk": config.prefill_chunk,
         "scorer": profile.scores.method,  # head scores BaKlaVa allocates by
         "search_objective": objective,
         "search_floors": list(settings.search_floors) if objective else None,
@@ -208,6 +214,7 @@ _SAME = (
     "agnostic_scoring",
     "reconstruct_pool",
     "baklava_selection",
+    "prefill_chunk",
     "scorer",
     "baklava_params",
     "methods",

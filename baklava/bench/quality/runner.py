@@ -74,8 +74,15 @@ class Runner:
         agnostic_scoring: str = "reconstruct",
         reconstruct_pool: int | str | None = None,
         baklava_selection: str = "auto",
+        prefill_chunk: int | None = None,
     ):
         enable(model)
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        # None: methods compress the one full prefill; N: each method's cache is prefilled in
+        # N-token chunks into its capacities (what the engine deploys: no reconstruction scoring,
+        # no shared selection)
+        self.prefill_chunk = prefill_chunk
         self.model, self.tokenizer, self.ctx = model, tokenizer, ctx
         if agnostic_scoring not in AGNOSTIC_SCORING:
             raise ValueError(f"unknown scoring {agnostic_scoring!r}; known: {', '.join(AGNOSTIC_SCORING)}")
@@ -111,6 +118,19 @@ class Runner:
             logits_to_keep=keep,
         )
         return out.logits
+
+    def _chunked(self, ids, mask, cache, keep: int = 1) -> torch.Tensor:
+        """:meth:`_forward` of ``ids [B, q]`` in ``prefill_chunk``-token pieces (``mask`` covers all
+        of them and what the cache already holds); the last piece's logits."""
+        start = mask.shape[1] - ids.shape[1]
+        for lo in range(0, ids.shape[1], self.prefill_chunk):
+            hi = min(lo + self.prefill_chunk, ids.shape[1])
+            logits = self._forward(ids[:, lo:hi], mask[:, : start + hi], cache, keep)
+        return logits
+
+    def _deployed(self, combo: Combo) -> bool:
+        """Whether ``combo`` 's cache is prefilled in chunks (every compressing method in that mode)."""
+        return self.prefill_chunk is not None and combo.method != "full"
 
     def _greedy(self, cache, logits, mask, steps: int) -> list[list[int]]:
         if self.device.type == "cuda":  # one CUDA graph per cache, replayed per token
@@ -169,7 +189,7 @@ class Runner:
             first = self._forward(ids, mask, full)[:, -1]
         else:
             self._forward(ids[:, :split], mask[:, :split], full)
-            if self.instruction is not None:  # score the context by re-reading it
+            if self.instruction is not None and self.prefill_chunk is None:  # score by re-reading
                 raw = score_by_reconstruction(
                     self.model, full, ids[:, :split], mask[:, :split], self.instruction,
                     pool_kernel=None if auto else self.reconstruct_pool,
@@ -182,8 +202,18 @@ class Runner:
                 pooled = want
                 pool_scores(full, raw, pooled)
             caps, eviction = plan(combo.method, combo.budget, width, self.ctx, full)
-            cache = self._compress(full, combo, caps, eviction)
-            logits = first if setting == "query-aware" else self._forward(ids[:, split:], mask, cache)[:, -1]
+            if self._deployed(combo):
+                cache = BudgetedCache(caps, eviction)
+                if setting == "query-aware":
+                    logits = self._chunked(ids, mask, cache)[:, -1]
+                else:  # the context alone, compressed as it arrives, then the question
+                    self._chunked(ids[:, :split], mask[:, :split], cache)
+                    logits = self._chunked(ids[:, split:], mask, cache)[:, -1]
+            else:
+                cache = self._compress(full, combo, caps, eviction)
+                logits = (
+                    first if setting == "query-aware" else self._forward(ids[:, split:], mask, cache)[:, -1]
+                )
             outputs = self._greedy(cache, logits, mask, steps)
             for s, out in zip(samples, outputs, strict=True):
                 text = self.tokenizer.decode(out[: s.max_new_tokens], skip_special_tokens=True)
@@ -201,8 +231,13 @@ class Runner:
         rows = []
         for combo in todo:
             caps, eviction = plan(combo.method, combo.budget, width, self.ctx, full)
-            cache = self._compress(full, combo, caps, eviction)
-            logits = torch.cat([last, self._forward(cont, mask, cache, keep=0)[:, :-1]], 1).float()
+            head = last
+            if self._deployed(combo):
+                cache = BudgetedCache(caps, eviction)
+                head = self._chunked(ctx, mask[:, : ctx.shape[1]], cache)[:, -1:]
+            else:
+                cache = self._compress(full, combo, caps, eviction)
+            logits = torch.cat([head, self._forward(cont, mask, cache, keep=0)[:, :-1]], 1).float()
             nll = F.cross_entropy(logits.transpose(1, 2), cont, reduction="none").mean(1)  # [B]
             for s, value in zip(samples, nll.tolist(), strict=True):
                 rows.append(self._row(s, "-", combo, caps, width, score=math.exp(value), output=""))
