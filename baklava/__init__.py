@@ -29,6 +29,7 @@ _API = {
     "generate": "baklava.runtime.generate",
     "prefill": "baklava.runtime.generate",
     "decode_one_token": "baklava.runtime.generate",
+    "compress_context": "baklava.runtime.context_compression",
     "read_artifact": "baklava.exporter.artifact",
     "BaklavaError": "baklava.errors",
 }

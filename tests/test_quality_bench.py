@@ -569,3 +569,39 @@ def test_chunked_mode_prefills_each_cache_as_the_engine_does(tiny_llama, monkeyp
             assert torch.equal(positions, layer.positions) and torch.equal(fill, layer.fill)
         assert seen["q"][0] == (58 if setting == "query-aware" else 50)  # the full prefill (for planning)
         assert max(seen["q"][1:]) <= 16  # the method's own cache: one chunk at a time
+
+
+def test_compress_context_keeps_what_the_benchmark_keeps(tiny_llama, monkeypatch):
+    """``runtime.compress_context`` (for users: a context compressed before its question) leaves
+    the tokens the quality benchmark's query-agnostic BaKlaVa cache holds before its question:
+    full prefill, reconstruction scores, shared selection below 0.2, compressed."""
+    from baklava.profiles.profile_file import BudgetProfile, ModelInfo
+    from baklava.runtime.context_compression import compress_context
+
+    ids = torch.randint(3, 96, (208,), generator=torch.Generator().manual_seed(4)).tolist()
+    sample = Sample("niah_single", 200, 0, ids[:200], ids[200:], ["5"], 2)
+    scores = HeadScores(np.array([[0.1, 0.5], [0.9, 0.3]]), np.array([0.2, 0.01]))
+    ctx = MethodContext(
+        scores, EvictionConfig(sink=2, window=4), {0.1: {"sharpness": 1.0, "floor_frac": 0.5}}
+    )
+    seen = {}
+    real_compress = Runner._compress
+
+    def compress(self, full, combo, caps, eviction):
+        cache = real_compress(self, full, combo, caps, eviction)
+        seen[combo.method] = (caps, [(layer.positions.clone(), layer.fill.clone()) for layer in cache.layers])
+        return cache
+
+    monkeypatch.setattr(Runner, "_compress", compress)
+    Runner(tiny_llama, _Tok(), ctx).run([sample], "query-agnostic", combos(["baklava"], [0.1]))
+    caps, kept = seen["baklava"]
+    info = ModelInfo.from_config(tiny_llama.config, "tiny")
+    profile = BudgetProfile(info, scores, ctx.eviction, np.asarray(caps))
+    cache = compress_context(tiny_llama, _Tok(), profile, ids[:200])  # keeps ~0.1: shared, pooled
+    assert int(np.asarray(caps).max()) < 0.2 * 200  # every head evicted most of the context
+    own = compress_context(tiny_llama, _Tok(), profile, ids[:200], budget=0.5)  # own, unpooled
+    assert any(
+        not torch.equal(a.positions, b.positions) for a, b in zip(cache.layers, own.layers, strict=True)
+    )
+    for (positions, fill), layer in zip(kept, cache.layers, strict=True):
+        assert torch.equal(fill, layer.fill) and torch.equal(positions, layer.positions)
