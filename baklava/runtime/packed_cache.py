@@ -73,6 +73,7 @@ class BudgetedLayer(CacheLayerMixin):
         self.probe = None  # set while a ReconstructionProbe reads through this layer
         self.update_stream = None  # a triton_decode.UpdateStream while a CUDA-graph step overlaps updates
         self.tile_rows = None  # rows the decode kernels' tiles are sized for (default: the batch)
+        self._device_offsets = None  # `offsets` as int32 on the device, for the prefill kernels
 
     def __repr__(self) -> str:
         return f"BudgetedLayer(capacities={self.capacities}, policy={self.eviction.policy!r})"
@@ -99,6 +100,14 @@ class BudgetedLayer(CacheLayerMixin):
         # whose engine clears the rows that are free or still prefilling (runtime/slot_pool.py)
         self.step_rows = torch.ones(batch, dtype=torch.bool, device=dev)
         self.is_initialized = True
+
+    @property
+    def device_offsets(self) -> torch.Tensor:
+        """``offsets`` as an int32 tensor on the cache's device (the prefill kernels' head table),
+        built once instead of copied to the device for every chunk."""
+        if self._device_offsets is None:
+            self._device_offsets = torch.tensor(self.offsets, dtype=torch.int32, device=self.device)
+        return self._device_offsets
 
     @property
     def slot_map(self) -> SlotMap:
@@ -352,12 +361,11 @@ class BudgetedLayer(CacheLayerMixin):
                 self.scores[:, off : off + n] += mass[:, :n]
                 new = mass[:, n:].masked_fill(~valid, 0)
                 new_scores[:, h] = snapkv_pool(new, ev.pool_kernel) if q_len > 1 else new
-        offsets = torch.tensor(self.offsets, dtype=torch.int32, device=self.device)
         result = packed_prefill_select(
             self.keys, self.values, self.positions, self.scores, self.fill,
             k_new.contiguous(), v_new.contiguous(),
             self.valid_seen[:, None] + valid.cumsum(1) - 1, new_scores, valid, self.valid_seen + valid.sum(1),
-            self.capacities, offsets, sink=ev.sink, window=ev.window, policy=ev.policy,
+            self.capacities, self.device_offsets, sink=ev.sink, window=ev.window, policy=ev.policy,
         )  # fmt: skip
         for name, value in zip(("keys", "values", "positions", "scores", "fill"), result, strict=True):
             getattr(self, name).copy_(value)

@@ -134,7 +134,7 @@ def _kernel_chunk(layer, query, k_new, v_new, scale, obs: int, fills: list[int])
     (:mod:`baklava.kernels.prefill_attention`): stored slots read in place, no per-head loop."""
     from baklava.kernels.prefill_attention import observation_masses, prefill_attention
 
-    offsets = torch.tensor(layer.offsets, dtype=torch.int32, device=query.device)
+    offsets = layer.device_offsets
     out, lse = prefill_attention(query, layer.keys, layer.values, k_new, v_new, layer.fill, offsets, scale)
     if not obs:
         return out.transpose(1, 2), [(n, None) for n in fills]
