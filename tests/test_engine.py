@@ -17,7 +17,7 @@ from baklava.eviction import EvictionConfig
 from baklava.runtime import BudgetedCache, decode_one_token, prefill
 from baklava.runtime.engine import Engine
 from baklava.runtime.engine_step import buckets
-from baklava.runtime.sampling import SamplingParams
+from baklava.runtime.sampling import SamplingParams, TextPieces
 from baklava.runtime.slot_pool import SlotPool, bytes_per_sequence, rows_for_memory
 from baklava.serving.engine_loop import EngineLoop
 from tests.conftest import _tiny_tokenizer, tiny_config
@@ -122,6 +122,29 @@ def test_text_pieces_join_to_the_decoded_tokens(model):
     ids = [t for e in events for t in e.token_ids]
     assert "".join(e.text for e in events) == engine.tokenizer.decode(ids, skip_special_tokens=True)
     assert events[-1].finished and events[-1].request_id == rid
+
+
+class _NoBackend:
+    """A tokenizer without a fast backend: TextPieces decodes the whole sequence each step."""
+
+    def __init__(self, tokenizer):
+        self.decode = tokenizer.decode
+
+
+@pytest.mark.parametrize("incremental", [True, False])
+def test_text_pieces_never_split_a_character_and_join_to_the_decode(smol, incremental):
+    tok = smol.tokenizer
+    ids = tok(
+        "Grüße 😀 naïve café — 漢字テスト\n  def f(x):\n\treturn x ** 2 <|im_end|> ok",
+        add_special_tokens=False,
+    )["input_ids"]
+    pieces = TextPieces(tok if incremental else _NoBackend(tok))
+    assert (pieces._stream is not None) == incremental
+    out = [pieces.push(t) for t in ids] + [pieces.flush()]
+    assert "".join(out) == tok.decode(ids, skip_special_tokens=True)
+    assert not any("\ufffd" in p for p in out)
+    assert sum(p == "" for p in out[:-1]) >= 5  # multi-byte characters span several tokens
+    assert "<|im_end|>" not in "".join(out)
 
 
 def test_bad_requests_are_refused_with_one_line(model):
