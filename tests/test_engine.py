@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -227,3 +228,24 @@ def test_engine_on_the_gpu_matches_itself_alone_with_graphs_and_kernels():
     assert together == alone
     eager = _engine(model, 6, cuda_graphs=False).generate(prompts, params)
     assert eager == alone
+
+
+def test_engine_benchmark_counts_every_token_and_splits_its_phases(model):
+    from baklava.bench.serve_engine import markdown, run_engine, run_transformers_serial, workload
+
+    work = workload(5, (4, 40), (3, 9), np.arange(4, 24), seed=2)
+    engine = _engine(model, 2, prefill_chunk=16)
+    row = run_engine(engine, work, "baklava engine, budget 1.0", progress=False, budget=1.0)
+    want = sum(w.max_tokens for w in work)
+    assert row["tokens"] == want and row["requests"] == len(work)
+    decode_tokens = want - len(work)  # every request's first token comes from its prefill
+    assert row["decode_tokens_per_s"] == pytest.approx(decode_tokens / row["decode_s"], rel=0.05)
+    assert row["prefill_s"] > 0 and row["decode_s"] > 0 and row["rows"] == 2
+    serial = run_transformers_serial(model, work[:2], progress=False)
+    assert serial["tokens"] == sum(w.max_tokens for w in work[:2])
+    meta = {"model": "tiny", "requests": 5, "prompt_lengths": [4, 40], "new_tokens": [3, 9]}
+    table = markdown([row, serial], meta | {"kv_memory_gib": 0.0, "gpu": "cpu", "date": "today"})
+    line = next(x for x in table.splitlines() if x.startswith("| baklava engine"))
+    assert f"| {row['prefill_s']} / {row['decode_s']} | {row['decode_tokens_per_s']} |" in line
+    ratio = row["tokens_per_s"] / serial["tokens_per_s"]
+    assert f"| 1.00x | {ratio:.1f}x |" in line

@@ -72,10 +72,16 @@ _model_option = click.option(
     help="Requests plain transformers serves in static batches [default: all].",
 )
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--prefill-kernel/--no-prefill-kernel",
+    default=False,
+    show_default=True,
+    help="Later prefill chunks through the Triton prefill-attention kernels (else SDPA).",
+)
 @click.option("--out", type=click.Path(file_okay=False), help="Write serve.json and serve.md here.")
 def engine_bench(
     model_spec, budgets, kv_memory, n_requests, prompt_lengths, new_tokens, prefill_chunk,
-    max_prefill_tokens, hf_requests, hf_batch, hf_static_requests, seed, out,
+    max_prefill_tokens, hf_requests, hf_batch, hf_static_requests, seed, prefill_kernel, out,
 ):  # fmt: skip
     """Served tokens/s, TTFT and inter-token latency per budget at equal KV memory (GPU)."""
     import torch
@@ -99,6 +105,7 @@ def engine_bench(
         hf_batch=hf_batch,
         hf_static_requests=hf_static_requests,
         seed=seed,
+        prefill_kernel=prefill_kernel,
     )
     meta |= _gpu_meta()
     table = markdown(rows, meta)

@@ -139,6 +139,8 @@ def run_engine(engine: Engine, work: list[Work], name: str, progress: bool = Tru
         capture_s=round(capture_s, 2),
         prefill_s=round(engine.phase_seconds["prefill"], 2),
         decode_s=round(engine.phase_seconds["decode"], 2),
+        # tokens sampled by decode steps (a request's first comes from its prefill) per decode second
+        decode_tokens_per_s=round((tokens - len(first)) / max(engine.phase_seconds["decode"], 1e-9), 1),
         **extra,
     )
 
@@ -229,16 +231,19 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"{meta['model']}, {meta['requests']} requests (prompts {meta['prompt_lengths']} tokens, "
         f"{meta['new_tokens']} new), KV memory {meta['kv_memory_gib']} GiB, {meta['gpu']}, {meta['date']}",
         "",
-        "| system | rows | tokens/s | vs 1.0 | vs 1-at-a-time | req/s | TTFT p50 / p99 s | ITL p50 / p99 ms | peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| system | rows | tokens/s | vs 1.0 | vs 1-at-a-time | req/s | TTFT p50 / p99 s | ITL p50 / p99 ms "
+        "| prefill / decode s | decode tokens/s | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         vs_base = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base and "budget" in r else ""
         vs_serial = f"{r['tokens_per_s'] / serial['tokens_per_s']:.1f}x" if serial else ""
+        phases = f"{r['prefill_s']} / {r['decode_s']}" if "prefill_s" in r else ""
         lines.append(
             f"| {r['system']} | {r.get('rows', '')} | {r['tokens_per_s']} | {vs_base} | {vs_serial} | "
             f"{r['requests_per_s']} | {r['ttft_p50_s']} / {r['ttft_p99_s']} | "
-            f"{r['itl_p50_ms']} / {r['itl_p99_ms']} | {r['peak_gpu_gib']} |"
+            f"{r['itl_p50_ms']} / {r['itl_p99_ms']} | {phases} | {r.get('decode_tokens_per_s', '')} | "
+            f"{r['peak_gpu_gib']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -279,6 +284,7 @@ def compare(
     hf_batch: int | None,
     hf_static_requests: int | None = None,
     seed: int = 0,
+    prefill_kernel: bool = False,
     progress: bool = True,
 ) -> tuple[list[dict], dict]:
     """Every system of the module docstring on one workload; returns ``(rows, meta)``."""
@@ -286,6 +292,7 @@ def compare(
     from baklava.eviction import EvictionConfig
     from baklava.model_zoo import load_model
     from baklava.profiles.pipeline import score
+    from baklava.runtime.packed_cache import BudgetedLayer
 
     lm, scored = None, None
     if model_spec == RANDOM_LLAMA:
@@ -308,6 +315,7 @@ def compare(
     if lm is not None:
         with torch.inference_mode():
             scored = score(lm, progress=progress)
+    BudgetedLayer.prefill_kernel = prefill_kernel  # the engines' later chunks (restored below)
     for budget in budgets:
         caps = _capacities(model, lm, budget, context, scored)
         engine = Engine.from_capacities(
@@ -323,6 +331,7 @@ def compare(
         name = f"baklava engine, budget {budget}"
         rows.append(_logged(run_engine(engine, work, name, progress, budget=budget)))
         del engine
+    BudgetedLayer.prefill_kernel = False
     # plain transformers last, with transformers' own layer forward again (the fused one-token
     # forward off everywhere; its weights are views of the originals) and sdpa
     from baklava.runtime import fused_decode
@@ -342,6 +351,7 @@ def compare(
         "reference_context": context,
         "prefill_chunk": prefill_chunk,
         "max_prefill_tokens": max_prefill_tokens,
+        "prefill_kernel": prefill_kernel,
         "transformers_one_at_a_time_requests": hf_requests,
         "transformers_static_batch": batch,
         "transformers_static_requests": min(hf_static_requests or requests, requests),
