@@ -81,8 +81,10 @@ class TextPieces:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._backend, self._stream = None, None
         if backend is not None:
-            from tokenizers.decoders import DecodeStream
-
+            try:
+                from tokenizers.decoders import DecodeStream  # tokenizers >= 0.21
+            except ImportError:
+                return
             self._backend, self._stream = backend, DecodeStream(skip_special_tokens=True)
 
     def push(self, token: int) -> str:
