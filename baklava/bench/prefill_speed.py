@@ -4,8 +4,10 @@ For every context S (one random prompt of S tokens)::
 
     transformers sdpa, one pass       model(ids, DynamicCache)              the reference
     baklava, budget b, one pass       prefill(model, BudgetedCache, ids)
-    baklava, budget b, chunk C        prefill(..., chunk=C): the cache evicts after every chunk
-    (with kernel=True also) the same with later chunks by kernels/prefill_attention.py
+    baklava, budget b, chunk C        prefill(..., chunk=C): the cache evicts after every chunk;
+                                      later chunks by kernels/prefill_attention.py (on CUDA)
+    (sdpa=True) SDPA per head         the same chunks through one SDPA call per KV head (the
+                                      kernels' reference, what ran before them)
 
 each timed from the first forward to the last token's logits (synchronised; one warm-up, then
 the best of ``repeats``), with the peak GPU memory above the weights and the KV bytes the cache
@@ -26,6 +28,8 @@ from baklava.runtime.attention import enable
 from baklava.runtime.cache_keyword import forward_cache
 from baklava.runtime.generate import prefill
 from baklava.runtime.packed_cache import BudgetedCache, BudgetedLayer
+
+DEPLOYED = BudgetedLayer.prefill_kernel  # the runtime's default, restored after each variant
 
 
 def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float, object]:
@@ -57,7 +61,7 @@ def prefill_speed(
     contexts: list[int],
     budgets: list[float],
     chunks: list[int | None],
-    kernel: bool = False,
+    sdpa: bool = False,
     repeats: int = 3,
     seed: int = 0,
     progress: Callable[[dict], None] | None = None,
@@ -96,27 +100,18 @@ def prefill_speed(
                     prefill(model, cache, ids, chunk=chunk)
                     return cache
 
-                seconds, peak, cache = timed(budgeted, repeats)
-                report(_row(context, "baklava", budget, chunk, seconds, ref, peak, kv_gib(cache)))
-                del cache
-                if kernel and chunk is not None:  # later chunks by the Triton prefill kernels
-                    BudgetedLayer.prefill_kernel = True
+                # the deployed path (later chunks through the Triton prefill kernels), and, with
+                # ``sdpa``, the per-KV-head SDPA path they replaced (their reference)
+                variants = [("baklava", True)]
+                if sdpa and chunk is not None:
+                    variants.append(("baklava, SDPA per head", False))
+                for system, use_kernel in variants:
+                    BudgetedLayer.prefill_kernel = use_kernel
                     try:
                         seconds, peak, cache = timed(budgeted, repeats)
                     finally:
-                        BudgetedLayer.prefill_kernel = False
-                    report(
-                        _row(
-                            context,
-                            "baklava, prefill kernel",
-                            budget,
-                            chunk,
-                            seconds,
-                            ref,
-                            peak,
-                            kv_gib(cache),
-                        )
-                    )
+                        BudgetedLayer.prefill_kernel = DEPLOYED
+                    report(_row(context, system, budget, chunk, seconds, ref, peak, kv_gib(cache)))
                     del cache
     return rows
 

@@ -74,7 +74,7 @@ _model_option = click.option(
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option(
     "--prefill-kernel/--no-prefill-kernel",
-    default=False,
+    default=True,
     show_default=True,
     help="Later prefill chunks through the Triton prefill-attention kernels (else SDPA).",
 )
@@ -184,14 +184,15 @@ def _chunks(ctx, param, value):
 @click.option("--budgets", default="1.0,0.3,0.1", show_default=True, callback=parse_fractions)
 @click.option("--chunks", default="none,2048", show_default=True, callback=_chunks, help="'none' = one pass.")
 @click.option(
-    "--kernel/--no-kernel",
+    "--sdpa/--no-sdpa",
     default=True,
     show_default=True,
-    help="Also time chunked prefill with the Triton prefill-attention kernels.",
+    help="Also time chunked prefill with one SDPA call per KV head for later chunks (what the "
+    "Triton prefill kernels replaced).",
 )
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1))
 @click.option("--out", type=click.Path(file_okay=False), help="Write prefill.json and prefill.md here.")
-def prefill_bench(model_spec, contexts, budgets, chunks, kernel, repeats, out):
+def prefill_bench(model_spec, contexts, budgets, chunks, sdpa, repeats, out):
     """Time to first token of the budgeted prefill against transformers sdpa (GPU)."""
     from baklava.atomic import write_text_atomic
     from baklava.bench.cli import _gpu_meta, _gpu_model
@@ -205,7 +206,7 @@ def prefill_bench(model_spec, contexts, budgets, chunks, kernel, repeats, out):
     if max(lengths) > model.config.max_position_embeddings:
         raise BaklavaError(f"--contexts exceed the model's {model.config.max_position_embeddings} positions")
     rows = prefill_speed(
-        model, contexts=lengths, budgets=list(budgets), chunks=chunks, kernel=kernel, repeats=repeats,
+        model, contexts=lengths, budgets=list(budgets), chunks=chunks, sdpa=sdpa, repeats=repeats,
         progress=lambda row: click.echo(json.dumps(row), err=True),
     )  # fmt: skip
     meta = _gpu_meta() | {"model": model_spec, "repeats": repeats}

@@ -29,7 +29,9 @@ import triton.language as tl
 from baklava.kernels.cache_update import _priority
 
 WAYS = tl.constexpr(16)  # parts the k-th-largest search splits its range into per pass
-SEARCH_PASSES = 17  # ceil(63 / log2(WAYS)) + 1: from the whole non-negative int64 range to one value
+SEARCH_PASSES = tl.constexpr(
+    17
+)  # ceil(63 / log2(WAYS)) + 1: from the whole non-negative int64 range to one value
 NEG_BITS = tl.constexpr(-1)  # int64 bits of padding candidates: below every valid priority (those are >= 0)
 
 
