@@ -13,7 +13,6 @@ from pathlib import Path
 import click
 
 from baklava.cli_options import (
-    KV_DTYPES,
     allocation_options,
     calibration_options,
     model_option,
@@ -43,8 +42,17 @@ def _precheck(lm, budget, o) -> None:
         max_context=o["max_context"],
         min_cap=o["min_cap"],
         batch=o["batch"],
-        dtype_bytes=KV_DTYPES[o["kv_dtype"]] or lm.model.dtype.itemsize,
+        dtype_bytes=_kv_element_bytes(lm, o),
     )
+
+
+def _kv_element_bytes(lm, o) -> float:
+    """Bytes a cache channel costs at ``--kv-dtype`` (a quantized format's scales included)."""
+    from baklava.kv_format import element_bytes
+
+    cfg = lm.model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return element_bytes(o["kv_dtype"], head_dim, lm.model.dtype.itemsize)
 
 
 def _allocate(profile, budget, lm, settings, o) -> object:
@@ -63,7 +71,8 @@ def _allocate(profile, budget, lm, settings, o) -> object:
         max_context=o["max_context"],
         min_cap=o["min_cap"],
         batch=o["batch"],
-        dtype_bytes=KV_DTYPES[o["kv_dtype"]],
+        dtype_bytes=_kv_element_bytes(lm, o),
+        kv_dtype=o["kv_dtype"],
         eviction=EvictionConfig(sink=o["sink"], window=o["window"], policy=o["policy"]),
         search=o["search"],
         params=params,

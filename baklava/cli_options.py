@@ -13,12 +13,11 @@ import click
 
 from baklava.errors import BaklavaError
 from baklava.eviction import POLICIES
+from baklava.kv_format import NAMES as KV_NAMES
 from baklava.profiles.allocation_search import DEFAULT_FLOORS, OBJECTIVES
 from baklava.profiles.allocators import ALLOCATORS
 from baklava.profiles.budget import Budget, BudgetError, parse_size
 from baklava.profiles.scorers import DEFAULT_SCORER, SCORERS
-
-KV_DTYPES = {"auto": None, "float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
 
 
 def parse_budget(ctx, param, value):
@@ -185,7 +184,14 @@ def allocation_options(f):
                 type=click.IntRange(1),
                 help="Batch for memory budgets.",
             ),
-            click.option("--kv-dtype", type=click.Choice(list(KV_DTYPES)), default="auto", show_default=True),
+            click.option(
+                "--kv-dtype",
+                type=click.Choice(KV_NAMES),
+                default="auto",
+                show_default=True,
+                help="How the cache stores tokens: the model's dtype (auto), or fp8 / int8 / int4 with "
+                "per-token scales; memory budgets count its bytes.",
+            ),
             click.option("--sink", default=4, show_default=True, type=click.IntRange(0)),
             click.option("--window", default=32, show_default=True, type=click.IntRange(0)),
             click.option("--policy", type=click.Choice(POLICIES), default="h2o", show_default=True),

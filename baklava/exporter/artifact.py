@@ -90,6 +90,7 @@ def write_artifact(
                     "reference_context": alloc.get("reference_context"),
                     "kv_bytes_per_sequence": profile.kv_bytes(1, dtype_bytes),
                     "kv_dtype_bytes": dtype_bytes,
+                    "kv_dtype": profile.kv_format,
                 },
                 "graphs": {},
                 "backends": ["torch"],

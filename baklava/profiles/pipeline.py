@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from baklava import kv_format
 from baklava.errors import BudgetError
 from baklava.eviction import EvictionConfig
 from baklava.profiles import calibration as calib
@@ -102,7 +103,8 @@ def allocate(
     max_context: int | None = None,
     min_cap: int = 16,
     batch: int = 1,
-    dtype_bytes: int | None = None,
+    dtype_bytes: float | None = None,
+    kv_dtype: str = "auto",
     eviction: EvictionConfig | None = None,
     search: bool = True,
     params: dict | None = None,
@@ -116,6 +118,10 @@ def allocate(
     budget : Budget or str
         ``0.3`` (fraction of the full cache at ``max_context``), ``512`` (tokens per head), or
         ``"2GiB"`` (KV memory for ``batch`` sequences of ``dtype_bytes`` elements).
+    dtype_bytes, kv_dtype
+        Bytes a cache channel costs, and the storage format it was worked out for
+        (:mod:`baklava.kv_format`; recorded in the allocation, the runtime stores tokens that way).
+        Default: the format's bytes for ``head_dim``, ``auto`` = the model's dtype.
     lm : LoadedModel, optional
         Needed for the perplexity search (``method="baklava"`` with ``search=True``).
     params : dict, optional
@@ -125,7 +131,8 @@ def allocate(
         raise BudgetError(f"unknown allocation method {method!r}; known: {', '.join(sorted(ALLOCATORS))}")
     info = profile.model
     if dtype_bytes is None:
-        dtype_bytes = lm.model.dtype.itemsize if lm is not None else 2
+        model_bytes = lm.model.dtype.itemsize if lm is not None else 2
+        dtype_bytes = kv_format.element_bytes(kv_dtype, info.head_dim, model_bytes)
     budget, total, context = resolve_budget(
         info, budget, max_context=max_context, min_cap=min_cap, batch=batch, dtype_bytes=dtype_bytes
     )
@@ -166,6 +173,7 @@ def allocate(
         "min_cap": min_cap,
         "batch": batch,
         "dtype_bytes": dtype_bytes,
+        "kv_dtype": kv_format.parse(kv_dtype).name,
         "search": searched.to_dict() if searched else None,
     }
     return BudgetProfile(

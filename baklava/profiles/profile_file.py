@@ -130,9 +130,16 @@ class BudgetProfile:
         self.require_capacities()
         return int(self.capacities.sum())
 
-    def kv_bytes(self, batch: int = 1, dtype_bytes: int = 2) -> int:
-        """Bytes of the packed K and V buffers: ``sum(cap) * 2 * head_dim * dtype_bytes * batch``."""
-        return self.total_tokens * 2 * self.model.head_dim * dtype_bytes * batch
+    def kv_bytes(self, batch: int = 1, dtype_bytes: float = 2) -> int:
+        """Bytes of the packed K and V buffers: ``sum(cap) * 2 * head_dim * dtype_bytes * batch``
+        (``dtype_bytes`` per channel, a quantized format's scales included)."""
+        return round(self.total_tokens * 2 * self.model.head_dim * dtype_bytes * batch)
+
+    @property
+    def kv_format(self) -> str:
+        """The KV storage format the budget was allocated for (``--kv-dtype``; ``auto`` = the
+        model's dtype), see :mod:`baklava.kv_format`."""
+        return (self.allocation or {}).get("kv_dtype", "auto")
 
     def require_capacities(self) -> np.ndarray:
         """The ``[L, H_kv]`` capacities; :class:`ProfileError` for a profile that has scores only."""

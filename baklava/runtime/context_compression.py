@@ -52,7 +52,7 @@ def compress_context(
     enable(model)
     caps = profile.capacities_for(model.config)
     length = ids.shape[1]
-    full = BudgetedCache(np.full(caps.shape, length), profile.eviction)
+    full = BudgetedCache(np.full(caps.shape, length), profile.eviction, profile.kv_format)
     mask = torch.ones_like(ids)
     model(input_ids=ids, attention_mask=mask, **forward_cache(model, full), logits_to_keep=1)
     fraction = budget if budget is not None else min(1.0, float(caps.mean()) / length)

@@ -132,10 +132,15 @@ class Engine:
         *,
         kv_memory: int | None = None,
         max_batch: int | None = None,
+        kv_format=None,
         **kwargs,
     ) -> Engine:
         """An engine whose pool holds ``max_batch`` rows, or as many as fit in ``kv_memory`` bytes
-        (exactly ``sum(capacities)`` slots a row), or the smaller of the two when both are given."""
+        (exactly ``sum(capacities)`` slots a row), or the smaller of the two when both are given.
+
+        ``kv_format``: how stored tokens come back (:mod:`baklava.kv_format`). The pool still
+        stores the model's dtype (the reference store rounds each token as the format would), so
+        rows are sized by the model's dtype: the memory a quantized store saves is not claimed."""
         if kv_memory is None and max_batch is None:
             raise BaklavaError("size the engine's pool with kv_memory or max_batch")
         cfg = model.config
@@ -144,7 +149,7 @@ class Engine:
         rows = max_batch or rows_for_memory(kv_memory, capacities, head_dim, dtype)
         if kv_memory is not None:
             rows = min(rows, rows_for_memory(kv_memory, capacities, head_dim, dtype))
-        pool = SlotPool.for_model(model, capacities, eviction, rows)
+        pool = SlotPool.for_model(model, capacities, eviction, rows, kv_format)
         return cls(model, tokenizer, pool, **kwargs)
 
     @classmethod
@@ -152,7 +157,9 @@ class Engine:
         """:meth:`from_capacities` with a budget profile's capacities and eviction, after checking
         the profile was made for ``model``."""
         caps = profile.capacities_for(model.config)
-        return cls.from_capacities(model, tokenizer, caps, profile.eviction, **kwargs)
+        return cls.from_capacities(
+            model, tokenizer, caps, profile.eviction, kv_format=profile.kv_format, **kwargs
+        )
 
     # ------------------------------------------------------------------ requests
     def encode(self, prompt: str) -> torch.Tensor:

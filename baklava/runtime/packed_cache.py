@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from baklava import kv_format as kv_format_module
 from baklava.eviction import EvictionConfig
 from baklava.runtime import prefill_attention, triton_decode
 from baklava.runtime.packed_decode import SlotMap, decode_step
@@ -61,8 +62,11 @@ class BudgetedLayer(CacheLayerMixin):
     is_croppable = False
     supports_early_init = True
 
-    def __init__(self, capacities: Sequence[int], eviction: EvictionConfig | None = None):
+    def __init__(self, capacities: Sequence[int], eviction: EvictionConfig | None = None, kv_format=None):
         super().__init__()
+        # how a stored token comes back (kv_format.py): a quantized format rounds each token as it
+        # enters, so every path reads what int8 / fp8 / int4 slots would hold (the reference store)
+        self.kv_format = kv_format_module.parse(kv_format)
         self.capacities = [int(c) for c in capacities]
         if not self.capacities or min(self.capacities) < 1:
             raise ValueError(f"every head needs a capacity >= 1, got {self.capacities}")
@@ -125,6 +129,9 @@ class BudgetedLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         if key_states.shape[0] != self.batch_size:
             raise ValueError(f"cache was built for batch {self.batch_size}, got batch {key_states.shape[0]}")
+        if self.kv_format.quantized:
+            key_states = kv_format_module.round_trip(key_states, self.kv_format)
+            value_states = kv_format_module.round_trip(value_states, self.kv_format)
         self._pending = (key_states, value_states)
         key_states._baklava_layer = self  # read by the `baklava` attention implementation
         return key_states, value_states
@@ -204,7 +211,7 @@ class BudgetedLayer(CacheLayerMixin):
         ``eviction`` (default: this layer's) sets sink, window and policy of the new layer; the
         scores themselves were computed by this layer's ``obs_window`` and ``pool_kernel``.
         """
-        out = BudgetedLayer(capacities, eviction or self.eviction)
+        out = BudgetedLayer(capacities, eviction or self.eviction, self.kv_format)
         if not self.is_initialized:
             return out
         if len(out.capacities) != self.num_heads:
@@ -446,13 +453,14 @@ class BudgetedCache(Cache):
     >>> model.generate(**inputs, cache=cache, max_new_tokens=32)  # doctest: +SKIP
     """
 
-    def __init__(self, capacities, eviction: EvictionConfig | None = None):
+    def __init__(self, capacities, eviction: EvictionConfig | None = None, kv_format=None):
         caps = np.asarray(capacities, dtype=np.int64)
         if caps.ndim != 2:
             raise ValueError(f"capacities must be [L, H_kv], got shape {caps.shape}")
         self.capacities = caps
         self.eviction = eviction or EvictionConfig()
-        super().__init__(layers=[BudgetedLayer(row.tolist(), self.eviction) for row in caps])
+        self.kv_format = kv_format_module.parse(kv_format)
+        super().__init__(layers=[BudgetedLayer(row.tolist(), self.eviction, self.kv_format) for row in caps])
 
     @classmethod
     def from_profile(cls, profile, model=None) -> BudgetedCache:
@@ -462,12 +470,12 @@ class BudgetedCache(Cache):
         ``baklava`` attention implementation.
         """
         if model is None:
-            return cls(profile.require_capacities(), profile.eviction)
+            return cls(profile.require_capacities(), profile.eviction, profile.kv_format)
         from baklava.runtime.attention import enable
 
         caps = profile.capacities_for(model.config)
         enable(model)
-        return cls(caps, profile.eviction)
+        return cls(caps, profile.eviction, profile.kv_format)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         # The previous layer's step must have been attended by now; if not, the model is not
@@ -482,7 +490,7 @@ class BudgetedCache(Cache):
         See :meth:`BudgetedLayer.compressed`: from a cache that has not evicted yet, this equals
         prefilling straight into ``capacities``. This cache is left unchanged.
         """
-        new = BudgetedCache(capacities, eviction or self.eviction)
+        new = BudgetedCache(capacities, eviction or self.eviction, self.kv_format)
         if len(new.layers) != len(self.layers):
             raise ValueError(f"capacities for {len(new.layers)} layers, cache has {len(self.layers)}")
         new.layers = [

@@ -50,7 +50,7 @@ def rows_for_memory(kv_memory: int, capacities, head_dim: int, dtype: torch.dtyp
 
 def _view(layer: BudgetedLayer, start: int, stop: int) -> BudgetedLayer:
     """A layer whose state tensors are rows ``start:stop`` of ``layer``'s (no copy)."""
-    view = BudgetedLayer(layer.capacities, layer.eviction)
+    view = BudgetedLayer(layer.capacities, layer.eviction, layer.kv_format)
     for name in _ROW_STATE:
         setattr(view, name, getattr(layer, name)[start:stop])
     view.batch_size, view.num_heads, view.head_dim = stop - start, layer.num_heads, layer.head_dim
@@ -90,10 +90,11 @@ class SlotPool:
         q_heads: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        kv_format=None,
     ):
         if rows < 1:
             raise BaklavaError(f"a slot pool needs at least one row, got {rows}")
-        self.cache = BudgetedCache(capacities, eviction)
+        self.cache = BudgetedCache(capacities, eviction, kv_format)
         self.rows = rows
         self.device = torch.device(device)
         kv_heads = self.cache.capacities.shape[1]
@@ -106,7 +107,7 @@ class SlotPool:
         self._kernel_states = None
 
     @classmethod
-    def for_model(cls, model, capacities, eviction, rows: int) -> SlotPool:
+    def for_model(cls, model, capacities, eviction, rows: int, kv_format=None) -> SlotPool:
         """A pool for ``model``'s head shape, dtype and device."""
         cfg = model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -119,6 +120,7 @@ class SlotPool:
             q_heads=cfg.num_attention_heads,
             dtype=param.dtype,
             device=param.device,
+            kv_format=kv_format,
         )
 
     # ------------------------------------------------------------------ sizes
@@ -165,7 +167,7 @@ class SlotPool:
         return self.cache.layers[0].valid_seen
 
     def _views(self, start: int, stop: int) -> BudgetedCache:
-        view = BudgetedCache(self.cache.capacities, self.cache.eviction)
+        view = BudgetedCache(self.cache.capacities, self.cache.eviction, self.cache.kv_format)
         view.layers = [_view(layer, start, stop) for layer in self.cache.layers]
         return view
 
