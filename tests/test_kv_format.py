@@ -110,3 +110,14 @@ def test_the_reference_store_holds_exactly_what_quantized_slots_give_back(model,
         assert int(cache.fill_levels().min()) == 24
     drift = (logits[name] - logits["auto"]).abs().max() / logits["auto"].abs().max()
     assert 0 < drift < (0.02 if name == "int8" else 0.2)
+
+
+def test_the_kernel_benchmark_counts_payload_and_scales():
+    from baklava.bench.kv_dtype_speed import markdown, stored
+
+    keys = torch.randn(2, 10, 128, dtype=torch.bfloat16)
+    got = {n: stored(keys, keys, n)["nbytes"] for n in ("bf16", "int8", "int4")}
+    assert got == {"bf16": 2 * 2 * 10 * 256, "int8": 2 * 2 * 10 * 130, "int4": 2 * 2 * 10 * 72}
+    row = dict(kv_dtype="int8", batch=2, context=64, budget=0.3, kv_mib=0.1, ms=1.0, TBps=1.0)
+    row |= dict(speedup_vs_bf16=1.9, bytes_vs_bf16=1.97, max_abs_diff_vs_bf16=0.01)
+    assert "| int8 | 0.1 | 1.0 | 1.0 | 1.9x | 1.97x | 0.01 |" in markdown([row], {"gpu": "x", "date": "d"})

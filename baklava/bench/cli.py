@@ -449,8 +449,14 @@ def _check_out(out: str) -> None:
 bench_main = entry_point(bench, "baklava-bench")
 
 
-from baklava.bench.serve_cli import engine_bench, prefill_bench, soak_bench  # noqa: E402 - registered on the group above
+from baklava.bench.serve_cli import (  # noqa: E402 - registered on the group above
+    engine_bench,
+    kv_dtype_bench,
+    prefill_bench,
+    soak_bench,
+)
 
 bench.add_command(engine_bench)
 bench.add_command(soak_bench)
 bench.add_command(prefill_bench)
+bench.add_command(kv_dtype_bench)

@@ -219,3 +219,32 @@ def prefill_bench(model_spec, contexts, budgets, chunks, sdpa, repeats, out):
         )
         write_text_atomic(Path(out) / "prefill.md", table)
         log(f"wrote {out}/prefill.json and prefill.md")
+
+
+@click.command("kv-dtype")
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--context", default=32768, show_default=True, type=click.IntRange(64))
+@click.option("--budget", default=0.3, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--rounds", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--out", type=click.Path(file_okay=False), help="Write kv_dtype.json and kv_dtype.md here.")
+def kv_dtype_bench(batch, context, budget, rounds, out):
+    """Decode attention over bf16 / fp8 / int8 / int4 slots, one layer of Llama-3-8B shapes (GPU)."""
+    import torch
+
+    from baklava.atomic import write_text_atomic
+    from baklava.bench.cli import _gpu_meta
+    from baklava.bench.kv_dtype_speed import markdown, measure
+
+    if not torch.cuda.is_available():
+        raise BaklavaError("this benchmark measures the GPU kernels: no CUDA device here")
+    rows = measure(batch, context, budget, rounds)
+    meta = _gpu_meta()
+    table = markdown(rows, meta)
+    click.echo(table)
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_text_atomic(
+            Path(out) / "kv_dtype.json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n"
+        )
+        write_text_atomic(Path(out) / "kv_dtype.md", table)
+        log(f"wrote {out}/kv_dtype.json and kv_dtype.md")

@@ -35,17 +35,45 @@ from baklava.kernels.launch import dependent_launch
 
 
 @triton.jit
+def _load_slots(PTR, SCALES, base_b, scale_b, rows, live, d, stride_t, stride_st, dtype,
+                QUANT: tl.constexpr, SCALE_GROUP: tl.constexpr):  # fmt: skip
+    """``[BLOCK_N, D]`` slots of one head for ``tl.dot``: full precision as stored (QUANT 0), the
+    int8 / fp8 payload converted (exactly) to ``dtype`` with its per-slot scale returned apart
+    (QUANT 1: the caller folds it into the logits or the probabilities), or int4 nibbles
+    dequantized here with their group scales (QUANT 2; scale returned as ones)."""
+    if QUANT == 2:  # byte d // 2 holds channel d in its low (even d) or high (odd d) nibble
+        byte = tl.load(
+            PTR + base_b + rows[:, None] * stride_t + (d // 2)[None, :], mask=live[:, None], other=8
+        )
+        nib = ((byte.to(tl.int32) >> ((d % 2) * 4)[None, :]) & 0xF) - 8
+        group_scale = tl.load(
+            SCALES + scale_b + rows[:, None] * stride_st + (d // SCALE_GROUP)[None, :],
+            mask=live[:, None],
+            other=0.0,
+        )
+        x = (nib.to(tl.float32) * group_scale.to(tl.float32)).to(dtype)
+        return x, tl.full([rows.shape[0]], 1.0, tl.float32)
+    x = tl.load(PTR + base_b + rows[:, None] * stride_t + d[None, :], mask=live[:, None], other=0.0)
+    if QUANT == 1:
+        slot_scale = tl.load(SCALES + scale_b + rows * stride_st, mask=live, other=0.0).to(tl.float32)
+        return x.to(dtype), slot_scale
+    return x, tl.full([rows.shape[0]], 1.0, tl.float32)
+
+
+@triton.jit
 def _split_kernel(
-    Q, K, V, FILL, OFFSETS, TILE_HEAD, TILE_START, MID_O, MID_M, MID_L, LOGITS,
+    Q, K, V, KS, VS, FILL, OFFSETS, TILE_HEAD, TILE_START, MID_O, MID_M, MID_L, LOGITS,
     stride_qb, stride_qh,
     stride_kb, stride_kt,
     stride_vb, stride_vt,
+    stride_ksb, stride_kst,
+    stride_vsb, stride_vst,
     stride_fb,
     stride_lb, stride_lt,
     scale,
     SPLIT_LEN,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-    STORE_LOGITS: tl.constexpr, PDL: tl.constexpr,
+    STORE_LOGITS: tl.constexpr, PDL: tl.constexpr, QUANT: tl.constexpr, SCALE_GROUP: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     t = tl.program_id(1)
@@ -72,8 +100,22 @@ def _split_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         live = n < end
         rows = (base + n).to(tl.int64)
-        k = tl.load(K + b * stride_kb + rows[:, None] * stride_kt + d[None, :], mask=live[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [G_PAD, BLOCK_N]; fp32 caches: no TF32
+        k, k_scale = _load_slots(
+            K,
+            KS,
+            b * stride_kb,
+            b * stride_ksb,
+            rows,
+            live,
+            d,
+            stride_kt,
+            stride_kst,
+            q.dtype,
+            QUANT,
+            SCALE_GROUP,
+        )
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee")  # [G_PAD, BLOCK_N]; fp32 caches: no TF32
+        qk = qk * (k_scale * scale)[None, :]
         qk = tl.where(live[None, :], qk, float("-inf"))
         if STORE_LOGITS:  # [B, C, GROUP]: slot-major, so the update kernel reads a slot's group at once
             tl.store(
@@ -85,8 +127,22 @@ def _split_kernel(
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + b * stride_vb + rows[:, None] * stride_vt + d[None, :], mask=live[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        v, v_scale = _load_slots(
+            V,
+            VS,
+            b * stride_vb,
+            b * stride_vsb,
+            rows,
+            live,
+            d,
+            stride_vt,
+            stride_vst,
+            q.dtype,
+            QUANT,
+            SCALE_GROUP,
+        )
+        pv = p * v_scale[None, :]  # a slot's value scale rides on its probability
+        acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v, input_precision="ieee")
         m_i = m_new
 
     slot = b * n_tiles + t  # MID_* are contiguous [B, n_tiles, G_PAD(, D)]
@@ -145,6 +201,17 @@ def _combine_kernel(
     tl.store(OUT + b * stride_ob + qh * stride_oh + d, num / den)
 
 
+def _quant_mode(kv_format, head_dim: int) -> tuple[int, int]:
+    """``(QUANT, SCALE_GROUP)`` of the split kernel for a storage format."""
+    from baklava import kv_format as formats
+
+    fmt = formats.parse(kv_format)
+    if not fmt.quantized:
+        return 0, head_dim
+    fmt.check(head_dim)
+    return (2, fmt.group) if fmt.bits == 4 else (1, head_dim)
+
+
 def multiprocessors(device) -> int:
     """SM count of a CUDA device; 4 elsewhere (the Triton interpreter runs on the CPU)."""
     device = torch.device(device)
@@ -198,8 +265,17 @@ def packed_decode_attention(
     num_stages: int | None = None,
     merge_block: int = 32,
     merge_warps: int = 1,
+    kv_format=None,
+    key_scales: torch.Tensor | None = None,
+    value_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention on the GPU; arguments as the reference, plus ``offsets [H_kv]`` (int32).
+
+    Quantized slots (``kv_format`` fp8 / int8 / int4, :mod:`baklava.kv_format`): ``keys`` and
+    ``values`` are the payload (``[B, C, D]`` int8 / float8, ``[B, C, D / 2]`` uint8 for int4) and
+    ``key_scales`` / ``value_scales`` their float16 scales ``[B, C, G]``; slots are dequantized in
+    registers (the key scale multiplies the logits, the value scale the probabilities, int4
+    nibbles are scaled per group before the dot). The step's own token stays full precision.
 
     ``query [B, H_q, D]``, ``key_new/value_new [B, H_kv, D]``, ``keys/values [B, C, D]`` (last dim
     contiguous), ``fill [B, H_kv]``. ``table`` is ``(tile, tile_table(...))``, built once per layer;
@@ -242,16 +318,26 @@ def packed_decode_attention(
         logits = lse = logit_new = mid_m  # never touched: STORE_LOGITS is False
     for t in (query, key_new, value_new, keys, values):
         assert t.stride(-1) == 1, "last dimension must be contiguous"
+    quant, scale_group = _quant_mode(kv_format, head_dim)
+    if quant:
+        assert key_scales is not None and value_scales is not None, "quantized slots need their scales"
+        assert key_scales.stride(-1) == 1 and value_scales.stride(-1) == 1
+        ks, vs = key_scales, value_scales
+    else:
+        ks = vs = fill  # never read: QUANT is 0
     pdl = dependent_launch(query.device)
     _split_kernel[(batch, n_tiles)](
-        query, keys, values, fill, offsets, tile_head, tile_start, mid_o, mid_m, mid_l, logits,
+        query, keys, values, ks, vs, fill, offsets, tile_head, tile_start, mid_o, mid_m, mid_l, logits,
         query.stride(0), query.stride(1),
         keys.stride(0), keys.stride(1),
         values.stride(0), values.stride(1),
+        ks.stride(0), ks.stride(1),
+        vs.stride(0), vs.stride(1),
         fill.stride(0),
         logits.stride(0), logits.stride(1) if store else 0,
         scale, tile,
         GROUP=group, G_PAD=g_pad, D=head_dim, BLOCK_N=block_n, STORE_LOGITS=store, PDL=pdl,
+        QUANT=quant, SCALE_GROUP=scale_group,
         num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
     _combine_kernel[(batch, q_heads)](
