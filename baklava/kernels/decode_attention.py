@@ -36,11 +36,13 @@ from baklava.kernels.launch import dependent_launch
 
 @triton.jit
 def _load_slots(PTR, SCALES, base_b, scale_b, rows, live, d, stride_t, stride_st, dtype,
-                QUANT: tl.constexpr, SCALE_GROUP: tl.constexpr):  # fmt: skip
+                QUANT: tl.constexpr, SCALE_GROUP: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """``[BLOCK_N, D]`` slots of one head for ``tl.dot``: full precision as stored (QUANT 0), the
     int8 / fp8 payload converted (exactly) to ``dtype`` with its per-slot scale returned apart
     (QUANT 1: the caller folds it into the logits or the probabilities), or int4 nibbles
     dequantized here with their group scales (QUANT 2; scale returned as ones)."""
+    # one return at the end: Triton types every return of a function, taken or not
+    slot_scale = tl.full([BLOCK_N], 1.0, tl.float32)
     if QUANT == 2:  # byte d // 2 holds channel d in its low (even d) or high (odd d) nibble
         byte = tl.load(
             PTR + base_b + rows[:, None] * stride_t + (d // 2)[None, :], mask=live[:, None], other=8
@@ -52,12 +54,13 @@ def _load_slots(PTR, SCALES, base_b, scale_b, rows, live, d, stride_t, stride_st
             other=0.0,
         )
         x = (nib.to(tl.float32) * group_scale.to(tl.float32)).to(dtype)
-        return x, tl.full([rows.shape[0]], 1.0, tl.float32)
-    x = tl.load(PTR + base_b + rows[:, None] * stride_t + d[None, :], mask=live[:, None], other=0.0)
-    if QUANT == 1:
-        slot_scale = tl.load(SCALES + scale_b + rows * stride_st, mask=live, other=0.0).to(tl.float32)
-        return x.to(dtype), slot_scale
-    return x, tl.full([rows.shape[0]], 1.0, tl.float32)
+    else:
+        x = tl.load(PTR + base_b + rows[:, None] * stride_t + d[None, :], mask=live[:, None], other=0.0).to(
+            dtype
+        )
+        if QUANT == 1:
+            slot_scale = tl.load(SCALES + scale_b + rows * stride_st, mask=live, other=0.0).to(tl.float32)
+    return x, slot_scale
 
 
 @triton.jit
@@ -113,6 +116,7 @@ def _split_kernel(
             q.dtype,
             QUANT,
             SCALE_GROUP,
+            BLOCK_N,
         )
         qk = tl.dot(q, tl.trans(k), input_precision="ieee")  # [G_PAD, BLOCK_N]; fp32 caches: no TF32
         qk = qk * (k_scale * scale)[None, :]
@@ -140,6 +144,7 @@ def _split_kernel(
             q.dtype,
             QUANT,
             SCALE_GROUP,
+            BLOCK_N,
         )
         pv = p * v_scale[None, :]  # a slot's value scale rides on its probability
         acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v, input_precision="ieee")
