@@ -148,9 +148,9 @@ def run_engine(engine: Engine, work: list[Work], name: str, progress: bool = Tru
 
 def _warm_up(engine: Engine, work: list[Work]) -> None:
     """Serve the workload's shortest and longest prompts (and both plus one token) for two tokens
-    each before the clock starts, so kernels compile and the allocator grows outside the timed
-    run; without it the first engine measured pays Triton's compilation in its prefill (~10 s
-    more prefill at budget 1.0, the first engine, than at 0.3 in the same run)."""
+    each before the clock starts, so the prefill kernels compile and the allocator grows outside
+    the timed run (the CUDA-graph captures compile only the decode kernels). On the H200 the
+    first engine's warm-up took 21.7 s, the next ones' 11.3 and 1.6 (run J, BENCHMARKS.md)."""
     by_length = sorted(work, key=lambda w: len(w.prompt))
     prompts = {tuple(w.prompt) for w in (by_length[0], by_length[-1])}
     prompts |= {(*p, p[-1]) for p in prompts if len(p) < engine.context - 2}
