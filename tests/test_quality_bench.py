@@ -272,6 +272,8 @@ def test_cli_rejects_bad_options(tmp_path, capsys):
         (["--reconstruct-pool", "4"], "must be a positive odd number or 'auto', got 4"),
         (["--reconstruct-pool", "wide"], "'wide' is neither 'auto' nor a width"),
         (["--baklava-selection", "mine"], "'mine' is not one of 'auto', 'shared', 'own'"),
+        (["--kv-dtypes", "int8,int3"], "unknown KV dtype 'int3'"),
+        (["--kv-dtypes", "int8,int8"], "KV dtypes must be distinct"),
     ):
         with pytest.raises(SystemExit) as e:
             bench_main(["quality", "--out", str(tmp_path / "x"), "--model", "/nonexistent", *bad])
@@ -605,3 +607,45 @@ def test_compress_context_keeps_what_the_benchmark_keeps(tiny_llama, monkeypatch
     )
     for (positions, fill), layer in zip(kept, cache.layers, strict=True):
         assert torch.equal(fill, layer.fill) and torch.equal(positions, layer.positions)
+
+
+# ---------------------------------------------------------------------------------------- KV dtype
+def test_every_cache_of_a_run_stores_in_its_kv_dtype(tiny_llama):
+    g = torch.Generator().manual_seed(4)
+    ppl = [
+        Sample("ppl", 64, i, torch.randint(3, 96, (40,), generator=g).tolist(), [], [], 0) for i in range(2)
+    ]
+    for s, cont in zip(ppl, torch.randint(3, 96, (2, 12), generator=g).tolist(), strict=True):
+        s.query_ids.extend(cont)
+    ctx = MethodContext(HeadScores.constant(2, 2), EvictionConfig(sink=2, window=4), {})
+    todo = combos(["uniform"], [0.3])
+    got = {}
+    for kv in ("auto", "int8"):
+        runner = Runner(tiny_llama, _Tok(), ctx, kv_dtype=kv)
+        assert runner._full_cache(8).kv_format.name == kv
+        got[kv] = runner.run(ppl, "-", todo)
+        assert {r["kv_dtype"] for r in got[kv]} == {kv}
+    for a, b in zip(got["auto"], got["int8"], strict=True):
+        assert a["method"] == b["method"] and a["score"] != b["score"]  # int8 slots change the perplexity
+        assert abs(a["score"] - b["score"]) / a["score"] < 0.05
+    chunked = Runner(tiny_llama, _Tok(), ctx, kv_dtype="int8", prefill_chunk=16).run(ppl, "-", todo)
+    assert [r["kv_dtype"] for r in chunked] == ["int8"] * 4
+
+
+def test_the_report_compares_each_kv_dtype_with_the_first():
+    rows = []
+    for kv, scale in (("auto", 1.0), ("int8", 0.995), ("int4", 0.9)):
+        for r in _rows(
+            {("full", 1.0): (1.0, 0.8), ("baklava", 0.3): (1.0, 0.6), ("uniform", 0.3): (0.5, 0.5)}
+        ):
+            rows.append(r | {"kv_dtype": kv, "score": r["score"] * scale})
+    table = report.kv_dtype_table(rows, ["auto", "int8", "int4"])
+    assert table["average"]["int4"]["baklava"][0.3] == pytest.approx(0.8 * 0.9)
+    checks = {c["target"]: c for c in report.kv_dtype_checks(table)}
+    assert checks["baklava 0.3 int8 / auto"]["value"] == 0.995 and checks["baklava 0.3 int8 / auto"]["met"]
+    assert checks["baklava 0.3 int4 / auto"]["value"] == 0.9 and not checks["baklava 0.3 int4 / auto"]["met"]
+    summary = report.summarize([r for r in rows if r["kv_dtype"] == "auto"]) | {"kv_dtypes": table}
+    md = report.markdown(summary, {"model": "m", "lengths": [2048], "samples": 1})
+    assert "| baklava | 0.3 | 0.800 | 0.796 (0.995) | 0.720 (0.900) |" in md
+    assert "baklava 0.3 int4 / auto = 0.9 (goal >= 0.97): MISSED" in md
+    assert report.kv_dtype_table(rows, ["auto"]) == {}

@@ -175,6 +175,14 @@ def _width_or_auto(value: str) -> int | str:
     "engine deploys it (SnapKV scores, each head its own tokens) [default: compress one full prefill].",
 )
 @click.option(
+    "--kv-dtypes",
+    default="auto",
+    show_default=True,
+    callback=_names,
+    help="KV storage formats, comma-separated (auto = the model's dtype, fp8, int8, int4); the suite "
+    "runs once per format, the first is the baseline the others are compared with.",
+)
+@click.option(
     "--baklava-selection",
     type=click.Choice(["auto", "shared", "own"]),
     default="auto",
@@ -205,6 +213,7 @@ def quality_bench(
     agnostic_scoring,
     reconstruct_pool,
     prefill_chunk,
+    kv_dtypes,
     baklava_selection,
     settings,
     scorer,
@@ -233,6 +242,7 @@ def quality_bench(
         reconstruct_pool=reconstruct_pool,
         baklava_selection=baklava_selection,
         prefill_chunk=prefill_chunk,
+        kv_dtypes=tuple(kv_dtypes),
         extra={"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])},
     )
     check_writable(Path(out) / "quality.json")

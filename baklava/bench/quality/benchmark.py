@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from baklava import kv_format
 from baklava.atomic import write_text_atomic
 from baklava.bench.quality import report
 from baklava.bench.quality.methods import METHODS, MethodContext
@@ -56,6 +57,9 @@ class QualityConfig:
     # method's cache is prefilled in N-token chunks straight into its capacities, as the engine and
     # baklava-run do (SnapKV scores accumulated per chunk, each head its own tokens)
     prefill_chunk: int | None = None
+    # storage formats of the cache (baklava.kv_format), each run over the whole suite; the first
+    # is the baseline the summary and targets read, the others are compared with it
+    kv_dtypes: tuple[str, ...] = ("auto",)
     chat: bool = True
     extra: dict = field(default_factory=dict)  # recorded in the JSON (command line, profile source)
 
@@ -88,6 +92,9 @@ class QualityConfig:
             raise BaklavaError(f"budgets must be fractions in (0, 1], got {list(self.budgets)}")
         if self.samples < 1 or self.batch_size < 1:
             raise BaklavaError("samples and batch size must be >= 1")
+        self.kv_dtypes = tuple(kv_format.parse(k).name for k in self.kv_dtypes)
+        if not self.kv_dtypes or len(set(self.kv_dtypes)) != len(self.kv_dtypes):
+            raise BaklavaError(f"KV dtypes must be distinct and at least one, got {list(self.kv_dtypes)}")
 
 
 def _batches(samples, size):
@@ -138,30 +145,37 @@ def run_quality(
         size = min(config.batch_size, max(1, config.batch_tokens // length))
         modes = ("-",) if is_ppl else config.settings
         work += [(batch, mode) for batch in _batches(samples, size) for mode in modes]
-    bar = tqdm(total=len(work) * len(todo), desc="quality", unit="run", disable=not progress)
+    bar = tqdm(
+        total=len(work) * len(todo) * len(config.kv_dtypes), desc="quality", unit="run", disable=not progress
+    )
     ctx = MethodContext(profile.scores, profile.eviction, params)
     pool = profile.eviction.pool_kernel if config.reconstruct_pool is None else config.reconstruct_pool
-    runner = Runner(
-        lm.model,
-        lm.tokenizer,
-        ctx,
-        on_step=bar.update,
-        agnostic_scoring=config.agnostic_scoring,
-        reconstruct_pool=pool,
-        baklava_selection=config.baklava_selection,
-        prefill_chunk=config.prefill_chunk,
-    )
+    runners = [
+        Runner(
+            lm.model,
+            lm.tokenizer,
+            ctx,
+            on_step=bar.update,
+            agnostic_scoring=config.agnostic_scoring,
+            reconstruct_pool=pool,
+            baklava_selection=config.baklava_selection,
+            prefill_chunk=config.prefill_chunk,
+            kv_dtype=kv,
+        )
+        for kv in config.kv_dtypes
+    ]
     rows = []
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / "quality.partial.jsonl"  # rows as they finish: a cut-off run keeps its results
     with partial.open("w", encoding="utf-8") as log:
         for batch, setting in work:
-            bar.set_postfix_str(f"{batch[0].task} {batch[0].length} {setting}")
-            done = runner.run(batch, setting, todo)
-            log.writelines(json.dumps(r) + "\n" for r in done)
-            log.flush()
-            rows += done
+            for runner in runners:
+                bar.set_postfix_str(f"{batch[0].task} {batch[0].length} {setting} {runner.kv_dtype}")
+                done = runner.run(batch, setting, todo)
+                log.writelines(json.dumps(r) + "\n" for r in done)
+                log.flush()
+                rows += done
     bar.close()
     device = next(lm.model.parameters()).device
     meta = {
@@ -182,6 +196,7 @@ def run_quality(
         "reconstruct_pool": pool,
         "baklava_selection": config.baklava_selection,
         "prefill_chunk": config.prefill_chunk,
+        "kv_dtypes": list(config.kv_dtypes),
         "scorer": profile.scores.method,  # head scores BaKlaVa allocates by
         "search_objective": objective,
         "search_floors": list(settings.search_floors) if objective else None,
@@ -194,8 +209,11 @@ def run_quality(
 
 
 def _write(out: Path, meta: dict, rows: list[dict], *, with_rows: bool = True) -> dict:
-    summary = report.summarize(rows)
-    targets = report.targets(summary, rows)
+    base = meta.get("kv_dtypes", ["auto"])[0]
+    baseline = [r for r in rows if r.get("kv_dtype", "auto") == base]
+    summary = report.summarize(baseline)
+    summary["kv_dtypes"] = report.kv_dtype_table(rows, meta.get("kv_dtypes", ["auto"]))
+    targets = report.targets(summary, baseline)
     doc = {"meta": meta, "summary": summary, "targets": targets, "rows": rows}
     kept = doc if with_rows else {k: v for k, v in doc.items() if k != "rows"}
     write_text_atomic(out / "quality.json", json.dumps(kept, indent=1, default=float) + "\n")
@@ -215,6 +233,7 @@ _SAME = (
     "reconstruct_pool",
     "baklava_selection",
     "prefill_chunk",
+    "kv_dtypes",
     "scorer",
     "baklava_params",
     "methods",
@@ -228,6 +247,8 @@ def _setup(meta: dict, key: str):
         return "own"
     if key == "reconstruct_pool" and key not in meta:  # runs before the option pooled like SnapKV
         return meta.get("eviction", {}).get("pool_kernel")
+    if key == "kv_dtypes" and key not in meta:  # runs before quantized storage: the model's dtype
+        return ["auto"]
     return meta.get(key)
 
 

@@ -75,6 +75,77 @@ def summarize(rows: list[dict]) -> dict:
     return {"cells": cell_rows, "average": average, "ppl": ppl, "methods": methods, "budgets": budgets}
 
 
+# issue 23: a quantized format keeps this share of the baseline format's score at budget 0.3
+KV_DTYPE_GOALS = {"fp8": 0.99, "int8": 0.99, "int4": 0.97}
+
+
+def kv_dtype_table(rows: list[dict], kv_dtypes: list[str]) -> dict:
+    """Average score per method and budget for every KV dtype of the run (first = baseline), over
+    all settings, and perplexity; ``{}`` for a run of one format."""
+    if len(kv_dtypes) < 2:
+        return {}
+    out = {"formats": list(kv_dtypes), "average": {}, "ppl": {}}
+    for kv in kv_dtypes:
+        summary = summarize([r for r in rows if r.get("kv_dtype", "auto") == kv])
+        averages = summary["average"]
+        out["average"][kv] = averages.get("all") or next(iter(averages.values()), {})
+        out["ppl"][kv] = summary["ppl"]
+    return out
+
+
+def kv_dtype_checks(table: dict, budget: float = 0.3) -> list[dict]:
+    """:data:`KV_DTYPE_GOALS` for BaKlaVa at ``budget``: each format's score over the baseline's."""
+    if not table:
+        return []
+    base = table["formats"][0]
+    ref = table["average"][base].get("baklava", {}).get(budget)
+    checks = []
+    for kv in table["formats"][1:]:
+        got = table["average"][kv].get("baklava", {}).get(budget)
+        goal = KV_DTYPE_GOALS.get(kv)
+        if goal is None or ref is None or got is None:
+            continue
+        value = round(got / ref, 4) if ref else None
+        checks.append(
+            {
+                "target": f"baklava {budget:g} {kv} / {base}",
+                "value": value,
+                "goal": f">= {goal}",
+                "met": value is not None and value >= goal,
+            }
+        )
+    return checks
+
+
+def _kv_dtype_lines(table: dict, budgets: list[float]) -> list[str]:
+    formats, base = table["formats"], table["formats"][0]
+    lines = [
+        f"**Score by KV dtype (average of the settings; in brackets: over {base})**",
+        "",
+        "| method | budget | " + " | ".join(formats) + " |",
+        "|---|---|" + "---|" * len(formats),
+    ]
+    for m in table["average"][base]:
+        for b in budgets:
+            ref = table["average"][base].get(m, {}).get(b)
+            cells = []
+            for kv in formats:
+                got = table["average"][kv].get(m, {}).get(b)
+                if got is None:
+                    cells.append("")
+                elif kv == base or not ref:
+                    cells.append(f"{got:.3f}")
+                else:
+                    cells.append(f"{got:.3f} ({got / ref:.3f})")
+            if any(cells):
+                lines.append(f"| {m} | {b:g} | " + " | ".join(cells) + " |")
+    lines.append("")
+    found = kv_dtype_checks(table)
+    if found:
+        lines += ["Targets (KV dtype):", ""] + [f"- {describe(c)}" for c in found] + [""]
+    return lines
+
+
 def check_targets(average: dict[str, dict[float, float]]) -> list[dict]:
     """MISSION.md's quality targets on one average table ``{method: {budget: score}}``."""
     checks = []
@@ -166,6 +237,8 @@ def markdown(summary: dict, meta: dict, checks: dict[str, list[dict]] | None = N
             lines += [f"Targets ({name}):", ""]
             lines += [f"- {describe(c)}" for c in found]
             lines.append("")
+    if summary.get("kv_dtypes"):
+        lines += _kv_dtype_lines(summary["kv_dtypes"], budgets)
     lines += ["Per task (all settings, mean score):", ""]
     lines += _per_task(summary)
     return "\n".join(lines) + "\n"

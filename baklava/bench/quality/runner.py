@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from baklava import kv_format
 from baklava.bench.quality.methods import MethodContext, plan
 from baklava.bench.quality.tasks import Sample
 from baklava.runtime.attention import enable
@@ -75,8 +76,12 @@ class Runner:
         reconstruct_pool: int | str | None = None,
         baklava_selection: str = "auto",
         prefill_chunk: int | None = None,
+        kv_dtype: str = "auto",
     ):
         enable(model)
+        # how every cache of the run stores its tokens (baklava.kv_format): the full prefill too,
+        # so a quantized format's error reaches every method as it would in deployment
+        self.kv_dtype = kv_format.parse(kv_dtype).name
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         # None: methods compress the one full prefill; N: each method's cache is prefilled in
@@ -151,7 +156,7 @@ class Runner:
         return [t[: t.index(self.eos)] if self.eos in t else t for t in tokens]
 
     def _full_cache(self, width: int) -> BudgetedCache:
-        return BudgetedCache(np.full(self.shape, width), self.ctx.eviction)
+        return BudgetedCache(np.full(self.shape, width), self.ctx.eviction, self.kv_dtype)
 
     def _compress(self, full: BudgetedCache, combo: Combo, caps, eviction) -> BudgetedCache:
         """``full`` cut to ``caps``; BaKlaVa with shared selection ranks the tokens once for all heads."""
@@ -203,7 +208,7 @@ class Runner:
                 pool_scores(full, raw, pooled)
             caps, eviction = plan(combo.method, combo.budget, width, self.ctx, full)
             if self._deployed(combo):
-                cache = BudgetedCache(caps, eviction)
+                cache = BudgetedCache(caps, eviction, self.kv_dtype)
                 if setting == "query-aware":
                     logits = self._chunked(ids, mask, cache)[:, -1]
                 else:  # the context alone, compressed as it arrives, then the question
@@ -233,7 +238,7 @@ class Runner:
             caps, eviction = plan(combo.method, combo.budget, width, self.ctx, full)
             head = last
             if self._deployed(combo):
-                cache = BudgetedCache(caps, eviction)
+                cache = BudgetedCache(caps, eviction, self.kv_dtype)
                 head = self._chunked(ctx, mask[:, : ctx.shape[1]], cache)[:, -1:]
             else:
                 cache = self._compress(full, combo, caps, eviction)
@@ -255,6 +260,7 @@ class Runner:
             "setting": setting,
             "method": combo.method,
             "budget": combo.budget,
+            "kv_dtype": self.kv_dtype,
             "score": score,
             "output": output,
             "answers": s.answers,
