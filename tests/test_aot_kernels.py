@@ -217,3 +217,17 @@ def test_kernels_in_half_precision(dtype):
                 assert torch.equal(approx["past_position"][b, live], exact["past_position"][b, live])
                 assert torch.equal(approx["past_key"][b, live], exact["past_key"][b, live].to(dtype))
         reference_step(layer, q, k, v, token_mask)
+
+
+def test_plugins_refuse_a_quantized_kv_dtype_at_build_time():
+    """The ONNX ops carry ``kv_dtype``; the plugins' kernels store full precision, so an artifact
+    exported with int8 slots fails to build for TensorRT with a clear message instead of running
+    at another precision than the one it was exported and measured at."""
+    with pytest.raises(ValueError, match="kv_dtype 'int8': the TensorRT plugins store full-precision"):
+        aot.attention_plan([8, 8], 4, 0.25, 4, head_dim=16, dtype="fp32", kv_dtype="int8")
+    with pytest.raises(ValueError, match="kv_dtype 'int4'"):
+        aot.cache_update_plan([8, 8], 1, 2, "h2o", 3, head_dim=16, dtype="fp32", kv_dtype="int4")
+    assert (
+        aot.attention_plan([8, 8], 4, 0.25, 4, head_dim=16, dtype="fp32", kv_dtype="auto").constexprs["D"]
+        == 16
+    )

@@ -97,3 +97,32 @@ def test_unsupported_architecture_is_refused(tiny_llama):
     tiny_llama.config.model_type = "gpt2"
     with pytest.raises(ModelError, match="supported: llama, mistral, qwen2"):
         build_decoder(tiny_llama, _profile(tiny_llama), progress=False)
+
+
+def test_an_int8_artifact_runs_in_onnx_runtime_as_the_int8_reference(tiny_llama, tmp_path):
+    profile = _profile(tiny_llama)
+    profile.allocation = {"kv_dtype": "int8"}  # what baklava-export --kv-dtype int8 records
+    path = tmp_path / "int8.onnx"
+    save_model(build_decoder(tiny_llama, profile, progress=False), path)
+    ops = [n for n in onnx.load(str(path), load_external_data=False).graph.node if n.domain == "baklava"]
+    assert {onnx.helper.get_attribute_value(a) for n in ops for a in n.attribute if a.name == "kv_dtype"} == {
+        b"int8"
+    }
+    decoder = OnnxDecoder(path)
+    enable(tiny_llama)
+    caches = {kv: BudgetedCache(CAPS, profile.eviction, kv) for kv in ("auto", "int8")}
+    ids = torch.randint(3, 96, (1, 30), generator=torch.Generator().manual_seed(2))
+    buffers, seen = decoder.new_cache(1), np.zeros(1, dtype=np.int64)
+    ones = np.ones_like(ids.numpy(), dtype=bool)
+    got = decoder.step(buffers, ids.numpy(), np.arange(30)[None], ones, seen)
+    with torch.no_grad():
+        want = {kv: tiny_llama(input_ids=ids, past_key_values=c).logits for kv, c in caches.items()}
+    np.testing.assert_allclose(got, want["int8"].numpy(), atol=1e-4)
+    assert np.abs(got - want["auto"].numpy()).max() > 1e-4  # int8 is not the full-precision answer
+    token, seen = want["int8"][:, -1].argmax(-1, keepdim=True), seen + 30
+    for _ in range(4):  # decode steps, every one evicting
+        got = decoder.step(buffers, token.numpy(), seen[:, None], np.ones((1, 1), bool), seen)
+        with torch.no_grad():
+            want = tiny_llama(input_ids=token, past_key_values=caches["int8"]).logits
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
+        token, seen = want[:, -1].argmax(-1, keepdim=True), seen + 1

@@ -56,5 +56,43 @@ def test_graph_is_checked_and_shapes_infer():
     nodes = {n.op_type: n for n in model.graph.node}
     assert set(nodes) == {"BudgetedAttention", "BudgetedCacheUpdate"}
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nodes["BudgetedCacheUpdate"].attribute}
-    assert attrs == {"capacities": [4, 9], "sink": 4, "window": 32, "policy": b"h2o", "pool_kernel": 31}
+    assert attrs == {
+        "capacities": [4, 9],
+        "sink": 4,
+        "window": 32,
+        "policy": b"h2o",
+        "pool_kernel": 31,
+        "kv_dtype": b"auto",
+    }
     assert {f.overload for f in model.functions} == {"layer0"}
+
+
+@pytest.mark.parametrize(("kv_dtype", "head_dim"), [("int8", D), ("fp8", D), ("int4", 32)])
+def test_kv_dtype_rounds_new_tokens_as_the_reference_store(kv_dtype, head_dim):
+    """The ops' ``kv_dtype``: ORT attends and stores the rounded tokens the PyTorch reference
+    store holds (same values, slot for slot), and they differ from the full-precision run."""
+    caps, q_heads, batch = [5, 12], 4, 2
+    ev = EvictionConfig(sink=1, window=2, obs_window=3, pool_kernel=1)
+    sessions = {
+        kv: ort.InferenceSession(
+            single_layer_model(caps, q_heads, head_dim, ev, kv_dtype=kv).SerializeToString(),
+            providers=["CPUExecutionProvider"],
+        )
+        for kv in ("auto", kv_dtype)
+    }
+    gen = torch.Generator().manual_seed(5)
+    layer = BudgetedLayer(caps, ev, kv_dtype)
+    for seq, pads in [(9, {1: 3}), (1, {}), (7, {}), (1, {})]:
+        q, k, v, token_mask = step_inputs(gen, batch, q_heads, len(caps), seq, pads, head_dim)
+        if not layer.is_initialized:
+            layer.lazy_initialization(k, v)
+        feeds = {**state(layer), "query": q.numpy(), "key": k.numpy(), "value": v.numpy()}
+        feeds["token_mask"] = token_mask.numpy()
+        got = sessions[kv_dtype].run(None, feeds)
+        plain = sessions["auto"].run(None, feeds)
+        want = reference_step(layer, q, k, v, token_mask)
+        rows = token_mask.numpy()
+        for b in range(batch):
+            np.testing.assert_allclose(got[0][b][:, rows[b]], want[b][:, rows[b]].numpy(), atol=1e-5)
+        assert_same_cache(got, layer, caps)
+        assert np.abs(plain[1] - got[1]).max() > 1e-4  # the stored keys were rounded

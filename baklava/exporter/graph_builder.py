@@ -210,7 +210,9 @@ def build_decoder(model, profile: BudgetProfile, *, progress: bool = True) -> on
             "present_position": present["position"], "present_score": present["score"],
             "present_fill": present["fill"],
         }  # fmt: skip
-        nodes, fns = layer_ops(li, profile.capacities[li].tolist(), n_q, d**-0.5, profile.eviction, wiring)
+        nodes, fns = layer_ops(
+            li, profile.capacities[li].tolist(), n_q, d**-0.5, profile.eviction, wiring, profile.kv_format
+        )
         g.nodes += nodes
         functions += fns
 

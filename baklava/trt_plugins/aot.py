@@ -119,13 +119,31 @@ def _check_head_dim(head_dim: int) -> None:
         raise ValueError(f"head_dim {head_dim} is not supported by the kernels (a power of two >= 16)")
 
 
+def _check_kv_dtype(kv_dtype: str) -> None:
+    """The plugins' kernels store and read full-precision slots; a quantized ``kv_dtype`` (the
+    ONNX attribute, :mod:`baklava.kv_format`) is refused when the engine is built, not ignored."""
+    if kv_dtype not in ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32"):
+        raise ValueError(
+            f"kv_dtype {kv_dtype!r}: the TensorRT plugins store full-precision slots only; export with "
+            "--kv-dtype auto for TensorRT (ONNX Runtime and the PyTorch runtime run quantized formats)"
+        )
+
+
 def attention_plan(
-    capacities, num_q_heads: int, scale: float, obs_window: int, *, head_dim: int, dtype: str
+    capacities,
+    num_q_heads: int,
+    scale: float,
+    obs_window: int,
+    *,
+    head_dim: int,
+    dtype: str,
+    kv_dtype: str = "auto",
 ) -> LaunchPlan:
     import triton
 
     from baklava.trt_plugins.aot_attention import block_m, group_chunk
 
+    _check_kv_dtype(kv_dtype)
     caps = tuple(int(c) for c in capacities)
     types = _io_types(BUDGETED_ATTENTION, dtype)
     if num_q_heads % len(caps):
@@ -143,8 +161,17 @@ def attention_plan(
 
 
 def cache_update_plan(
-    capacities, sink: int, window: int, policy: str, pool_kernel: int, *, head_dim: int, dtype: str
+    capacities,
+    sink: int,
+    window: int,
+    policy: str,
+    pool_kernel: int,
+    *,
+    head_dim: int,
+    dtype: str,
+    kv_dtype: str = "auto",
 ) -> LaunchPlan:
+    _check_kv_dtype(kv_dtype)
     if policy not in ("h2o", "ring"):
         raise ValueError(f"unknown eviction policy {policy!r} (h2o or ring)")
     if pool_kernel < 1 or pool_kernel % 2 == 0:

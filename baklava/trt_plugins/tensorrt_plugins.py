@@ -111,7 +111,7 @@ def register() -> None:
     @trtp.register(f"{DOMAIN}::{BUDGETED_ATTENTION.name}")
     def _attention(
         query: Desc, key: Desc, value: Desc, past_key: Desc, past_value: Desc, past_fill: Desc, token_mask: Desc,
-        capacities: npt.NDArray[np.int32], num_q_heads: int, scale: float, obs_window: int,
+        capacities: npt.NDArray[np.int32], num_q_heads: int, scale: float, obs_window: int, kv_dtype: str,
     ) -> tuple[Desc, Desc, Desc]:  # fmt: skip
         return attention_outputs(
             query, key, value, past_key, past_value, past_fill, token_mask,
@@ -128,11 +128,11 @@ def register() -> None:
     @trtp.aot_impl(f"{DOMAIN}::{BUDGETED_ATTENTION.name}")
     def _attention_aot(
         query: Desc, key: Desc, value: Desc, past_key: Desc, past_value: Desc, past_fill: Desc, token_mask: Desc,
-        capacities: npt.NDArray[np.int32], num_q_heads: int, scale: float, obs_window: int,
+        capacities: npt.NDArray[np.int32], num_q_heads: int, scale: float, obs_window: int, kv_dtype: str,
         outputs: tuple[Desc], tactic: int,
     ):  # fmt: skip
         plan = aot.attention_plan(
-            capacities.tolist(), num_q_heads, scale, obs_window,
+            capacities.tolist(), num_q_heads, scale, obs_window, kv_dtype=kv_dtype,
             head_dim=int(query.shape_expr[3].constant_value()), dtype=triton_dtype(trt, query.dtype),
         )  # fmt: skip
         return _launch(trtp, plan, query.shape_expr[0], query.shape_expr[2])
@@ -141,7 +141,7 @@ def register() -> None:
     def _update(
         past_key: Desc, past_value: Desc, past_position: Desc, past_score: Desc, past_fill: Desc, seen: Desc,
         key: Desc, value: Desc, token_mask: Desc, slot_mass: Desc, token_mass: Desc,
-        capacities: npt.NDArray[np.int32], sink: int, window: int, policy: str, pool_kernel: int,
+        capacities: npt.NDArray[np.int32], sink: int, window: int, policy: str, pool_kernel: int, kv_dtype: str,
     ) -> tuple[Desc, Desc, Desc, Desc, Desc]:  # fmt: skip
         return cache_update_outputs(past_key, past_value, past_position, past_score, past_fill, capacities)
 
@@ -156,11 +156,11 @@ def register() -> None:
     def _update_aot(
         past_key: Desc, past_value: Desc, past_position: Desc, past_score: Desc, past_fill: Desc, seen: Desc,
         key: Desc, value: Desc, token_mask: Desc, slot_mass: Desc, token_mass: Desc,
-        capacities: npt.NDArray[np.int32], sink: int, window: int, policy: str, pool_kernel: int,
+        capacities: npt.NDArray[np.int32], sink: int, window: int, policy: str, pool_kernel: int, kv_dtype: str,
         outputs: tuple[Desc], tactic: int,
     ):  # fmt: skip
         plan = aot.cache_update_plan(
-            capacities.tolist(), sink, window, policy, pool_kernel,
+            capacities.tolist(), sink, window, policy, pool_kernel, kv_dtype=kv_dtype,
             head_dim=int(key.shape_expr[3].constant_value()), dtype=triton_dtype(trt, key.dtype),
         )  # fmt: skip
         return _launch(trtp, plan, key.shape_expr[0], key.shape_expr[2])

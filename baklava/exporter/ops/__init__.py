@@ -22,7 +22,15 @@ from baklava.exporter.ops.spec import (
 __all__ = ["BUDGETED_ATTENTION", "BUDGETED_CACHE_UPDATE", "DOMAIN", "layer_ops", "single_layer_model"]
 
 
-def layer_ops(layer: int, capacities, num_q_heads: int, scale: float, eviction: EvictionConfig, names: dict):
+def layer_ops(
+    layer: int,
+    capacities,
+    num_q_heads: int,
+    scale: float,
+    eviction: EvictionConfig,
+    names: dict,
+    kv_dtype: str = "auto",
+):
     """Nodes and function overloads of one layer.
 
     ``names`` maps every op input/output name (see ``spec``) to the graph's tensor names.
@@ -30,7 +38,11 @@ def layer_ops(layer: int, capacities, num_q_heads: int, scale: float, eviction: 
     """
     overload = f"layer{layer}"
     attn_attrs = dict(
-        capacities=capacities, num_q_heads=num_q_heads, scale=scale, obs_window=eviction.obs_window
+        capacities=capacities,
+        num_q_heads=num_q_heads,
+        scale=scale,
+        obs_window=eviction.obs_window,
+        kv_dtype=kv_dtype,
     )
     upd_attrs = dict(
         capacities=capacities,
@@ -38,6 +50,7 @@ def layer_ops(layer: int, capacities, num_q_heads: int, scale: float, eviction: 
         window=eviction.window,
         policy=eviction.policy,
         pool_kernel=eviction.pool_kernel,
+        kv_dtype=kv_dtype,
     )
     nodes = [
         budgeted_attention.make_node(
@@ -63,7 +76,12 @@ def layer_ops(layer: int, capacities, num_q_heads: int, scale: float, eviction: 
 
 
 def single_layer_model(
-    capacities, num_q_heads: int, head_dim: int, eviction: EvictionConfig, scale: float | None = None
+    capacities,
+    num_q_heads: int,
+    head_dim: int,
+    eviction: EvictionConfig,
+    scale: float | None = None,
+    kv_dtype: str = "auto",
 ):
     """A model running one layer's attention + cache update on explicit tensors (fp32)."""
     heads, total = len(capacities), int(sum(capacities))
@@ -93,7 +111,7 @@ def single_layer_model(
         n: n for n in BUDGETED_ATTENTION.inputs + BUDGETED_CACHE_UPDATE.inputs + BUDGETED_CACHE_UPDATE.outputs
     }
     names["output"] = "output"
-    nodes, functions = layer_ops(0, capacities, num_q_heads, scale, eviction, names)
+    nodes, functions = layer_ops(0, capacities, num_q_heads, scale, eviction, names, kv_dtype)
     graph = helper.make_graph(nodes, "baklava_layer", inputs, outputs)
     model = helper.make_model(
         graph,

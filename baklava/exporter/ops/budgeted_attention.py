@@ -6,6 +6,8 @@ Node attributes (static, from the profile)::
     num_q_heads  int         H_q (a multiple of H_kv: GQA groups of H_q / H_kv)
     scale        float       softmax scale, usually head_dim ** -0.5
     obs_window   int         last queries whose attention scores the tokens (SnapKV / H2O)
+    kv_dtype     string      how the cache stores tokens: "auto", "fp8", "int8", "int4" (the new
+                             keys and values are rounded as it would return them: kv_round_trip.py)
 
 The ONNX Runtime implementation is a model-local function, one overload per layer, unrolled
 over KV heads (capacities are static, so every slice is static)::
@@ -22,17 +24,22 @@ from __future__ import annotations
 
 from onnx import FunctionProto, NodeProto
 
+from baklava import kv_format
 from baklava.exporter.ops.body import BOOL, FLOAT, FLOAT_MIN, INT64, Body, make_op_node
+from baklava.exporter.ops.kv_round_trip import round_trip
 from baklava.exporter.ops.spec import BUDGETED_ATTENTION
 
 
-def attention_attrs(capacities, num_q_heads: int, scale: float, obs_window: int) -> dict:
+def attention_attrs(
+    capacities, num_q_heads: int, scale: float, obs_window: int, kv_dtype: str = "auto"
+) -> dict:
     """Node attributes, named exactly as the TensorRT plugin fields."""
     return {
         "capacities": [int(c) for c in capacities],  # tokens per KV head in the packed cache
         "num_q_heads": int(num_q_heads),  # H_q; H_kv = len(capacities)
         "scale": float(scale),  # softmax scale
         "obs_window": int(obs_window),  # queries that score tokens for eviction
+        "kv_dtype": kv_format.parse(kv_dtype).name,  # the cache's storage format
     }
 
 
@@ -41,7 +48,7 @@ def make_node(inputs: list[str], outputs: list[str], name: str, overload: str, *
 
 
 def make_function(
-    capacities, num_q_heads: int, scale: float, obs_window: int, overload: str
+    capacities, num_q_heads: int, scale: float, obs_window: int, overload: str, kv_dtype: str = "auto"
 ) -> FunctionProto:
     """The standard-op implementation for one attribute set (one layer)."""
     caps = [int(c) for c in capacities]
@@ -52,6 +59,7 @@ def make_function(
     b = Body(f"{overload}/")
     neg = b.op("CastLike", b.const(FLOAT_MIN, dtype="float32"), "query")
     scale_t = b.op("CastLike", b.const(scale, dtype="float32"), "query")
+    key, value = round_trip(b, "key", kv_dtype), round_trip(b, "value", kv_dtype)
 
     # causal & key-valid mask among the new tokens, [B, 1, S, S]
     seq = b.op("Gather", b.op("Shape", "token_mask"), b.ints(1))
@@ -68,8 +76,8 @@ def make_function(
     for h, cap in enumerate(caps):
         k_old = b.slice("past_key", offset, offset + cap, axis=1)  # [B, c, D]
         v_old = b.slice("past_value", offset, offset + cap, axis=1)
-        k_new = b.op("Squeeze", b.slice("key", h, h + 1, axis=1), b.ints(1))  # [B, S, D]
-        v_new = b.op("Squeeze", b.slice("value", h, h + 1, axis=1), b.ints(1))
+        k_new = b.op("Squeeze", b.slice(key, h, h + 1, axis=1), b.ints(1))  # [B, S, D]
+        v_new = b.op("Squeeze", b.slice(value, h, h + 1, axis=1), b.ints(1))
         keys = b.op("Unsqueeze", b.op("Concat", k_old, k_new, axis=1), b.ints(1))  # [B, 1, c+S, D]
         values = b.op("Unsqueeze", b.op("Concat", v_old, v_new, axis=1), b.ints(1))
         fill = b.slice("past_fill", h, h + 1, axis=1)  # [B, 1]

@@ -7,6 +7,8 @@ Node attributes (static, from the profile)::
     window       int         most recent tokens every head keeps
     policy       string      "h2o" (keep the highest accumulated attention) or "ring" (recency)
     pool_kernel  int         max-pool width over the new tokens' scores (SnapKV)
+    kv_dtype     string      how the cache stores tokens (new keys and values rounded as it would
+                             return them before they are stored: kv_round_trip.py)
 
 Outputs have the shapes of the past inputs (no data-dependent shapes). Per head, the candidates
 are the ``c_h`` stored slots followed by the ``S`` new tokens; the ``c_h`` with the highest
@@ -18,13 +20,17 @@ from __future__ import annotations
 
 from onnx import FunctionProto, NodeProto
 
+from baklava import kv_format
 from baklava.eviction import POLICIES
 from baklava.exporter.ops.body import DOUBLE, FLOAT, INT64, Body, make_op_node
+from baklava.exporter.ops.kv_round_trip import round_trip
 from baklava.exporter.ops.spec import BUDGETED_CACHE_UPDATE
 from baklava.runtime.selection import TIER
 
 
-def cache_update_attrs(capacities, sink: int, window: int, policy: str, pool_kernel: int) -> dict:
+def cache_update_attrs(
+    capacities, sink: int, window: int, policy: str, pool_kernel: int, kv_dtype: str = "auto"
+) -> dict:
     """Node attributes, named exactly as the TensorRT plugin fields."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}")
@@ -34,6 +40,7 @@ def cache_update_attrs(capacities, sink: int, window: int, policy: str, pool_ker
         "window": int(window),  # most recent tokens always kept
         "policy": policy,  # "h2o" | "ring"
         "pool_kernel": int(pool_kernel),  # SnapKV max-pool over new-token scores
+        "kv_dtype": kv_format.parse(kv_dtype).name,  # the cache's storage format
     }
 
 
@@ -42,13 +49,14 @@ def make_node(inputs: list[str], outputs: list[str], name: str, overload: str, *
 
 
 def make_function(
-    capacities, sink: int, window: int, policy: str, pool_kernel: int, overload: str
+    capacities, sink: int, window: int, policy: str, pool_kernel: int, overload: str, kv_dtype: str = "auto"
 ) -> FunctionProto:
     """The standard-op implementation for one attribute set (one layer)."""
     caps = [int(c) for c in capacities]
     b = Body(f"{overload}/")
     head_dim = b.op("Gather", b.op("Shape", "past_key"), b.ints(2))
     batch = b.op("Gather", b.op("Shape", "past_key"), b.ints(0))
+    new_kv = {"key": round_trip(b, "key", kv_dtype), "value": round_trip(b, "value", kv_dtype)}
 
     valid_new = "token_mask"  # [B, S]
     rank = b.op("Sub", b.op("CumSum", b.op("Cast", valid_new, to=INT64), b.const(1)), b.const(1))
@@ -110,7 +118,7 @@ def make_function(
             cand = b.op(
                 "Concat",
                 b.slice(past, offset, offset + cap, axis=1),
-                b.op("Squeeze", b.slice(new, h, h + 1, axis=1), b.ints(1)),
+                b.op("Squeeze", b.slice(new_kv[new], h, h + 1, axis=1), b.ints(1)),
                 axis=1,
             )
             out.append(b.op("GatherElements", cand, idx3, axis=1))  # [B, c, D]

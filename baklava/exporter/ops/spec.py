@@ -27,7 +27,7 @@ BUDGETED_ATTENTION = OpSpec(
     name="BudgetedAttention",
     inputs=("query", "key", "value", "past_key", "past_value", "past_fill", "token_mask"),
     outputs=("output", "slot_mass", "token_mass"),
-    attributes=("capacities", "num_q_heads", "scale", "obs_window"),
+    attributes=("capacities", "num_q_heads", "scale", "obs_window", "kv_dtype"),
 )
 
 BUDGETED_CACHE_UPDATE = OpSpec(
@@ -46,7 +46,7 @@ BUDGETED_CACHE_UPDATE = OpSpec(
         "token_mass",
     ),
     outputs=("present_key", "present_value", "present_position", "present_score", "present_fill"),
-    attributes=("capacities", "sink", "window", "policy", "pool_kernel"),
+    attributes=("capacities", "sink", "window", "policy", "pool_kernel", "kv_dtype"),
 )
 
 OPS = (BUDGETED_ATTENTION, BUDGETED_CACHE_UPDATE)

@@ -1,0 +1,42 @@
+"""The ``kv_dtype`` attribute in ONNX: new keys and values rounded as a quantized cache returns them.
+
+Both ``baklava`` ops take ``kv_dtype`` (``auto`` = full precision, ``fp8``, ``int8``, ``int4``;
+:mod:`baklava.kv_format`). With a quantized format each op rounds the step's ``key`` and ``value``
+exactly as :func:`baklava.kv_format.round_trip` does (per token-head vector, or per 32-channel
+group for int4: float16 scale ``absmax / qmax``, then round or cast to float8, then back), before
+attending or storing: the same standard ops in float32, so ONNX Runtime matches the PyTorch
+reference store value for value. The graph's cache tensors stay float32 (a reference store, as
+the runtime's): what ONNX Runtime runs is the format's accuracy, not its memory.
+"""
+
+from __future__ import annotations
+
+from onnx import TensorProto
+
+from baklava import kv_format
+from baklava.exporter.ops.body import FLOAT, Body
+
+
+def round_trip(b: Body, x: str, kv_dtype: str) -> str:
+    """``x [B, H, S, D]`` (float) rounded through ``kv_dtype``; ``x`` itself for full precision."""
+    fmt = kv_format.parse(kv_dtype)
+    if not fmt.quantized:
+        return x
+    shape = b.op("Shape", x)
+    groups = x
+    if fmt.group is not None:  # [B, H, S, D / group, group]
+        lead = b.op("Slice", shape, b.ints(0), b.ints(3), b.ints(0))
+        groups = b.op("Reshape", x, b.op("Concat", lead, b.ints(-1, fmt.group), axis=0))
+    absmax = b.op("ReduceMax", b.op("Abs", groups), b.ints(-1), keepdims=1)
+    scale = b.op(
+        "Max", b.op("Div", absmax, b.const(fmt.qmax, dtype="float32")), b.const(2.0**-14, dtype="float32")
+    )
+    scale = b.op("Cast", b.op("Cast", scale, to=TensorProto.FLOAT16), to=FLOAT)  # stored as float16
+    q = b.op("Div", groups, scale)
+    lo, hi = b.const(-fmt.qmax, dtype="float32"), b.const(fmt.qmax, dtype="float32")
+    if fmt.name == "fp8":
+        q = b.op("Cast", b.op("Cast", b.op("Clip", q, lo, hi), to=TensorProto.FLOAT8E4M3FN), to=FLOAT)
+    else:
+        q = b.op("Clip", b.op("Round", q), lo, hi)
+    out = b.op("Mul", q, scale)
+    return out if fmt.group is None else b.op("Reshape", out, shape)
