@@ -219,6 +219,23 @@ def export_cmd(
     click.echo(str(Path(out) / "manifest.json"))
 
 
+def _generate_with_context(engine, tokenizer, path: Path, prompts, params, chat: bool) -> list[list[int]]:
+    """Every prompt as a question after the document at ``path``, one chat message cut after the
+    document (:class:`~baklava.runtime.chat_split.ChatSplit`), the document compressed per request."""
+    from baklava.runtime.chat_split import ChatSplit
+
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise BaklavaError(f"{path}: the context file is empty")
+    split = ChatSplit(tokenizer, chat)
+    context = split.context_ids(text)
+    ids = [engine.submit(split.question_ids(p), params, context=context) for p in prompts]
+    out: dict[str, list[int]] = {i: [] for i in ids}
+    for event in engine.run():
+        out[event.request_id] += event.token_ids
+    return [out[i] for i in ids]
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("artifact", type=click.Path(file_okay=False))
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt (repeat for a batch).")
@@ -248,11 +265,22 @@ def export_cmd(
     type=click.IntRange(1),
     help="torch backend: prompts served at once (the engine's pool rows) [default: all of them].",
 )
-def run_cmd(artifact, prompts, max_new_tokens, chat, as_json, backend, device, max_batch):
+@click.option(
+    "--context-file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="torch backend: a document read before every prompt, compressed as the quality benchmark "
+    "measures a context read before its question (full prefill, reconstruction scores) instead of "
+    "chunk by chunk.",
+)
+def run_cmd(artifact, prompts, max_new_tokens, chat, as_json, backend, device, max_batch, context_file):
     """Generate from an exported artifact with its budgeted per-head cache."""
     from baklava.exporter import read_artifact
 
     art = read_artifact(artifact)
+    if context_file and backend != "torch":
+        raise BaklavaError(
+            "--context-file runs on the torch backend (the exported graphs have no scoring pass)"
+        )
     if backend in ("onnxruntime", "tensorrt"):
         from transformers import AutoTokenizer
 
@@ -299,7 +327,11 @@ def run_cmd(artifact, prompts, max_new_tokens, chat, as_json, backend, device, m
             lm.model, lm.tokenizer, art.profile, max_batch=max_batch or len(prompts), chat=chat
         )
         started = time.perf_counter()
-        tokens = engine.generate(list(prompts), SamplingParams(max_tokens=max_new_tokens))
+        params = SamplingParams(max_tokens=max_new_tokens)
+        if context_file:
+            tokens = _generate_with_context(engine, lm.tokenizer, Path(context_file), prompts, params, chat)
+        else:
+            tokens = engine.generate(list(prompts), params)
         results = [
             Generation(p, lm.tokenizer.decode(t, skip_special_tokens=True), t, len(engine.encode(p)))
             for p, t in zip(prompts, tokens, strict=True)

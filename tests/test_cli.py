@@ -256,3 +256,31 @@ def test_run_on_cuda_without_a_gpu_is_one_line(tiny_model_dir, tmp_path, capfd):
     code, stdout, err = call(run_main, [out, "--prompt", "the", "--device", "cuda"], capfd)
     assert_one_line_error(code, err, "baklava-run", "no CUDA device")
     assert stdout == ""
+
+
+def test_an_int8_export_runs_with_a_context_file(tiny_model_dir, tmp_path, capfd):
+    out = tmp_path / "int8"
+    argv = ["--model", tiny_model_dir, "--budget", "8KiB", "--kv-dtype", "int8", "--out", out, *FAST]
+    code, _, err = call(export_main, [*argv, "--no-search", "--no-plot", "--no-onnx"], capfd)
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["budget"]["kv_dtype"] == "int8"
+    # 8 KiB of int8 slots: 16 payload bytes + a 2-byte scale per key or value, 4 heads of 16 dims
+    assert manifest["budget"]["total_tokens"] == 8192 // (2 * 18) == 227
+    doc = tmp_path / "doc.txt"
+    doc.write_text("the a of to and in is for that with " * 6)
+    runs = {}
+    for extra in ([], ["--context-file", doc]):
+        argv = [out, "--prompt", "to and", "--prompt", "is", "--no-chat", "--json", "--max-new-tokens", "5"]
+        code, stdout, err = call(run_main, [*argv, *extra], capfd)
+        assert code == 0, err
+        runs[bool(extra)] = [json.loads(line)["token_ids"] for line in stdout.splitlines()]
+        assert [len(t) for t in runs[bool(extra)]] == [5, 5]
+    assert runs[True] != runs[False]  # the document was read first
+    code, _, err = call(
+        run_main, [out, "--prompt", "x", "--context-file", doc, "--backend", "onnxruntime"], capfd
+    )
+    assert_one_line_error(code, err, "baklava-run", "--context-file runs on the torch backend")
+    (tmp_path / "empty.txt").write_text("  \n")
+    code, _, err = call(run_main, [out, "--prompt", "x", "--context-file", tmp_path / "empty.txt"], capfd)
+    assert_one_line_error(code, err, "baklava-run", "the context file is empty")

@@ -251,3 +251,42 @@ def test_engine_benchmark_counts_every_token_and_splits_its_phases(model):
     assert f"| {row['prefill_s']} / {row['decode_s']} | {row['decode_tokens_per_s']} |" in line
     ratio = row["tokens_per_s"] / serial["tokens_per_s"]
     assert f"| 1.00x | {ratio:.1f}x |" in line
+
+
+def _profile(model):
+    from baklava.profiles.head_scores import HeadScores
+    from baklava.profiles.profile_file import BudgetProfile, ModelInfo
+
+    scores = HeadScores(np.array([[0.9, 0.1], [0.3, 0.6]]), np.array([0.5, 0.5]))
+    return BudgetProfile(ModelInfo.from_config(model.config, "tiny"), scores, EVICTION, np.array(CAPS))
+
+
+def test_a_context_is_compressed_the_benchmarks_way_then_the_prompt_follows(model):
+    from baklava.runtime.context_compression import compress_context
+
+    tok, profile = _tiny_tokenizer(), _profile(model)
+    context, question, other = _prompts((70, 9, 33), seed=5)
+    cache = compress_context(model, tok, profile, context)
+    assert int(cache.fill_levels().min()) == 8  # the context alone fills (and evicts) every head
+    logits, want = prefill(model, cache, torch.tensor([question])), []
+    for _ in range(6):
+        want.append(int(logits.argmax(-1)))
+        logits = decode_one_token(model, cache, torch.tensor([[want[-1]]]))
+
+    engine = Engine.from_profile(model, tok, profile, max_batch=2, prefill_chunk=CHUNK, chat=False)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    plain = engine.submit(other, params)
+    rid = engine.submit(question, params, context=context)
+    out = {plain: [], rid: []}
+    for event in engine.run():
+        out[event.request_id] += event.token_ids
+    assert out[rid] == want
+    assert out[plain] == _reference(model, other, 6)  # its neighbour is untouched
+    # a chunked prefill of context + question keeps other tokens: the comparison can fail
+    assert _reference(model, context + question, 6) != want
+
+    bare = _engine(model, 1)
+    with pytest.raises(BaklavaError, match="build the engine with from_profile"):
+        bare.submit(question, params, context=context)
+    with pytest.raises(BaklavaError, match=r"prompt \(251 tokens\) \+ max_tokens \(6\) exceeds"):
+        engine.submit(question, params, context=list(range(4, 246)))

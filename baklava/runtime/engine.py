@@ -61,6 +61,7 @@ class _Request:
     row: int | None = None
     prefilled: int = 0
     view: object = None  # the row's cache view while prefilling
+    context: torch.Tensor | None = None  # [C] ids compressed into the row before the prompt
     output: list[int] = field(default_factory=list)
     first_token_time: float | None = None
 
@@ -112,6 +113,7 @@ class Engine:
         self.context = model.config.max_position_embeddings
         self.eos = tokenizer.eos_token_id if tokenizer is not None else model.config.eos_token_id
         self.step_fn = DecodeStep(model, pool, cuda_graphs=cuda_graphs)
+        self.profile = None  # set by from_profile: what compressing a request's context needs
         self._free = list(range(pool.rows))  # a heap: lowest free row first keeps steps small
         self._waiting: deque[_Request] = deque()
         self._active: dict[int, _Request] = {}  # row -> request
@@ -154,12 +156,14 @@ class Engine:
 
     @classmethod
     def from_profile(cls, model, tokenizer, profile, **kwargs) -> Engine:
-        """:meth:`from_capacities` with a budget profile's capacities and eviction, after checking
-        the profile was made for ``model``."""
+        """:meth:`from_capacities` with a budget profile's capacities, eviction and KV format, after
+        checking the profile was made for ``model``; its requests may carry a context."""
         caps = profile.capacities_for(model.config)
-        return cls.from_capacities(
+        engine = cls.from_capacities(
             model, tokenizer, caps, profile.eviction, kv_format=profile.kv_format, **kwargs
         )
+        engine.profile = profile  # what compressing a request's context reads (submit's context=)
+        return engine
 
     # ------------------------------------------------------------------ requests
     def encode(self, prompt: str) -> torch.Tensor:
@@ -169,24 +173,50 @@ class Engine:
         return encode(self.tokenizer, [prompt], chat=self.chat, max_context=self.context)["input_ids"][0]
 
     def submit(
-        self, prompt: str | list[int] | torch.Tensor, params: SamplingParams | None = None, request_id=None
+        self,
+        prompt: str | list[int] | torch.Tensor,
+        params: SamplingParams | None = None,
+        request_id=None,
+        *,
+        context: str | list[int] | torch.Tensor | None = None,
     ) -> str:
         """Queue a request (text, or token ids); returns its id. Raises :class:`BaklavaError`
-        for an empty prompt, a duplicate id, or prompt + ``max_tokens`` over the context."""
+        for an empty prompt, a duplicate id, or context + prompt + ``max_tokens`` over the context.
+
+        ``context``: tokens read before the prompt (a document, a chat history; text is tokenized
+        as is, no template) and compressed the way the quality benchmark measures a context read
+        before its question (:func:`~baklava.runtime.context_compression.compress_context`:
+        one full prefill, reconstruction scores, shared selection below budget 0.2) instead of
+        chunk by chunk as it arrives; the prompt then goes into the compressed row. Needs an
+        engine made by :meth:`from_profile`; the full prefill holds the context's whole KV once,
+        outside the pool, and pauses the other rows while it runs.
+        """
         params = params or SamplingParams()
         ids = self.encode(prompt) if isinstance(prompt, str) else torch.as_tensor(prompt, dtype=torch.long)
         ids = ids.reshape(-1).cpu()
         if ids.numel() == 0:
             raise BaklavaError("prompt is empty")
-        if ids.numel() + params.max_tokens > self.context:
+        ctx = None
+        if context is not None:
+            if self.profile is None:
+                raise BaklavaError(
+                    "a request's context is compressed by its profile: build the engine with from_profile"
+                )
+            if isinstance(context, str):
+                context = self.tokenizer(context, add_special_tokens=False)["input_ids"]
+            ctx = torch.as_tensor(context, dtype=torch.long).reshape(-1).cpu()
+            if ctx.numel() == 0:
+                raise BaklavaError("context is empty")
+        total = ids.numel() + (0 if ctx is None else ctx.numel())
+        if total + params.max_tokens > self.context:
             raise BaklavaError(
-                f"prompt ({ids.numel()} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
-                f"of {self.context}"
+                f"prompt ({total} tokens) + max_tokens ({params.max_tokens}) exceeds the context of {self.context}"
             )
         rid = str(next(self._ids)) if request_id is None else str(request_id)
         if rid in self._by_id:
             raise BaklavaError(f"request id {rid!r} is already in flight")
         req = _Request(rid, ids, params, TextPieces(self.tokenizer), params.generator(), time.perf_counter())
+        req.context = ctx
         self._by_id[rid] = req
         self._waiting.append(req)
         return rid
@@ -237,6 +267,9 @@ class Engine:
                 break
             if req.state != PREFILLING:
                 continue
+            if req.context is not None:  # compressed into the row first, then the prompt
+                budget -= self._load_context(req)
+                continue
             # whole chunks only: where a prompt is cut decides what its cache keeps, and that must
             # not depend on the other requests (the step's budget may be overrun by one chunk)
             n = min(self.prefill_chunk, req.prompt.numel() - req.prefilled)
@@ -249,6 +282,18 @@ class Engine:
             if req.prefilled == req.prompt.numel():
                 req.view, req.state = None, DECODING
                 self._emit(req, next_token(logits.float().cpu(), req.params, req.generator), events)
+
+    def _load_context(self, req: _Request) -> int:
+        """Compress ``req``'s context into its row (its view then continues after it); returns
+        the context's tokens (counted against the step's prefill budget)."""
+        from baklava.runtime.context_compression import compress_context
+
+        cache = compress_context(self.model, self.tokenizer, self.profile, req.context.to(self.pool.device))
+        self.pool.load_row(req.row, cache)
+        n, req.context = req.context.numel(), None
+        for layer in req.view.layers:
+            layer.seen = n  # the prompt's positions continue after the context
+        return n
 
     def _decode(self, events: list[Event]) -> None:
         decoding = [r for r in self._active.values() if r.state == DECODING]

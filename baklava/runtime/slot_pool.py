@@ -141,6 +141,18 @@ class SlotPool:
             layer.valid_seen[row].zero_()
         self.step_rows[row] = False
 
+    def load_row(self, row: int, cache: BudgetedCache) -> None:
+        """Put a batch-1 ``cache`` of the pool's capacities (e.g. a compressed context) into row
+        ``row``: its slots, positions, scores and fills, copied on the device."""
+        self._check(row)
+        if not np.array_equal(cache.capacities, self.cache.capacities):
+            raise BaklavaError("a cache loaded into a pool row needs the pool's capacities")
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            if theirs.batch_size != 1:
+                raise BaklavaError(f"load_row takes one sequence, got a batch of {theirs.batch_size}")
+            for name in _ROW_STATE:
+                getattr(mine, name)[row].copy_(getattr(theirs, name)[0])
+
     def row_view(self, row: int) -> BudgetedCache:
         """A batch-1 cache writing row ``row`` in place (for a request's prefill chunks)."""
         self._check(row)

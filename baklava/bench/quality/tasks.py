@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from baklava.profiles.calibration import default_text
+from baklava.runtime.chat_split import ChatSplit
 
 GENERATION_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "fwe")
 TASKS = (*GENERATION_TASKS, "ppl")
@@ -184,34 +185,15 @@ def _prose_ids(tokenizer) -> tuple[int, ...]:
     return tuple(ids[12_000:-12_000])
 
 
-class PromptFormatter:
-    """Render ``instruction + context + question`` with the model's chat template, cut in two."""
-
-    _CUT = "\u0000QUESTION\u0000"
-
-    def __init__(self, tokenizer, chat: bool = True):
-        self.tokenizer = tokenizer
-        self.chat = chat and bool(getattr(tokenizer, "chat_template", None))
-        if self.chat:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": f"{{BODY}}\n\n{self._CUT}"}],
-                tokenize=False,
-                add_generation_prompt=True,
-            )
-        else:
-            text = f"{{BODY}}\n\n{self._CUT}\n"
-        head, tail = text.split(self._CUT)
-        self.head_pre, self.head_post = head.split("{BODY}")
-        self.tail = tail
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+class PromptFormatter(ChatSplit):
+    """Render ``instruction + context + question`` with the model's chat template, cut in two
+    (:class:`~baklava.runtime.chat_split.ChatSplit`, the engine's cut for a request's context)."""
 
     def context(self, instruction: str, body: str) -> list[int]:
-        return self.encode(f"{self.head_pre}{instruction}\n\n{body}{self.head_post}")
+        return self.context_ids(f"{instruction}\n\n{body}")
 
     def query(self, question: str, answer_prefix: str) -> list[int]:
-        return self.encode(f"{question}{self.tail}{answer_prefix}")
+        return self.question_ids(question, answer_prefix)
 
 
 def _insert(body_sentences: list[str], pieces: list[str], rng: random.Random) -> str:
