@@ -86,7 +86,6 @@ def engine_bench(
     """Served tokens/s, TTFT and inter-token latency per budget at equal KV memory (GPU)."""
     import torch
 
-    from baklava.atomic import write_text_atomic
     from baklava.bench.cli import _gpu_meta
     from baklava.bench.serve_engine import compare, markdown
 
@@ -111,10 +110,7 @@ def engine_bench(
     table = markdown(rows, meta)
     click.echo(table)
     if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        write_text_atomic(Path(out) / "serve.json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-        write_text_atomic(Path(out) / "serve.md", table)
-        log(f"wrote {out}/serve.json and serve.md")
+        _write_report(out, "serve", meta, rows, table)
 
 
 @click.command("soak")
@@ -194,7 +190,6 @@ def _chunks(ctx, param, value):
 @click.option("--out", type=click.Path(file_okay=False), help="Write prefill.json and prefill.md here.")
 def prefill_bench(model_spec, contexts, budgets, chunks, sdpa, repeats, out):
     """Time to first token of the budgeted prefill against transformers sdpa (GPU)."""
-    from baklava.atomic import write_text_atomic
     from baklava.bench.cli import _gpu_meta, _gpu_model
     from baklava.bench.prefill_speed import markdown, prefill_speed
 
@@ -213,12 +208,7 @@ def prefill_bench(model_spec, contexts, budgets, chunks, sdpa, repeats, out):
     table = markdown(rows, meta)
     click.echo(table)
     if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        write_text_atomic(
-            Path(out) / "prefill.json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n"
-        )
-        write_text_atomic(Path(out) / "prefill.md", table)
-        log(f"wrote {out}/prefill.json and prefill.md")
+        _write_report(out, "prefill", meta, rows, table)
 
 
 @click.command("kv-dtype")
@@ -231,7 +221,6 @@ def kv_dtype_bench(batch, context, budget, rounds, out):
     """Decode attention over bf16 / fp8 / int8 / int4 slots, one layer of Llama-3-8B shapes (GPU)."""
     import torch
 
-    from baklava.atomic import write_text_atomic
     from baklava.bench.cli import _gpu_meta
     from baklava.bench.kv_dtype_speed import markdown, measure
 
@@ -242,9 +231,14 @@ def kv_dtype_bench(batch, context, budget, rounds, out):
     table = markdown(rows, meta)
     click.echo(table)
     if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        write_text_atomic(
-            Path(out) / "kv_dtype.json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n"
-        )
-        write_text_atomic(Path(out) / "kv_dtype.md", table)
-        log(f"wrote {out}/kv_dtype.json and kv_dtype.md")
+        _write_report(out, "kv_dtype", meta, rows, table)
+
+
+def _write_report(out: str, stem: str, meta: dict, rows: list[dict], table: str) -> None:
+    """``out/stem.json`` (meta and rows) and ``out/stem.md`` (the table), each written atomically."""
+    from baklava.atomic import write_text_atomic
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_text_atomic(Path(out) / f"{stem}.json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    write_text_atomic(Path(out) / f"{stem}.md", table)
+    log(f"wrote {out}/{stem}.json and {stem}.md")
