@@ -126,6 +126,27 @@ def test_http_generate_matches_the_runtime(server, smol, repo):
     assert int(cache.fill_levels().min()) < seen  # the reference evicted: so did the server, alike
 
 
+def test_a_context_is_compressed_before_the_prompt_as_the_engine_does(server, smol, repo):
+    from baklava.exporter import read_artifact
+    from baklava.runtime.chat_split import ChatSplit
+    from baklava.runtime.engine import Engine
+    from baklava.runtime.sampling import SamplingParams
+
+    doc = "The secret word is pineapple. " + "Bees make honey in the summer. " * 8
+    question = "What is the secret word?"
+    code, body = generate(server, {"text_input": question, "context": doc, "max_tokens": MAX_TOKENS})
+    assert code == 200, body
+    art = read_artifact(Path(repo) / "baklava" / "1" / "artifact")
+    engine = Engine.from_profile(smol.model, smol.tokenizer, art.profile, max_batch=1)
+    split = ChatSplit(smol.tokenizer)
+    engine.submit(split.question_ids(question), SamplingParams(MAX_TOKENS), context=split.context_ids(doc))
+    assert body["text_output"] == "".join(event.text for event in engine.run())
+    _, plain = generate(server, {"text_input": question, "max_tokens": MAX_TOKENS})
+    assert plain["text_output"] != body["text_output"]  # the document was read
+    code, bad = generate(server, {"text_input": question, "context": "  ", "max_tokens": MAX_TOKENS})
+    assert code == 400 and "context is empty" in bad["error"]
+
+
 def test_grpc_streaming_sends_tokens_one_by_one(server):
     pieces, error, (sent, ended) = grpc_stream(server, text_inputs(PROMPTS[2], stream=(True, "BOOL")))
     assert error is None

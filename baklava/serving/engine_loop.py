@@ -26,6 +26,7 @@ class _Submission:
     on_event: Callable[[Event], None]
     is_cancelled: Callable[[], bool] | None
     request_id: str
+    context: object = None  # compressed into the request's row before the prompt (Engine.submit)
 
 
 class EngineLoop:
@@ -62,13 +63,15 @@ class EngineLoop:
         params: SamplingParams,
         on_event: Callable[[Event], None],
         is_cancelled: Callable[[], bool] | None = None,
+        *,
+        context=None,
     ) -> str:
-        """Queue a request; returns its id at once. Errors (a prompt over the context, say) arrive
-        as a finished event with ``error`` set."""
+        """Queue a request (``context``: see :meth:`Engine.submit`); returns its id at once. Errors
+        (a prompt over the context, say) arrive as a finished event with ``error`` set."""
         with self._lock:
             self._ids += 1
             rid = f"r{self._ids}"
-        self._inbox.put(_Submission(prompt, params, on_event, is_cancelled, rid))
+        self._inbox.put(_Submission(prompt, params, on_event, is_cancelled, rid, context))
         return rid
 
     # ------------------------------------------------------------------ the thread
@@ -94,7 +97,7 @@ class EngineLoop:
             return
         while True:
             try:
-                self.engine.submit(sub.prompt, sub.params, request_id=sub.request_id)
+                self.engine.submit(sub.prompt, sub.params, request_id=sub.request_id, context=sub.context)
                 self._live[sub.request_id] = sub
             except Exception as e:  # noqa: BLE001 - reported to the request, never raised
                 self._call(sub, Event(sub.request_id, finished=True, finish_reason="error", error=str(e)))

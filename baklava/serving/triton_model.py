@@ -13,6 +13,8 @@ answers through each request's response sender, stopping a request whose client 
 tensor                    type                   meaning
 ========================  =====================  ==========================================
 ``text_input``            BYTES [1]              the prompt (required)
+``context``               BYTES [1]              a document read before the prompt, compressed as
+                                                 the quality benchmark measures it (optional)
 ``max_tokens``            INT32 [1]              tokens to generate (default 64)
 ``stream``                BOOL [1]               one response per text piece (default false)
 ``temperature``           FP32 [1]               0 = greedy (default)
@@ -51,7 +53,7 @@ def _scalar(request, name: str):
     if arr.size != 1:
         raise RequestError(f"{name} must hold exactly one value, got shape {list(arr.shape)}")
     value = arr.reshape(-1)[0]
-    if name == "text_input":
+    if name in ("text_input", "context"):
         return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
     return value.item() if isinstance(value, np.generic) else value
 
@@ -62,6 +64,7 @@ class TritonPythonModel:
 
         from baklava.exporter import read_artifact
         from baklava.model_zoo import load_model
+        from baklava.runtime.chat_split import ChatSplit
         from baklava.runtime.engine import Engine
         from baklava.serving.engine_loop import EngineLoop
         from baklava.serving.triton_repo import pool_size
@@ -92,6 +95,7 @@ class TritonPythonModel:
             chat=params.get("chat_template", "true").lower() == "true",
         )
         self.engine.step_fn.capture_all()  # CUDA graphs recorded before the first request
+        self.split = ChatSplit(self.lm.tokenizer, self.engine.chat)  # where a context ends
         self.loop = EngineLoop(self.engine).start()
 
     def _params(self, request):
@@ -113,7 +117,17 @@ class TritonPythonModel:
             top_k=int(_scalar(request, "top_k")),
             seed=None if seed is None else int(seed),
         )
-        return prompt, bool(_scalar(request, "stream")), sampling
+        context = _scalar(request, "context")
+        if context is not None:  # one chat message cut after the document, as baklava-run cuts it
+            if not context.strip():
+                raise RequestError("context is empty")
+            return (
+                self.split.question_ids(prompt),
+                bool(_scalar(request, "stream")),
+                sampling,
+                self.split.context_ids(context),
+            )
+        return prompt, bool(_scalar(request, "stream")), sampling, None
 
     @staticmethod
     def _text_response(text: str):
@@ -130,7 +144,7 @@ class TritonPythonModel:
         sender = request.get_response_sender()
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
-            prompt, stream, sampling = self._params(request)
+            prompt, stream, sampling, context = self._params(request)
         except (RequestError, BaklavaError, ValueError, TypeError) as e:
             sender.send(self._error_response(str(e)), flags=final)
             return
@@ -150,7 +164,7 @@ class TritonPythonModel:
                     sender.send(self._text_response("".join(parts)), flags=final)
 
         is_cancelled = getattr(request, "is_cancelled", None)
-        self.loop.submit(prompt, sampling, on_event, is_cancelled)
+        self.loop.submit(prompt, sampling, on_event, is_cancelled, context=context)
 
     def execute(self, requests):
         for request in requests:

@@ -35,6 +35,7 @@ model_transaction_policy {{ decoupled: true }}
 
 input [
   {{ name: "text_input" data_type: TYPE_STRING dims: [ 1 ] }},
+  {{ name: "context" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
   {{ name: "max_tokens" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
   {{ name: "stream" data_type: TYPE_BOOL dims: [ 1 ] optional: true }},
   {{ name: "temperature" data_type: TYPE_FP32 dims: [ 1 ] optional: true }},
