@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from baklava import kv_format
 from baklava.errors import BaklavaError
 from baklava.eviction import EvictionConfig
 from baklava.runtime import BudgetedCache, decode_one_token, prefill
@@ -290,3 +291,28 @@ def test_a_context_is_compressed_the_benchmarks_way_then_the_prompt_follows(mode
         bare.submit(question, params, context=context)
     with pytest.raises(BaklavaError, match=r"prompt \(251 tokens\) \+ max_tokens \(6\) exceeds"):
         engine.submit(question, params, context=list(range(4, 246)))
+
+
+def test_an_int8_engine_serves_what_the_int8_reference_cache_gives(model):
+    prompts = _prompts((40, 17, 60), seed=7)
+    engine = Engine.from_capacities(
+        model,
+        _tiny_tokenizer(),
+        CAPS,
+        EVICTION,
+        max_batch=3,
+        prefill_chunk=CHUNK,
+        chat=False,
+        kv_format="int8",
+    )
+    assert engine.pool.cache.kv_format.name == "int8"
+    got = engine.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))
+    for prompt, tokens in zip(prompts, got, strict=True):
+        cache = BudgetedCache(CAPS, EVICTION, "int8")
+        logits, want = prefill(model, cache, torch.tensor([prompt]), chunk=CHUNK), []
+        for _ in range(8):
+            want.append(int(logits.argmax(-1)))
+            logits = decode_one_token(model, cache, torch.tensor([[want[-1]]]))
+        assert tokens == want
+    stored = torch.cat([layer.keys for layer in engine.pool.cache.layers], 1).float()
+    assert torch.equal(kv_format.round_trip(stored, kv_format.parse("int8")), stored)  # int8 grid values
