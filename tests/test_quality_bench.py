@@ -649,3 +649,14 @@ def test_the_report_compares_each_kv_dtype_with_the_first():
     assert "| baklava | 0.3 | 0.800 | 0.796 (0.995) | 0.720 (0.900) |" in md
     assert "baklava 0.3 int4 / auto = 0.9 (goal >= 0.97): MISSED" in md
     assert report.kv_dtype_table(rows, ["auto"]) == {}
+
+
+def test_the_kv_dtype_table_shows_the_full_cache_once():
+    rows = [
+        r | {"kv_dtype": kv}
+        for kv in ("auto", "int8")
+        for r in _rows({("full", 1.0): (1.0, 0.5), ("baklava", 0.3): (1.0, 0.5)})
+    ]
+    table = report.kv_dtype_table(rows, ["auto", "int8"])
+    lines = [x for x in report._kv_dtype_lines(table, [0.3, 1.0]) if x.startswith("| ")][1:]
+    assert [x.split(" | ")[:2] for x in lines] == [["| full", "1"], ["| baklava", "0.3"]]
