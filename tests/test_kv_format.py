@@ -33,12 +33,14 @@ def test_dequantized_values_are_within_half_a_step_of_the_input(name):
     y = kv_format.dequantize(payload, scales, fmt)
     step = kv_format._grouped(torch.ones_like(x, dtype=torch.float32), fmt) * scales.float()[..., None]
     step = step.reshape(x.shape)
+    assert torch.equal(y[0, 0], torch.zeros(64))
+    if fmt.rotate:  # int4 quantizes the rotated vector: its bounds hold in that basis
+        x, y = kv_format.hadamard(x.float()), kv_format.hadamard(y)
     err = (y - x.float()).abs()
     if name == "fp8":  # 3 mantissa bits: half an ulp relative, or half the smallest subnormal step
         assert (err <= x.float().abs() / 16 + step / 1024 + 1e-7).all()
     else:
-        assert (err <= step / 2 * (1 + 1e-3)).all()
-    assert torch.equal(y[0, 0], torch.zeros(64))
+        assert (err <= step / 2 * (1 + 1e-3) + 1e-6).all()
     # the largest channel of each vector (group) hits the end of the range: no headroom wasted
     assert float((kv_format._grouped(y.abs(), fmt).amax(-1) / scales.float()).max()) == pytest.approx(
         fmt.qmax, rel=1e-3
@@ -47,10 +49,23 @@ def test_dequantized_values_are_within_half_a_step_of_the_input(name):
 
 def test_int4_packs_channel_pairs_low_nibble_first():
     fmt = kv_format.parse("int4")
-    x = torch.tensor([[7.0, -7.0, 1.0, 0.0] + [0.0] * 28])  # one group, scale 1
+    rotated = torch.tensor([[7.0, -7.0, 1.0, 0.0] + [0.0] * 28])  # one group, scale 1
+    x = kv_format.hadamard(rotated)  # the rotation is its own inverse: quantize sees `rotated`
     payload, scales = kv_format.quantize(x, fmt)
     assert payload.dtype == torch.uint8 and payload.shape == (1, 16) and float(scales[0, 0]) == 1.0
     assert payload[0, :2].tolist() == [(7 + 8) | ((-7 + 8) << 4), (1 + 8) | (8 << 4)]
+    assert payload[0, 2:].tolist() == [8 | (8 << 4)] * 14  # zeros
+    torch.testing.assert_close(kv_format.dequantize(payload, scales, fmt), x, atol=1e-6, rtol=0)
+
+
+def test_the_rotation_is_its_own_inverse_and_keeps_dot_products():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(3, 64, generator=g), torch.randn(3, 64, generator=g)
+    torch.testing.assert_close(kv_format.hadamard(kv_format.hadamard(k)), k, atol=1e-6, rtol=0)
+    torch.testing.assert_close((kv_format.hadamard(q) * kv_format.hadamard(k)).sum(-1), (q * k).sum(-1))
+    spike = torch.zeros(1, 64)
+    spike[0, 5] = 8.0  # one outlier channel is spread evenly over all of them
+    assert torch.allclose(kv_format.hadamard(spike).abs(), torch.full((1, 64), 1.0))
 
 
 @pytest.mark.parametrize("name", ["int8", "int4", "fp8"])
@@ -74,6 +89,8 @@ def test_bytes_a_format_costs_and_what_memory_budgets_buy():
     with pytest.raises(BaklavaError, match="unknown KV dtype 'int3'"):
         kv_format.parse("int3")
     with pytest.raises(BaklavaError, match="divisible by 32"):
+        kv_format.quantize(torch.zeros(1, 16), int4)
+    with pytest.raises(BaklavaError, match="power-of-two head dimension, got 48"):
         kv_format.quantize(torch.zeros(1, 48), int4)
 
 

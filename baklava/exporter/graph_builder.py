@@ -211,7 +211,7 @@ def build_decoder(model, profile: BudgetProfile, *, progress: bool = True) -> on
             "present_fill": present["fill"],
         }  # fmt: skip
         nodes, fns = layer_ops(
-            li, profile.capacities[li].tolist(), n_q, d**-0.5, profile.eviction, wiring, profile.kv_format
+            li, profile.capacities[li].tolist(), n_q, d**-0.5, profile.eviction, wiring, profile.kv_format, d
         )
         g.nodes += nodes
         functions += fns

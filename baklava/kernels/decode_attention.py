@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from baklava import kv_format as formats
 from baklava.kernels.launch import dependent_launch
 
 
@@ -206,15 +207,18 @@ def _combine_kernel(
     tl.store(OUT + b * stride_ob + qh * stride_oh + d, num / den)
 
 
-def _quant_mode(kv_format, head_dim: int) -> tuple[int, int]:
-    """``(QUANT, SCALE_GROUP)`` of the split kernel for a storage format."""
-    from baklava import kv_format as formats
-
+def _quant_mode(kv_format, head_dim: int) -> tuple[int, int, bool]:
+    """``(QUANT, SCALE_GROUP, rotated)`` of the split kernel for a storage format."""
     fmt = formats.parse(kv_format)
     if not fmt.quantized:
-        return 0, head_dim
+        return 0, head_dim, False
     fmt.check(head_dim)
-    return (2, fmt.group) if fmt.bits == 4 else (1, head_dim)
+    return (2, fmt.group, fmt.rotate) if fmt.bits == 4 else (1, head_dim, fmt.rotate)
+
+
+def _rotate(t: torch.Tensor) -> torch.Tensor:
+    """``t [..., D]`` rotated by the format's Hadamard matrix (its own inverse), in t's dtype."""
+    return formats.hadamard(t.float()).to(t.dtype).contiguous()
 
 
 def multiprocessors(device) -> int:
@@ -323,7 +327,9 @@ def packed_decode_attention(
         logits = lse = logit_new = mid_m  # never touched: STORE_LOGITS is False
     for t in (query, key_new, value_new, keys, values):
         assert t.stride(-1) == 1, "last dimension must be contiguous"
-    quant, scale_group = _quant_mode(kv_format, head_dim)
+    quant, scale_group, rotated = _quant_mode(kv_format, head_dim)
+    if rotated:  # slots hold rotated vectors: attend in that basis, rotate the output back
+        query, key_new, value_new = (_rotate(t) for t in (query, key_new, value_new))
     if quant:
         assert key_scales is not None and value_scales is not None, "quantized slots need their scales"
         assert key_scales.stride(-1) == 1 and value_scales.stride(-1) == 1
@@ -356,4 +362,4 @@ def packed_decode_attention(
         GROUP=group, G_PAD=g_pad, D=head_dim, TILE_BLOCK=merge_block, STORE_LOGITS=store, PDL=pdl,
         num_warps=merge_warps, launch_pdl=pdl,
     )  # fmt: skip
-    return out
+    return _rotate(out) if rotated else out

@@ -30,10 +30,12 @@ def layer_ops(
     eviction: EvictionConfig,
     names: dict,
     kv_dtype: str = "auto",
+    head_dim: int | None = None,
 ):
     """Nodes and function overloads of one layer.
 
-    ``names`` maps every op input/output name (see ``spec``) to the graph's tensor names.
+    ``names`` maps every op input/output name (see ``spec``) to the graph's tensor names;
+    ``head_dim`` is baked into the bodies of a rotating ``kv_dtype`` (int4).
     Returns ``(nodes, functions)``.
     """
     overload = f"layer{layer}"
@@ -69,8 +71,8 @@ def layer_ops(
         ),
     ]
     functions = [
-        budgeted_attention.make_function(**attn_attrs, overload=overload),
-        cache_update.make_function(**upd_attrs, overload=overload),
+        budgeted_attention.make_function(**attn_attrs, overload=overload, head_dim=head_dim),
+        cache_update.make_function(**upd_attrs, overload=overload, head_dim=head_dim),
     ]
     return nodes, functions
 
@@ -111,7 +113,7 @@ def single_layer_model(
         n: n for n in BUDGETED_ATTENTION.inputs + BUDGETED_CACHE_UPDATE.inputs + BUDGETED_CACHE_UPDATE.outputs
     }
     names["output"] = "output"
-    nodes, functions = layer_ops(0, capacities, num_q_heads, scale, eviction, names, kv_dtype)
+    nodes, functions = layer_ops(0, capacities, num_q_heads, scale, eviction, names, kv_dtype, head_dim)
     graph = helper.make_graph(nodes, "baklava_layer", inputs, outputs)
     model = helper.make_model(
         graph,

@@ -48,7 +48,13 @@ def make_node(inputs: list[str], outputs: list[str], name: str, overload: str, *
 
 
 def make_function(
-    capacities, num_q_heads: int, scale: float, obs_window: int, overload: str, kv_dtype: str = "auto"
+    capacities,
+    num_q_heads: int,
+    scale: float,
+    obs_window: int,
+    overload: str,
+    kv_dtype: str = "auto",
+    head_dim: int | None = None,
 ) -> FunctionProto:
     """The standard-op implementation for one attribute set (one layer)."""
     caps = [int(c) for c in capacities]
@@ -59,7 +65,7 @@ def make_function(
     b = Body(f"{overload}/")
     neg = b.op("CastLike", b.const(FLOAT_MIN, dtype="float32"), "query")
     scale_t = b.op("CastLike", b.const(scale, dtype="float32"), "query")
-    key, value = round_trip(b, "key", kv_dtype), round_trip(b, "value", kv_dtype)
+    key, value = (round_trip(b, t, kv_dtype, head_dim) for t in ("key", "value"))
 
     # causal & key-valid mask among the new tokens, [B, 1, S, S]
     seq = b.op("Gather", b.op("Shape", "token_mask"), b.ints(1))

@@ -49,14 +49,21 @@ def make_node(inputs: list[str], outputs: list[str], name: str, overload: str, *
 
 
 def make_function(
-    capacities, sink: int, window: int, policy: str, pool_kernel: int, overload: str, kv_dtype: str = "auto"
+    capacities,
+    sink: int,
+    window: int,
+    policy: str,
+    pool_kernel: int,
+    overload: str,
+    kv_dtype: str = "auto",
+    head_dim: int | None = None,
 ) -> FunctionProto:
     """The standard-op implementation for one attribute set (one layer)."""
     caps = [int(c) for c in capacities]
     b = Body(f"{overload}/")
-    head_dim = b.op("Gather", b.op("Shape", "past_key"), b.ints(2))
+    dim = b.op("Gather", b.op("Shape", "past_key"), b.ints(2))  # [1]: D as a tensor
     batch = b.op("Gather", b.op("Shape", "past_key"), b.ints(0))
-    new_kv = {"key": round_trip(b, "key", kv_dtype), "value": round_trip(b, "value", kv_dtype)}
+    new_kv = {t: round_trip(b, t, kv_dtype, head_dim) for t in ("key", "value")}
 
     valid_new = "token_mask"  # [B, S]
     rank = b.op("Sub", b.op("CumSum", b.op("Cast", valid_new, to=INT64), b.const(1)), b.const(1))
@@ -112,7 +119,7 @@ def make_function(
         idx = b.op("GatherElements", idx, perm, axis=1)  # kept, valid first, in arrival order
 
         idx3 = b.op(
-            "Expand", b.op("Unsqueeze", idx, b.ints(2)), b.op("Concat", batch, b.ints(cap), head_dim, axis=0)
+            "Expand", b.op("Unsqueeze", idx, b.ints(2)), b.op("Concat", batch, b.ints(cap), dim, axis=0)
         )
         for past, new, out in (("past_key", "key", keys), ("past_value", "value", values)):
             cand = b.op(

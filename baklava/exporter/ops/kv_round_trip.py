@@ -3,7 +3,8 @@
 Both ``baklava`` ops take ``kv_dtype`` (``auto`` = full precision, ``fp8``, ``int8``, ``int4``;
 :mod:`baklava.kv_format`). With a quantized format each op rounds the step's ``key`` and ``value``
 exactly as :func:`baklava.kv_format.round_trip` does (per token-head vector, or per 32-channel
-group for int4: float16 scale ``absmax / qmax``, then round or cast to float8, then back), before
+group for int4 after a Hadamard rotation: float16 scale ``absmax / qmax``, then round or cast to
+float8, then back), before
 attending or storing: the same standard ops in float32, so ONNX Runtime matches the PyTorch
 reference store value for value. The graph's cache tensors stay float32 (a reference store, as
 the runtime's): what ONNX Runtime runs is the format's accuracy, not its memory.
@@ -17,11 +18,33 @@ from baklava import kv_format
 from baklava.exporter.ops.body import FLOAT, Body
 
 
-def round_trip(b: Body, x: str, kv_dtype: str) -> str:
-    """``x [B, H, S, D]`` (float) rounded through ``kv_dtype``; ``x`` itself for full precision."""
+def hadamard(b: Body, x: str, head_dim: int) -> str:
+    """:func:`baklava.kv_format.hadamard` of ``x [B, H, S, D]``: the same butterflies in the same
+    order (float32 adds, then one multiply), so ONNX Runtime and PyTorch agree bit for bit."""
+    shape = b.op("Shape", x)
+    lead = b.op("Slice", shape, b.ints(0), b.ints(3), b.ints(0))
+    y, h = x, 1
+    while h < head_dim:
+        y = b.op("Reshape", y, b.op("Concat", lead, b.ints(head_dim // (2 * h), 2, h), axis=0))
+        lo = b.op("Squeeze", b.op("Slice", y, b.ints(0), b.ints(1), b.ints(-2)), b.ints(-2))
+        hi = b.op("Squeeze", b.op("Slice", y, b.ints(1), b.ints(2), b.ints(-2)), b.ints(-2))
+        pair = (b.op("Add", lo, hi), b.op("Sub", lo, hi))
+        y = b.op("Concat", *(b.op("Unsqueeze", t, b.ints(-2)) for t in pair), axis=-2)
+        h *= 2
+    return b.op("Mul", b.op("Reshape", y, shape), b.const(head_dim**-0.5, dtype="float32"))
+
+
+def round_trip(b: Body, x: str, kv_dtype: str, head_dim: int | None = None) -> str:
+    """``x [B, H, S, D]`` (float) rounded through ``kv_dtype``; ``x`` itself for full precision.
+    A rotating format (int4) needs ``head_dim``: its butterflies are unrolled here."""
     fmt = kv_format.parse(kv_dtype)
     if not fmt.quantized:
         return x
+    if fmt.rotate:
+        if head_dim is None:
+            raise ValueError(f"kv_dtype {fmt.name} rotates each vector: the op body needs the head dimension")
+        fmt.check(head_dim)
+        x = hadamard(b, x, head_dim)
     shape = b.op("Shape", x)
     groups = x
     if fmt.group is not None:  # [B, H, S, D / group, group]
@@ -39,4 +62,5 @@ def round_trip(b: Body, x: str, kv_dtype: str) -> str:
     else:
         q = b.op("Clip", b.op("Round", q), lo, hi)
     out = b.op("Mul", q, scale)
-    return out if fmt.group is None else b.op("Reshape", out, shape)
+    out = out if fmt.group is None else b.op("Reshape", out, shape)
+    return hadamard(b, out, head_dim) if fmt.rotate else out
