@@ -118,7 +118,7 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     The matrix is its own inverse and keeps dot products, so a key and a query rotated alike
     attend as before, and a rotated value comes back with one more rotation. A vector's few
     outlier channels are spread over all of them first, so its per-token scale fits the rest
-    (QuaRot's remedy for 4-bit caches; on SmolLM2's keys the int4 error falls 2.6x)."""
+    (QuaRot's remedy for 4-bit caches; BENCHMARKS.md measures int4 with and without it)."""
     d = x.shape[-1]
     y, h = x, 1
     while h < d:
