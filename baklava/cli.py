@@ -219,21 +219,12 @@ def export_cmd(
     click.echo(str(Path(out) / "manifest.json"))
 
 
-def _generate_with_context(engine, tokenizer, path: Path, prompts, params, chat: bool) -> list[list[int]]:
-    """Every prompt as a question after the document at ``path``, one chat message cut after the
-    document (:class:`~baklava.runtime.chat_split.ChatSplit`), the document compressed per request."""
-    from baklava.runtime.chat_split import ChatSplit
-
-    text = path.read_text(encoding="utf-8", errors="replace")
+def _read_context(path: str) -> str:
+    """The document of ``--context-file``, checked before any model loads."""
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         raise BaklavaError(f"{path}: the context file is empty")
-    split = ChatSplit(tokenizer, chat)
-    context = split.context_ids(text)
-    ids = [engine.submit(split.question_ids(p), params, context=context) for p in prompts]
-    out: dict[str, list[int]] = {i: [] for i in ids}
-    for event in engine.run():
-        out[event.request_id] += event.token_ids
-    return [out[i] for i in ids]
+    return text
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -281,6 +272,7 @@ def run_cmd(artifact, prompts, max_new_tokens, chat, as_json, backend, device, m
         raise BaklavaError(
             "--context-file runs on the torch backend (the exported graphs have no scoring pass)"
         )
+    context = _read_context(context_file) if context_file else None
     if backend in ("onnxruntime", "tensorrt"):
         from transformers import AutoTokenizer
 
@@ -328,8 +320,12 @@ def run_cmd(artifact, prompts, max_new_tokens, chat, as_json, backend, device, m
         )
         started = time.perf_counter()
         params = SamplingParams(max_tokens=max_new_tokens)
-        if context_file:
-            tokens = _generate_with_context(engine, lm.tokenizer, Path(context_file), prompts, params, chat)
+        if context is not None:  # one chat message per prompt, cut after the document, as the benchmark cuts
+            from baklava.runtime.chat_split import ChatSplit
+
+            split = ChatSplit(lm.tokenizer, chat)
+            questions = [split.question_ids(p) for p in prompts]
+            tokens = engine.generate(questions, params, context=split.context_ids(context))
         else:
             tokens = engine.generate(list(prompts), params)
         results = [

@@ -45,6 +45,7 @@ class KVFormat:
     qmax: float = 0.0  # largest quantized magnitude (the scale maps absmax onto it)
     group: int | None = None  # channels sharing a scale; None: the whole vector
     rotate: bool = False  # quantize each vector after a Hadamard rotation (:func:`hadamard`)
+    full_bytes: int | None = None  # a full-precision spelling's own size; None: the model's dtype
 
     @property
     def quantized(self) -> bool:
@@ -58,7 +59,7 @@ class KVFormat:
     def vector_bytes(self, head_dim: int, model_dtype_bytes: int = 2) -> int:
         """Bytes of one token-head key (or value): payload plus its scales."""
         if not self.quantized:
-            return head_dim * model_dtype_bytes
+            return head_dim * (self.full_bytes or model_dtype_bytes)
         return head_dim * self.bits // 8 + self.scales_per_vector(head_dim) * SCALE_BYTES
 
     def element_bytes(self, head_dim: int, model_dtype_bytes: int = 2) -> float:
@@ -82,9 +83,13 @@ FORMATS = {
     "int8": KVFormat("int8", 8, 127.0),
     "int4": KVFormat("int4", 4, 7.0, group=32, rotate=True),
 }
-# full-precision spellings the command line took before quantized storage existed
-_FULL = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}
-NAMES = [*FORMATS, *_FULL]
+# full-precision spellings the command line took before quantized storage existed (budgets count
+# their size; the runtime stores the model's dtype)
+FORMATS |= {
+    name: KVFormat(name, None, full_bytes=size)
+    for name, size in {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4}.items()
+}
+NAMES = list(FORMATS)
 
 
 def parse(name: str | KVFormat | None) -> KVFormat:
@@ -92,8 +97,6 @@ def parse(name: str | KVFormat | None) -> KVFormat:
     if isinstance(name, KVFormat):
         return name
     key = "auto" if name is None else str(name).lower()
-    if key in _FULL:
-        return KVFormat(key, None)
     if key not in FORMATS:
         raise BaklavaError(f"unknown KV dtype {name!r}; known: {', '.join(NAMES)}")
     return FORMATS[key]
@@ -101,10 +104,7 @@ def parse(name: str | KVFormat | None) -> KVFormat:
 
 def element_bytes(name, head_dim: int, model_dtype_bytes: int) -> float:
     """Bytes a channel of the cache costs at format ``name`` (full-precision spellings: their
-    own size, ``auto``: the model's)."""
-    key = "auto" if name is None else str(name).lower()
-    if key in _FULL:
-        return float(_FULL[key])
+    own size, ``auto``: the model's), after checking ``head_dim`` suits it."""
     fmt = parse(name)
     fmt.check(head_dim)
     return fmt.element_bytes(head_dim, model_dtype_bytes)

@@ -365,9 +365,12 @@ class Engine:
         while self.has_work():
             yield from self.step()
 
-    def generate(self, prompts: list, params: SamplingParams | None = None) -> list[list[int]]:
-        """Generated token ids of every prompt (text or ids; a final EOS included), served together."""
-        ids = [self.submit(p, params) for p in prompts]
+    def generate(
+        self, prompts: list, params: SamplingParams | None = None, *, context=None
+    ) -> list[list[int]]:
+        """Generated token ids of every prompt (text or ids; a final EOS included), served together;
+        ``context`` (see :meth:`submit`) is read before each of them."""
+        ids = [self.submit(p, params, context=context) for p in prompts]
         out: dict[str, list[int]] = {i: [] for i in ids}
         for event in self.run():
             out[event.request_id] += event.token_ids

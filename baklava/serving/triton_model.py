@@ -121,13 +121,8 @@ class TritonPythonModel:
         if context is not None:  # one chat message cut after the document, as baklava-run cuts it
             if not context.strip():
                 raise RequestError("context is empty")
-            return (
-                self.split.question_ids(prompt),
-                bool(_scalar(request, "stream")),
-                sampling,
-                self.split.context_ids(context),
-            )
-        return prompt, bool(_scalar(request, "stream")), sampling, None
+            prompt, context = self.split.question_ids(prompt), self.split.context_ids(context)
+        return prompt, bool(_scalar(request, "stream")), sampling, context
 
     @staticmethod
     def _text_response(text: str):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from baklava import kv_format
 from baklava.exporter.ops.spec import BUDGETED_ATTENTION, BUDGETED_CACHE_UPDATE, OpSpec
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -122,7 +123,7 @@ def _check_head_dim(head_dim: int) -> None:
 def _check_kv_dtype(kv_dtype: str) -> None:
     """The plugins' kernels store and read full-precision slots; a quantized ``kv_dtype`` (the
     ONNX attribute, :mod:`baklava.kv_format`) is refused when the engine is built, not ignored."""
-    if kv_dtype not in ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32"):
+    if kv_format.parse(kv_dtype).quantized:
         raise ValueError(
             f"kv_dtype {kv_dtype!r}: the TensorRT plugins store full-precision slots only; export with "
             "--kv-dtype auto for TensorRT (ONNX Runtime and the PyTorch runtime run quantized formats)"
