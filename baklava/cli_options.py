@@ -56,6 +56,16 @@ def parse_fractions(ctx, param, value):
     return budgets
 
 
+def parse_kv_dtypes(ctx, param, value):
+    """Comma list of KV storage formats (:mod:`baklava.kv_format`), checked, by canonical name."""
+    from baklava.kv_format import parse
+
+    try:
+        return tuple(parse(v.strip()).name for v in value.split(",") if v.strip()) if value else None
+    except BaklavaError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 def parse_size_option(ctx, param, value):
     """A memory size like ``16GiB`` in bytes (None when not given)."""
     if value is None:

@@ -126,7 +126,7 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
         a, b = y[..., 0, :], y[..., 1, :]
         y = torch.stack([a + b, a - b], dim=-2)
         h *= 2
-    return y.reshape(x.shape) * torch.tensor(d**-0.5, dtype=torch.float32, device=x.device)
+    return y.reshape(x.shape) * d**-0.5  # a Python scalar: no host-to-device copy in a CUDA graph
 
 
 def _grouped(x: torch.Tensor, fmt: KVFormat) -> torch.Tensor:

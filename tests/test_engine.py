@@ -19,6 +19,7 @@ from baklava.eviction import EvictionConfig
 from baklava.runtime import BudgetedCache, decode_one_token, prefill
 from baklava.runtime.engine import Engine
 from baklava.runtime.engine_step import buckets
+from baklava.runtime.packed_cache import BudgetedLayer
 from baklava.runtime.sampling import SamplingParams, TextPieces
 from baklava.runtime.slot_pool import SlotPool, bytes_per_sequence, rows_for_memory
 from baklava.serving.engine_loop import EngineLoop
@@ -216,18 +217,26 @@ def test_engine_loop_streams_cancels_and_survives_a_broken_callback(model):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_engine_on_the_gpu_matches_itself_alone_with_graphs_and_kernels():
+@pytest.mark.parametrize("kv_dtype", [None, "int8", "fp8", "int4"])
+def test_engine_on_the_gpu_matches_itself_alone_with_graphs_and_kernels(kv_dtype):
     torch.manual_seed(0)
     cfg = tiny_config(num_attention_heads=8, num_key_value_heads=2, hidden_size=512, intermediate_size=1024)
     model = LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
     prompts = _prompts((5, 40, 17, 60, 3, 33, 90, 120))
     params = SamplingParams(max_tokens=24, ignore_eos=True)
-    alone = [_engine(model, 1).generate([p], params)[0] for p in prompts]
-    engine = _engine(model, 6, max_prefill_tokens=32)
+    # alone: one request at a time in a pool of the same rows (the decode kernels tile by the pool's
+    # rows, so a pool of another size sums a row's attention in another order: an int4 token can
+    # round differently on one unit in the last place, and the tokens part ways)
+    single = _engine(model, 6, kv_format=kv_dtype)
+    alone = [single.generate([p], params)[0] for p in prompts]
+    engine = _engine(model, 6, max_prefill_tokens=32, kv_format=kv_dtype)
     assert engine.step_fn.graphed
+    assert engine.pool.cache.layers[0].slot_names[2:] == (
+        () if kv_dtype is None else ("key_scales", "value_scales")
+    )
     together = engine.generate(prompts, params)
     assert together == alone
-    eager = _engine(model, 6, cuda_graphs=False).generate(prompts, params)
+    eager = _engine(model, 6, cuda_graphs=False, kv_format=kv_dtype).generate(prompts, params)
     assert eager == alone
 
 
@@ -293,7 +302,12 @@ def test_a_context_is_compressed_the_benchmarks_way_then_the_prompt_follows(mode
         engine.submit(question, params, context=list(range(4, 246)))
 
 
-def test_an_int8_engine_serves_what_the_int8_reference_cache_gives(model):
+def test_an_int8_engine_serves_what_the_int8_reference_cache_gives(model, monkeypatch):
+    """The engine's pool stores int8 payload + scales, sized by those bytes; it serves token for
+    token what the reference store (float32 values rounded to the int8 grid) gives."""
+    per = {fmt: bytes_per_sequence(CAPS, 16, torch.float32, fmt) for fmt in ("auto", "int8")}
+    assert per["int8"] == int(np.asarray(CAPS).sum()) * 2 * (16 + 2)  # payload + one float16 scale
+    assert rows_for_memory(10 * per["auto"], CAPS, 16, torch.float32, "int8") == 10 * 64 // 18
     prompts = _prompts((40, 17, 60), seed=7)
     engine = Engine.from_capacities(
         model,
@@ -306,7 +320,10 @@ def test_an_int8_engine_serves_what_the_int8_reference_cache_gives(model):
         kv_format="int8",
     )
     assert engine.pool.cache.kv_format.name == "int8"
+    assert engine.pool.kv_bytes() == 3 * per["int8"]
+    assert all(layer.keys.dtype == torch.int8 for layer in engine.pool.cache.layers)
     got = engine.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))
+    monkeypatch.setattr(BudgetedLayer, "quantized_storage", False)
     for prompt, tokens in zip(prompts, got, strict=True):
         cache = BudgetedCache(CAPS, EVICTION, "int8")
         logits, want = prefill(model, cache, torch.tensor([prompt]), chunk=CHUNK), []
@@ -314,5 +331,5 @@ def test_an_int8_engine_serves_what_the_int8_reference_cache_gives(model):
             want.append(int(logits.argmax(-1)))
             logits = decode_one_token(model, cache, torch.tensor([[want[-1]]]))
         assert tokens == want
-    stored = torch.cat([layer.keys for layer in engine.pool.cache.layers], 1).float()
-    assert torch.equal(kv_format.round_trip(stored, kv_format.parse("int8")), stored)  # int8 grid values
+        stored = torch.cat([layer.keys for layer in cache.layers], 1).float()
+        assert torch.equal(kv_format.round_trip(stored, kv_format.parse("int8")), stored)  # int8 grid values

@@ -11,6 +11,8 @@ from baklava.errors import BaklavaError
 from baklava.eviction import EvictionConfig
 from baklava.profiles.pipeline import allocate
 from baklava.runtime import BudgetedCache, enable, prefill
+from baklava.runtime.generate import decode_one_token
+from baklava.runtime.packed_cache import BudgetedLayer
 from tests.conftest import tiny_config
 from tests.test_profile_file import make_profile
 
@@ -113,20 +115,43 @@ def model():
     return model
 
 
-@pytest.mark.parametrize("name", ["int8", "int4"])
-def test_the_reference_store_holds_exactly_what_quantized_slots_give_back(model, name):
-    caps = np.full((2, 2), 24)  # the 40-token prompt evicts
+def _prefill_and_decode(model, name, storage, monkeypatch, steps=6):
+    monkeypatch.setattr(BudgetedLayer, "quantized_storage", storage)
+    caps = np.full((2, 2), 24)  # the 40-token prompt evicts, and so does every decode step
     ids = torch.randint(4, 96, (1, 40), generator=torch.Generator().manual_seed(1))
-    logits = {}
-    for fmt in ("auto", name):
-        cache = BudgetedCache(caps, EvictionConfig(sink=2, window=4), kv_format=fmt)
-        logits[fmt] = prefill(model, cache, ids, chunk=16).float()
-        keys = torch.stack([layer.keys for layer in cache.layers]).float()
-        on_grid = torch.equal(kv_format.round_trip(keys, kv_format.parse(name)), keys)
-        assert on_grid == (fmt == name)  # the plain cache's keys are not on the grid
-        assert int(cache.fill_levels().min()) == 24
-    drift = (logits[name] - logits["auto"]).abs().max() / logits["auto"].abs().max()
-    assert 0 < drift < (0.02 if name == "int8" else 0.2)
+    cache = BudgetedCache(caps, EvictionConfig(sink=2, window=4), kv_format=name)
+    logits = [prefill(model, cache, ids, chunk=16).float()]
+    for _ in range(steps):  # the one-token path (packed_decode): shifts and overwrites slots
+        logits.append(decode_one_token(model, cache, logits[-1].argmax(-1, keepdim=True)).float())
+    return torch.cat(logits), cache
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_quantized_slots_hold_payload_and_give_back_the_reference_store(model, name, monkeypatch):
+    """Real storage (payload + scales) against the reference store (the model's dtype, each token
+    rounded on entry): the same logits bit for bit through an evicting chunked prefill and decode
+    steps, the same values read back, at the format's bytes."""
+    fmt = kv_format.parse(name)
+    want_logits, ref = _prefill_and_decode(model, name, False, monkeypatch)
+    got_logits, got = _prefill_and_decode(model, name, True, monkeypatch)
+    assert torch.equal(got_logits, want_logits)
+    for mine, theirs in zip(got.layers, ref.layers, strict=True):
+        assert mine.slot_names == ("keys", "values", "key_scales", "value_scales")
+        assert mine.keys.dtype == (torch.int8 if name == "int8" else torch.uint8)
+        assert mine.keys.shape[-1] == 32 * fmt.bits // 8 and mine.key_scales.dtype == torch.float16
+        assert torch.equal(mine.positions, theirs.positions) and torch.equal(mine.fill, theirs.fill)
+        assert torch.equal(mine.stored("keys"), theirs.keys) and torch.equal(
+            mine.stored("values"), theirs.values
+        )
+        on_grid = kv_format.round_trip(theirs.keys.float(), fmt)
+        assert torch.equal(on_grid, theirs.keys.float())  # the reference holds values on the format's grid
+    slots = 2 * 48  # layers x sum(cap)
+    assert got.kv_bytes() == slots * 2 * fmt.vector_bytes(32)  # 34 bytes a vector for int8 / fp8, 20 for int4
+    assert ref.kv_bytes() == slots * 2 * 32 * 4  # the tiny model runs in float32
+    plain_logits, _ = _prefill_and_decode(model, "auto", True, monkeypatch)
+    first = slice(0, 1)  # the prompt's next-token logits (greedy decode steps may part ways after)
+    drift = (got_logits[first] - plain_logits[first]).abs().max() / plain_logits[first].abs().max()
+    assert 0 < drift < (0.2 if name == "int4" else 0.05)
 
 
 def test_the_kernel_benchmark_counts_payload_and_scales():

@@ -93,3 +93,15 @@ def test_budget_gains_compare_each_layer_variant_with_its_own_full_cache():
     assert gains["0.3"]["bytes_ratio"] == pytest.approx(150 / 80)
     assert gains["0.3"]["speedup_vs_1.0"] == pytest.approx(16 / 11)
     assert gains["0.3 fused"]["speedup_over_bytes_ratio"] == pytest.approx((13 / 8) / (150 / 80))
+
+
+def test_a_quantized_format_is_allocated_at_its_bytes_and_fits_more_sequences(tiny_llama):
+    layers, kv_heads, _, head_dim = model_shape(tiny_llama)
+    caps = np.array([[30, 10], [20, 4]])
+    row = cache_bytes(tiny_llama, caps, 2, "int8")
+    assert row["kv_bytes"] == 2 * caps.sum() * 2 * (head_dim + 2)  # int8 payload + a float16 scale
+    limit = 7 * cache_bytes(tiny_llama, caps, 1)["total_bytes"]
+    plain, int8 = (largest_batch(tiny_llama, caps, limit, fmt)["batch"] for fmt in (None, "int8"))
+    assert plain == 7
+    # fp32 vectors of head_dim 16 cost 64 bytes, int8 ones 18; positions and scores stay 12 a slot
+    assert int8 == limit // cache_bytes(tiny_llama, caps, 1, "int8")["total_bytes"] == 20

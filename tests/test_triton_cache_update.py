@@ -23,11 +23,11 @@ pytest.importorskip("triton", reason="Triton is not installed")
 HEAD_DIM = 64
 
 
-def _prefilled(caps, batch, q_heads, prompt, eviction, seed, pad=None):
+def _prefilled(caps, batch, q_heads, prompt, eviction, seed, pad=None, kv_format=None):
     gen = torch.Generator().manual_seed(seed)
     kv = len(caps)
     rand = lambda *s: torch.randn(*s, generator=gen).half().to(DEVICE)  # noqa: E731
-    layer = BudgetedLayer(caps, eviction)
+    layer = BudgetedLayer(caps, eviction, kv_format)
     mask = None
     if pad is not None:  # left padding: row b's first pad[b] tokens are padding
         keep = torch.arange(prompt)[None, :] >= torch.tensor(pad)[:, None]  # [B, S]
@@ -53,8 +53,10 @@ def _assert_same_tokens(ref: BudgetedLayer, got: BudgetedLayer, where: str):
             order = got.positions[b, gs].argsort()
             msg = f"{where}, row {b}, head {h}"
             assert torch.equal(ref.positions[b, rs], got.positions[b, gs][order]), msg
-            assert torch.equal(ref.keys[b, rs], got.keys[b, gs][order]), msg
-            assert torch.equal(ref.values[b, rs], got.values[b, gs][order]), msg
+            for name in ref.slot_names:  # keys, values (+ their scales: quantized slots, byte for byte)
+                assert torch.equal(getattr(ref, name)[b, rs], getattr(got, name)[b, gs][order]), (
+                    f"{msg}, {name}"
+                )
             torch.testing.assert_close(
                 ref.scores[b, rs], got.scores[b, gs][order], atol=2e-6, rtol=1e-4, msg=msg
             )
@@ -70,9 +72,12 @@ def _assert_same_tokens(ref: BudgetedLayer, got: BudgetedLayer, where: str):
         ([200, 5], 2, 4, 210, [0, 3]),  # a full head over several tiles: the victim is found across tiles
     ],
 )
-def test_decode_steps_keep_what_the_reference_keeps(policy, caps, batch, q_heads, prompt, pad):
+def test_decode_steps_keep_what_the_reference_keeps(
+    policy, caps, batch, q_heads, prompt, pad, kv_format=None
+):
     eviction = EvictionConfig(sink=2, window=3, policy=policy)
-    ref, gen = _prefilled(caps, batch, q_heads, prompt, eviction, seed=len(caps) + batch, pad=pad)
+    seed = len(caps) + batch
+    ref, gen = _prefilled(caps, batch, q_heads, prompt, eviction, seed=seed, pad=pad, kv_format=kv_format)
     ref.decode_kernels, ref.vectorized_decode = "torch", False
     got = copy.deepcopy(ref)
     got.decode_kernels = "triton"
@@ -86,10 +91,19 @@ def test_decode_steps_keep_what_the_reference_keeps(policy, caps, batch, q_heads
         )
         before = ref.fill.clone()
         want, out = _step(ref, q, k, v, None), _step(got, q, k, v, None)
-        torch.testing.assert_close(out.float(), want.float(), atol=2e-3, rtol=2e-3, msg=f"step {step}")
+        # quantized slots: the kernel scales payload in fp32, the reference reads fp16 dequantized values
+        tol = 2e-3 if kv_format is None else 1e-2
+        torch.testing.assert_close(out.float(), want.float(), atol=tol, rtol=tol, msg=f"step {step}")
         _assert_same_tokens(ref, got, f"step {step}")
         evicted += int((ref.fill == before).sum())
     assert evicted > 0  # the case really evicts
+
+
+@pytest.mark.parametrize(("kv_format", "policy"), [("int8", "h2o"), ("fp8", "h2o"), ("int4", "ring")])
+def test_quantized_slots_keep_what_the_reference_keeps(kv_format, policy):
+    """Payload + scales through the kernels (attention reads them, the update writes the step's
+    quantized token) against the one-token reference over the same quantized slots."""
+    test_decode_steps_keep_what_the_reference_keeps(policy, [3, 17, 9, 100], 3, 8, 30, [0, 7, 29], kv_format)
 
 
 def test_padding_rows_change_nothing():

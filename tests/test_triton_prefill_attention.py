@@ -6,10 +6,13 @@ kernels' output, log-sum-exp and SnapKV masses against per-head PyTorch attentio
 without the kernels keep the same tokens. Runs on a CUDA device, or in Triton's interpreter.
 """
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from baklava.eviction import EvictionConfig
+from baklava.runtime import kv_slots
 from baklava.runtime.packed_cache import BudgetedLayer
 from tests.triton_env import DEVICE
 
@@ -69,8 +72,49 @@ def test_kernels_match_attention_over_stored_slots_and_the_chunk(caps, fills, ch
         assert (mass[:, h, n + chunk :] == 0).all()  # columns past the head's candidates stay empty
 
 
-@pytest.mark.parametrize("policy", ["h2o", "ring"])
-def test_chunked_prefill_with_the_kernel_keeps_what_the_sdpa_path_keeps(policy, monkeypatch):
+@pytest.mark.parametrize("name", ["int8", "fp8", "int4"])
+def test_kernels_read_quantized_slots_as_their_dequantized_values(name):
+    """Payload + scales read in registers against the same reference over the values the slots
+    give back (``kv_format.dequantize``)."""
+    caps, fills, chunk = [40, 7, 90], [40, 0, 33], 21
+    gen = torch.Generator().manual_seed(5)
+    rand = lambda *s: torch.randn(*s, generator=gen).half().to(DEVICE)  # noqa: E731
+    batch, heads, group, obs = 2, len(caps), 3, 8
+    layer = BudgetedLayer(caps, EvictionConfig(), name)
+    empty = torch.empty(batch, heads, 0, D, dtype=torch.float16, device=DEVICE)
+    layer.lazy_initialization(empty, empty)
+    _, _, slots = kv_slots.encode(layer, rand(batch, 1, layer.total, D), rand(batch, 1, layer.total, D))
+    for slot_name, value in slots.items():
+        getattr(layer, slot_name).copy_(value[:, 0])
+    layer.fill.copy_(torch.tensor([fills] * batch))
+    query = rand(batch, heads * group, chunk, D)
+    k_new, v_new = rand(batch, heads, chunk, D), rand(batch, heads, chunk, D)
+    scale = D**-0.5
+    quantized = dict(kv_format=name, key_scales=layer.key_scales)
+    keys, values = kv_slots.payload(layer, "keys"), kv_slots.payload(layer, "values")
+    args = (layer.fill, layer.device_offsets, scale)
+    out, lse = prefill_attention(
+        query, keys, values, k_new, v_new, *args, value_scales=layer.value_scales, **quantized
+    )
+    mass = observation_masses(query, keys, k_new, *args[:2], lse, max(fills), obs, scale, **quantized)
+    plain = SimpleNamespace(
+        keys=layer.stored("keys"),
+        values=layer.stored("values"),
+        offsets=layer.offsets,
+        fill=layer.fill,
+        num_heads=heads,
+    )
+    want_out, want_lse, want_masses = _reference(query, plain, k_new, v_new, scale, obs)
+    torch.testing.assert_close(out.transpose(1, 2).float(), want_out, atol=5e-3, rtol=0)
+    torch.testing.assert_close(lse, want_lse, atol=2e-3, rtol=0)
+    for h, n in enumerate(fills):
+        torch.testing.assert_close(mass[:, h, : n + chunk], want_masses[h], atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("policy", "kv_format"), [("h2o", None), ("ring", None), ("h2o", "int8"), ("h2o", "int4")]
+)
+def test_chunked_prefill_with_the_kernel_keeps_what_the_sdpa_path_keeps(policy, kv_format, monkeypatch):
     """Three unpadded chunks through ``attend`` (commit kernels on), the later ones by the prefill
     kernels or by SDPA per head: same outputs, same kept tokens, heads evicting."""
     caps, batch, q_heads = [3, 11, 20], 2, 6
@@ -79,7 +123,7 @@ def test_chunked_prefill_with_the_kernel_keeps_what_the_sdpa_path_keeps(policy, 
     eviction = EvictionConfig(sink=1, window=2, policy=policy, obs_window=4, pool_kernel=3)
     layers = {}
     for kernel in (False, True):
-        layers[kernel] = BudgetedLayer(caps, eviction)
+        layers[kernel] = BudgetedLayer(caps, eviction, kv_format)
         layers[kernel].decode_kernels = "triton"
         layers[kernel].prefill_kernel = kernel
     for chunk in (12, 16, 9):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from baklava.eviction import EvictionConfig
+from baklava.runtime import kv_slots
 from baklava.runtime.packed_cache import BudgetedLayer
 from tests.triton_env import DEVICE
 
@@ -85,13 +86,14 @@ def test_select_keeps_what_the_reference_keeps(policy, caps, batch, chunk, tie_s
     offsets = torch.tensor(ref.offsets, dtype=torch.int32, device=DEVICE)
     ev = ref.eviction
     got = packed_prefill_select(
-        ref.keys, ref.values, ref.positions, scores, ref.fill, k_new, v_new, new_pos, new_scores, valid,
+        [(ref.keys, ref.values, k_new, v_new)], ref.positions, scores, ref.fill, new_pos, new_scores, valid,
         seen_after, caps, offsets, sink=ev.sink, window=ev.window, policy=ev.policy, block=32,
     )  # fmt: skip
     want = copy.deepcopy(ref)
     for h in range(heads):
         n = mass[h].shape[1] - chunk
-        want._commit_head(h, n, k_new[:, h], v_new[:, h], valid, mass[h] if policy == "h2o" else None)
+        new = {"keys": k_new[:, h], "values": v_new[:, h]}
+        want._commit_head(h, n, new, valid, mass[h] if policy == "h2o" else None)
     keys, values, positions, new_scores_out, fill = got
     assert torch.equal(fill, want.fill)
     evicted = 0
@@ -118,7 +120,7 @@ def test_no_candidates_and_capacity_one():
     new_pos = (ref.valid_seen[:, None] + valid.cumsum(1) - 1).clamp(min=0)
     new_scores = torch.tensor([[0.0, 0.0, 0.5, 0.1]] * 2, device=DEVICE)[:, None].expand(2, 2, 4).contiguous()
     out = packed_prefill_select(
-        ref.keys, ref.values, ref.positions, ref.scores, ref.fill, z, z, new_pos, new_scores, valid,
+        [(ref.keys, ref.values, z, z)], ref.positions, ref.scores, ref.fill, new_pos, new_scores, valid,
         ref.valid_seen + valid.sum(1), caps, torch.tensor(np.cumsum([0, 1]), dtype=torch.int32, device=DEVICE),
         sink=0, window=0, policy="h2o",
     )  # fmt: skip
@@ -127,15 +129,19 @@ def test_no_candidates_and_capacity_one():
     assert int(out[2][1, 0]) == first_new and out[2][1, 1:3].tolist() == [first_new, first_new + 1]
 
 
-@pytest.mark.parametrize("policy", ["h2o", "ring"])
-def test_chunked_prefill_through_attend_matches_the_reference(policy, monkeypatch):
+@pytest.mark.parametrize(
+    ("policy", "kv_format"),
+    [("h2o", None), ("ring", None), ("h2o", "int8"), ("h2o", "fp8"), ("ring", "int4")],
+)
+def test_chunked_prefill_through_attend_matches_the_reference(policy, kv_format, monkeypatch):
     """``BudgetedLayer.attend`` with the kernels committing each chunk (what it does on CUDA)
-    against its per-head loop: two chunks, the second evicting, left padding in one row."""
+    against its per-head loop: two chunks, the second evicting, left padding in one row.
+    Quantized slots: payload and scales kept together, byte for byte."""
     caps, batch, q_heads = [3, 11, 20], 2, 6
     gen = torch.Generator().manual_seed(7)
     rand = lambda *s: torch.randn(*s, generator=gen).half().to(DEVICE)  # noqa: E731
     eviction = EvictionConfig(sink=1, window=2, policy=policy, obs_window=4, pool_kernel=3)
-    layers = {kind: BudgetedLayer(caps, eviction) for kind in ("torch", "triton")}
+    layers = {kind: BudgetedLayer(caps, eviction, kv_format) for kind in ("torch", "triton")}
     for kind, layer in layers.items():
         layer.decode_kernels = kind
     for chunk, pad in ((12, 5), (16, 0)):
@@ -157,5 +163,7 @@ def test_chunked_prefill_through_attend_matches_the_reference(policy, monkeypatc
         for h, off in enumerate(ref.offsets):
             live = slice(off, off + int(ref.fill[b, h]))
             assert torch.equal(ref.positions[b, live], got.positions[b, live])
-            assert torch.equal(ref.keys[b, live], got.keys[b, live])
+            for name in ref.slot_names:  # keys, values (+ their scales when quantized)
+                assert torch.equal(getattr(ref, name)[b, live], getattr(got, name)[b, live]), name
             torch.testing.assert_close(ref.scores[b, live], got.scores[b, live], rtol=0, atol=0)
+    assert ref.slot_names == (("keys", "values") if kv_format is None else kv_slots.QUANTIZED)

@@ -16,6 +16,7 @@ from baklava.cli_options import (
     comma_list,
     model_option,
     parse_fractions,
+    parse_kv_dtypes,
     parse_size_option,
 )
 from baklava.cli_runner import entry_point, log
@@ -178,7 +179,7 @@ def _width_or_auto(value: str) -> int | str:
     "--kv-dtypes",
     default="auto",
     show_default=True,
-    callback=_names,
+    callback=parse_kv_dtypes,
     help="KV storage formats, comma-separated (auto = the model's dtype, fp8, int8, int4); the suite "
     "runs once per format, the first is the baseline the others are compared with.",
 )
@@ -413,8 +414,15 @@ def speed_bench(model_spec, batch, context, budgets, transformers, kernel, fused
     show_default=True,
     help="Measure the peak of a CONTEXT-token prefill.",
 )
+@click.option(
+    "--kv-dtypes",
+    default="auto",
+    show_default=True,
+    callback=parse_kv_dtypes,
+    help="KV storage formats for the bytes and the largest batch (auto = the model's dtype).",
+)
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
-def memory_bench(model_spec, context, budgets, kv_memory, chunk, prefill, out):
+def memory_bench(model_spec, context, budgets, kv_memory, chunk, prefill, kv_dtypes, out):
     """KV bytes allocated, largest batch in KV_MEMORY, and peak memory of a long prefill (GPU)."""
     from baklava.bench import memory
     from baklava.bench.gpu_decode import model_shape, uneven_capacities
@@ -426,11 +434,17 @@ def memory_bench(model_spec, context, budgets, kv_memory, chunk, prefill, out):
     doc = {"meta": _gpu_meta() | {"model": model_spec, "context": context}, "budgets": [], "prefill": []}
     for budget in budgets:
         caps = uneven_capacities(layers, kv_heads, context, budget)
-        row = {"budget": budget, "slots_per_sequence": int(caps.sum())}
-        row |= memory.cache_bytes(model, caps, 1)
-        row["largest_batch"] = memory.largest_batch(model, caps, kv_memory)
-        doc["budgets"].append(row)
-        click.echo(json.dumps(row))
+        first = None
+        for kv_dtype in kv_dtypes:  # the same capacities stored in each format
+            row = {"budget": budget, "kv_dtype": kv_dtype, "slots_per_sequence": int(caps.sum())}
+            row |= memory.cache_bytes(model, caps, 1, kv_dtype)
+            row["largest_batch"] = memory.largest_batch(model, caps, kv_memory, kv_dtype)
+            first = first or row["largest_batch"]["batch"]
+            row["batch_vs_first_kv_dtype"] = (
+                round(row["largest_batch"]["batch"] / first, 3) if first else None
+            )
+            doc["budgets"].append(row)
+            click.echo(json.dumps(row))
     if prefill:
         runs = [(None, None)]
         for budget in budgets:

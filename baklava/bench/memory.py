@@ -18,25 +18,28 @@ from baklava.runtime.generate import prefill
 from baklava.runtime.packed_cache import BudgetedCache
 
 
-def allocate(model, capacities, batch: int, eviction: EvictionConfig | None = None) -> BudgetedCache:
-    """A budgeted cache for ``batch`` sequences with every layer's buffers allocated (empty)."""
+def allocate(
+    model, capacities, batch: int, eviction: EvictionConfig | None = None, kv_format=None
+) -> BudgetedCache:
+    """A budgeted cache for ``batch`` sequences with every layer's buffers allocated (empty), its
+    slots in ``kv_format`` (:mod:`baklava.kv_format`; default the model's dtype)."""
     _, kv_heads, _, head_dim = model_shape(model)
     param = next(model.parameters())
-    cache = BudgetedCache(capacities, eviction)
+    cache = BudgetedCache(capacities, eviction, kv_format)
     empty = torch.empty(batch, kv_heads, 0, head_dim, dtype=param.dtype, device=param.device)
     for layer in cache.layers:
         layer.lazy_initialization(empty, empty)
     return cache
 
 
-def cache_bytes(model, capacities, batch: int) -> dict:
+def cache_bytes(model, capacities, batch: int, kv_format=None) -> dict:
     """``kv`` and ``metadata`` bytes of the cache's tensors, and on a GPU what the allocator saw."""
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
-    cache = allocate(model, capacities, batch)
+    cache = allocate(model, capacities, batch, kv_format=kv_format)
     row = {"batch": batch, "kv_bytes": cache.kv_bytes(), "metadata_bytes": cache.metadata_bytes()}
     row["total_bytes"] = row["kv_bytes"] + row["metadata_bytes"]
     if cuda:
@@ -45,27 +48,27 @@ def cache_bytes(model, capacities, batch: int) -> dict:
     return row
 
 
-def _fits(model, capacities, batch: int, limit: int) -> bool:
-    row = cache_bytes(model, capacities, batch)
+def _fits(model, capacities, batch: int, limit: int, kv_format=None) -> bool:
+    row = cache_bytes(model, capacities, batch, kv_format)
     return row.get("device_allocated_bytes", row["total_bytes"]) <= limit
 
 
-def largest_batch(model, capacities, limit: int) -> dict:
+def largest_batch(model, capacities, limit: int, kv_format=None) -> dict:
     """The most sequences whose cache (KV and bookkeeping) fits in ``limit`` bytes.
 
     The per-sequence size is read from caches of 1 and 2 sequences; the answer ``b`` is then
     checked by allocating ``b`` (must fit) and ``b + 1`` (must not).
     """
-    one = cache_bytes(model, capacities, 1)
-    two = cache_bytes(model, capacities, 2)
+    one = cache_bytes(model, capacities, 1, kv_format)
+    two = cache_bytes(model, capacities, 2, kv_format)
     key = "device_allocated_bytes" if "device_allocated_bytes" in one else "total_bytes"
     per_seq = two[key] - one[key]
     if one[key] > limit:
         return {"limit_bytes": limit, "batch": 0, "bytes_per_sequence": per_seq}
     batch = max(1, (limit - (one[key] - per_seq)) // per_seq)
-    while batch > 1 and not _fits(model, capacities, batch, limit):
+    while batch > 1 and not _fits(model, capacities, batch, limit, kv_format):
         batch -= 1
-    while _fits(model, capacities, batch + 1, limit):
+    while _fits(model, capacities, batch + 1, limit, kv_format):
         batch += 1
     return {"limit_bytes": limit, "batch": int(batch), "bytes_per_sequence": per_seq}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from baklava.cli_options import engine_options, parse_fractions, parse_size_option
+from baklava.cli_options import engine_options, parse_fractions, parse_kv_dtypes, parse_size_option
 from baklava.cli_runner import log
 from baklava.errors import BaklavaError
 
@@ -46,6 +46,14 @@ _model_option = click.option(
     callback=parse_size_option,
     help="KV memory every system gets.",
 )
+@click.option(
+    "--kv-dtypes",
+    default="auto",
+    show_default=True,
+    callback=parse_kv_dtypes,
+    help="KV storage formats, comma-separated (auto = the model's dtype; fp8, int8, int4): an engine "
+    "per budget and format, each sized by its real bytes in the same KV memory.",
+)
 @click.option("--requests", "n_requests", default=256, show_default=True, type=click.IntRange(1))
 @click.option(
     "--prompt-lengths", default="1024,16384", show_default=True, callback=_pair, help="LO,HI tokens."
@@ -80,7 +88,7 @@ _model_option = click.option(
 )
 @click.option("--out", type=click.Path(file_okay=False), help="Write serve.json and serve.md here.")
 def engine_bench(
-    model_spec, budgets, kv_memory, n_requests, prompt_lengths, new_tokens, prefill_chunk,
+    model_spec, budgets, kv_memory, kv_dtypes, n_requests, prompt_lengths, new_tokens, prefill_chunk,
     max_prefill_tokens, hf_requests, hf_batch, hf_static_requests, seed, prefill_kernel, out,
 ):  # fmt: skip
     """Served tokens/s, TTFT and inter-token latency per budget at equal KV memory (GPU)."""
@@ -94,6 +102,7 @@ def engine_bench(
     rows, meta = compare(
         model_spec,
         budgets=list(budgets),
+        kv_dtypes=list(kv_dtypes),
         kv_memory=kv_memory,
         requests=n_requests,
         lengths=prompt_lengths,

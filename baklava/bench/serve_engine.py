@@ -288,6 +288,7 @@ def compare(
     *,
     budgets: list[float],
     kv_memory: int,
+    kv_dtypes: list[str] = ("auto",),
     requests: int,
     lengths: tuple[int, int],
     new_tokens: tuple[int, int],
@@ -331,19 +332,21 @@ def compare(
     deployed, BudgetedLayer.prefill_kernel = BudgetedLayer.prefill_kernel, prefill_kernel  # restored below
     for budget in budgets:
         caps = _capacities(model, lm, budget, context, scored)
-        engine = Engine.from_capacities(
-            model,
-            tokenizer,
-            caps,
-            EvictionConfig(),
-            kv_memory=kv_memory,
-            prefill_chunk=prefill_chunk,
-            max_prefill_tokens=max_prefill_tokens,
-            chat=False,
-        )
-        name = f"baklava engine, budget {budget}"
-        rows.append(_logged(run_engine(engine, work, name, progress, budget=budget)))
-        del engine
+        for kv_dtype in kv_dtypes:  # the same capacities; a smaller format fits more rows
+            engine = Engine.from_capacities(
+                model,
+                tokenizer,
+                caps,
+                EvictionConfig(),
+                kv_memory=kv_memory,
+                prefill_chunk=prefill_chunk,
+                max_prefill_tokens=max_prefill_tokens,
+                chat=False,
+                kv_format=kv_dtype,
+            )
+            name = f"baklava engine, budget {budget}" + ("" if kv_dtype == "auto" else f", {kv_dtype}")
+            rows.append(_logged(run_engine(engine, work, name, progress, budget=budget, kv_dtype=kv_dtype)))
+            del engine
     BudgetedLayer.prefill_kernel = deployed
     # plain transformers last, with transformers' own layer forward again (the fused one-token
     # forward off everywhere; its weights are views of the originals) and sdpa

@@ -120,18 +120,22 @@ def _score_kernel(
 @triton.jit
 def _commit_kernel(
     K, V, POS, SCORE, FILL, SEEN, VALID, CAPS, OFFSETS, TILE_FIRST, MIN_PRI, MIN_POS, MIN_SLOT,
-    KN, VN, LSE, LOGIT_NEW,
+    KN, VN, LSE, LOGIT_NEW, KS, VS, KSN, VSN,
     stride_kb, stride_kt,
     stride_vb, stride_vt,
     stride_pb, stride_sb, stride_fb,
     stride_knb, stride_knh,
     stride_vnb, stride_vnh,
     stride_eb,
+    stride_ksb, stride_kst, stride_vsb, stride_vst,
+    stride_ksnb, stride_ksnh, stride_vsnb, stride_vsnh,
     sink, window, N_TILES,
     H2O: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, TILE_BLOCK: tl.constexpr,
+    N_SCALES: tl.constexpr,
 ):  # fmt: skip
     """Program ``(b, h)``: append the token, or find the head's victim among its tiles' minima
-    and overwrite it if the new token's priority is higher."""
+    and overwrite it if the new token's priority is higher. Quantized slots (``N_SCALES`` > 0):
+    ``D`` is the payload's width and the token's ``N_SCALES`` scales move with it."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     if tl.load(VALID + b) != 0:
@@ -174,6 +178,12 @@ def _commit_kernel(
             v = tl.load(VN + b * stride_vnb + h * stride_vnh + d)
             tl.store(K + b * stride_kb + dest * stride_kt + d, k.to(K.dtype.element_ty))
             tl.store(V + b * stride_vb + dest * stride_vt + d, v.to(V.dtype.element_ty))
+            if N_SCALES > 0:
+                c = tl.arange(0, N_SCALES)
+                ks = tl.load(KSN + b * stride_ksnb + h * stride_ksnh + c)
+                vs = tl.load(VSN + b * stride_vsnb + h * stride_vsnh + c)
+                tl.store(KS + b * stride_ksb + dest * stride_kst + c, ks)
+                tl.store(VS + b * stride_vsb + dest * stride_vst + c, vs)
             tl.store(POS + b * stride_pb + dest, new_pos.to(POS.dtype.element_ty))
             tl.store(SCORE + b * stride_sb + dest, new_score)
 
@@ -200,8 +210,16 @@ def packed_cache_update(
     table=None,
     block: int = 512,
     warps: int = 8,
+    key_scales: torch.Tensor | None = None,
+    value_scales: torch.Tensor | None = None,
+    key_scales_new: torch.Tensor | None = None,
+    value_scales_new: torch.Tensor | None = None,
 ) -> None:
     """Commit ``key_new/value_new [B, H_kv, D]`` in place (see the module docstring).
+
+    Quantized slots (:mod:`baklava.runtime.kv_slots`): ``keys/values`` and ``key_new/value_new``
+    are payload (``D`` its width, fp8 as its uint8 bits), and ``key_scales/value_scales
+    [B, C, G]`` take the token's ``key_scales_new/value_scales_new [B, H_kv, G]`` (float16).
 
     ``keys/values [B, C, D]``, ``positions [B, C]`` (int), ``scores [B, C]`` fp32,
     ``fill [B, H_kv]`` (int, updated), ``valid_seen [B]`` (the new token's position; the caller
@@ -224,7 +242,15 @@ def packed_cache_update(
     else:
         group = 1
         logits = lse = logit_new = scores  # never read
-    for t in (keys, values, key_new, value_new):
+    quantized = key_scales is not None
+    if quantized:
+        assert value_scales is not None and key_scales_new is not None and value_scales_new is not None
+        n_scales = key_scales.shape[-1]
+        assert n_scales & (n_scales - 1) == 0, "scales per vector must be a power of two"
+    else:
+        n_scales = 0
+        key_scales = value_scales = key_scales_new = value_scales_new = scores  # never read
+    for t in (keys, values, key_new, value_new, key_scales, value_scales, key_scales_new, value_scales_new):
         assert t.stride(-1) == 1, "last dimension must be contiguous"
     assert scores.dtype == torch.float32 and positions.stride(-1) == 1 and scores.stride(-1) == 1
     assert fill.stride(-1) == 1
@@ -254,13 +280,17 @@ def packed_cache_update(
     _commit_kernel[(batch, kv_heads)](
         keys, values, positions, scores, fill, valid_seen, valid, capacities, offsets, tile_first,
         min_pri, min_pos, min_slot,
-        key_new, value_new, lse, logit_new,
+        key_new, value_new, lse, logit_new, key_scales, value_scales, key_scales_new, value_scales_new,
         keys.stride(0), keys.stride(1),
         values.stride(0), values.stride(1),
         positions.stride(0), scores.stride(0), fill.stride(0),
         key_new.stride(0), key_new.stride(1),
         value_new.stride(0), value_new.stride(1),
         lse.stride(0) if h2o else 0,
+        key_scales.stride(0), key_scales.stride(1) if quantized else 0,
+        value_scales.stride(0), value_scales.stride(1) if quantized else 0,
+        key_scales_new.stride(0), key_scales_new.stride(1) if quantized else 0,
+        value_scales_new.stride(0), value_scales_new.stride(1) if quantized else 0,
         sink, window, n_tiles,
-        H2O=h2o, GROUP=group, G_PAD=g_pad, D=head_dim, TILE_BLOCK=16,
+        H2O=h2o, GROUP=group, G_PAD=g_pad, D=head_dim, TILE_BLOCK=16, N_SCALES=n_scales,
     )  # fmt: skip

@@ -37,29 +37,31 @@ from baklava.kernels.launch import dependent_launch
 
 @triton.jit
 def _load_slots(PTR, SCALES, base_b, scale_b, rows, live, d, stride_t, stride_st, dtype,
-                QUANT: tl.constexpr, SCALE_GROUP: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    """``[BLOCK_N, D]`` slots of one head for ``tl.dot``: full precision as stored (QUANT 0), the
-    int8 / fp8 payload converted (exactly) to ``dtype`` with its per-slot scale returned apart
-    (QUANT 1: the caller folds it into the logits or the probabilities), or int4 nibbles
-    dequantized here with their group scales (QUANT 2; scale returned as ones)."""
+                QUANT: tl.constexpr, SCALE_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):  # fmt: skip
+    """``[BLOCK_N, D]`` slots of one head for ``tl.dot``, in ``dtype``: full precision as stored
+    (QUANT 0); the fp8 (QUANT 1) or int8 (QUANT 3) payload, converted exactly, with its per-slot
+    scale returned apart (the caller folds it into the logits or the probabilities); or int4
+    nibbles (QUANT 2) scaled by their group scales here (scale returned as ones)."""
     # one return at the end: Triton types every return of a function, taken or not
     slot_scale = tl.full([BLOCK_N], 1.0, tl.float32)
-    if QUANT == 2:  # byte d // 2 holds channel d in its low (even d) or high (odd d) nibble
-        byte = tl.load(
-            PTR + base_b + rows[:, None] * stride_t + (d // 2)[None, :], mask=live[:, None], other=8
-        )
-        nib = ((byte.to(tl.int32) >> ((d % 2) * 4)[None, :]) & 0xF) - 8
-        group_scale = tl.load(
-            SCALES + scale_b + rows[:, None] * stride_st + (d // SCALE_GROUP)[None, :],
-            mask=live[:, None],
-            other=0.0,
-        )
-        x = (nib.to(tl.float32) * group_scale.to(tl.float32)).to(dtype)
+    if QUANT == 2:  # byte j holds channel 2j in its low nibble and 2j + 1 in its high one, each q + 8
+        half = tl.arange(0, D // 2)
+        byte = tl.load(  # one contiguous load of the slots' bytes; masked slots read 0x88 = (0, 0)
+            PTR + base_b + rows[:, None] * stride_t + half[None, :], mask=live[:, None], other=0x88
+        ).to(tl.int32)
+        # low and high nibbles joined on a last axis of 2, so channels come back interleaved
+        nib = tl.reshape(tl.join((byte & 0xF) - 8, (byte >> 4) - 8), (BLOCK_N, D))
+        groups = tl.arange(0, D // SCALE_GROUP)
+        group_scale = tl.load(  # [BLOCK_N, G]: one load a group, broadcast over its channels in registers
+            SCALES + scale_b + rows[:, None] * stride_st + groups[None, :], mask=live[:, None], other=0.0
+        ).to(tl.float32)
+        grouped = tl.reshape(nib.to(tl.float32), (BLOCK_N, D // SCALE_GROUP, SCALE_GROUP))
+        x = tl.reshape(grouped * group_scale[:, :, None], (BLOCK_N, D)).to(dtype)
     else:
         x = tl.load(PTR + base_b + rows[:, None] * stride_t + d[None, :], mask=live[:, None], other=0.0).to(
             dtype
         )
-        if QUANT == 1:
+        if QUANT % 2 == 1:
             slot_scale = tl.load(SCALES + scale_b + rows * stride_st, mask=live, other=0.0).to(tl.float32)
     return x, slot_scale
 
@@ -95,6 +97,8 @@ def _split_kernel(
         mask=(g < GROUP)[:, None],
         other=0.0,
     )
+    if QUANT != 0:  # quantized slots are converted to float16 (fp8 has a native conversion to it)
+        q = q.to(tl.float16)
 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
@@ -118,6 +122,7 @@ def _split_kernel(
             QUANT,
             SCALE_GROUP,
             BLOCK_N,
+            D,
         )
         qk = tl.dot(q, tl.trans(k), input_precision="ieee")  # [G_PAD, BLOCK_N]; fp32 caches: no TF32
         qk = qk * (k_scale * scale)[None, :]
@@ -146,6 +151,7 @@ def _split_kernel(
             QUANT,
             SCALE_GROUP,
             BLOCK_N,
+            D,
         )
         pv = p * v_scale[None, :]  # a slot's value scale rides on its probability
         acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v, input_precision="ieee")
@@ -213,7 +219,9 @@ def _quant_mode(kv_format, head_dim: int) -> tuple[int, int, bool]:
     if not fmt.quantized:
         return 0, head_dim, False
     fmt.check(head_dim)
-    return (2, fmt.group, fmt.rotate) if fmt.bits == 4 else (1, head_dim, fmt.rotate)
+    if fmt.bits == 4:
+        return 2, fmt.group, fmt.rotate
+    return (3 if fmt.name == "int8" else 1), head_dim, fmt.rotate
 
 
 def _rotate(t: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,12 @@ stored slots (``keys/values [B, C, D]``, slots ``[o_h, o_h + fill[b, h])``, all 
 chunk's own keys (``k_new/v_new [B, H_kv, S, D]``, causal). No padding, no bias tensor, stored
 keys read in place (no ``torch.cat``), no GQA copies.
 
+Quantized slots (``kv_format`` fp8 / int8 / int4, :mod:`baklava.kv_format`) are read as payload
+plus scales and dequantized in registers, as the decode kernel reads them (``_load_slots``: the
+key scale multiplies the logits, the value scale the probabilities, int4 nibbles are scaled per
+group); int4's slots hold rotated vectors, so the chunk's queries, keys and values are rotated
+first and the output rotated back (the rotation keeps dot products).
+
 Two launches:
 
 1. ``_attention_kernel`` grid ``(ceil(S / BLOCK_M), H_q, B)``: one query tile of one query head;
@@ -24,32 +30,43 @@ import torch
 import triton
 import triton.language as tl
 
+from baklava.kernels.decode_attention import _load_slots, _quant_mode, _rotate
+
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _online_update(q, k, v, valid, m_i, l_i, acc, qk_scale):
-    """One key tile folded into the running (max, sum, output) of a query tile (base-2 exponent)."""
+def _online_update(q, k, v, valid, m_i, l_i, acc, qk_scale, k_scale, v_scale, SCALED: tl.constexpr):
+    """One key tile folded into the running (max, sum, output) of a query tile (base-2 exponent);
+    ``SCALED``: per-key scales of quantized slots on the logits (``k_scale``) and on the
+    probabilities the values are weighted by (``v_scale``)."""
     s = tl.dot(q, tl.trans(k)) * qk_scale
+    if SCALED:
+        s = s * k_scale[None, :]
     s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    if SCALED:
+        acc = acc * alpha[:, None] + tl.dot((p * v_scale[None, :]).to(v.dtype), v)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc
 
 
 # per call: a chunk's length; a pool row's fill pointer is 16-byte aligned or not by row parity
 @triton.jit(do_not_specialize=["S"], do_not_specialize_on_alignment=["FILL"])
 def _attention_kernel(
-    Q, K, V, KN, VN, FILL, OFFSETS, OUT, LSE,
+    Q, K, V, KS, VS, KN, VN, FILL, OFFSETS, OUT, LSE,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kt, stride_vb, stride_vt,
+    stride_ksb, stride_kst, stride_vsb, stride_vst,
     stride_knb, stride_knh, stride_kns, stride_vnb, stride_vnh, stride_vns,
     stride_fb, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
     S, qk_scale,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    QUANT: tl.constexpr, SCALE_GROUP: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     qh = tl.program_id(1)
@@ -73,9 +90,13 @@ def _attention_kernel(
         cols = j0 + tl.arange(0, BLOCK_N)
         ok = cols < n
         slot = base + cols
-        k = tl.load(K + b * stride_kb + slot[:, None] * stride_kt + d[None, :], mask=ok[:, None], other=0.0)
-        v = tl.load(V + b * stride_vb + slot[:, None] * stride_vt + d[None, :], mask=ok[:, None], other=0.0)
-        m_i, l_i, acc = _online_update(q, k, v, ok[None, :], m_i, l_i, acc, qk_scale)
+        k, k_scale = _load_slots(K, KS, b * stride_kb, b * stride_ksb, slot, ok, d, stride_kt, stride_kst,
+                                 q.dtype, QUANT, SCALE_GROUP, BLOCK_N, D)  # fmt: skip
+        v, v_scale = _load_slots(V, VS, b * stride_vb, b * stride_vsb, slot, ok, d, stride_vt, stride_vst,
+                                 q.dtype, QUANT, SCALE_GROUP, BLOCK_N, D)  # fmt: skip
+        m_i, l_i, acc = _online_update(
+            q, k, v, ok[None, :], m_i, l_i, acc, qk_scale, k_scale, v_scale, QUANT % 2 == 1
+        )
 
     last = tl.minimum((tile + 1) * BLOCK_M, S)
     for j0 in range(0, last, BLOCK_N):  # the chunk's keys: causal
@@ -92,7 +113,7 @@ def _attention_kernel(
             other=0.0,
         )
         visible = ok[None, :] & (cols[None, :] <= rows[:, None])
-        m_i, l_i, acc = _online_update(q, k, v, visible, m_i, l_i, acc, qk_scale)
+        m_i, l_i, acc = _online_update(q, k, v, visible, m_i, l_i, acc, qk_scale, qk_scale, qk_scale, False)
 
     out = acc / l_i[:, None]
     tl.store(
@@ -106,12 +127,13 @@ def _attention_kernel(
 
 @triton.jit(do_not_specialize=["S", "OBS"], do_not_specialize_on_alignment=["FILL"])
 def _mass_kernel(
-    Q, K, KN, FILL, OFFSETS, LSE, MASS,
+    Q, K, KS, KN, FILL, OFFSETS, LSE, MASS,
     stride_qb, stride_qh, stride_qs,
-    stride_kb, stride_kt, stride_knb, stride_knh, stride_kns,
+    stride_kb, stride_kt, stride_ksb, stride_kst, stride_knb, stride_knh, stride_kns,
     stride_fb, stride_lb, stride_lh, stride_mb, stride_mh,
     S, OBS, scale,
     GROUP: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr,
+    QUANT: tl.constexpr, SCALE_GROUP: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -123,19 +145,14 @@ def _mass_kernel(
     i = cols - fill
     new = (i >= 0) & (i < S)
     d = tl.arange(0, D)
-    k = tl.where(
-        stored[:, None],
-        tl.load(
-            K + b * stride_kb + (base + cols)[:, None] * stride_kt + d[None, :],
-            mask=stored[:, None],
-            other=0.0,
-        ),
-        tl.load(
-            KN + b * stride_knb + h * stride_knh + i[:, None] * stride_kns + d[None, :],
-            mask=new[:, None],
-            other=0.0,
-        ),
+    k_new = tl.load(
+        KN + b * stride_knb + h * stride_knh + i[:, None] * stride_kns + d[None, :],
+        mask=new[:, None],
+        other=0.0,
     )
+    k_stored, k_scale = _load_slots(K, KS, b * stride_kb, b * stride_ksb, base + cols, stored, d,
+                                    stride_kt, stride_kst, k_new.dtype, QUANT, SCALE_GROUP, BLOCK_N, D)  # fmt: skip
+    k = tl.where(stored[:, None], k_stored, k_new)
     r = tl.arange(0, W)  # (query head of the group, window query) pairs
     r_ok = r < GROUP * OBS
     qh = h * GROUP + r // OBS
@@ -147,6 +164,8 @@ def _mass_kernel(
     )
     lse = tl.load(LSE + b * stride_lb + qh * stride_lh + qrow, mask=r_ok, other=0.0)
     s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+    if QUANT % 2 == 1:  # the stored keys' scales (new tokens are full precision)
+        s = s * tl.where(stored, k_scale, 1.0)[None, :]
     visible = r_ok[:, None] & (stored[None, :] | (new[None, :] & (i[None, :] <= qrow[:, None])))
     p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
     mass = tl.sum(p, 0) / GROUP
@@ -165,29 +184,41 @@ def prefill_attention(
     *,
     block_m: int = 64,
     block_n: int = 64,
+    kv_format=None,
+    key_scales: torch.Tensor | None = None,
+    value_scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, S, H_q, D], lse [B, H_q, S] fp32)`` of an unpadded chunk (module docstring).
 
-    ``offsets [H_kv]`` int32 on the device; ``fill [B, H_kv]``.
+    ``offsets [H_kv]`` int32 on the device; ``fill [B, H_kv]``. Quantized slots: ``keys/values``
+    are the payload and ``key_scales/value_scales [B, C, G]`` their scales, as in
+    :func:`~baklava.kernels.decode_attention.packed_decode_attention`; ``query``, ``key_new`` and
+    ``value_new`` are full precision. (:func:`observation_masses` takes the same ``query`` and
+    ``key_new``: for int4 it rotates them the same way.)
     """
     batch, q_heads, s, dim = query.shape
     kv_heads = key_new.shape[1]
-    for t in (query, keys, values, key_new, value_new):
+    quant, scale_group, rotated = _quant_mode(kv_format, dim)
+    if rotated:  # int4 slots hold rotated vectors: attend in that basis, rotate the output back
+        query, key_new, value_new = (_rotate(t) for t in (query, key_new, value_new))
+    ks, vs = (key_scales, value_scales) if quant else (fill, fill)  # never read unquantized
+    for t in (query, keys, values, key_new, value_new, ks, vs):
         assert t.stride(-1) == 1, "last dimension must be contiguous"
     out = query.new_empty(batch, s, q_heads, dim)
     lse = torch.empty(batch, q_heads, s, dtype=torch.float32, device=query.device)
     grid = (triton.cdiv(s, block_m), q_heads, batch)
     _attention_kernel[grid](
-        query, keys, values, key_new, value_new, fill, offsets, out, lse,
+        query, keys, values, ks, vs, key_new, value_new, fill, offsets, out, lse,
         query.stride(0), query.stride(1), query.stride(2),
         keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+        ks.stride(0), ks.stride(1), vs.stride(0), vs.stride(1),
         key_new.stride(0), key_new.stride(1), key_new.stride(2),
         value_new.stride(0), value_new.stride(1), value_new.stride(2),
         fill.stride(0), out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         s, scale * LOG2E,
-        GROUP=q_heads // kv_heads, D=dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        GROUP=q_heads // kv_heads, D=dim, BLOCK_M=block_m, BLOCK_N=block_n, QUANT=quant, SCALE_GROUP=scale_group,
     )  # fmt: skip
-    return out, lse
+    return (_rotate(out) if rotated else out), lse
 
 
 def observation_masses(
@@ -202,21 +233,29 @@ def observation_masses(
     scale: float,
     *,
     block_n: int = 64,
+    kv_format=None,
+    key_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``mass [B, H_kv, stored + S]`` fp32: for head ``h`` of row ``b``, column ``j < fill[b, h]``
-    is its slot ``j`` and column ``fill[b, h] + i`` new token ``i`` (``stored`` >= every fill)."""
+    is its slot ``j`` and column ``fill[b, h] + i`` new token ``i`` (``stored`` >= every fill).
+    Quantized slots as in :func:`prefill_attention`."""
     batch, q_heads, s, dim = query.shape
     kv_heads = key_new.shape[1]
     group = q_heads // kv_heads
+    quant, scale_group, rotated = _quant_mode(kv_format, dim)
+    if rotated:
+        query, key_new = _rotate(query), _rotate(key_new)
+    ks = key_scales if quant else fill  # never read unquantized
     mass = torch.zeros(batch, kv_heads, stored + s, dtype=torch.float32, device=query.device)
     width = max(16, triton.next_power_of_2(group * obs))
     grid = (triton.cdiv(stored + s, block_n), kv_heads, batch)
     _mass_kernel[grid](
-        query, keys, key_new, fill, offsets, lse, mass,
+        query, keys, ks, key_new, fill, offsets, lse, mass,
         query.stride(0), query.stride(1), query.stride(2),
-        keys.stride(0), keys.stride(1), key_new.stride(0), key_new.stride(1), key_new.stride(2),
+        keys.stride(0), keys.stride(1), ks.stride(0), ks.stride(1),
+        key_new.stride(0), key_new.stride(1), key_new.stride(2),
         fill.stride(0), lse.stride(0), lse.stride(1), mass.stride(0), mass.stride(1),
         s, obs, scale,
-        GROUP=group, D=dim, W=width, BLOCK_N=block_n,
+        GROUP=group, D=dim, W=width, BLOCK_N=block_n, QUANT=quant, SCALE_GROUP=scale_group,
     )  # fmt: skip
     return mass

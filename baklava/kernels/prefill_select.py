@@ -17,7 +17,9 @@ Two launches, pointer and stride arguments only:
    new fill;
 2. ``_gather_kernel`` grid ``(B, H_kv, ceil(max cap / BLOCK))``: copies the kept keys, values,
    positions and scores into *separate* output buffers (a TensorRT plugin's ``present_*``; the
-   runtime copies them back), so no program reads a slot another one already overwrote.
+   runtime copies them back), so no program reads a slot another one already overwrote. Quantized
+   slots (:mod:`baklava.runtime.kv_slots`) take one more launch for their scales, with the same
+   kept indices: a slot's payload and scales stay together, byte for byte.
 """
 
 from __future__ import annotations
@@ -191,6 +193,24 @@ def _select_kernel(
     tl.store(NEW_FILL + b * stride_nfb + h, k.to(NEW_FILL.dtype.element_ty))
 
 
+@triton.jit
+def _gather_rows(
+    SRC, NEW, b, h, base, j, i, stored, new, d, stride_b, stride_t, stride_nb, stride_nh, stride_ns
+):
+    """Kept rows ``[BLOCK, width]`` of one slot tensor: stored slot ``base + j`` or the chunk's token ``i``."""
+    return tl.where(
+        stored[:, None],
+        tl.load(
+            SRC + b * stride_b + (base + j)[:, None] * stride_t + d[None, :], mask=stored[:, None], other=0
+        ),
+        tl.load(
+            NEW + b * stride_nb + h * stride_nh + i[:, None] * stride_ns + d[None, :],
+            mask=new[:, None],
+            other=0,
+        ),
+    )
+
+
 @triton.jit(
     do_not_specialize=["stride_pb", "stride_sb", "stride_npb", "stride_nsb", "stride_nsh", "stride_keb"],
     do_not_specialize_on_alignment=["POS", "SCORE"],
@@ -203,8 +223,10 @@ def _gather_kernel(
     stride_npb, stride_nsb, stride_nsh,
     stride_keb, stride_nfb,
     stride_kob, stride_kot, stride_vob, stride_vot, stride_pob, stride_sob,
-    D: tl.constexpr, BLOCK: tl.constexpr,
+    D: tl.constexpr, BLOCK: tl.constexpr, META: tl.constexpr,
 ):  # fmt: skip
+    """Program ``(b, h, block)``: the kept slots of one pair of slot tensors (keys and values, or
+    their scales: ``D`` is their width), and with ``META`` their positions and scores."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     cap = tl.load(CAPS + h).to(tl.int64)
@@ -218,52 +240,34 @@ def _gather_kernel(
     i = j - cap
     d = tl.arange(0, D)
     rows = base + o
-    k = tl.where(
-        stored[:, None],
-        tl.load(
-            K + b * stride_kb + (base + j)[:, None] * stride_kt + d[None, :], mask=stored[:, None], other=0.0
-        ),
-        tl.load(
-            KN + b * stride_knb + h * stride_knh + i[:, None] * stride_kns + d[None, :],
-            mask=new[:, None],
-            other=0.0,
-        ),
+    k = _gather_rows(
+        K, KN, b, h, base, j, i, stored, new, d, stride_kb, stride_kt, stride_knb, stride_knh, stride_kns
     )
-    v = tl.where(
-        stored[:, None],
-        tl.load(
-            V + b * stride_vb + (base + j)[:, None] * stride_vt + d[None, :], mask=stored[:, None], other=0.0
-        ),
-        tl.load(
-            VN + b * stride_vnb + h * stride_vnh + i[:, None] * stride_vns + d[None, :],
-            mask=new[:, None],
-            other=0.0,
-        ),
+    v = _gather_rows(
+        V, VN, b, h, base, j, i, stored, new, d, stride_vb, stride_vt, stride_vnb, stride_vnh, stride_vns
     )
     tl.store(K_OUT + b * stride_kob + rows[:, None] * stride_kot + d[None, :], k, mask=live[:, None])
     tl.store(V_OUT + b * stride_vob + rows[:, None] * stride_vot + d[None, :], v, mask=live[:, None])
-    pos = tl.where(
-        stored,
-        tl.load(POS + b * stride_pb + base + j, mask=stored, other=0),
-        tl.load(NEW_POS + b * stride_npb + i, mask=new, other=0),
-    )
-    score = tl.where(
-        stored,
-        tl.load(SCORE + b * stride_sb + base + j, mask=stored, other=0.0),
-        tl.load(NEW_SCORE + b * stride_nsb + h * stride_nsh + i, mask=new, other=0.0),
-    )
-    tl.store(POS_OUT + b * stride_pob + rows, pos.to(POS_OUT.dtype.element_ty), mask=live)
-    tl.store(SCORE_OUT + b * stride_sob + rows, score, mask=live)
+    if META:
+        pos = tl.where(
+            stored,
+            tl.load(POS + b * stride_pb + base + j, mask=stored, other=0),
+            tl.load(NEW_POS + b * stride_npb + i, mask=new, other=0),
+        )
+        score = tl.where(
+            stored,
+            tl.load(SCORE + b * stride_sb + base + j, mask=stored, other=0.0),
+            tl.load(NEW_SCORE + b * stride_nsb + h * stride_nsh + i, mask=new, other=0.0),
+        )
+        tl.store(POS_OUT + b * stride_pob + rows, pos.to(POS_OUT.dtype.element_ty), mask=live)
+        tl.store(SCORE_OUT + b * stride_sob + rows, score, mask=live)
 
 
 def packed_prefill_select(
-    keys: torch.Tensor,
-    values: torch.Tensor,
+    slots,
     positions: torch.Tensor,
     scores: torch.Tensor,
     fill: torch.Tensor,
-    key_new: torch.Tensor,
-    value_new: torch.Tensor,
     new_positions: torch.Tensor,
     new_scores: torch.Tensor,
     new_valid: torch.Tensor,
@@ -277,24 +281,26 @@ def packed_prefill_select(
     block: int = 1024,
     num_warps: int = 8,
 ):
-    """Keep each head's highest-priority candidates; returns new ``(keys, values, positions,
+    """Keep each head's highest-priority candidates; returns new ``(*slot tensors, positions,
     scores, fill)`` (the inputs are not modified).
 
-    ``keys/values [B, C, D]``, ``positions [B, C]`` (int), ``scores [B, C]`` fp32 (already holding
-    this chunk's attention to the stored slots), ``fill [B, H_kv]``; the chunk:
-    ``key_new/value_new [B, H_kv, S, D]``, ``new_positions [B, S]``, ``new_scores [B, H_kv, S]``
-    (fp32, pooled), ``new_valid [B, S]``; ``seen_after [B]`` (real tokens once the chunk is in);
-    ``offsets [H_kv]`` int32 on the device.
+    ``slots``: pairs of slot tensors with the chunk's rows, ``[(keys, values, key_new,
+    value_new)]`` (stored ``[B, C, width]``, new ``[B, H_kv, S, width]``; quantized slots add
+    ``(key_scales, value_scales, key_scales_new, value_scales_new)``: a slot's payload and scales
+    are kept together); ``positions [B, C]`` (int), ``scores [B, C]`` fp32 (already holding this
+    chunk's attention to the stored slots), ``fill [B, H_kv]``; ``new_positions [B, S]``,
+    ``new_scores [B, H_kv, S]`` (fp32, pooled), ``new_valid [B, S]``; ``seen_after [B]`` (real
+    tokens once the chunk is in); ``offsets [H_kv]`` int32 on the device.
     """
     if policy not in ("h2o", "ring"):
         raise ValueError(f"unknown eviction policy {policy!r}")
-    batch, kv_heads, chunk, head_dim = key_new.shape
-    dev = keys.device
+    batch, kv_heads, chunk = slots[0][2].shape[:3]
+    dev = positions.device
     caps_t = torch.tensor(capacities, dtype=torch.int32, device=dev)
-    keep = torch.zeros(batch, keys.shape[1], dtype=torch.int32, device=dev)
+    keep = torch.zeros(batch, positions.shape[1], dtype=torch.int32, device=dev)
     new_fill = torch.empty_like(fill)
     new_valid = new_valid.to(torch.int8)
-    for t in (keys, values, key_new, value_new):
+    for t in (t for pair in slots for t in pair):
         assert t.stride(-1) == 1, "last dimension must be contiguous"
     _select_kernel[(batch, kv_heads)](
         positions, scores, fill, new_positions, new_scores, new_valid, seen_after, caps_t, offsets, keep, new_fill,
@@ -305,23 +311,21 @@ def packed_prefill_select(
         H2O=policy == "h2o", BLOCK=block, num_warps=num_warps,
     )  # fmt: skip
     # slots past the new fill are zeros, as in the reference (a masked-out slot must not hold a NaN)
-    outs = (
-        torch.zeros_like(keys),
-        torch.zeros_like(values),
-        torch.full_like(positions, -1),
-        torch.zeros_like(scores),
-    )
-    k_out, v_out, p_out, s_out = outs
+    p_out, s_out = torch.full_like(positions, -1), torch.zeros_like(scores)
+    outs = []
     gather_block = 64
-    _gather_kernel[(batch, kv_heads, triton.cdiv(max(capacities), gather_block))](
-        keys, values, positions, scores, key_new, value_new, new_positions, new_scores, keep, new_fill, caps_t, offsets,
-        k_out, v_out, p_out, s_out,
-        keys.stride(0), keys.stride(1), values.stride(0), values.stride(1), positions.stride(0), scores.stride(0),
-        key_new.stride(0), key_new.stride(1), key_new.stride(2),
-        value_new.stride(0), value_new.stride(1), value_new.stride(2),
-        new_positions.stride(0), new_scores.stride(0), new_scores.stride(1),
-        keep.stride(0), new_fill.stride(0),
-        k_out.stride(0), k_out.stride(1), v_out.stride(0), v_out.stride(1), p_out.stride(0), s_out.stride(0),
-        D=head_dim, BLOCK=gather_block,
-    )  # fmt: skip
-    return k_out, v_out, p_out, s_out, new_fill
+    for index, (keys, values, key_new, value_new) in enumerate(slots):
+        k_out, v_out = torch.zeros_like(keys), torch.zeros_like(values)
+        _gather_kernel[(batch, kv_heads, triton.cdiv(max(capacities), gather_block))](
+            keys, values, positions, scores, key_new, value_new, new_positions, new_scores, keep, new_fill,
+            caps_t, offsets, k_out, v_out, p_out, s_out,
+            keys.stride(0), keys.stride(1), values.stride(0), values.stride(1), positions.stride(0), scores.stride(0),
+            key_new.stride(0), key_new.stride(1), key_new.stride(2),
+            value_new.stride(0), value_new.stride(1), value_new.stride(2),
+            new_positions.stride(0), new_scores.stride(0), new_scores.stride(1),
+            keep.stride(0), new_fill.stride(0),
+            k_out.stride(0), k_out.stride(1), v_out.stride(0), v_out.stride(1), p_out.stride(0), s_out.stride(0),
+            D=key_new.shape[-1], BLOCK=gather_block, META=index == 0,
+        )  # fmt: skip
+        outs += [k_out, v_out]
+    return (*outs, p_out, s_out, new_fill)

@@ -20,19 +20,17 @@ from baklava.runtime.cache_keyword import forward_cache
 from baklava.runtime.packed_cache import BudgetedCache
 from baklava.runtime.triton_decode import UpdateStream
 
-_STATE = ("keys", "values", "positions", "scores", "fill", "valid_seen")
-
 
 def _snapshot(cache: BudgetedCache) -> list[dict]:
     return [
-        {name: getattr(layer, name).clone() for name in _STATE} | {"seen": layer.seen}
+        {name: getattr(layer, name).clone() for name in layer.state_names} | {"seen": layer.seen}
         for layer in cache.layers
     ]
 
 
 def _restore(cache: BudgetedCache, snapshot: list[dict]) -> None:
     for layer, saved in zip(cache.layers, snapshot, strict=True):
-        for name in _STATE:
+        for name in layer.state_names:
             getattr(layer, name).copy_(saved[name])
         layer.seen = saved["seen"]
 

@@ -140,17 +140,17 @@ class Engine:
         """An engine whose pool holds ``max_batch`` rows, or as many as fit in ``kv_memory`` bytes
         (exactly ``sum(capacities)`` slots a row), or the smaller of the two when both are given.
 
-        ``kv_format``: how stored tokens come back (:mod:`baklava.kv_format`). The pool still
-        stores the model's dtype (the reference store rounds each token as the format would), so
-        rows are sized by the model's dtype: the memory a quantized store saves is not claimed."""
+        ``kv_format``: how slots store tokens (:mod:`baklava.kv_format`); rows are sized by its real
+        bytes (payload plus scales), so int8 fits about twice the rows of bf16 in ``kv_memory``."""
         if kv_memory is None and max_batch is None:
             raise BaklavaError("size the engine's pool with kv_memory or max_batch")
         cfg = model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         dtype = next(model.parameters()).dtype
-        rows = max_batch or rows_for_memory(kv_memory, capacities, head_dim, dtype)
-        if kv_memory is not None:
-            rows = min(rows, rows_for_memory(kv_memory, capacities, head_dim, dtype))
+        fits = (
+            None if kv_memory is None else rows_for_memory(kv_memory, capacities, head_dim, dtype, kv_format)
+        )
+        rows = min(r for r in (max_batch, fits) if r is not None)
         pool = SlotPool.for_model(model, capacities, eviction, rows, kv_format)
         return cls(model, tokenizer, pool, **kwargs)
 

@@ -7,7 +7,9 @@ Layout of one layer (no padding to the largest head)::
     positions [B, sum(cap)] int64, scores [B, sum(cap)] float32, fill [B, H_kv] int64
 
 so the KV bytes of a layer are exactly ``B * sum(cap) * 2 * D * dtype_bytes``. Within a head the
-first ``fill[b, h]`` slots are live and kept in arrival order.
+first ``fill[b, h]`` slots are live and kept in arrival order. A quantized ``kv_format`` stores
+payload and per-slot scales instead (``key_scales``, ``value_scales``; :mod:`kv_slots`), at the
+format's bytes.
 
 One model step runs in two halves, because eviction needs the step's attention:
 
@@ -32,7 +34,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from baklava import kv_format as kv_format_module
 from baklava.eviction import EvictionConfig
-from baklava.runtime import prefill_attention, triton_decode
+from baklava.runtime import kv_slots, prefill_attention, triton_decode
 from baklava.runtime.packed_decode import SlotMap, decode_step
 from baklava.runtime.prefill_attention import new_token_bias
 from baklava.runtime.selection import chronological_keep, keep_priority, snapkv_pool
@@ -58,22 +60,26 @@ class BudgetedLayer(CacheLayerMixin):
     # per KV head (kernels/prefill_attention.py; where the decode kernels run): on an H200, 2048-
     # token chunks of a 32k prompt at budget 0.3 take 1.77 s against SDPA's 3.27 (BENCHMARKS.md)
     prefill_kernel = True
+    # a quantized kv_format stores payload + scales (kv_slots.py); False: the model's dtype, each
+    # token rounded on entry (quantize -> dequantize), the reference the payload is tested against
+    quantized_storage = True
+    key_scales = value_scales = None  # a quantized layer's [B, sum(cap), G] float16 scales
     is_compileable = False
     is_croppable = False
     supports_early_init = True
 
     def __init__(self, capacities: Sequence[int], eviction: EvictionConfig | None = None, kv_format=None):
         super().__init__()
-        # how a stored token comes back (kv_format.py): a quantized format rounds each token as it
-        # enters, so every path reads what int8 / fp8 / int4 slots would hold (the reference store)
+        # how a slot stores a token (kv_format.py, kv_slots.py): the model's dtype, or payload + scales
         self.kv_format = kv_format_module.parse(kv_format)
+        self.quantized_storage = type(self).quantized_storage  # fixed for the layer's life
         self.capacities = [int(c) for c in capacities]
         if not self.capacities or min(self.capacities) < 1:
             raise ValueError(f"every head needs a capacity >= 1, got {self.capacities}")
         self.offsets = [0, *np.cumsum(self.capacities)[:-1].tolist()]
         self.total = int(sum(self.capacities))
         self.eviction = eviction or EvictionConfig()
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pending: tuple[torch.Tensor, torch.Tensor, dict] | None = None
         self.probe = None  # set while a ReconstructionProbe reads through this layer
         self.update_stream = None  # a triton_decode.UpdateStream while a CUDA-graph step overlaps updates
         self.tile_rows = None  # rows the decode kernels' tiles are sized for (default: the batch)
@@ -90,10 +96,11 @@ class BudgetedLayer(CacheLayerMixin):
                 f"layer has {len(self.capacities)} KV-head capacities but the model has {heads} KV heads"
             )
         self.batch_size, self.num_heads, self.head_dim = batch, heads, head_dim
+        self.value_dim = value_states.shape[-1]
         self.dtype, self.device = key_states.dtype, key_states.device
         dev = self.device
-        self.keys = torch.zeros(batch, self.total, head_dim, dtype=self.dtype, device=dev)  # [B, sum(cap), D]
-        self.values = torch.zeros(batch, self.total, value_states.shape[-1], dtype=self.dtype, device=dev)
+        # keys, values [B, sum(cap), D] (+ key_scales, value_scales when quantized: kv_slots.py)
+        kv_slots.allocate(self, batch, head_dim, self.value_dim, self.dtype, dev)
         self.positions = torch.full((batch, self.total), -1, dtype=torch.int64, device=dev)  # [B, sum(cap)]
         self.scores = torch.zeros(batch, self.total, dtype=torch.float32, device=dev)  # [B, sum(cap)]
         self.fill = torch.zeros(batch, heads, dtype=torch.int64, device=dev)  # [B, H_kv]
@@ -104,6 +111,20 @@ class BudgetedLayer(CacheLayerMixin):
         # whose engine clears the rows that are free or still prefilling (runtime/slot_pool.py)
         self.step_rows = torch.ones(batch, dtype=torch.bool, device=dev)
         self.is_initialized = True
+
+    @property
+    def slot_names(self) -> tuple[str, ...]:
+        """The per-slot tensors that move together when a slot moves (keys, values, their scales)."""
+        return kv_slots.slot_names(self)
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        """Every per-row state tensor (what a slot pool's row or a CUDA-graph snapshot holds)."""
+        return self.slot_names + kv_slots.META
+
+    def stored(self, name: str, *index) -> torch.Tensor:
+        """``keys`` or ``values`` ``[index]`` in the model's dtype (quantized slots dequantized)."""
+        return kv_slots.read(self, name, *index)
 
     @property
     def device_offsets(self) -> torch.Tensor:
@@ -129,10 +150,9 @@ class BudgetedLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         if key_states.shape[0] != self.batch_size:
             raise ValueError(f"cache was built for batch {self.batch_size}, got batch {key_states.shape[0]}")
-        if self.kv_format.quantized:
-            key_states = kv_format_module.round_trip(key_states, self.kv_format)
-            value_states = kv_format_module.round_trip(value_states, self.kv_format)
-        self._pending = (key_states, value_states)
+        # attention reads the new tokens as the cache will give them back; `slots` is what is stored
+        key_states, value_states, slots = kv_slots.encode(self, key_states, value_states)
+        self._pending = (key_states, value_states, slots)
         key_states._baklava_layer = self  # read by the `baklava` attention implementation
         return key_states, value_states
 
@@ -148,8 +168,8 @@ class BudgetedLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         if self.is_initialized:
-            self.keys.zero_()
-            self.values.zero_()
+            for name in self.slot_names:
+                getattr(self, name).zero_()
             self.positions.fill_(-1)
             self.scores.zero_()
             self.fill.zero_()
@@ -161,7 +181,7 @@ class BudgetedLayer(CacheLayerMixin):
         raise NotImplementedError("a budgeted cache cannot be cropped: evicted tokens are gone")
 
     def _index_batch(self, index: torch.Tensor) -> None:
-        for name in ("keys", "values", "positions", "scores", "fill", "valid_seen"):
+        for name in self.state_names:
             setattr(self, name, getattr(self, name).index_select(0, index.to(self.device)))
         self.batch_size = self.keys.shape[0]
         self.step_rows = torch.ones(self.batch_size, dtype=torch.bool, device=self.device)
@@ -180,10 +200,10 @@ class BudgetedLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------------ sizes
     def kv_bytes(self) -> int:
-        """Bytes of the packed key and value buffers (what the budget promises)."""
+        """Bytes of the packed key and value buffers, scales included (what the budget promises)."""
         if not self.is_initialized:
             return 0
-        return self.keys.nbytes + self.values.nbytes
+        return sum(getattr(self, name).nbytes for name in self.slot_names)
 
     def metadata_bytes(self) -> int:
         """Bytes of positions, scores and fill levels (eviction bookkeeping)."""
@@ -194,7 +214,7 @@ class BudgetedLayer(CacheLayerMixin):
     def head_keys(self, h: int, b: int = 0) -> torch.Tensor:
         """Live keys ``[fill, D]`` of head ``h`` in row ``b`` (for inspection and tests)."""
         off = self.offsets[h]
-        return self.keys[b, off : off + int(self.fill[b, h])]
+        return self.stored("keys", b, slice(off, off + int(self.fill[b, h])))
 
     def head_positions(self, h: int, b: int = 0) -> torch.Tensor:
         off = self.offsets[h]
@@ -212,15 +232,17 @@ class BudgetedLayer(CacheLayerMixin):
         scores themselves were computed by this layer's ``obs_window`` and ``pool_kernel``.
         """
         out = BudgetedLayer(capacities, eviction or self.eviction, self.kv_format)
+        out.quantized_storage = self.quantized_storage
         if not self.is_initialized:
             return out
         if len(out.capacities) != self.num_heads:
             raise ValueError(f"{len(out.capacities)} capacities for a layer of {self.num_heads} KV heads")
         if self._pending is not None:
             raise RuntimeError("cannot compress a layer in the middle of a step")
-        empty = self.keys.new_empty(self.batch_size, self.num_heads, 0, self.head_dim)
+        like = dict(dtype=self.dtype, device=self.device)
         out.lazy_initialization(
-            empty, self.values.new_empty(self.batch_size, self.num_heads, 0, self.values.shape[-1])
+            torch.empty(self.batch_size, self.num_heads, 0, self.head_dim, **like),
+            torch.empty(self.batch_size, self.num_heads, 0, self.value_dim, **like),
         )
         out.seen, out.valid_seen = self.seen, self.valid_seen.clone()
         ev = out.eviction
@@ -234,7 +256,7 @@ class BudgetedLayer(CacheLayerMixin):
             )
             keep = min(cap, n)
             idx = chronological_keep(priority, live, keep)  # [B, keep]
-            for name in ("keys", "values"):
+            for name in self.slot_names:
                 src = getattr(self, name)[:, off : off + n]
                 getattr(out, name)[:, new_off : new_off + keep] = src.gather(
                     1, idx[..., None].expand(-1, -1, src.shape[-1])
@@ -266,7 +288,7 @@ class BudgetedLayer(CacheLayerMixin):
         """
         if self._pending is None:
             raise RuntimeError("BudgetedCache.attend called without a pending update")
-        k_new, v_new = self._pending  # [B, H_kv, q, D]
+        k_new, v_new, slots = self._pending  # [B, H_kv, q, D]; slots: what is stored
         self._pending = None
         batch, q_heads, q_len, _ = query.shape
         group = q_heads // self.num_heads
@@ -276,7 +298,7 @@ class BudgetedLayer(CacheLayerMixin):
             else:
                 valid = new_token_bias(attention_mask, batch, 1, query)[:, 0, 0, 0] == 0  # [B]
             step = triton_decode.decode_step if self._use_kernels() else decode_step
-            out = step(self, query, k_new, v_new, valid, scaling)  # advances valid_seen
+            out = step(self, query, k_new, v_new, slots, valid, scaling)  # advances valid_seen
             self.seen += 1
             return out.transpose(1, 2).contiguous(), None
         need_scores = self.eviction.policy == "h2o"
@@ -287,10 +309,10 @@ class BudgetedLayer(CacheLayerMixin):
             if fast is not None:
                 out, masses = fast
                 if all(n + q_len <= cap for (n, _), cap in zip(masses, self.capacities, strict=True)):
-                    prefill_attention.append_chunk(self, k_new, v_new, masses)  # nothing to evict
+                    prefill_attention.append_chunk(self, slots, masses)  # nothing to evict
                 else:
                     valid_new = torch.ones(batch, q_len, dtype=torch.bool, device=self.device)
-                    self._commit(k_new, v_new, valid_new, masses, kernels)
+                    self._commit(slots, valid_new, masses, kernels)
                 return out.transpose(1, 2).contiguous(), None
 
         new_bias = new_token_bias(attention_mask, batch, q_len, query)  # [B, 1, q, q]
@@ -301,7 +323,7 @@ class BudgetedLayer(CacheLayerMixin):
         out = query.new_empty(batch, q_heads, q_len, v_new.shape[-1])  # [B, H_q, q, D]
         masses = []
         for h in range(self.num_heads):
-            n, qh, k_g, v_g, bias = self.head_inputs(h, query, k_new, v_new, new_bias)
+            n, qh, k_g, v_g, bias = prefill_attention.head_inputs(self, h, query, k_new, v_new, new_bias)
             out[:, h * group : (h + 1) * group] = prefill_attention.sdpa_in_query_blocks(
                 qh, k_g, v_g, bias, scaling
             )
@@ -314,37 +336,19 @@ class BudgetedLayer(CacheLayerMixin):
                 q_ok = valid_new[:, -obs:].to(probs.dtype)[:, None, :, None]
                 mass = (probs * q_ok).sum(2).mean(1)
             masses.append((n, mass))
-        self._commit(k_new, v_new, valid_new, masses, kernels)
+        self._commit(slots, valid_new, masses, kernels)
         return out.transpose(1, 2).contiguous(), None
 
-    def _commit(self, k_new, v_new, valid, masses, kernels: bool) -> None:
-        """Store a prefill chunk ``[B, H_kv, q, D]`` (``masses``: each head's ``(n, mass)``)."""
+    def _commit(self, slots: dict, valid, masses, kernels: bool) -> None:
+        """Store a prefill chunk (``slots``: each slot tensor's new rows ``[B, H_kv, q, width]``,
+        ``masses``: each head's ``(n, mass)``)."""
         if kernels:  # heads are independent: all of them in two launches
-            self._commit_chunk(k_new, v_new, valid, masses)
+            self._commit_chunk(slots, valid, masses)
         else:
             for h, (n, mass) in enumerate(masses):
-                self._commit_head(h, n, k_new[:, h], v_new[:, h], valid, mass)
+                self._commit_head(h, n, {name: new[:, h] for name, new in slots.items()}, valid, mass)
         self.valid_seen += valid.sum(1)
-        self.seen += k_new.shape[2]
-
-    def head_inputs(self, h: int, query, k_new, v_new, new_bias):
-        """What head ``h``'s query group attends over in a prefill chunk: ``(n, q, k, v, bias)`` with
-        ``n`` the live slots of the fullest row, ``q [B, g, q, D]``, ``k, v [B, g, n + q, D]``
-        (stored slots, then the new tokens) and the :class:`~prefill_attention.HeadBias` masking
-        slots past each row's fill and the new tokens by the model's mask."""
-        batch, q_heads, q_len, _ = query.shape
-        group = q_heads // self.num_heads
-        off = self.offsets[h]
-        n = int(self.fill[:, h].max())
-        keys = torch.cat([self.keys[:, off : off + n], k_new[:, h]], dim=1)  # [B, n + q, D]
-        values = torch.cat([self.values[:, off : off + n], v_new[:, h]], dim=1)
-        live = torch.arange(n, device=self.device)[None, :] < self.fill[:, h, None]  # [B, n]
-        stored_bias = torch.zeros(batch, n, dtype=new_bias.dtype, device=self.device)
-        stored_bias.masked_fill_(~live, torch.finfo(new_bias.dtype).min)
-        bias = prefill_attention.HeadBias(stored_bias, new_bias)  # rows built a block at a time
-        k_g = keys[:, None].expand(batch, group, n + q_len, keys.shape[-1])
-        v_g = values[:, None].expand(batch, group, n + q_len, values.shape[-1])
-        return n, query[:, h * group : (h + 1) * group], k_g, v_g, bias
+        self.seen += valid.shape[1]
 
     def _use_kernels(self) -> bool:
         if self.decode_kernels == "torch":
@@ -355,48 +359,43 @@ class BudgetedLayer(CacheLayerMixin):
             self.device.type == "cuda" and triton_decode.supports(self.head_dim) and triton_decode.available()
         )
 
-    def _commit_chunk(self, k_new, v_new, valid, masses) -> None:
+    def _commit_chunk(self, slots: dict, valid, masses) -> None:
         """Every head's :meth:`_commit_head` in two kernel launches (the GPU path of a prefill
         chunk): ``masses`` holds each head's ``(n, mass [B, n + q] or None)``."""
         from baklava.kernels.prefill_select import packed_prefill_select
 
         ev = self.eviction
-        q_len = k_new.shape[2]
+        q_len = valid.shape[1]
         new_scores = torch.zeros(self.batch_size, self.num_heads, q_len, device=self.device)
         for h, (off, (n, mass)) in enumerate(zip(self.offsets, masses, strict=True)):
             if mass is not None:
                 self.scores[:, off : off + n] += mass[:, :n]
                 new = mass[:, n:].masked_fill(~valid, 0)
                 new_scores[:, h] = snapkv_pool(new, ev.pool_kernel) if q_len > 1 else new
+        pairs = [self.slot_names[i : i + 2] for i in range(0, len(self.slot_names), 2)]  # (K, V) tensors
         result = packed_prefill_select(
-            self.keys, self.values, self.positions, self.scores, self.fill,
-            k_new.contiguous(), v_new.contiguous(),
+            [(getattr(self, k), getattr(self, v), slots[k].contiguous(), slots[v].contiguous()) for k, v in pairs],
+            self.positions, self.scores, self.fill,
             self.valid_seen[:, None] + valid.cumsum(1) - 1, new_scores, valid, self.valid_seen + valid.sum(1),
             self.capacities, self.device_offsets, sink=ev.sink, window=ev.window, policy=ev.policy,
         )  # fmt: skip
-        for name, value in zip(("keys", "values", "positions", "scores", "fill"), result, strict=True):
+        names = [name for pair in pairs for name in pair] + ["positions", "scores", "fill"]
+        for name, value in zip(names, result, strict=True):
             getattr(self, name).copy_(value)
 
-    def _commit_head(
-        self,
-        h: int,
-        n: int,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        valid: torch.Tensor,
-        mass: torch.Tensor | None,
-    ) -> None:
-        """Write the new tokens ``k, v [B, q, D]`` of head ``h`` into its slots, evicting if full."""
+    def _commit_head(self, h: int, n: int, new: dict, valid: torch.Tensor, mass: torch.Tensor | None) -> None:
+        """Write head ``h``'s new tokens (``new``: each slot tensor's rows ``[B, q, width]``) into its
+        slots, evicting if full."""
         cap, off = self.capacities[h], self.offsets[h]
         ev = self.eviction
         fill = self.fill[:, h]  # [B]
-        q_len = k.shape[1]
+        batch, q_len = valid.shape
         rank = valid.cumsum(1) - 1  # [B, q] index among this row's new valid tokens
         new_pos = self.valid_seen[:, None] + rank  # [B, q]
         n_new = valid.sum(1)  # [B]
         if mass is None:
-            stored_inc = torch.zeros(k.shape[0], n, device=self.device)
-            new_score = torch.zeros(k.shape[0], q_len, device=self.device)
+            stored_inc = torch.zeros(batch, n, device=self.device)
+            new_score = torch.zeros(batch, q_len, device=self.device)
         else:
             stored_inc, new_score = mass[:, :n], mass[:, n:]
             if q_len > 1:
@@ -406,8 +405,8 @@ class BudgetedLayer(CacheLayerMixin):
             self.scores[:, off : off + n] += stored_inc
             rows, cols = valid.nonzero(as_tuple=True)
             slots = off + fill[rows] + rank[rows, cols]
-            self.keys[rows, slots] = k[rows, cols]
-            self.values[rows, slots] = v[rows, cols]
+            for name, rows_new in new.items():
+                getattr(self, name)[rows, slots] = rows_new[rows, cols]
             self.positions[rows, slots] = new_pos[rows, cols]
             self.scores[rows, slots] = new_score[rows, cols]
             self.fill[:, h] = fill + n_new
@@ -428,10 +427,10 @@ class BudgetedLayer(CacheLayerMixin):
         )
         keep = min(cap, n + q_len)
         idx = chronological_keep(priority, cand_valid, keep)  # [B, keep]
-        cand_k = torch.cat([self.keys[:, off : off + n], k], dim=1)
-        cand_v = torch.cat([self.values[:, off : off + n], v], dim=1)
-        self.keys[:, off : off + keep] = cand_k.gather(1, idx[..., None].expand(-1, -1, cand_k.shape[-1]))
-        self.values[:, off : off + keep] = cand_v.gather(1, idx[..., None].expand(-1, -1, cand_v.shape[-1]))
+        for name, rows_new in new.items():  # a slot's payload and scales move together
+            buf = getattr(self, name)
+            cand = torch.cat([buf[:, off : off + n], rows_new], dim=1)
+            buf[:, off : off + keep] = cand.gather(1, idx[..., None].expand(-1, -1, cand.shape[-1]))
         self.positions[:, off : off + keep] = cand_pos.gather(1, idx)
         self.scores[:, off : off + keep] = cand_score.gather(1, idx)
         self.fill[:, h] = torch.clamp(cand_valid.sum(1), max=cap)

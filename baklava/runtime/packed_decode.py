@@ -44,11 +44,19 @@ class SlotMap:
 
 
 def decode_step(
-    layer, query: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, valid: torch.Tensor, scaling: float
+    layer,
+    query: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    new_slots: dict,
+    valid: torch.Tensor,
+    scaling: float,
 ):
     """Attend and commit one token per row (advancing ``layer.valid_seen``); returns ``[B, H_q, 1, D]``.
 
-    ``query [B, H_q, 1, D]``, ``k_new/v_new [B, H_kv, 1, D]``, ``valid [B]`` (False: padding).
+    ``query [B, H_q, 1, D]``, ``k_new/v_new [B, H_kv, 1, D]`` (as the cache gives them back),
+    ``new_slots``: what each slot tensor stores for them (``{name: [B, H_kv, 1, width]}``,
+    :func:`baklava.runtime.kv_slots.encode`), ``valid [B]`` (False: padding).
     """
     slots: SlotMap = layer.slot_map
     batch, q_heads, _, dim = query.shape
@@ -64,15 +72,15 @@ def decode_step(
     live = slots.rank[None, :] < layer.fill[:, head]  # [B, T]
     allowed = slots.owned_by_query(group)[None] & live[:, None, :]  # [B, H_q, T]
     qf = q.reshape(batch, q_heads, dim)
-    logits = torch.einsum("bqd,btd->bqt", qf, layer.keys.float()) * scaling  # [B, H_q, T]
+    logits = torch.einsum("bqd,btd->bqt", qf, layer.stored("keys").float()) * scaling  # [B, H_q, T]
     logits = logits.masked_fill(~allowed, float("-inf"))
     new_logit = (qf * kn.repeat_interleave(group, dim=1)).sum(-1) * scaling  # [B, H_q]
     new_logit = new_logit.masked_fill(~valid[:, None], torch.finfo(torch.float32).min)
     probs = torch.softmax(torch.cat([logits, new_logit[..., None]], -1), -1)  # [B, H_q, T + 1]
     p, p_new = probs[..., :-1], probs[..., -1]
-    out = torch.einsum("bqt,btd->bqd", p, layer.values.float()) + p_new[..., None] * vn.repeat_interleave(
-        group, dim=1
-    )  # [B, H_q, D]
+    out = torch.einsum("bqt,btd->bqd", p, layer.stored("values").float()) + p_new[
+        ..., None
+    ] * vn.repeat_interleave(group, dim=1)  # [B, H_q, D]
 
     # ---------------------------------------------------------------- scores
     ev = layer.eviction
@@ -81,17 +89,18 @@ def decode_step(
         q_ok = valid.float()[:, None]
         layer.scores += p.sum(1) / group * q_ok  # [B, T]
         new_score = p_new.view(batch, heads, group).mean(-1) * q_ok
-    _commit(layer, kn.to(layer.keys.dtype), vn.to(layer.values.dtype), new_score, valid)
+    _commit(layer, {name: new[:, :, 0] for name, new in new_slots.items()}, new_score, valid)
     layer.valid_seen += valid
     return out[:, :, None].to(query.dtype)
 
 
-def _commit(layer, kn, vn, new_score, valid) -> None:
-    """Append the new token to every head with room; evict the lowest priority in full heads."""
+def _commit(layer, new: dict, new_score, valid) -> None:
+    """Append the new token (``new``: each slot tensor's ``[B, H_kv, width]``) to every head with
+    room; evict the lowest priority in full heads."""
     slots: SlotMap = layer.slot_map
     head, heads = slots.head, layer.num_heads
     ev = layer.eviction
-    batch = kn.shape[0]
+    batch = valid.shape[0]
     fill = layer.fill
     seen_after = layer.valid_seen + valid.long()  # [B]
     live = slots.rank[None, :] < fill[:, head]  # [B, T]
@@ -123,7 +132,7 @@ def _commit(layer, kn, vn, new_score, valid) -> None:
         & (slots.index[None] < slots.last[head])
     )
     src = slots.index[None] + shift.long()  # [B, T]
-    for name in ("keys", "values"):
+    for name in layer.slot_names:  # a slot's payload and scales move together
         buf = getattr(layer, name)
         buf.copy_(buf.gather(1, src[..., None].expand_as(buf)))
     for name in ("positions", "scores"):
@@ -136,10 +145,10 @@ def _commit(layer, kn, vn, new_score, valid) -> None:
     append = ~full & valid[:, None]
     write = append | evict_stored  # [B, H]
     dest = torch.where(append, slots.offsets[None] + fill, slots.last[None].expand(batch, heads))  # [B, H]
-    for name, new in (("keys", kn), ("values", vn)):
+    for name, token in new.items():
         buf = getattr(layer, name)
         idx = dest[..., None].expand(-1, -1, buf.shape[-1])
-        buf.scatter_(1, idx, torch.where(write[..., None], new, buf.gather(1, idx)))
+        buf.scatter_(1, idx, torch.where(write[..., None], token.to(buf.dtype), buf.gather(1, idx)))
     for name, new in (("positions", new_pos), ("scores", new_score)):
         buf = getattr(layer, name)
         buf.scatter_(1, dest, torch.where(write, new.to(buf.dtype), buf.gather(1, dest)))

@@ -121,8 +121,9 @@ def unpadded_chunk(layer, query, k_new, v_new, scale, obs: int):
     out = query.new_empty(batch, q_heads, s, v_new.shape[-1])
     masses = []
     for h, (off, n) in enumerate(zip(layer.offsets, fills[0], strict=True)):
-        k = torch.cat([layer.keys[:, off : off + n], k_new[:, h]], dim=1)[:, None]  # [B, 1, n + s, D]
-        v = torch.cat([layer.values[:, off : off + n], v_new[:, h]], dim=1)[:, None]
+        stored = slice(None), slice(off, off + n)
+        k = torch.cat([layer.stored("keys", *stored), k_new[:, h]], dim=1)[:, None]  # [B, 1, n + s, D]
+        v = torch.cat([layer.stored("values", *stored), v_new[:, h]], dim=1)[:, None]
         qh = query[:, h * group : (h + 1) * group]
         out[:, h * group : (h + 1) * group] = causal_attention(qh, k, v, n, scale)
         masses.append((n, observation_mass(qh, k, n, obs, scale)[:, 0] if obs else None))
@@ -131,30 +132,49 @@ def unpadded_chunk(layer, query, k_new, v_new, scale, obs: int):
 
 def _kernel_chunk(layer, query, k_new, v_new, scale, obs: int, fills: list[int]):
     """:func:`unpadded_chunk` 's later chunks in two Triton launches for the whole layer
-    (:mod:`baklava.kernels.prefill_attention`): stored slots read in place, no per-head loop."""
+    (:mod:`baklava.kernels.prefill_attention`): stored slots read in place (quantized ones as
+    payload + scales, dequantized in registers), no per-head loop."""
     from baklava.kernels.prefill_attention import observation_masses, prefill_attention
+    from baklava.runtime import kv_slots
 
     offsets = layer.device_offsets
-    out, lse = prefill_attention(query, layer.keys, layer.values, k_new, v_new, layer.fill, offsets, scale)
+    keys, values = kv_slots.payload(layer, "keys"), kv_slots.payload(layer, "values")
+    quantized = dict(
+        kv_format=layer.kv_format if kv_slots.packs(layer) else None, key_scales=layer.key_scales
+    )
+    out, lse = prefill_attention(
+        query,
+        keys,
+        values,
+        k_new,
+        v_new,
+        layer.fill,
+        offsets,
+        scale,
+        value_scales=layer.value_scales,
+        **quantized,
+    )
     if not obs:
         return out.transpose(1, 2), [(n, None) for n in fills]
-    mass = observation_masses(query, layer.keys, k_new, layer.fill, offsets, lse, max(fills), obs, scale)
+    mass = observation_masses(
+        query, keys, k_new, layer.fill, offsets, lse, max(fills), obs, scale, **quantized
+    )
     s = query.shape[2]
     return out.transpose(1, 2), [(n, mass[:, h, : n + s]) for h, n in enumerate(fills)]
 
 
-def append_chunk(layer, k_new, v_new, masses) -> None:
-    """Commit an unpadded chunk ``k_new, v_new [B, H_kv, S, D]`` that fits every head (``n + S <=
+def append_chunk(layer, slots: dict, masses) -> None:
+    """Commit an unpadded chunk (``slots``: each slot tensor's ``[B, H_kv, S, width]``) that fits every head (``n + S <=
     cap`` for each head's ``(n, mass)`` of :func:`unpadded_chunk`): each head's new tokens go
     after its live slots, in place, as the reference's room-for-everything branch
     (``BudgetedLayer._commit_head``) writes them. No selection, no copy of the layer: at budget 1.0
     every chunk of a prompt within the reference context takes this path."""
-    s = k_new.shape[2]
+    s = slots["keys"].shape[2]
     positions = layer.valid_seen[:, None] + torch.arange(s, device=layer.device)  # [B, S]
     for h, ((n, mass), off) in enumerate(zip(masses, layer.offsets, strict=True)):
         lo = off + n
-        layer.keys[:, lo : lo + s] = k_new[:, h]
-        layer.values[:, lo : lo + s] = v_new[:, h]
+        for name, new in slots.items():
+            getattr(layer, name)[:, lo : lo + s] = new[:, h]
         layer.positions[:, lo : lo + s] = positions
         if mass is None:
             layer.scores[:, lo : lo + s] = 0
@@ -165,3 +185,24 @@ def append_chunk(layer, k_new, v_new, masses) -> None:
     layer.fill += s
     layer.valid_seen += s
     layer.seen += s
+
+
+def head_inputs(layer, h: int, query, k_new, v_new, new_bias):
+    """What head ``h``'s query group attends over in a prefill chunk: ``(n, q, k, v, bias)`` with
+    ``n`` the live slots of the fullest row, ``q [B, g, q, D]``, ``k, v [B, g, n + q, D]``
+    (stored slots, then the new tokens; quantized slots dequantized) and the :class:`HeadBias`
+    masking slots past each row's fill and the new tokens by the model's mask."""
+    batch, q_heads, q_len, _ = query.shape
+    group = q_heads // layer.num_heads
+    off = layer.offsets[h]
+    n = int(layer.fill[:, h].max())
+    stored = slice(None), slice(off, off + n)
+    keys = torch.cat([layer.stored("keys", *stored), k_new[:, h]], dim=1)  # [B, n + q, D]
+    values = torch.cat([layer.stored("values", *stored), v_new[:, h]], dim=1)
+    live = torch.arange(n, device=layer.device)[None, :] < layer.fill[:, h, None]  # [B, n]
+    stored_bias = torch.zeros(batch, n, dtype=new_bias.dtype, device=layer.device)
+    stored_bias.masked_fill_(~live, torch.finfo(new_bias.dtype).min)
+    bias = HeadBias(stored_bias, new_bias)  # rows built a block at a time
+    k_g = keys[:, None].expand(batch, group, n + q_len, keys.shape[-1])
+    v_g = values[:, None].expand(batch, group, n + q_len, values.shape[-1])
+    return n, query[:, h * group : (h + 1) * group], k_g, v_g, bias

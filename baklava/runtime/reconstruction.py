@@ -56,7 +56,7 @@ class ReconstructionProbe:
         out = query.new_empty(batch, q_heads, q_len, v_new.shape[-1])
         q_ok = valid_new.to(torch.float32)[:, None, :, None]  # [B, 1, q, 1] padding queries count 0
         for h in range(layer.num_heads):
-            n, qh, k_g, v_g, bias = layer.head_inputs(h, query, k_new, v_new, new_bias)
+            n, qh, k_g, v_g, bias = prefill_attention.head_inputs(layer, h, query, k_new, v_new, new_bias)
             out[:, h * group : (h + 1) * group] = prefill_attention.sdpa_in_query_blocks(
                 qh, k_g, v_g, bias, scaling
             )

@@ -24,21 +24,24 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from baklava import kv_format as formats
 from baklava.errors import BaklavaError
 from baklava.eviction import EvictionConfig
 from baklava.runtime.packed_cache import BudgetedCache, BudgetedLayer
 
-_ROW_STATE = ("keys", "values", "positions", "scores", "fill", "valid_seen")
+
+def bytes_per_sequence(capacities, head_dim: int, dtype: torch.dtype, kv_format=None) -> int:
+    """KV bytes one sequence holds: ``sum(cap) x 2 (K and V) x`` the bytes of one vector: ``head_dim
+    x dtype bytes``, or a quantized format's payload plus scales (:mod:`baklava.kv_format`)."""
+    fmt, dtype_bytes = formats.parse(kv_format), torch.empty(0, dtype=dtype).element_size()
+    # a full-precision format stores the model's dtype, whatever its spelling
+    vector = fmt.vector_bytes(head_dim) if fmt.quantized else head_dim * dtype_bytes
+    return int(np.asarray(capacities).sum()) * 2 * vector
 
 
-def bytes_per_sequence(capacities, head_dim: int, dtype: torch.dtype) -> int:
-    """KV bytes one sequence holds: ``sum(cap) x 2 (K and V) x head_dim x dtype bytes``."""
-    return int(np.asarray(capacities).sum()) * 2 * head_dim * torch.empty(0, dtype=dtype).element_size()
-
-
-def rows_for_memory(kv_memory: int, capacities, head_dim: int, dtype: torch.dtype) -> int:
+def rows_for_memory(kv_memory: int, capacities, head_dim: int, dtype: torch.dtype, kv_format=None) -> int:
     """How many sequences' caches fit in ``kv_memory`` bytes (at least one, or an error)."""
-    per = bytes_per_sequence(capacities, head_dim, dtype)
+    per = bytes_per_sequence(capacities, head_dim, dtype, kv_format)
     rows = kv_memory // per
     if rows < 1:
         raise BaklavaError(
@@ -51,9 +54,11 @@ def rows_for_memory(kv_memory: int, capacities, head_dim: int, dtype: torch.dtyp
 def _view(layer: BudgetedLayer, start: int, stop: int) -> BudgetedLayer:
     """A layer whose state tensors are rows ``start:stop`` of ``layer``'s (no copy)."""
     view = BudgetedLayer(layer.capacities, layer.eviction, layer.kv_format)
-    for name in _ROW_STATE:
+    view.quantized_storage = layer.quantized_storage
+    for name in layer.state_names:
         setattr(view, name, getattr(layer, name)[start:stop])
     view.batch_size, view.num_heads, view.head_dim = stop - start, layer.num_heads, layer.head_dim
+    view.value_dim = layer.value_dim
     view.dtype, view.device = layer.dtype, layer.device
     view.seen = 0
     view._slot_map = None
@@ -77,7 +82,10 @@ class SlotPool:
     head_dim, q_heads : int
         The model's head dimension and query heads (for the decode kernels' scratch buffers).
     dtype, device
-        Of the keys and values (the model's).
+        The model's (the keys and values when ``kv_format`` is full precision).
+    kv_format
+        How slots store tokens (:mod:`baklava.kv_format`): int8 / fp8 / int4 rows hold payload
+        plus scales, so a row costs :func:`bytes_per_sequence` of that format.
     """
 
     def __init__(
@@ -133,8 +141,8 @@ class SlotPool:
         """Empty row ``row`` for a new sequence: no token, score or position of the last one stays."""
         self._check(row)
         for layer in self.cache.layers:
-            layer.keys[row].zero_()
-            layer.values[row].zero_()
+            for name in layer.slot_names:
+                getattr(layer, name)[row].zero_()
             layer.positions[row].fill_(-1)
             layer.scores[row].zero_()
             layer.fill[row].zero_()
@@ -150,7 +158,9 @@ class SlotPool:
         for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
             if theirs.batch_size != 1:
                 raise BaklavaError(f"load_row takes one sequence, got a batch of {theirs.batch_size}")
-            for name in _ROW_STATE:
+            if theirs.slot_names != mine.slot_names:
+                raise BaklavaError("a cache loaded into a pool row needs the pool's KV format")
+            for name in mine.state_names:
                 getattr(mine, name)[row].copy_(getattr(theirs, name)[0])
 
     def row_view(self, row: int) -> BudgetedCache:

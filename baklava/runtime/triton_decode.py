@@ -105,34 +105,42 @@ class UpdateStream:
             self.forked = False
 
 
-def decode_step(layer, query, k_new, v_new, valid, scaling: float) -> torch.Tensor:
+def decode_step(layer, query, k_new, v_new, slots, valid, scaling: float) -> torch.Tensor:
     """Attend and commit one token per row with the kernels; returns ``[B, H_q, 1, D]``.
 
     Same arguments as :func:`baklava.runtime.packed_decode.decode_step` (the layer's
-    ``valid_seen`` is advanced here too). The output of a padding row (``valid`` False) is
+    ``valid_seen`` is advanced here too). Quantized slots are read as payload + scales and the
+    step's token is written as ``slots`` holds it (quantized once, by ``BudgetedLayer.update``). The output of a padding row (``valid`` False) is
     unspecified; its cache row is left unchanged. With ``layer.update_stream`` set, the commit
     runs on that stream and is only queued when this returns.
     """
     from baklava.kernels.cache_update import packed_cache_update
     from baklava.kernels.decode_attention import packed_decode_attention
+    from baklava.runtime import kv_slots
 
     group = query.shape[1] // layer.num_heads
     state = getattr(layer, "_triton_state", None)
     if state is None or state.key != (layer.batch_size, group):
         state = layer._triton_state = _LayerState(layer, group)
     q, kn, vn = query[:, :, 0], k_new[:, :, 0], v_new[:, :, 0]  # [B, H, D], last dim contiguous
+    quantized = kv_slots.packs(layer)
     out = packed_decode_attention(
-        q, kn, vn, layer.keys, layer.values, layer.fill, state.offsets, layer.capacities, scaling,
+        q, kn, vn, kv_slots.payload(layer, "keys"), kv_slots.payload(layer, "values"),
+        layer.fill, state.offsets, layer.capacities, scaling,
         table=state.table, logits=state.logits, lse=state.lse, logit_new=state.logit_new,
+        kv_format=layer.kv_format if quantized else None, key_scales=layer.key_scales, value_scales=layer.value_scales,
     )  # fmt: skip
+    new = {name: t[:, :, 0] for name, t in slots.items()}  # [B, H, width] as stored
     ev = layer.eviction
     side = layer.update_stream
-    with side.fork(kn, vn, valid) if side is not None else contextlib.nullcontext():
+    with side.fork(*new.values(), valid) if side is not None else contextlib.nullcontext():
         packed_cache_update(
             layer.keys, layer.values, layer.positions, layer.scores, layer.fill, layer.valid_seen, valid,
-            kn, vn, state.capacities, state.offsets,
+            new["keys"], new["values"], state.capacities, state.offsets,
             sink=ev.sink, window=ev.window, policy=ev.policy,
             logits=state.logits, lse=state.lse, logit_new=state.logit_new, table=state.table,
+            key_scales=layer.key_scales, value_scales=layer.value_scales,
+            key_scales_new=new.get("key_scales"), value_scales_new=new.get("value_scales"),
         )  # fmt: skip
         layer.valid_seen += valid
     return out[:, :, None]

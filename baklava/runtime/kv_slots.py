@@ -1,0 +1,105 @@
+"""What a packed layer's slots hold: the model's dtype, or a quantized payload with its scales.
+
+A quantized format (:mod:`baklava.kv_format`) stores four tensors a layer instead of two::
+
+    keys, values              [B, sum(cap), P]  payload: int8 [D] (int8), fp8 bits as uint8 [D] (fp8),
+                                                 two nibbles a byte uint8 [D / 2] (int4)
+    key_scales, value_scales  [B, sum(cap), G]  float16, G = 1 (int8, fp8) or D / 32 (int4)
+
+so a layer's KV bytes are ``B x sum(cap) x 2 x (P x payload bytes + G x 2)``: what a memory
+budget counts. A slot's scales move with it (eviction, compaction, rows of a slot pool): every
+writer moves the four tensors alike, by name (:func:`slot_names`), and a token is quantized once,
+when it enters (:func:`encode`); nothing re-quantizes a stored slot.
+
+fp8 payload is kept as its bits (uint8): PyTorch's CPU gather / scatter refuse float8, and the
+kernels take the bits as they are (:func:`payload`).
+
+``BudgetedLayer.quantized_storage = False`` keeps the model's dtype and rounds each token as it
+enters (quantize -> dequantize): the reference the stored payload is tested against, which reads
+back the same values bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from baklava import kv_format as formats
+
+FULL = ("keys", "values")
+QUANTIZED = ("keys", "values", "key_scales", "value_scales")
+META = ("positions", "scores", "fill", "valid_seen")
+_SCALES = {"keys": "key_scales", "values": "value_scales"}
+
+
+def packs(layer) -> bool:
+    """True where ``layer`` stores payload and scales (a quantized format, real storage)."""
+    return layer.kv_format.quantized and layer.quantized_storage
+
+
+def slot_names(layer) -> tuple[str, ...]:
+    """The per-slot tensors of ``layer`` that move together when a slot moves."""
+    return QUANTIZED if packs(layer) else FULL
+
+
+def storage_dtype(fmt: formats.KVFormat) -> torch.dtype:
+    return torch.int8 if fmt.name == "int8" else torch.uint8
+
+
+def allocate(layer, batch: int, key_dim: int, value_dim: int, dtype, device) -> None:
+    """Zeroed slot tensors for ``batch`` rows of ``layer`` (``dtype``: the model's)."""
+    total = layer.total
+    if not packs(layer):
+        layer.keys = torch.zeros(batch, total, key_dim, dtype=dtype, device=device)
+        layer.values = torch.zeros(batch, total, value_dim, dtype=dtype, device=device)
+        layer.key_scales = layer.value_scales = None
+        return
+    fmt = layer.kv_format
+    fmt.check(key_dim)
+    fmt.check(value_dim)
+    store = dict(dtype=storage_dtype(fmt), device=device)
+    half = dict(dtype=formats.SCALE_DTYPE, device=device)
+    width = lambda d: d * fmt.bits // 8  # noqa: E731
+    layer.keys = torch.zeros(batch, total, width(key_dim), **store)
+    layer.values = torch.zeros(batch, total, width(value_dim), **store)
+    layer.key_scales = torch.zeros(batch, total, fmt.scales_per_vector(key_dim), **half)
+    layer.value_scales = torch.zeros(batch, total, fmt.scales_per_vector(value_dim), **half)
+
+
+def encode(layer, keys: torch.Tensor, values: torch.Tensor):
+    """A step's new tokens ``[B, H_kv, q, D]`` as the cache will hold them.
+
+    Returns ``(keys, values, slots)``: what attention reads for the new tokens (the values the
+    stored slots give back) and ``{name: [B, H_kv, q, width]}`` to write into the slot tensors."""
+    fmt = layer.kv_format
+    if not fmt.quantized:
+        return keys, values, {"keys": keys, "values": values}
+    if not layer.quantized_storage:  # the reference: round on entry, store the model's dtype
+        keys, values = formats.round_trip(keys, fmt), formats.round_trip(values, fmt)
+        return keys, values, {"keys": keys, "values": values}
+    kp, ks = formats.quantize(keys, fmt)
+    vp, vs = formats.quantize(values, fmt)
+    slots = {"keys": _bits(kp), "values": _bits(vp), "key_scales": ks, "value_scales": vs}
+    return formats.dequantize(kp, ks, fmt, keys.dtype), formats.dequantize(vp, vs, fmt, values.dtype), slots
+
+
+def read(layer, name: str, *index) -> torch.Tensor:
+    """``getattr(layer, name)[index]`` (``name``: keys or values) in the model's dtype."""
+    raw = getattr(layer, name)[index]
+    if not packs(layer):
+        return raw
+    scales = getattr(layer, _SCALES[name])[index]
+    return formats.dequantize(_typed(raw, layer.kv_format), scales, layer.kv_format, layer.dtype)
+
+
+def payload(layer, name: str) -> torch.Tensor:
+    """The slot tensor ``name`` as the kernels read it (fp8 bits as float8_e4m3fn)."""
+    raw = getattr(layer, name)
+    return _typed(raw, layer.kv_format) if packs(layer) and name in _SCALES else raw
+
+
+def _bits(payload: torch.Tensor) -> torch.Tensor:
+    return payload.view(torch.uint8) if payload.dtype == torch.float8_e4m3fn else payload
+
+
+def _typed(raw: torch.Tensor, fmt: formats.KVFormat) -> torch.Tensor:
+    return raw.view(torch.float8_e4m3fn) if fmt.name == "fp8" else raw
