@@ -18,9 +18,10 @@ format        payload per channel     scales per vector (float16)          bytes
 ============  ======================  ===================================  =====================
 
 :func:`quantize` / :func:`dequantize` are the plain PyTorch reference every kernel is tested
-against; :func:`round_trip` (quantize then dequantize) is what the runtime's reference cache
-applies to a token when it enters the cache, so every read of the cache, whatever path, sees
-exactly the values a quantized store would give back.
+against. The runtime's caches store the payload and scales (:mod:`baklava.runtime.kv_slots`);
+:func:`round_trip` (quantize then dequantize) is what the reference store applies to a token when
+it enters a cache that keeps the model's dtype (``BudgetedLayer.quantized_storage = False``, and
+the ONNX ops): the same values a quantized slot gives back, bit for bit.
 """
 
 from __future__ import annotations

@@ -72,6 +72,8 @@ def test_bad_sizes_and_budgets_are_one_line_errors(tmp_path):
         ["memory", "--kv-memory", "0.3"],
         ["speed", "--budgets", "0.3,2"],
         ["prefill", "--chunks", "none,many"],
+        ["memory", "--kv-dtypes", "auto,int3"],
+        ["engine", "--kv-dtypes", "int3"],
     ):
         with pytest.raises(SystemExit) as exit_info:
             bench_main(args)

@@ -6,8 +6,9 @@ exactly as :func:`baklava.kv_format.round_trip` does (per token-head vector, or 
 group for int4 after a Hadamard rotation: float16 scale ``absmax / qmax``, then round or cast to
 float8, then back), before
 attending or storing: the same standard ops in float32, so ONNX Runtime matches the PyTorch
-reference store value for value. The graph's cache tensors stay float32 (a reference store, as
-the runtime's): what ONNX Runtime runs is the format's accuracy, not its memory.
+reference store value for value. The graph's cache tensors stay float32 (the reference store;
+the PyTorch runtime stores payload and scales, which read back the same values): what ONNX
+Runtime runs is the format's accuracy, not its memory.
 """
 
 from __future__ import annotations
