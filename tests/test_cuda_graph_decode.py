@@ -8,6 +8,7 @@ import torch
 
 from baklava.eviction import EvictionConfig
 from baklava.runtime import BudgetedCache, enable
+from baklava.runtime.cache_keyword import forward_cache, generate_cache
 from baklava.runtime.cuda_graph import greedy_cuda_graph
 
 pytestmark = [
@@ -44,7 +45,7 @@ def test_graph_replay_decodes_like_eager(dtype, policy):
     for graphed in (False, True):
         cache = BudgetedCache(caps, ev)
         with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits[:, -1]
+            logits = model(input_ids=ids, attention_mask=mask, **forward_cache(model, cache)).logits[:, -1]
             if graphed:
                 out = greedy_cuda_graph(model, cache, logits.argmax(-1), 16)
             else:
@@ -53,7 +54,10 @@ def test_graph_replay_decodes_like_eager(dtype, policy):
                     grown = torch.cat([grown, torch.ones_like(grown[:, :1])], 1)
                     position = grown.sum(1, keepdim=True) - 1  # real tokens before it, as the graph feeds
                     logits = model(
-                        input_ids=token, attention_mask=grown, position_ids=position, past_key_values=cache
+                        input_ids=token,
+                        attention_mask=grown,
+                        position_ids=position,
+                        **forward_cache(model, cache),
                     ).logits
                     token = logits[:, -1:].argmax(-1)
                     out.append(token[:, 0])
@@ -82,7 +86,7 @@ def test_triton_kernels_decode_like_the_torch_path(policy, monkeypatch):
         monkeypatch.setattr(BudgetedLayer, "decode_kernels", kernels)
         cache = BudgetedCache(caps, ev)
         with torch.inference_mode():
-            logits = model(input_ids=ids, past_key_values=cache).logits[:, -1]
+            logits = model(input_ids=ids, **forward_cache(model, cache)).logits[:, -1]
             tokens = greedy_cuda_graph(model, cache, logits.argmax(-1), 16)
         runs.append((tokens, cache))
     (t_torch, c_torch), (t_triton, c_triton) = runs
@@ -112,7 +116,11 @@ def test_generate_on_cuda_equals_model_generate(tiny_model_dir):
     batch = tokenizer(prompts, return_tensors="pt", padding=True).to("cuda")
     with torch.inference_mode():
         out = reference.generate(
-            **batch, past_key_values=BudgetedCache(caps), max_new_tokens=12, do_sample=False, pad_token_id=0
+            **batch,
+            **generate_cache(reference, BudgetedCache(caps)),
+            max_new_tokens=12,
+            do_sample=False,
+            pad_token_id=0,
         )
     for i, g in enumerate(got):
         want = out[i, batch["input_ids"].shape[1] :].tolist()
@@ -148,7 +156,7 @@ def test_overlapped_cache_updates_change_nothing(policy):
     for overlap in (False, True):
         cache = BudgetedCache(caps, ev)
         with torch.inference_mode():
-            first = model(input_ids=ids, past_key_values=cache).logits[:, -1].argmax(-1)
+            first = model(input_ids=ids, **forward_cache(model, cache)).logits[:, -1].argmax(-1)
             graph = DecodeGraph(model, cache, first, 24, overlap_updates=overlap)
             for _ in range(23):
                 graph.replay()

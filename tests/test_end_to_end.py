@@ -8,6 +8,7 @@ import torch
 from baklava.cli import run_main
 from baklava.exporter import read_artifact
 from baklava.runtime import BudgetedCache
+from baklava.runtime.cache_keyword import generate_cache
 from baklava.runtime.generate import encode
 from tests.conftest import export_smol
 
@@ -63,7 +64,7 @@ def test_budget_point_three_allocates_exactly_the_budgeted_bytes(smol, tmp_path,
     with torch.inference_mode():
         smol.model.generate(
             **batch,
-            past_key_values=cache,
+            **generate_cache(smol.model, cache),
             max_new_tokens=4,
             do_sample=False,
             pad_token_id=smol.tokenizer.pad_token_id,

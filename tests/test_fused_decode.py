@@ -17,6 +17,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from baklava.kernels import decode_gemv
 from baklava.kernels.rope import rope_split
 from baklava.runtime import BudgetedCache, enable
+from baklava.runtime.cache_keyword import forward_cache
 from baklava.runtime.fused_decode import fuse, supported
 
 from .conftest import tiny_config
@@ -61,13 +62,13 @@ def test_fused_steps_match_the_original_forward(make):
     with torch.inference_mode():
         tokens = []
         for model, cache in zip((ref, fused), caches, strict=True):
-            logits = model(input_ids=ids, past_key_values=cache).logits[:, -1]
+            logits = model(input_ids=ids, **forward_cache(model, cache)).logits[:, -1]
             tokens.append(logits.argmax(-1, keepdim=True))
         torch.testing.assert_close(tokens[0], tokens[1])
         token = tokens[0]
         for _ in range(6):  # every head fills and evicts
-            a = ref(input_ids=token, past_key_values=caches[0]).logits[:, -1].float()
-            b = fused(input_ids=token, past_key_values=caches[1]).logits[:, -1].float()
+            a = ref(input_ids=token, **forward_cache(ref, caches[0])).logits[:, -1].float()
+            b = fused(input_ids=token, **forward_cache(fused, caches[1])).logits[:, -1].float()
             torch.testing.assert_close(b, a, **TOL)
             token = a.argmax(-1, keepdim=True)
     for la, lb in zip(caches[0].layers, caches[1].layers, strict=True):

@@ -12,6 +12,7 @@ onnx = pytest.importorskip("onnx")
 from baklava.backends.onnx_backend import generate_onnx, load_decoder  # noqa: E402
 from baklava.exporter import read_artifact  # noqa: E402
 from baklava.runtime import BudgetedCache  # noqa: E402
+from baklava.runtime.cache_keyword import generate_cache  # noqa: E402
 from baklava.runtime.generate import encode  # noqa: E402
 from tests.conftest import export_smol  # noqa: E402
 
@@ -50,7 +51,7 @@ def test_onnxruntime_matches_pytorch(smol, tmp_path, budget, extra):
     with torch.inference_mode():
         ref = smol.model.generate(
             **batch,
-            past_key_values=cache,
+            **generate_cache(smol.model, cache),
             max_new_tokens=STEPS,
             do_sample=False,
             temperature=None,

@@ -14,6 +14,7 @@ from baklava.exporter.graph_builder import build_decoder, save_model  # noqa: E4
 from baklava.profiles.head_scores import HeadScores  # noqa: E402
 from baklava.profiles.profile_file import BudgetProfile, ModelInfo  # noqa: E402
 from baklava.runtime import BudgetedCache, enable  # noqa: E402
+from baklava.runtime.cache_keyword import forward_cache  # noqa: E402
 
 CAPS = np.array([[10, 17], [13, 8]])
 
@@ -64,7 +65,9 @@ def test_evicting_prefill_and_decode_match_the_reference(tiny_llama, exported, p
     seen = np.zeros(2, dtype=np.int64)
     got = decoder.step(buffers, ids.numpy(), positions.numpy(), mask.numpy(), seen)
     with torch.no_grad():
-        want = tiny_llama(input_ids=ids, attention_mask=mask.long(), past_key_values=cache).logits
+        want = tiny_llama(
+            input_ids=ids, attention_mask=mask.long(), **forward_cache(tiny_llama, cache)
+        ).logits
     np.testing.assert_allclose(got[mask.numpy()], want[mask].numpy(), atol=1e-4)
     seen = seen + mask.sum(1).numpy()
     full_mask = mask.long()
@@ -73,7 +76,9 @@ def test_evicting_prefill_and_decode_match_the_reference(tiny_llama, exported, p
         got = decoder.step(buffers, token.numpy(), seen[:, None], np.ones((2, 1), bool), seen)
         full_mask = torch.cat([full_mask, torch.ones(2, 1, dtype=torch.long)], 1)
         with torch.no_grad():
-            want = tiny_llama(input_ids=token, attention_mask=full_mask, past_key_values=cache).logits
+            want = tiny_llama(
+                input_ids=token, attention_mask=full_mask, **forward_cache(tiny_llama, cache)
+            ).logits
         np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
         seen = seen + 1
         token = want[:, -1].argmax(-1, keepdim=True)
@@ -116,13 +121,15 @@ def test_an_int8_artifact_runs_in_onnx_runtime_as_the_int8_reference(tiny_llama,
     ones = np.ones_like(ids.numpy(), dtype=bool)
     got = decoder.step(buffers, ids.numpy(), np.arange(30)[None], ones, seen)
     with torch.no_grad():
-        want = {kv: tiny_llama(input_ids=ids, past_key_values=c).logits for kv, c in caches.items()}
+        want = {
+            kv: tiny_llama(input_ids=ids, **forward_cache(tiny_llama, c)).logits for kv, c in caches.items()
+        }
     np.testing.assert_allclose(got, want["int8"].numpy(), atol=1e-4)
     assert np.abs(got - want["auto"].numpy()).max() > 1e-4  # int8 is not the full-precision answer
     token, seen = want["int8"][:, -1].argmax(-1, keepdim=True), seen + 30
     for _ in range(4):  # decode steps, every one evicting
         got = decoder.step(buffers, token.numpy(), seen[:, None], np.ones((1, 1), bool), seen)
         with torch.no_grad():
-            want = tiny_llama(input_ids=token, past_key_values=caches["int8"]).logits
+            want = tiny_llama(input_ids=token, **forward_cache(tiny_llama, caches["int8"])).logits
         np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
         token, seen = want[:, -1].argmax(-1, keepdim=True), seen + 1

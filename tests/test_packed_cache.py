@@ -37,7 +37,9 @@ def test_full_budget_logits_match_dense(tiny_llama):
     with torch.no_grad():
         dense = tiny_llama(input_ids=ids, attention_mask=mask).logits
         enable(tiny_llama)
-        packed = tiny_llama(input_ids=ids, attention_mask=mask, past_key_values=BudgetedCache(FULL)).logits
+        packed = tiny_llama(
+            input_ids=ids, attention_mask=mask, **forward_cache(tiny_llama, BudgetedCache(FULL))
+        ).logits
     torch.testing.assert_close(packed[0], dense[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(packed[1, 5:], dense[1, 5:], atol=1e-5, rtol=0)  # padding rows are don't-care
 
@@ -46,9 +48,13 @@ def test_step_api_matches_dense_cache(tiny_llama):
     ids, _ = ids_and_mask(batch=1, pad=0)
     dense_cache = DynamicCache()
     with torch.no_grad():
-        ref = [tiny_llama(input_ids=ids, past_key_values=dense_cache).logits[:, -1]]
+        ref = [tiny_llama(input_ids=ids, **forward_cache(tiny_llama, dense_cache)).logits[:, -1]]
         for t in (5, 7, 9):
-            ref.append(tiny_llama(input_ids=torch.tensor([[t]]), past_key_values=dense_cache).logits[:, -1])
+            ref.append(
+                tiny_llama(input_ids=torch.tensor([[t]]), **forward_cache(tiny_llama, dense_cache)).logits[
+                    :, -1
+                ]
+            )
     cache = BudgetedCache(FULL)
     got = [prefill(tiny_llama, cache, ids)] + [
         decode_one_token(tiny_llama, cache, torch.tensor([[t]])) for t in (5, 7, 9)
@@ -87,9 +93,9 @@ def test_sink_and_window_always_kept(tiny_llama, policy):
     enable(tiny_llama)
     ids, _ = ids_and_mask(batch=1, length=50, pad=0)
     with torch.no_grad():
-        tiny_llama(input_ids=ids, past_key_values=cache)
+        tiny_llama(input_ids=ids, **forward_cache(tiny_llama, cache))
         for t in range(6):
-            tiny_llama(input_ids=torch.tensor([[10 + t]]), past_key_values=cache)
+            tiny_llama(input_ids=torch.tensor([[10 + t]]), **forward_cache(tiny_llama, cache))
     seen = 56
     for layer in cache.layers:
         for h in range(2):
@@ -107,8 +113,8 @@ def test_capacity_one_keeps_only_the_newest_token(tiny_llama):
     enable(tiny_llama)
     ids, _ = ids_and_mask(batch=1, length=12, pad=0)
     with torch.no_grad():
-        tiny_llama(input_ids=ids, past_key_values=cache)
-        tiny_llama(input_ids=torch.tensor([[4]]), past_key_values=cache)
+        tiny_llama(input_ids=ids, **forward_cache(tiny_llama, cache))
+        tiny_llama(input_ids=torch.tensor([[4]]), **forward_cache(tiny_llama, cache))
     assert all(layer.head_positions(h).tolist() == [12] for layer in cache.layers for h in range(2))
 
 
@@ -139,7 +145,7 @@ def test_decode_step_equals_masked_dense_attention(tiny_llama, policy):
     enable(tiny_llama)
     cache = BudgetedCache(caps, ev)
     with torch.no_grad():
-        tiny_llama(input_ids=ids, past_key_values=cache)
+        tiny_llama(input_ids=ids, **forward_cache(tiny_llama, cache))
         keep = []
         for layer in cache.layers:  # kept positions per row and head, plus the new token (position 30)
             k = torch.zeros(2, 2, 31, dtype=torch.bool)
@@ -149,16 +155,18 @@ def test_decode_step_equals_masked_dense_attention(tiny_llama, policy):
                     k[b, h, layer.positions[b, off : off + int(layer.fill[b, h])]] = True
             k[:, :, 30] = True
             keep.append(k)
-        got = tiny_llama(input_ids=nxt, past_key_values=cache).logits
+        got = tiny_llama(input_ids=nxt, **forward_cache(tiny_llama, cache)).logits
 
         state = {"keep": None}
         AttentionInterface.register("oracle", _oracle_attention(state))
         AttentionMaskInterface.register("oracle", eager_mask)
         tiny_llama.set_attn_implementation("oracle")
         dense = DynamicCache()
-        tiny_llama(input_ids=ids, past_key_values=dense)  # prefill: every token sees the whole prompt
+        tiny_llama(
+            input_ids=ids, **forward_cache(tiny_llama, dense)
+        )  # prefill: every token sees the whole prompt
         state["keep"] = keep
-        want = tiny_llama(input_ids=nxt, past_key_values=dense).logits
+        want = tiny_llama(input_ids=nxt, **forward_cache(tiny_llama, dense)).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
@@ -169,8 +177,8 @@ def test_prefill_keeps_the_keys_of_the_dense_cache(tiny_llama):
     enable(tiny_llama)
     cache = BudgetedCache([[10, 17], [13, 8]])
     with torch.no_grad():
-        tiny_llama(input_ids=ids, past_key_values=dense)
-        tiny_llama(input_ids=ids, past_key_values=cache)
+        tiny_llama(input_ids=ids, **forward_cache(tiny_llama, dense))
+        tiny_llama(input_ids=ids, **forward_cache(tiny_llama, cache))
     for li, layer in enumerate(cache.layers):
         for h in range(2):
             pos = layer.head_positions(h)
@@ -216,7 +224,7 @@ def test_model_without_baklava_attention_fails_loudly(tiny_llama):
     tiny_llama.set_attn_implementation("sdpa")
     cache = BudgetedCache(FULL)
     with torch.no_grad(), pytest.raises(RuntimeError, match="attn_implementation='baklava'"):
-        tiny_llama(input_ids=torch.tensor([[5, 6, 7]]), past_key_values=cache)
+        tiny_llama(input_ids=torch.tensor([[5, 6, 7]]), **forward_cache(tiny_llama, cache))
 
 
 def test_from_profile_rejects_other_model(tiny_llama):
@@ -241,8 +249,8 @@ def test_compressing_a_full_prefill_equals_prefilling_into_the_budget(tiny_llama
     direct = BudgetedCache(caps, ev)
     full = BudgetedCache(FULL, ev)
     with torch.no_grad():
-        tiny_llama(input_ids=ids, attention_mask=mask, past_key_values=direct)
-        tiny_llama(input_ids=ids, attention_mask=mask, past_key_values=full)
+        tiny_llama(input_ids=ids, attention_mask=mask, **forward_cache(tiny_llama, direct))
+        tiny_llama(input_ids=ids, attention_mask=mask, **forward_cache(tiny_llama, full))
     before = full.layers[0].keys.clone()
     cut = full.compressed(caps)
     assert torch.equal(full.layers[0].keys, before)  # the source cache is untouched
@@ -258,8 +266,10 @@ def test_compressing_a_full_prefill_equals_prefilling_into_the_budget(tiny_llama
     token = torch.tensor([[5], [9]])
     for _ in range(6):
         with torch.no_grad():
-            want = tiny_llama(input_ids=token, attention_mask=grown, past_key_values=direct).logits
-            got = tiny_llama(input_ids=token, attention_mask=grown, past_key_values=cut).logits
+            want = tiny_llama(
+                input_ids=token, attention_mask=grown, **forward_cache(tiny_llama, direct)
+            ).logits
+            got = tiny_llama(input_ids=token, attention_mask=grown, **forward_cache(tiny_llama, cut)).logits
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         token = want[:, -1].argmax(-1, keepdim=True)
         grown = torch.cat([grown, torch.ones(2, 1, dtype=mask.dtype)], 1)
@@ -270,7 +280,7 @@ def test_compressing_into_more_room_copies_everything(tiny_llama):
     ids, mask = ids_and_mask(length=20, pad=3)
     full = BudgetedCache(FULL)
     with torch.no_grad():
-        tiny_llama(input_ids=ids, attention_mask=mask, past_key_values=full)
+        tiny_llama(input_ids=ids, attention_mask=mask, **forward_cache(tiny_llama, full))
     copy = full.compressed([[30, 30], [30, 30]])
     assert torch.equal(copy.fill_levels(), full.fill_levels())
     assert copy.kv_bytes() == 2 * 2 * 60 * 2 * 16 * 4  # layers x batch x sum(cap) x K,V x D x fp32
@@ -299,12 +309,14 @@ def test_vectorized_decode_matches_the_per_head_loop(policy, monkeypatch):
         monkeypatch.setattr(BudgetedLayer, "vectorized_decode", fast)
         cache, grown, token, logits = BudgetedCache(caps, ev), mask, torch.tensor([[5], [9]]), []
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+            model(input_ids=ids, attention_mask=mask, **forward_cache(model, cache))
             for step in range(24):
                 grown = torch.cat([grown, torch.ones(2, 1, dtype=mask.dtype)], 1)
                 if step == 5:
                     grown[1, -1] = 0  # a padding token in the middle of decoding
-                out = model(input_ids=token, attention_mask=grown, past_key_values=cache).logits[:, -1]
+                out = model(input_ids=token, attention_mask=grown, **forward_cache(model, cache)).logits[
+                    :, -1
+                ]
                 logits.append(out)
                 token = out.argmax(-1, keepdim=True)
         runs[fast] = (cache, torch.stack(logits))
@@ -365,9 +377,11 @@ def test_query_blocks_give_the_same_prefill(tiny_llama, monkeypatch):
         cache = BudgetedCache(caps)
         with torch.inference_mode():
             first = tiny_llama(
-                input_ids=ids[:, :15], attention_mask=mask[:, :15], past_key_values=cache
+                input_ids=ids[:, :15], attention_mask=mask[:, :15], **forward_cache(tiny_llama, cache)
             ).logits
-            second = tiny_llama(input_ids=ids[:, 15:], attention_mask=mask, past_key_values=cache).logits
+            second = tiny_llama(
+                input_ids=ids[:, 15:], attention_mask=mask, **forward_cache(tiny_llama, cache)
+            ).logits
         runs.append((first, second, cache))
     (f1, s1, c1), (f2, s2, c2) = runs
     torch.testing.assert_close(f1[0], f2[0])
@@ -432,9 +446,15 @@ def test_padded_prompts_keep_the_biased_path(tiny_llama, monkeypatch):
     enable(tiny_llama)
     ids, mask = ids_and_mask(pad=3)
     with torch.inference_mode():
-        tiny_llama(input_ids=ids, attention_mask=mask, past_key_values=BudgetedCache([[5, 9], [16, 2]]))
+        tiny_llama(
+            input_ids=ids, attention_mask=mask, **forward_cache(tiny_llama, BudgetedCache([[5, 9], [16, 2]]))
+        )
         assert calls == []
-        tiny_llama(input_ids=ids, attention_mask=torch.ones_like(mask), past_key_values=BudgetedCache(FULL))
+        tiny_llama(
+            input_ids=ids,
+            attention_mask=torch.ones_like(mask),
+            **forward_cache(tiny_llama, BudgetedCache(FULL)),
+        )
     assert len(calls) == 2  # an all-ones mask is no padding: both layers took the fast path
 
 

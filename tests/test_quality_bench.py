@@ -15,6 +15,7 @@ from baklava.errors import BaklavaError
 from baklava.eviction import EvictionConfig
 from baklava.profiles.head_scores import HeadScores
 from baklava.runtime import BudgetedCache, enable
+from baklava.runtime.cache_keyword import forward_cache
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def _prefilled_full_cache(model, length=48, batch=2):
     cache = BudgetedCache(np.full((2, 2), length + 8), EvictionConfig(sink=2, window=4))
     ids = torch.randint(3, 96, (batch, length), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache)
+        model(input_ids=ids, **forward_cache(model, cache))
     return cache
 
 
@@ -404,7 +405,7 @@ def test_pool_scores_pools_the_unpooled_scores(tiny_llama):
         cache = BudgetedCache(np.full((2, 2), 48), EvictionConfig(sink=2, window=4, pool_kernel=width))
         enable(tiny_llama)
         with torch.inference_mode():
-            tiny_llama(input_ids=ids, attention_mask=mask, past_key_values=cache)
+            tiny_llama(input_ids=ids, attention_mask=mask, **forward_cache(tiny_llama, cache))
             raw = score_by_reconstruction(tiny_llama, cache, ids, mask, prompt_ids(_Tok()))
         caches.append((cache, raw))
     (one, raw_one), (five, raw_five) = caches

@@ -9,6 +9,7 @@ from transformers import LlamaForCausalLM
 
 from baklava.eviction import EvictionConfig
 from baklava.runtime import BudgetedCache, enable
+from baklava.runtime.cache_keyword import forward_cache
 from baklava.runtime.reconstruction import score_by_reconstruction
 from baklava.runtime.selection import snapkv_pool
 
@@ -49,7 +50,7 @@ def test_scores_equal_eager_attention_and_cache_is_untouched(chunk):
     cache = BudgetedCache(np.full((2, 2), 64), EvictionConfig(pool_kernel=1))
     mask = torch.ones_like(ctx)
     with torch.inference_mode():
-        model(input_ids=ctx, past_key_values=cache)
+        model(input_ids=ctx, **forward_cache(model, cache))
         before = [
             {
                 n: getattr(layer, n).clone()
@@ -78,7 +79,9 @@ def test_left_padded_rows_score_as_alone_and_pooling_applies(tiny_llama):
         cache = BudgetedCache(np.full((2, 2), 40), EvictionConfig(pool_kernel=kernel))
         with torch.inference_mode():
             pos = (mask.cumsum(1) - 1).clamp(min=0)
-            tiny_llama(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache)
+            tiny_llama(
+                input_ids=ids, attention_mask=mask, position_ids=pos, **forward_cache(tiny_llama, cache)
+            )
             score_by_reconstruction(tiny_llama, cache, ids, mask, INSTRUCTION, chunk=16)
         return [layer.scores for layer in cache.layers]
 
@@ -105,7 +108,7 @@ def test_refuses_a_cache_that_has_evicted(tiny_llama):
     ids = torch.randint(3, 96, (1, 30))
     cache = BudgetedCache(np.full((2, 2), 10))
     with torch.inference_mode():
-        tiny_llama(input_ids=ids, past_key_values=cache)
+        tiny_llama(input_ids=ids, **forward_cache(tiny_llama, cache))
         with pytest.raises(ValueError, match="evicted"):
             score_by_reconstruction(tiny_llama, cache, ids, torch.ones_like(ids), INSTRUCTION)
         with pytest.raises(ValueError, match="empty"):

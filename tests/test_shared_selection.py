@@ -8,6 +8,7 @@ import torch
 
 from baklava.eviction import EvictionConfig
 from baklava.runtime import BudgetedCache, enable
+from baklava.runtime.cache_keyword import forward_cache
 from baklava.runtime.shared_selection import favoured_weights, share_scores, use_shared
 
 CAPS = np.array([[40, 8], [8, 8]])  # head (0, 0) above the even share (16), the rest below
@@ -22,7 +23,7 @@ def _prefilled(model, seen: int = 30) -> BudgetedCache:
     cache = BudgetedCache(np.full((2, 2), seen + 4), EvictionConfig(sink=2, window=4, pool_kernel=1))
     g = torch.Generator().manual_seed(4)
     with torch.inference_mode():
-        model(input_ids=ids, past_key_values=cache)
+        model(input_ids=ids, **forward_cache(model, cache))
         for layer in cache.layers:
             for off in layer.offsets:
                 layer.scores[:, off : off + seen] = torch.rand(2, seen, generator=g)
@@ -70,7 +71,7 @@ def test_refuses_a_cache_that_has_evicted(tiny_llama):
     enable(tiny_llama)
     cache = BudgetedCache(np.array([[40, 8], [40, 40]]))
     with torch.inference_mode():
-        tiny_llama(input_ids=torch.randint(3, 96, (1, 30)), past_key_values=cache)
+        tiny_llama(input_ids=torch.randint(3, 96, (1, 30)), **forward_cache(tiny_llama, cache))
     before = [layer.scores.clone() for layer in cache.layers]
     with pytest.raises(ValueError, match="never evicted"):
         share_scores(cache, CAPS, IMPORTANCE)
