@@ -439,7 +439,7 @@ def memory_bench(model_spec, context, budgets, kv_memory, chunk, prefill, kv_dty
             row = {"budget": budget, "kv_dtype": kv_dtype, "slots_per_sequence": int(caps.sum())}
             row |= memory.cache_bytes(model, caps, 1, kv_dtype)
             row["largest_batch"] = memory.largest_batch(model, caps, kv_memory, kv_dtype)
-            first = first or row["largest_batch"]["batch"]
+            first = row["largest_batch"]["batch"] if first is None else first  # the first format's
             row["batch_vs_first_kv_dtype"] = (
                 round(row["largest_batch"]["batch"] / first, 3) if first else None
             )

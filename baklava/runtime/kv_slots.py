@@ -41,6 +41,12 @@ def slot_names(layer) -> tuple[str, ...]:
     return QUANTIZED if packs(layer) else FULL
 
 
+def slot_pairs(layer) -> tuple[tuple[str, str], ...]:
+    """:func:`slot_names` as (key, value) pairs: the payload, then (quantized) the scales."""
+    names = slot_names(layer)
+    return tuple(zip(names[0::2], names[1::2], strict=True))
+
+
 def storage_dtype(fmt: formats.KVFormat) -> torch.dtype:
     return torch.int8 if fmt.name == "int8" else torch.uint8
 
@@ -89,6 +95,14 @@ def read(layer, name: str, *index) -> torch.Tensor:
         return raw
     scales = getattr(layer, _SCALES[name])[index]
     return formats.dequantize(_typed(raw, layer.kv_format), scales, layer.kv_format, layer.dtype)
+
+
+def kernel_operands(layer) -> tuple[torch.Tensor, torch.Tensor, formats.KVFormat | None]:
+    """``(keys, values, kv_format)`` as the attention kernels take them: the payload (fp8 bits
+    as float8_e4m3fn) and the format when the layer stores one, else the tensors and None; the
+    scales are ``layer.key_scales`` / ``layer.value_scales``."""
+    quantized = packs(layer)
+    return payload(layer, "keys"), payload(layer, "values"), layer.kv_format if quantized else None
 
 
 def payload(layer, name: str) -> torch.Tensor:

@@ -372,14 +372,14 @@ class BudgetedLayer(CacheLayerMixin):
                 self.scores[:, off : off + n] += mass[:, :n]
                 new = mass[:, n:].masked_fill(~valid, 0)
                 new_scores[:, h] = snapkv_pool(new, ev.pool_kernel) if q_len > 1 else new
-        pairs = [self.slot_names[i : i + 2] for i in range(0, len(self.slot_names), 2)]  # (K, V) tensors
+        pairs = kv_slots.slot_pairs(self)  # (keys, values), then (key_scales, value_scales)
         result = packed_prefill_select(
             [(getattr(self, k), getattr(self, v), slots[k].contiguous(), slots[v].contiguous()) for k, v in pairs],
             self.positions, self.scores, self.fill,
             self.valid_seen[:, None] + valid.cumsum(1) - 1, new_scores, valid, self.valid_seen + valid.sum(1),
             self.capacities, self.device_offsets, sink=ev.sink, window=ev.window, policy=ev.policy,
         )  # fmt: skip
-        names = [name for pair in pairs for name in pair] + ["positions", "scores", "fill"]
+        names = [*self.slot_names, "positions", "scores", "fill"]  # the order pairs were given in
         for name, value in zip(names, result, strict=True):
             getattr(self, name).copy_(value)
 

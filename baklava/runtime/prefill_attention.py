@@ -138,10 +138,8 @@ def _kernel_chunk(layer, query, k_new, v_new, scale, obs: int, fills: list[int])
     from baklava.runtime import kv_slots
 
     offsets = layer.device_offsets
-    keys, values = kv_slots.payload(layer, "keys"), kv_slots.payload(layer, "values")
-    quantized = dict(
-        kv_format=layer.kv_format if kv_slots.packs(layer) else None, key_scales=layer.key_scales
-    )
+    keys, values, kv_format = kv_slots.kernel_operands(layer)
+    quantized = dict(kv_format=kv_format, key_scales=layer.key_scales)
     out, lse = prefill_attention(
         query,
         keys,
@@ -164,8 +162,8 @@ def _kernel_chunk(layer, query, k_new, v_new, scale, obs: int, fills: list[int])
 
 
 def append_chunk(layer, slots: dict, masses) -> None:
-    """Commit an unpadded chunk (``slots``: each slot tensor's ``[B, H_kv, S, width]``) that fits every head (``n + S <=
-    cap`` for each head's ``(n, mass)`` of :func:`unpadded_chunk`): each head's new tokens go
+    """Commit an unpadded chunk (``slots``: each slot tensor's ``[B, H_kv, S, width]``) that fits
+    every head (``n + S <= cap`` for each head's ``(n, mass)`` of :func:`unpadded_chunk`): each head's new tokens go
     after its live slots, in place, as the reference's room-for-everything branch
     (``BudgetedLayer._commit_head``) writes them. No selection, no copy of the layer: at budget 1.0
     every chunk of a prompt within the reference context takes this path."""

@@ -110,8 +110,8 @@ def decode_step(layer, query, k_new, v_new, slots, valid, scaling: float) -> tor
 
     Same arguments as :func:`baklava.runtime.packed_decode.decode_step` (the layer's
     ``valid_seen`` is advanced here too). Quantized slots are read as payload + scales and the
-    step's token is written as ``slots`` holds it (quantized once, by ``BudgetedLayer.update``). The output of a padding row (``valid`` False) is
-    unspecified; its cache row is left unchanged. With ``layer.update_stream`` set, the commit
+    step's token is written as ``slots`` holds it (quantized once, by ``BudgetedLayer.update``).
+    The output of a padding row (``valid`` False) is unspecified; its cache row is left unchanged. With ``layer.update_stream`` set, the commit
     runs on that stream and is only queued when this returns.
     """
     from baklava.kernels.cache_update import packed_cache_update
@@ -123,12 +123,11 @@ def decode_step(layer, query, k_new, v_new, slots, valid, scaling: float) -> tor
     if state is None or state.key != (layer.batch_size, group):
         state = layer._triton_state = _LayerState(layer, group)
     q, kn, vn = query[:, :, 0], k_new[:, :, 0], v_new[:, :, 0]  # [B, H, D], last dim contiguous
-    quantized = kv_slots.packs(layer)
+    keys, values, kv_format = kv_slots.kernel_operands(layer)
     out = packed_decode_attention(
-        q, kn, vn, kv_slots.payload(layer, "keys"), kv_slots.payload(layer, "values"),
-        layer.fill, state.offsets, layer.capacities, scaling,
+        q, kn, vn, keys, values, layer.fill, state.offsets, layer.capacities, scaling,
         table=state.table, logits=state.logits, lse=state.lse, logit_new=state.logit_new,
-        kv_format=layer.kv_format if quantized else None, key_scales=layer.key_scales, value_scales=layer.value_scales,
+        kv_format=kv_format, key_scales=layer.key_scales, value_scales=layer.value_scales,
     )  # fmt: skip
     new = {name: t[:, :, 0] for name, t in slots.items()}  # [B, H, width] as stored
     ev = layer.eviction
