@@ -43,7 +43,7 @@ def _step(layer, query, k, v, mask):
     return layer.attend(query, mask, HEAD_DIM**-0.5)[0]  # [B, 1, H_q, D]
 
 
-def _assert_same_tokens(ref: BudgetedLayer, got: BudgetedLayer, where: str):
+def _assert_same_tokens(ref: BudgetedLayer, got: BudgetedLayer, where: str, score_rtol: float = 1e-4):
     assert torch.equal(ref.fill, got.fill), where
     assert torch.equal(ref.valid_seen, got.valid_seen), where
     for b in range(ref.batch_size):
@@ -58,7 +58,7 @@ def _assert_same_tokens(ref: BudgetedLayer, got: BudgetedLayer, where: str):
                     f"{msg}, {name}"
                 )
             torch.testing.assert_close(
-                ref.scores[b, rs], got.scores[b, gs][order], atol=2e-6, rtol=1e-4, msg=msg
+                ref.scores[b, rs], got.scores[b, gs][order], atol=2e-6, rtol=score_rtol, msg=msg
             )
 
 
@@ -80,7 +80,7 @@ def test_decode_steps_keep_what_the_reference_keeps(
     ref, gen = _prefilled(caps, batch, q_heads, prompt, eviction, seed=seed, pad=pad, kv_format=kv_format)
     ref.decode_kernels, ref.vectorized_decode = "torch", False
     got = copy.deepcopy(ref)
-    got.decode_kernels = "triton"
+    got.decode_kernels, got.vectorized_decode = "triton", True  # the kernels' decode step
     rand = lambda *s: torch.randn(*s, generator=gen).half().to(DEVICE)  # noqa: E731
     evicted = 0
     for step in range(12):
@@ -94,7 +94,8 @@ def test_decode_steps_keep_what_the_reference_keeps(
         # quantized slots: the kernel scales payload in fp32, the reference reads fp16 dequantized values
         tol = 2e-3 if kv_format is None else 1e-2
         torch.testing.assert_close(out.float(), want.float(), atol=tol, rtol=tol, msg=f"step {step}")
-        _assert_same_tokens(ref, got, f"step {step}")
+        # quantized slots: the kernel's logits come from float16 (H2O scores within 1e-3 of the reference's)
+        _assert_same_tokens(ref, got, f"step {step}", 1e-4 if kv_format is None else 1e-3)
         evicted += int((ref.fill == before).sum())
     assert evicted > 0  # the case really evicts
 
@@ -111,7 +112,7 @@ def test_padding_rows_change_nothing():
     ref, gen = _prefilled([4, 8], 2, 4, 10, eviction, seed=3)
     ref.decode_kernels, ref.vectorized_decode = "torch", False
     got = copy.deepcopy(ref)
-    got.decode_kernels = "triton"
+    got.decode_kernels, got.vectorized_decode = "triton", True  # the kernels' decode step
     q, k, v = (torch.randn(2, n, 1, HEAD_DIM, generator=gen).half().to(DEVICE) for n in (4, 2, 2))
     mask = (
         torch.tensor([0.0, torch.finfo(torch.float16).min]).half().view(2, 1, 1, 1).to(DEVICE)

@@ -62,14 +62,29 @@ def test_kernels_match_attention_over_stored_slots_and_the_chunk(caps, fills, ch
     offsets = torch.tensor(layer.offsets, dtype=torch.int32, device=DEVICE)
     scale = D**-0.5
 
-    out, lse = prefill_attention(query, layer.keys, layer.values, k_new, v_new, layer.fill, offsets, scale)
-    mass = observation_masses(query, layer.keys, k_new, layer.fill, offsets, lse, max(fills), obs, scale)
+    out, lse = prefill_attention(
+        query, layer.keys, layer.values, k_new, v_new, layer.fill, offsets, scale, block_n=16
+    )
+    before = torch.rand(batch, layer.total, generator=gen).to(DEVICE)
+    scores = before.clone()
+    new = observation_masses(
+        query, layer.keys, k_new, layer.fill, offsets, lse, scores, max(caps), obs, scale
+    )
     want_out, want_lse, want_masses = _reference(query, layer, k_new, v_new, scale, obs)
     torch.testing.assert_close(out.transpose(1, 2).float(), want_out, atol=2e-3, rtol=0)
     torch.testing.assert_close(lse, want_lse, atol=1e-3, rtol=0)
-    for h, n in enumerate(fills):
-        torch.testing.assert_close(mass[:, h, : n + chunk], want_masses[h], atol=1e-3, rtol=0)
-        assert (mass[:, h, n + chunk :] == 0).all()  # columns past the head's candidates stay empty
+    _assert_masses(layer, fills, before, scores, new, want_masses, atol=1e-3)
+
+
+def _assert_masses(layer, fills, before, scores, new, want_masses, atol):
+    """Stored slots' masses added to their scores (slots past the fill untouched), new ones returned."""
+    for h, (off, n) in enumerate(zip(layer.offsets, fills, strict=True)):
+        torch.testing.assert_close(
+            scores[:, off : off + n] - before[:, off : off + n], want_masses[h][:, :n], atol=atol, rtol=0
+        )
+        end = off + layer.capacities[h]
+        assert torch.equal(scores[:, off + n : end], before[:, off + n : end])
+        torch.testing.assert_close(new[:, h], want_masses[h][:, n:], atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["int8", "fp8", "int4"])
@@ -94,9 +109,19 @@ def test_kernels_read_quantized_slots_as_their_dequantized_values(name):
     keys, values = kv_slots.payload(layer, "keys"), kv_slots.payload(layer, "values")
     args = (layer.fill, layer.device_offsets, scale)
     out, lse = prefill_attention(
-        query, keys, values, k_new, v_new, *args, value_scales=layer.value_scales, **quantized
+        query,
+        keys,
+        values,
+        k_new,
+        v_new,
+        *args,
+        value_scales=layer.value_scales,
+        block_n=16,
+        **quantized,
     )
-    mass = observation_masses(query, keys, k_new, *args[:2], lse, max(fills), obs, scale, **quantized)
+    before = torch.rand(batch, layer.total, generator=gen).to(DEVICE)
+    scores = before.clone()
+    new = observation_masses(query, keys, k_new, *args[:2], lse, scores, max(caps), obs, scale, **quantized)
     plain = SimpleNamespace(
         keys=layer.stored("keys"),
         values=layer.stored("values"),
@@ -107,17 +132,25 @@ def test_kernels_read_quantized_slots_as_their_dequantized_values(name):
     want_out, want_lse, want_masses = _reference(query, plain, k_new, v_new, scale, obs)
     torch.testing.assert_close(out.transpose(1, 2).float(), want_out, atol=5e-3, rtol=0)
     torch.testing.assert_close(lse, want_lse, atol=2e-3, rtol=0)
-    for h, n in enumerate(fills):
-        torch.testing.assert_close(mass[:, h, : n + chunk], want_masses[h], atol=2e-3, rtol=0)
+    _assert_masses(layer, fills, before, scores, new, want_masses, atol=2e-3)
 
 
 @pytest.mark.parametrize(
-    ("policy", "kv_format"), [("h2o", None), ("ring", None), ("h2o", "int8"), ("h2o", "int4")]
+    ("policy", "kv_format", "caps"),
+    [
+        ("h2o", None, [3, 11, 20]),
+        ("ring", None, [3, 11, 20]),
+        ("h2o", "int8", [3, 11, 20]),
+        ("h2o", "int4", [3, 11, 20]),
+        ("h2o", None, [37, 40, 64]),  # room for every chunk: appended in place
+        ("h2o", "int8", [37, 40, 64]),
+    ],
 )
-def test_chunked_prefill_with_the_kernel_keeps_what_the_sdpa_path_keeps(policy, kv_format, monkeypatch):
-    """Three unpadded chunks through ``attend`` (commit kernels on), the later ones by the prefill
-    kernels or by SDPA per head: same outputs, same kept tokens, heads evicting."""
-    caps, batch, q_heads = [3, 11, 20], 2, 6
+def test_chunked_prefill_with_the_kernel_keeps_what_the_sdpa_path_keeps(policy, kv_format, caps):
+    """Three unpadded chunks through ``attend`` (commit kernels on), by the GPU route
+    (``kernel_prefill``: prefill kernels, no host sync) or by SDPA per head: same outputs, same
+    kept tokens, heads evicting or appending."""
+    batch, q_heads = 2, 6
     gen = torch.Generator().manual_seed(3)
     rand = lambda *s: torch.randn(*s, generator=gen).half().to(DEVICE)  # noqa: E731
     eviction = EvictionConfig(sink=1, window=2, policy=policy, obs_window=4, pool_kernel=3)
@@ -134,6 +167,8 @@ def test_chunked_prefill_with_the_kernel_keeps_what_the_sdpa_path_keeps(policy, 
             outs.append(layer.attend(q, None, D**-0.5)[0].float())
         torch.testing.assert_close(outs[1], outs[0], atol=2e-3, rtol=0)
     ref, got = layers[False], layers[True]
-    assert torch.equal(ref.fill, got.fill) and int(ref.fill.min()) == 3 < 37  # every head evicted some
+    assert torch.equal(ref.fill, got.fill) and ref.fill.tolist() == [[min(c, 37) for c in caps]] * batch
     assert torch.equal(ref.positions, got.positions)
+    for name in ref.slot_names:
+        assert torch.equal(getattr(ref, name), getattr(got, name)), name
     torch.testing.assert_close(got.scores, ref.scores, atol=1e-3, rtol=0)

@@ -14,14 +14,18 @@ first and the output rotated back (the rotation keeps dot products).
 
 Two launches:
 
-1. ``_attention_kernel`` grid ``(ceil(S / BLOCK_M), H_q, B)``: one query tile of one query head;
-   online softmax over the stored tiles, then over the chunk's keys up to the tile's last query;
-   writes ``out [B, S, H_q, D]`` (the layout the model's o projection reads) and each query's
-   log-sum-exp ``lse [B, H_q, S]``.
-2. ``_mass_kernel`` grid ``(ceil((n + S) / BLOCK_N), H_kv, B)``: the attention the last ``obs``
-   queries of the chunk pay each candidate (the head's stored slots, then the ``S`` new tokens), summed
-   over those queries and averaged over the head's query group, from the scores and the saved
-   log-sum-exp (no second softmax over the whole chunk).
+1. ``_attention_kernel`` grid ``(ceil(S / BLOCK_Q), H_kv, B)``: ``BLOCK_Q`` queries of every
+   query head of one KV head's group as one tile, so each key / value tile is loaded once for the
+   group (against once per query head: 0.84 against 1.00 ms a layer of 2048 queries over a
+   budget-0.3 32k cache, Llama-3-8B shapes on an H200); online softmax over the stored tiles,
+   then over the chunk's keys up to the tile's last query, masks only on a head's last stored
+   tile and the diagonal; writes ``out [B, S, H_q, D]`` (the layout the model's o projection
+   reads) and each query's log-sum-exp ``lse [B, H_q, S]``.
+2. ``_mass_kernel`` grid ``(ceil((max cap + S) / BLOCK_N), H_kv, B)``: the attention the last
+   ``obs`` queries of the chunk pay each candidate (the head's stored slots, then the ``S`` new
+   tokens), summed over those queries and averaged over the head's query group, from the scores
+   and the saved log-sum-exp (no second softmax over the whole chunk); a stored slot's mass is
+   added to its score in place, the new tokens' are returned.
 """
 
 from __future__ import annotations
@@ -36,14 +40,17 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _online_update(q, k, v, valid, m_i, l_i, acc, qk_scale, k_scale, v_scale, SCALED: tl.constexpr):
-    """One key tile folded into the running (max, sum, output) of a query tile (base-2 exponent);
+def _tile_update(q, k, v, m_i, l_i, acc, qk_scale, k_scale, v_scale, valid,
+                 SCALED: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+    """One key tile folded into the running (max, sum, output) of a query tile (base-2 exponent).
     ``SCALED``: per-key scales of quantized slots on the logits (``k_scale``) and on the
-    probabilities the values are weighted by (``v_scale``)."""
+    probabilities the values are weighted by (``v_scale``); ``MASKED``: ``valid`` applies (a
+    head's last stored tile, the chunk's diagonal tiles; whole tiles skip the select)."""
     s = tl.dot(q, tl.trans(k)) * qk_scale
     if SCALED:
         s = s * k_scale[None, :]
-    s = tl.where(valid, s, float("-inf"))
+    if MASKED:
+        s = tl.where(valid, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
@@ -65,41 +72,63 @@ def _attention_kernel(
     stride_knb, stride_knh, stride_kns, stride_vnb, stride_vnh, stride_vns,
     stride_fb, stride_ob, stride_os, stride_oh, stride_lb, stride_lh,
     S, qk_scale,
-    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     QUANT: tl.constexpr, SCALE_GROUP: tl.constexpr,
 ):  # fmt: skip
+    """Grid ``(ceil(S / BLOCK_Q), H_kv, B)``: ``BLOCK_Q`` queries of every query head of one KV
+    head's group as one tile of ``G_P2 x BLOCK_Q`` rows (row ``r``: head ``r // BLOCK_Q`` of the
+    group, query ``r % BLOCK_Q``), so each key / value tile is loaded once for the group."""
     tile = tl.program_id(0)
-    qh = tl.program_id(1)
+    h = tl.program_id(1)
     b = tl.program_id(2)
-    h = qh // GROUP
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < S
+    r = tl.arange(0, G_P2 * BLOCK_Q)
+    gi = r // BLOCK_Q
+    rows = tile * BLOCK_Q + r % BLOCK_Q  # the chunk's query index of each row
+    row_ok = (rows < S) & (gi < GROUP)
+    qh = h * GROUP + gi
     d = tl.arange(0, D)
     q = tl.load(
-        Q + b * stride_qb + qh * stride_qh + rows[:, None] * stride_qs + d[None, :],
+        Q + b * stride_qb + qh[:, None] * stride_qh + rows[:, None] * stride_qs + d[None, :],
         mask=row_ok[:, None],
         other=0.0,
     )
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    m_i = tl.full([G_P2 * BLOCK_Q], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_P2 * BLOCK_Q], tl.float32)
+    acc = tl.zeros([G_P2 * BLOCK_Q, D], tl.float32)
 
     base = tl.load(OFFSETS + h).to(tl.int64)
     n = tl.load(FILL + b * stride_fb + h).to(tl.int64)
-    for j0 in range(0, n, BLOCK_N):  # stored slots: all visible
-        cols = j0 + tl.arange(0, BLOCK_N)
-        ok = cols < n
-        slot = base + cols
+    full = n - n % BLOCK_N
+    for j0 in range(0, full, BLOCK_N):  # stored slots: all visible, whole tiles unmasked
+        slot = base + j0 + tl.arange(0, BLOCK_N)
+        ok = slot >= 0
         k, k_scale = _load_slots(K, KS, b * stride_kb, b * stride_ksb, slot, ok, d, stride_kt, stride_kst,
                                  q.dtype, QUANT, SCALE_GROUP, BLOCK_N, D)  # fmt: skip
         v, v_scale = _load_slots(V, VS, b * stride_vb, b * stride_vsb, slot, ok, d, stride_vt, stride_vst,
                                  q.dtype, QUANT, SCALE_GROUP, BLOCK_N, D)  # fmt: skip
-        m_i, l_i, acc = _online_update(
-            q, k, v, ok[None, :], m_i, l_i, acc, qk_scale, k_scale, v_scale, QUANT % 2 == 1
+        m_i, l_i, acc = _tile_update(
+            q, k, v, m_i, l_i, acc, qk_scale, k_scale, v_scale, ok[None, :], QUANT % 2 == 1, False
+        )
+    if full < n:  # the head's last, partial tile
+        cols = full + tl.arange(0, BLOCK_N)
+        ok = cols < n
+        k, k_scale = _load_slots(K, KS, b * stride_kb, b * stride_ksb, base + cols, ok, d, stride_kt, stride_kst,
+                                 q.dtype, QUANT, SCALE_GROUP, BLOCK_N, D)  # fmt: skip
+        v, v_scale = _load_slots(V, VS, b * stride_vb, b * stride_vsb, base + cols, ok, d, stride_vt, stride_vst,
+                                 q.dtype, QUANT, SCALE_GROUP, BLOCK_N, D)  # fmt: skip
+        m_i, l_i, acc = _tile_update(
+            q, k, v, m_i, l_i, acc, qk_scale, k_scale, v_scale, ok[None, :], QUANT % 2 == 1, True
         )
 
-    last = tl.minimum((tile + 1) * BLOCK_M, S)
-    for j0 in range(0, last, BLOCK_N):  # the chunk's keys: causal
+    first = tile * BLOCK_Q
+    below = first - first % BLOCK_N  # key tiles wholly before the tile's first query: unmasked
+    for j0 in range(0, below, BLOCK_N):
+        cols = j0 + tl.arange(0, BLOCK_N)
+        k = tl.load(KN + b * stride_knb + h * stride_knh + cols[:, None] * stride_kns + d[None, :])
+        v = tl.load(VN + b * stride_vnb + h * stride_vnh + cols[:, None] * stride_vns + d[None, :])
+        m_i, l_i, acc = _tile_update(q, k, v, m_i, l_i, acc, qk_scale, qk_scale, qk_scale, True, False, False)
+    last = tl.minimum(first + BLOCK_Q, S)
+    for j0 in range(below, last, BLOCK_N):  # the diagonal: causal
         cols = j0 + tl.arange(0, BLOCK_N)
         ok = cols < S
         k = tl.load(
@@ -113,11 +142,13 @@ def _attention_kernel(
             other=0.0,
         )
         visible = ok[None, :] & (cols[None, :] <= rows[:, None])
-        m_i, l_i, acc = _online_update(q, k, v, visible, m_i, l_i, acc, qk_scale, qk_scale, qk_scale, False)
+        m_i, l_i, acc = _tile_update(
+            q, k, v, m_i, l_i, acc, qk_scale, qk_scale, qk_scale, visible, False, True
+        )
 
     out = acc / l_i[:, None]
     tl.store(
-        OUT + b * stride_ob + rows[:, None] * stride_os + qh * stride_oh + d[None, :],
+        OUT + b * stride_ob + rows[:, None] * stride_os + qh[:, None] * stride_oh + d[None, :],
         out.to(OUT.dtype.element_ty),
         mask=row_ok[:, None],
     )
@@ -125,12 +156,12 @@ def _attention_kernel(
     tl.store(LSE + b * stride_lb + qh * stride_lh + rows, lse, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["S", "OBS"], do_not_specialize_on_alignment=["FILL"])
+@triton.jit(do_not_specialize=["S", "OBS"], do_not_specialize_on_alignment=["FILL", "SCORE"])
 def _mass_kernel(
-    Q, K, KS, KN, FILL, OFFSETS, LSE, MASS,
+    Q, K, KS, KN, FILL, OFFSETS, LSE, SCORE, NEW_MASS,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kt, stride_ksb, stride_kst, stride_knb, stride_knh, stride_kns,
-    stride_fb, stride_lb, stride_lh, stride_mb, stride_mh,
+    stride_fb, stride_lb, stride_lh, stride_sb, stride_mb, stride_mh,
     S, OBS, scale,
     GROUP: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BLOCK_N: tl.constexpr,
     QUANT: tl.constexpr, SCALE_GROUP: tl.constexpr,
@@ -140,36 +171,39 @@ def _mass_kernel(
     b = tl.program_id(2)
     base = tl.load(OFFSETS + h).to(tl.int64)
     fill = tl.load(FILL + b * stride_fb + h).to(tl.int64)
-    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # candidates: [0, fill) stored, [fill, fill + S) new
-    stored = cols < fill
-    i = cols - fill
-    new = (i >= 0) & (i < S)
-    d = tl.arange(0, D)
-    k_new = tl.load(
-        KN + b * stride_knb + h * stride_knh + i[:, None] * stride_kns + d[None, :],
-        mask=new[:, None],
-        other=0.0,
-    )
-    k_stored, k_scale = _load_slots(K, KS, b * stride_kb, b * stride_ksb, base + cols, stored, d,
-                                    stride_kt, stride_kst, k_new.dtype, QUANT, SCALE_GROUP, BLOCK_N, D)  # fmt: skip
-    k = tl.where(stored[:, None], k_stored, k_new)
-    r = tl.arange(0, W)  # (query head of the group, window query) pairs
-    r_ok = r < GROUP * OBS
-    qh = h * GROUP + r // OBS
-    qrow = S - OBS + r % OBS
-    q = tl.load(
-        Q + b * stride_qb + qh[:, None] * stride_qh + qrow[:, None] * stride_qs + d[None, :],
-        mask=r_ok[:, None],
-        other=0.0,
-    )
-    lse = tl.load(LSE + b * stride_lb + qh * stride_lh + qrow, mask=r_ok, other=0.0)
-    s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-    if QUANT % 2 == 1:  # the stored keys' scales (new tokens are full precision)
-        s = s * tl.where(stored, k_scale, 1.0)[None, :]
-    visible = r_ok[:, None] & (stored[None, :] | (new[None, :] & (i[None, :] <= qrow[:, None])))
-    p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
-    mass = tl.sum(p, 0) / GROUP
-    tl.store(MASS + b * stride_mb + h * stride_mh + cols, mass, mask=cols < fill + S)
+    if tile * BLOCK_N < fill + S:  # the grid covers the largest head; shorter ones end sooner
+        cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # candidates: [0, fill) stored, [fill, fill + S) new
+        stored = cols < fill
+        i = cols - fill
+        new = (i >= 0) & (i < S)
+        d = tl.arange(0, D)
+        k_new = tl.load(
+            KN + b * stride_knb + h * stride_knh + i[:, None] * stride_kns + d[None, :],
+            mask=new[:, None],
+            other=0.0,
+        )
+        k_stored, k_scale = _load_slots(K, KS, b * stride_kb, b * stride_ksb, base + cols, stored, d,
+                                        stride_kt, stride_kst, k_new.dtype, QUANT, SCALE_GROUP, BLOCK_N, D)  # fmt: skip
+        k = tl.where(stored[:, None], k_stored, k_new)
+        r = tl.arange(0, W)  # (query head of the group, window query) pairs
+        r_ok = r < GROUP * OBS
+        qh = h * GROUP + r // OBS
+        qrow = S - OBS + r % OBS
+        q = tl.load(
+            Q + b * stride_qb + qh[:, None] * stride_qh + qrow[:, None] * stride_qs + d[None, :],
+            mask=r_ok[:, None],
+            other=0.0,
+        )
+        lse = tl.load(LSE + b * stride_lb + qh * stride_lh + qrow, mask=r_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+        if QUANT % 2 == 1:  # the stored keys' scales (new tokens are full precision)
+            s = s * tl.where(stored, k_scale, 1.0)[None, :]
+        visible = r_ok[:, None] & (stored[None, :] | (new[None, :] & (i[None, :] <= qrow[:, None])))
+        p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
+        mass = tl.sum(p, 0) / GROUP
+        score = SCORE + b * stride_sb + base + cols  # this program's columns: no other writes them
+        tl.store(score, tl.load(score, mask=stored, other=0.0) + mass, mask=stored)
+        tl.store(NEW_MASS + b * stride_mb + h * stride_mh + i, mass, mask=new)
 
 
 def prefill_attention(
@@ -182,8 +216,10 @@ def prefill_attention(
     offsets: torch.Tensor,
     scale: float,
     *,
-    block_m: int = 64,
-    block_n: int = 64,
+    block_m: int | None = None,
+    block_n: int = 128,
+    num_warps: int | None = None,
+    num_stages: int = 3,
     kv_format=None,
     key_scales: torch.Tensor | None = None,
     value_scales: torch.Tensor | None = None,
@@ -206,7 +242,13 @@ def prefill_attention(
         assert t.stride(-1) == 1, "last dimension must be contiguous"
     out = query.new_empty(batch, s, q_heads, dim)
     lse = torch.empty(batch, q_heads, s, dtype=torch.float32, device=query.device)
-    grid = (triton.cdiv(s, block_m), q_heads, batch)
+    group = q_heads // kv_heads
+    wide = dim >= 128  # an H200 sweep (BENCHMARKS.md): 128 rows / 8 warps at head dim 128, 64 / 4 at 64
+    block_m = block_m or (128 if wide else 64)
+    num_warps = num_warps or (8 if wide else 4)
+    g_p2 = triton.next_power_of_2(group)
+    block_q = max(1, block_m // g_p2)  # queries a tile takes of each head of the group
+    grid = (triton.cdiv(s, block_q), kv_heads, batch)
     _attention_kernel[grid](
         query, keys, values, ks, vs, key_new, value_new, fill, offsets, out, lse,
         query.stride(0), query.stride(1), query.stride(2),
@@ -216,7 +258,8 @@ def prefill_attention(
         value_new.stride(0), value_new.stride(1), value_new.stride(2),
         fill.stride(0), out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         s, scale * LOG2E,
-        GROUP=q_heads // kv_heads, D=dim, BLOCK_M=block_m, BLOCK_N=block_n, QUANT=quant, SCALE_GROUP=scale_group,
+        GROUP=group, D=dim, BLOCK_N=block_n, QUANT=quant, SCALE_GROUP=scale_group,
+        num_warps=num_warps, num_stages=num_stages, G_P2=g_p2, BLOCK_Q=block_q,
     )  # fmt: skip
     return (_rotate(out) if rotated else out), lse
 
@@ -228,7 +271,8 @@ def observation_masses(
     fill: torch.Tensor,
     offsets: torch.Tensor,
     lse: torch.Tensor,
-    stored: int,
+    scores: torch.Tensor,
+    longest: int,
     obs: int,
     scale: float,
     *,
@@ -236,9 +280,11 @@ def observation_masses(
     kv_format=None,
     key_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``mass [B, H_kv, stored + S]`` fp32: for head ``h`` of row ``b``, column ``j < fill[b, h]``
-    is its slot ``j`` and column ``fill[b, h] + i`` new token ``i`` (``stored`` >= every fill).
-    Quantized slots as in :func:`prefill_attention`."""
+    """SnapKV's masses of the chunk's last ``obs`` queries (``lse``: their log-sum-exp from
+    :func:`prefill_attention`): each live stored slot's is added to ``scores [B, C]`` (fp32) in
+    place, and the new tokens' are returned, ``[B, H_kv, S]`` fp32. ``longest`` >= every head's
+    fill (its capacity will do: programs past a head's ``fill + S`` return at once). Quantized slots
+    as in :func:`prefill_attention`."""
     batch, q_heads, s, dim = query.shape
     kv_heads = key_new.shape[1]
     group = q_heads // kv_heads
@@ -246,16 +292,16 @@ def observation_masses(
     if rotated:
         query, key_new = _rotate(query), _rotate(key_new)
     ks = key_scales if quant else fill  # never read unquantized
-    mass = torch.zeros(batch, kv_heads, stored + s, dtype=torch.float32, device=query.device)
+    new_mass = torch.empty(batch, kv_heads, s, dtype=torch.float32, device=query.device)
     width = max(16, triton.next_power_of_2(group * obs))
-    grid = (triton.cdiv(stored + s, block_n), kv_heads, batch)
+    grid = (triton.cdiv(longest + s, block_n), kv_heads, batch)
     _mass_kernel[grid](
-        query, keys, ks, key_new, fill, offsets, lse, mass,
+        query, keys, ks, key_new, fill, offsets, lse, scores, new_mass,
         query.stride(0), query.stride(1), query.stride(2),
         keys.stride(0), keys.stride(1), ks.stride(0), ks.stride(1),
         key_new.stride(0), key_new.stride(1), key_new.stride(2),
-        fill.stride(0), lse.stride(0), lse.stride(1), mass.stride(0), mass.stride(1),
+        fill.stride(0), lse.stride(0), lse.stride(1), scores.stride(0), new_mass.stride(0), new_mass.stride(1),
         s, obs, scale,
         GROUP=group, D=dim, W=width, BLOCK_N=block_n, QUANT=quant, SCALE_GROUP=scale_group,
     )  # fmt: skip
-    return mass
+    return new_mass

@@ -56,9 +56,9 @@ class BudgetedLayer(CacheLayerMixin):
     # prefill chunks without padding through SDPA's causal kernels (prefill_attention.unpadded_chunk);
     # False: the per-head biased path every chunk (the reference the fast one is tested against)
     unpadded_prefill = True
-    # later chunks of an unpadded prefill in two Triton launches per layer instead of an SDPA call
-    # per KV head (kernels/prefill_attention.py; where the decode kernels run): on an H200, 2048-
-    # token chunks of a 32k prompt at budget 0.3 take 1.77 s against SDPA's 3.27 (BENCHMARKS.md)
+    # unpadded prefill chunks by the GPU route (kernel_prefill.py: Triton prefill kernels, no host
+    # sync; where the decode kernels run) instead of an SDPA call per KV head: on an H200, 2048-
+    # token chunks of a 32k prompt at budget 0.3 take 1.42 s against SDPA's 3.27 (BENCHMARKS.md)
     prefill_kernel = True
     # a quantized kv_format stores payload + scales (kv_slots.py); False: the model's dtype, each
     # token rounded on entry (quantize -> dequantize), the reference the payload is tested against
@@ -83,7 +83,7 @@ class BudgetedLayer(CacheLayerMixin):
         self.probe = None  # set while a ReconstructionProbe reads through this layer
         self.update_stream = None  # a triton_decode.UpdateStream while a CUDA-graph step overlaps updates
         self.tile_rows = None  # rows the decode kernels' tiles are sized for (default: the batch)
-        self._device_offsets = None  # `offsets` as int32 on the device, for the prefill kernels
+        self._device_offsets = self._device_capacities = None  # int32 on the device, for the prefill kernels
 
     def __repr__(self) -> str:
         return f"BudgetedLayer(capacities={self.capacities}, policy={self.eviction.policy!r})"
@@ -105,7 +105,7 @@ class BudgetedLayer(CacheLayerMixin):
         self.scores = torch.zeros(batch, self.total, dtype=torch.float32, device=dev)  # [B, sum(cap)]
         self.fill = torch.zeros(batch, heads, dtype=torch.int64, device=dev)  # [B, H_kv]
         self.valid_seen = torch.zeros(batch, dtype=torch.int64, device=dev)  # [B] next position per row
-        self.seen = 0  # tokens processed, padding included (what transformers calls the sequence length)
+        self.seen = 0  # tokens processed, padding included; >= every fill (kernel_prefill relies on it)
         self._slot_map = None  # built on first use: only the PyTorch one-token path needs it
         # [B] rows a one-token step without a mask writes: all of them, except in a slot pool,
         # whose engine clears the rows that are free or still prefilling (runtime/slot_pool.py)
@@ -133,6 +133,13 @@ class BudgetedLayer(CacheLayerMixin):
         if self._device_offsets is None:
             self._device_offsets = torch.tensor(self.offsets, dtype=torch.int32, device=self.device)
         return self._device_offsets
+
+    @property
+    def device_capacities(self) -> torch.Tensor:
+        """``capacities`` as an int32 tensor on the cache's device (built once, as ``device_offsets``)."""
+        if self._device_capacities is None:
+            self._device_capacities = torch.tensor(self.capacities, dtype=torch.int32, device=self.device)
+        return self._device_capacities
 
     @property
     def slot_map(self) -> SlotMap:
@@ -305,6 +312,11 @@ class BudgetedLayer(CacheLayerMixin):
         obs = min(q_len, self.eviction.obs_window)
         kernels = self._use_kernels()
         if attention_mask is None and self.probe is None and self.unpadded_prefill:
+            if kernels and self.prefill_kernel:  # the GPU: no host sync (kernel_prefill.py)
+                from baklava.runtime import kernel_prefill
+
+                out = kernel_prefill.chunk(self, query, k_new, v_new, slots, scaling, obs * need_scores)
+                return out, None
             fast = prefill_attention.unpadded_chunk(self, query, k_new, v_new, scaling, obs * need_scores)
             if fast is not None:
                 out, masses = fast
@@ -342,8 +354,10 @@ class BudgetedLayer(CacheLayerMixin):
     def _commit(self, slots: dict, valid, masses, kernels: bool) -> None:
         """Store a prefill chunk (``slots``: each slot tensor's new rows ``[B, H_kv, q, width]``,
         ``masses``: each head's ``(n, mass)``)."""
-        if kernels:  # heads are independent: all of them in two launches
-            self._commit_chunk(slots, valid, masses)
+        if kernels:  # heads are independent: all of them at once (kernels/prefill_select.py)
+            from baklava.runtime import kernel_prefill
+
+            kernel_prefill.commit_masked(self, slots, valid, masses)
         else:
             for h, (n, mass) in enumerate(masses):
                 self._commit_head(h, n, {name: new[:, h] for name, new in slots.items()}, valid, mass)
@@ -358,30 +372,6 @@ class BudgetedLayer(CacheLayerMixin):
         return (
             self.device.type == "cuda" and triton_decode.supports(self.head_dim) and triton_decode.available()
         )
-
-    def _commit_chunk(self, slots: dict, valid, masses) -> None:
-        """Every head's :meth:`_commit_head` in two kernel launches (the GPU path of a prefill
-        chunk): ``masses`` holds each head's ``(n, mass [B, n + q] or None)``."""
-        from baklava.kernels.prefill_select import packed_prefill_select
-
-        ev = self.eviction
-        q_len = valid.shape[1]
-        new_scores = torch.zeros(self.batch_size, self.num_heads, q_len, device=self.device)
-        for h, (off, (n, mass)) in enumerate(zip(self.offsets, masses, strict=True)):
-            if mass is not None:
-                self.scores[:, off : off + n] += mass[:, :n]
-                new = mass[:, n:].masked_fill(~valid, 0)
-                new_scores[:, h] = snapkv_pool(new, ev.pool_kernel) if q_len > 1 else new
-        pairs = kv_slots.slot_pairs(self)  # (keys, values), then (key_scales, value_scales)
-        result = packed_prefill_select(
-            [(getattr(self, k), getattr(self, v), slots[k].contiguous(), slots[v].contiguous()) for k, v in pairs],
-            self.positions, self.scores, self.fill,
-            self.valid_seen[:, None] + valid.cumsum(1) - 1, new_scores, valid, self.valid_seen + valid.sum(1),
-            self.capacities, self.device_offsets, sink=ev.sink, window=ev.window, policy=ev.policy,
-        )  # fmt: skip
-        names = [*self.slot_names, "positions", "scores", "fill"]  # the order pairs were given in
-        for name, value in zip(names, result, strict=True):
-            getattr(self, name).copy_(value)
 
     def _commit_head(self, h: int, n: int, new: dict, valid: torch.Tensor, mass: torch.Tensor | None) -> None:
         """Write head ``h``'s new tokens (``new``: each slot tensor's rows ``[B, q, width]``) into its

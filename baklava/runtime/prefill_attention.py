@@ -1,7 +1,8 @@
 """Prefill attention of a chunk over a head's ``[stored slots | new tokens]``.
 
-Chunks without padding take :func:`unpadded_chunk` (SDPA's causal kernels, no bias); padded
-batches build each head's bias, in query blocks.
+Chunks without padding take :func:`unpadded_chunk` (SDPA's causal kernels, no bias) on the CPU
+and wherever the Triton kernels are off (on the GPU they take :mod:`baklava.runtime.kernel_prefill`,
+tested against this path); padded batches build each head's bias, in query blocks.
 
 :meth:`baklava.runtime.packed_cache.BudgetedLayer.attend` runs SDPA per KV head for prefill
 chunks; these helpers keep its memory bounded for long prompts: queries go ``QUERY_BLOCK`` at a
@@ -103,7 +104,8 @@ def unpadded_chunk(layer, query, k_new, v_new, scale, obs: int):
 
     Returns ``(out [B, Hq, s, D], [(n_h, mass_h [B, n_h + s] or None) per KV head])`` for the
     layer's commit (``obs`` = 0: no scores), or None when the rows hold different numbers of
-    tokens (then the caller masks per row)."""
+    tokens (then the caller masks per row). The reference of the GPU route
+    (:func:`baklava.runtime.kernel_prefill.chunk`)."""
     batch, q_heads, s, _ = query.shape
     heads = layer.num_heads
     group = q_heads // heads
@@ -116,8 +118,6 @@ def unpadded_chunk(layer, query, k_new, v_new, scale, obs: int):
             return out, [(0, None)] * heads
         mass = observation_mass(query, k_new, 0, obs, scale)
         return out, [(0, mass[:, h]) for h in range(heads)]
-    if layer.prefill_kernel and layer._use_kernels():
-        return _kernel_chunk(layer, query, k_new, v_new, scale, obs, fills[0])
     out = query.new_empty(batch, q_heads, s, v_new.shape[-1])
     masses = []
     for h, (off, n) in enumerate(zip(layer.offsets, fills[0], strict=True)):
@@ -128,37 +128,6 @@ def unpadded_chunk(layer, query, k_new, v_new, scale, obs: int):
         out[:, h * group : (h + 1) * group] = causal_attention(qh, k, v, n, scale)
         masses.append((n, observation_mass(qh, k, n, obs, scale)[:, 0] if obs else None))
     return out, masses
-
-
-def _kernel_chunk(layer, query, k_new, v_new, scale, obs: int, fills: list[int]):
-    """:func:`unpadded_chunk` 's later chunks in two Triton launches for the whole layer
-    (:mod:`baklava.kernels.prefill_attention`): stored slots read in place (quantized ones as
-    payload + scales, dequantized in registers), no per-head loop."""
-    from baklava.kernels.prefill_attention import observation_masses, prefill_attention
-    from baklava.runtime import kv_slots
-
-    offsets = layer.device_offsets
-    keys, values, kv_format = kv_slots.kernel_operands(layer)
-    quantized = dict(kv_format=kv_format, key_scales=layer.key_scales)
-    out, lse = prefill_attention(
-        query,
-        keys,
-        values,
-        k_new,
-        v_new,
-        layer.fill,
-        offsets,
-        scale,
-        value_scales=layer.value_scales,
-        **quantized,
-    )
-    if not obs:
-        return out.transpose(1, 2), [(n, None) for n in fills]
-    mass = observation_masses(
-        query, keys, k_new, layer.fill, offsets, lse, max(fills), obs, scale, **quantized
-    )
-    s = query.shape[2]
-    return out.transpose(1, 2), [(n, mass[:, h, : n + s]) for h, n in enumerate(fills)]
 
 
 def append_chunk(layer, slots: dict, masses) -> None:

@@ -60,7 +60,7 @@ def _view(layer: BudgetedLayer, start: int, stop: int) -> BudgetedLayer:
     view.batch_size, view.num_heads, view.head_dim = stop - start, layer.num_heads, layer.head_dim
     view.value_dim = layer.value_dim
     view.dtype, view.device = layer.dtype, layer.device
-    view.seen = 0
+    view.seen = 0  # a prefill through a view needs seen >= fill: rows are emptied first (reset_row)
     view._slot_map = None
     view.step_rows = torch.ones(stop - start, dtype=torch.bool, device=layer.device)
     view.tile_rows = layer.batch_size

@@ -1,0 +1,127 @@
+"""A prefill chunk without padding on the GPU: attention, SnapKV masses and commit, never waiting
+for the device.
+
+:meth:`BudgetedLayer.attend <baklava.runtime.packed_cache.BudgetedLayer.attend>` sends unpadded
+chunks here where the Triton kernels run. Nothing the host decides reads a device tensor: the
+fill pointers stay on the GPU (the kernels read them per row), and whether every head has room
+for the chunk follows from ``seen`` (a head never holds more tokens than its layer has seen), so
+the CPU queues every layer's kernels ahead of the GPU instead of stopping at each layer (the
+per-head path read the fills back every layer: on an H200, 2048-token chunks of a 32k prompt left
+the GPU idle a fifth of the prefill).
+
+::
+
+    first chunk (seen == 0)  flash SDPA, causal, every head     SnapKV masses (PyTorch)
+    later chunks             kernels/prefill_attention.py       stored slots read in place; masses
+                                                                of stored slots added to scores
+    commit                   room in every head: appended in place (one index_copy per tensor)
+                             else: kernels/prefill_select.py (priorities, sort, gather)
+
+:func:`commit_masked` is the same commit for padded chunks, whose attention and masses come from
+the per-head path.
+
+The per-head SDPA path (:func:`baklava.runtime.prefill_attention.unpadded_chunk`) is the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from baklava.kernels.prefill_attention import observation_masses, prefill_attention
+from baklava.kernels.prefill_select import packed_prefill_select
+from baklava.runtime import kv_slots
+from baklava.runtime.prefill_attention import causal_attention, observation_mass
+from baklava.runtime.selection import snapkv_pool
+
+
+def chunk(layer, query, k_new, v_new, slots: dict, scale: float, obs: int) -> torch.Tensor:
+    """Attend ``query [B, H_q, S, D]`` over ``layer`` 's stored slots and the chunk (``k_new``,
+    ``v_new [B, H_kv, S, D]``), then store the chunk (``slots``: each slot tensor's rows
+    ``[B, H_kv, S, width]``), scored by its last ``obs`` queries (0: no scores, the ring policy).
+    Returns the attention output ``[B, S, H_q, D]``, contiguous."""
+    if layer.seen == 0:  # nothing stored: one flash call for every head
+        out = causal_attention(query, k_new, v_new, 0, scale).transpose(1, 2).contiguous()
+        new_mass = observation_mass(query, k_new, 0, obs, scale) if obs else None
+    else:
+        keys, values, kv_format = kv_slots.kernel_operands(layer)
+        quantized = dict(kv_format=kv_format, key_scales=layer.key_scales)
+        offsets = layer.device_offsets
+        out, lse = prefill_attention(
+            query, keys, values, k_new, v_new, layer.fill, offsets, scale,
+            value_scales=layer.value_scales, **quantized,
+        )  # fmt: skip
+        new_mass = None
+        if obs:
+            longest = max(layer.capacities)
+            new_mass = observation_masses(
+                query, keys, k_new, layer.fill, offsets, lse, layer.scores, longest, obs, scale, **quantized
+            )
+    commit(layer, slots, new_mass)
+    return out
+
+
+def commit(layer, slots: dict, new_mass: torch.Tensor | None) -> None:
+    """Store an unpadded chunk whose stored slots' masses are already in ``layer.scores``;
+    ``new_mass [B, H_kv, S]`` the new tokens' (pooled here), None for zero scores."""
+    batch, heads, s = next(iter(slots.values())).shape[:3]
+    if new_mass is None:
+        new_scores = torch.zeros(batch, heads, s, device=layer.device)
+    elif s > 1:  # SnapKV pooling along each head's new tokens
+        pooled = snapkv_pool(new_mass.view(batch * heads, s), layer.eviction.pool_kernel)
+        new_scores = pooled.view(batch, heads, s)
+    else:
+        new_scores = new_mass
+    if layer.seen + s <= min(layer.capacities):  # fill <= seen: every head has room
+        append(layer, slots, new_scores)
+    else:
+        valid = torch.ones(batch, s, dtype=torch.bool, device=layer.device)
+        select(layer, slots, valid, new_scores)
+    layer.valid_seen += s
+    layer.seen += s
+
+
+def commit_masked(layer, slots: dict, valid: torch.Tensor, masses) -> None:
+    """Every head's ``BudgetedLayer._commit_head`` at once for a chunk with padding (``valid
+    [B, S]``; ``masses``: each head's ``(n, mass [B, n + S] or None)`` from the per-head path).
+    The caller advances ``seen``."""
+    batch, heads, s = next(iter(slots.values())).shape[:3]
+    new_scores = torch.zeros(batch, heads, s, device=layer.device)
+    for h, (off, (n, mass)) in enumerate(zip(layer.offsets, masses, strict=True)):
+        if mass is not None:
+            layer.scores[:, off : off + n] += mass[:, :n]
+            new = mass[:, n:].masked_fill(~valid, 0)
+            new_scores[:, h] = snapkv_pool(new, layer.eviction.pool_kernel) if s > 1 else new
+    select(layer, slots, valid, new_scores)
+
+
+def select(layer, slots: dict, valid: torch.Tensor, new_scores: torch.Tensor) -> None:
+    """Keep each head's highest-priority candidates (its live slots, then the chunk's valid
+    tokens scored ``new_scores [B, H_kv, S]``), in arrival order: ``kernels/prefill_select.py``."""
+    ev = layer.eviction
+    new_positions = layer.valid_seen[:, None] + valid.cumsum(1) - 1
+    seen_after = layer.valid_seen + valid.sum(1)
+    pairs = kv_slots.slot_pairs(layer)  # (keys, values), then (key_scales, value_scales)
+    result = packed_prefill_select(
+        [(getattr(layer, k), getattr(layer, v), slots[k].contiguous(), slots[v].contiguous()) for k, v in pairs],
+        layer.positions, layer.scores, layer.fill, new_positions, new_scores, valid, seen_after,
+        layer.capacities, layer.device_offsets, sink=ev.sink, window=ev.window, policy=ev.policy,
+        device_capacities=layer.device_capacities,
+    )  # fmt: skip
+    for name, value in zip([*layer.slot_names, "positions", "scores", "fill"], result, strict=True):
+        getattr(layer, name).copy_(value)
+
+
+def append(layer, slots: dict, new_scores: torch.Tensor) -> None:
+    """Write the chunk after each head's live slots, every row and head in one ``index_copy_`` per
+    slot tensor (the reference's room-for-everything branch); the caller knows every head has room."""
+    batch, heads, s = new_scores.shape
+    step = torch.arange(s, device=layer.device)
+    dest = layer.device_offsets.to(torch.int64)[None, :, None] + layer.fill[:, :, None] + step  # [B, H, S]
+    rows = (torch.arange(batch, device=layer.device)[:, None, None] * layer.total + dest).view(-1)
+    for name, new in slots.items():  # [B, H, S, width] into [B, sum(cap), width]
+        buf = getattr(layer, name)
+        buf.view(-1, buf.shape[-1]).index_copy_(0, rows, new.reshape(-1, new.shape[-1]))
+    positions = (layer.valid_seen[:, None, None] + step).expand(batch, heads, s)
+    layer.positions.view(-1).index_copy_(0, rows, positions.reshape(-1))
+    layer.scores.view(-1).index_copy_(0, rows, new_scores.reshape(-1))
+    layer.fill += s
