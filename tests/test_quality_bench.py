@@ -16,6 +16,7 @@ from baklava.eviction import EvictionConfig
 from baklava.profiles.head_scores import HeadScores
 from baklava.runtime import BudgetedCache, enable
 from baklava.runtime.cache_keyword import forward_cache
+from baklava.runtime.packed_cache import BudgetedLayer
 
 
 @pytest.fixture(scope="module")
@@ -631,6 +632,25 @@ def test_every_cache_of_a_run_stores_in_its_kv_dtype(tiny_llama):
         assert abs(a["score"] - b["score"]) / a["score"] < 0.05
     chunked = Runner(tiny_llama, _Tok(), ctx, kv_dtype="int8", prefill_chunk=16).run(ppl, "-", todo)
     assert [r["kv_dtype"] for r in chunked] == ["int8"] * 4
+
+
+def test_smoothed_keys_change_the_int8_perplexity_and_the_report_says_so(tiny_llama, monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 96, (52,), generator=g).tolist()
+    ppl = [Sample("ppl", 64, 0, ids[:40], [], [], 0)]
+    ppl[0].query_ids.extend(ids[40:])
+    ctx = MethodContext(HeadScores.constant(2, 2), EvictionConfig(sink=2, window=4), {})
+    scores = {}
+    for smooth in (False, True):
+        monkeypatch.setattr(BudgetedLayer, "smooth_keys", smooth)  # what run_quality sets from --smooth-keys
+        runner = Runner(tiny_llama, _Tok(), ctx, kv_dtype="int8")
+        assert runner._full_cache(8).layers[0].smooth_keys is smooth
+        scores[smooth] = runner.run(ppl, "-", combos(["uniform"], [0.3]))[0]["score"]
+    assert scores[True] != scores[False] and abs(scores[True] / scores[False] - 1) < 0.05
+    rows = [r | {"kv_dtype": kv} for kv in ("auto", "int8") for r in _rows({("baklava", 0.3): (1.0, 0.5)})]
+    summary = report.summarize(rows) | {"kv_dtypes": report.kv_dtype_table(rows, ["auto", "int8"])}
+    md = report.markdown(summary, {"model": "m", "lengths": [64], "samples": 1, "smooth_keys": True})
+    assert "Quantized keys stored minus their head's mean key" in md
 
 
 def test_the_report_compares_each_kv_dtype_with_the_first():

@@ -184,6 +184,13 @@ def _width_or_auto(value: str) -> int | str:
     "runs once per format, the first is the baseline the others are compared with.",
 )
 @click.option(
+    "--smooth-keys/--no-smooth-keys",
+    default=False,
+    show_default=True,
+    help="Quantized formats store each key minus its head's mean key (exact for attention; cuts the "
+    "error a shared key offset costs). PyTorch runtime only.",
+)
+@click.option(
     "--baklava-selection",
     type=click.Choice(["auto", "shared", "own"]),
     default="auto",
@@ -215,6 +222,7 @@ def quality_bench(
     reconstruct_pool,
     prefill_chunk,
     kv_dtypes,
+    smooth_keys,
     baklava_selection,
     settings,
     scorer,
@@ -244,6 +252,7 @@ def quality_bench(
         baklava_selection=baklava_selection,
         prefill_chunk=prefill_chunk,
         kv_dtypes=tuple(kv_dtypes),
+        smooth_keys=smooth_keys,
         extra={"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])},
     )
     check_writable(Path(out) / "quality.json")

@@ -63,7 +63,10 @@ class BudgetedLayer(CacheLayerMixin):
     # a quantized kv_format stores payload + scales (kv_slots.py); False: the model's dtype, each
     # token rounded on entry (quantize -> dequantize), the reference the payload is tested against
     quantized_storage = True
+    # quantized keys stored minus their head's mean key (kv_slots.py); the PyTorch runtime only
+    smooth_keys = False
     key_scales = value_scales = None  # a quantized layer's [B, sum(cap), G] float16 scales
+    key_mean = None  # a smoothing layer's [B, H_kv, D] float32 mean keys (kv_slots.py)
     is_compileable = False
     is_croppable = False
     supports_early_init = True
@@ -73,6 +76,7 @@ class BudgetedLayer(CacheLayerMixin):
         # how a slot stores a token (kv_format.py, kv_slots.py): the model's dtype, or payload + scales
         self.kv_format = kv_format_module.parse(kv_format)
         self.quantized_storage = type(self).quantized_storage  # fixed for the layer's life
+        self.smooth_keys = type(self).smooth_keys
         self.capacities = [int(c) for c in capacities]
         if not self.capacities or min(self.capacities) < 1:
             raise ValueError(f"every head needs a capacity >= 1, got {self.capacities}")
@@ -120,7 +124,7 @@ class BudgetedLayer(CacheLayerMixin):
     @property
     def state_names(self) -> tuple[str, ...]:
         """Every per-row state tensor (what a slot pool's row or a CUDA-graph snapshot holds)."""
-        return self.slot_names + kv_slots.META
+        return self.slot_names + kv_slots.META + kv_slots.state_extra(self)
 
     def stored(self, name: str, *index) -> torch.Tensor:
         """``keys`` or ``values`` ``[index]`` in the model's dtype (quantized slots dequantized)."""
@@ -239,7 +243,7 @@ class BudgetedLayer(CacheLayerMixin):
         scores themselves were computed by this layer's ``obs_window`` and ``pool_kernel``.
         """
         out = BudgetedLayer(capacities, eviction or self.eviction, self.kv_format)
-        out.quantized_storage = self.quantized_storage
+        out.quantized_storage, out.smooth_keys = self.quantized_storage, self.smooth_keys
         if not self.is_initialized:
             return out
         if len(out.capacities) != self.num_heads:
@@ -252,6 +256,8 @@ class BudgetedLayer(CacheLayerMixin):
             torch.empty(self.batch_size, self.num_heads, 0, self.value_dim, **like),
         )
         out.seen, out.valid_seen = self.seen, self.valid_seen.clone()
+        if self.key_mean is not None:
+            out.key_mean.copy_(self.key_mean)
         ev = out.eviction
         for h, (off, new_off, cap) in enumerate(zip(self.offsets, out.offsets, out.capacities, strict=True)):
             fill = self.fill[:, h]

@@ -25,6 +25,7 @@ from baklava.bench.quality.methods import METHODS, MethodContext
 from baklava.bench.quality.runner import AGNOSTIC_SCORING, SETTINGS, Runner, combos
 from baklava.bench.quality.tasks import TASKS, build_suite
 from baklava.errors import BaklavaError
+from baklava.runtime.packed_cache import BudgetedLayer
 from baklava.runtime.shared_selection import SELECTIONS
 
 DEFAULT_BUDGETS = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
@@ -60,6 +61,8 @@ class QualityConfig:
     # storage formats of the cache (baklava.kv_format), each run over the whole suite; the first
     # is the baseline the summary and targets read, the others are compared with it
     kv_dtypes: tuple[str, ...] = ("auto",)
+    # quantized formats store keys minus their head's mean key (BudgetedLayer.smooth_keys)
+    smooth_keys: bool = False
     chat: bool = True
     extra: dict = field(default_factory=dict)  # recorded in the JSON (command line, profile source)
 
@@ -168,14 +171,19 @@ def run_quality(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / "quality.partial.jsonl"  # rows as they finish: a cut-off run keeps its results
-    with partial.open("w", encoding="utf-8") as log:
-        for batch, setting in work:
-            for runner in runners:
-                bar.set_postfix_str(f"{batch[0].task} {batch[0].length} {setting} {runner.kv_dtype}")
-                done = runner.run(batch, setting, todo)
-                log.writelines(json.dumps(r) + "\n" for r in done)
-                log.flush()
-                rows += done
+    smoothing = BudgetedLayer.smooth_keys
+    BudgetedLayer.smooth_keys = config.smooth_keys  # for every cache the runners build
+    try:
+        with partial.open("w", encoding="utf-8") as log:
+            for batch, setting in work:
+                for runner in runners:
+                    bar.set_postfix_str(f"{batch[0].task} {batch[0].length} {setting} {runner.kv_dtype}")
+                    done = runner.run(batch, setting, todo)
+                    log.writelines(json.dumps(r) + "\n" for r in done)
+                    log.flush()
+                    rows += done
+    finally:
+        BudgetedLayer.smooth_keys = smoothing
     bar.close()
     device = next(lm.model.parameters()).device
     meta = {
@@ -197,6 +205,7 @@ def run_quality(
         "baklava_selection": config.baklava_selection,
         "prefill_chunk": config.prefill_chunk,
         "kv_dtypes": list(config.kv_dtypes),
+        "smooth_keys": config.smooth_keys,
         "scorer": profile.scores.method,  # head scores BaKlaVa allocates by
         "search_objective": objective,
         "search_floors": list(settings.search_floors) if objective else None,

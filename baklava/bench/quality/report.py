@@ -241,6 +241,8 @@ def markdown(summary: dict, meta: dict, checks: dict[str, list[dict]] | None = N
             lines.append("")
     if summary.get("kv_dtypes"):
         lines += _kv_dtype_lines(summary["kv_dtypes"], budgets)
+        if meta.get("smooth_keys"):
+            lines += ["Quantized keys stored minus their head's mean key (`--smooth-keys`).", ""]
     lines += ["Per task (all settings, mean score):", ""]
     lines += _per_task(summary)
     return "\n".join(lines) + "\n"
