@@ -2,7 +2,7 @@
 
 import torch
 
-from baklava.runtime.selection import chronological_keep, keep_priority
+from baklava.runtime.selection import chronological_keep, keep_priority, snapkv_pool
 
 
 def _keep(scores, positions, seen, keep, *, sink=0, window=0, policy="h2o"):
@@ -34,3 +34,15 @@ def test_tiers_sink_then_window_then_score():
 
 def test_ring_keeps_the_most_recent_body_tokens():
     assert _keep([9.0, 0.0, 0.0, 0.0], [0, 1, 2, 3], seen=4, keep=2, policy="ring") == [2, 3]
+
+
+def test_snapkv_pool_pools_each_row_of_any_leading_shape_alone():
+    scores = torch.zeros(2, 3, 9)
+    scores[0, 1, 4] = 1.0  # one peak: pooled over its 3 neighbours, in its own row only
+    scores[1, 2, 0] = 2.0  # at the edge: padding adds nothing
+    pooled = snapkv_pool(scores, 3)
+    assert pooled.shape == (2, 3, 9)
+    assert pooled[0, 1].tolist() == [0, 0, 0, 1, 1, 1, 0, 0, 0]
+    assert pooled[1, 2].tolist() == [2, 2, 0, 0, 0, 0, 0, 0, 0]
+    assert pooled.sum() == 3 + 4  # every other row stays zero
+    assert torch.equal(pooled.view(6, 9), snapkv_pool(scores.view(6, 9), 3))

@@ -14,7 +14,7 @@ the GPU idle a fifth of the prefill).
     first chunk (seen == 0)  flash SDPA, causal, every head     SnapKV masses (PyTorch)
     later chunks             kernels/prefill_attention.py       stored slots read in place; masses
                                                                 of stored slots added to scores
-    commit                   room in every head: appended in place (one index_copy per tensor)
+    commit                   room in every head: prefill_attention.append (one index_copy per tensor)
                              else: kernels/prefill_select.py (priorities, sort, gather)
 
 :func:`commit_masked` is the same commit for padded chunks, whose attention and masses come from
@@ -30,7 +30,7 @@ import torch
 from baklava.kernels.prefill_attention import observation_masses, prefill_attention
 from baklava.kernels.prefill_select import packed_prefill_select
 from baklava.runtime import kv_slots
-from baklava.runtime.prefill_attention import causal_attention, observation_mass
+from baklava.runtime.prefill_attention import append, causal_attention, observation_mass
 from baklava.runtime.selection import snapkv_pool
 
 
@@ -66,11 +66,8 @@ def commit(layer, slots: dict, new_mass: torch.Tensor | None) -> None:
     batch, heads, s = next(iter(slots.values())).shape[:3]
     if new_mass is None:
         new_scores = torch.zeros(batch, heads, s, device=layer.device)
-    elif s > 1:  # SnapKV pooling along each head's new tokens
-        pooled = snapkv_pool(new_mass.view(batch * heads, s), layer.eviction.pool_kernel)
-        new_scores = pooled.view(batch, heads, s)
     else:
-        new_scores = new_mass
+        new_scores = snapkv_pool(new_mass, layer.eviction.pool_kernel)
     if layer.seen + s <= min(layer.capacities):  # fill <= seen: every head has room
         append(layer, slots, new_scores)
     else:
@@ -89,9 +86,8 @@ def commit_masked(layer, slots: dict, valid: torch.Tensor, masses) -> None:
     for h, (off, (n, mass)) in enumerate(zip(layer.offsets, masses, strict=True)):
         if mass is not None:
             layer.scores[:, off : off + n] += mass[:, :n]
-            new = mass[:, n:].masked_fill(~valid, 0)
-            new_scores[:, h] = snapkv_pool(new, layer.eviction.pool_kernel) if s > 1 else new
-    select(layer, slots, valid, new_scores)
+            new_scores[:, h] = mass[:, n:].masked_fill(~valid, 0)
+    select(layer, slots, valid, snapkv_pool(new_scores, layer.eviction.pool_kernel))
 
 
 def select(layer, slots: dict, valid: torch.Tensor, new_scores: torch.Tensor) -> None:
@@ -109,19 +105,3 @@ def select(layer, slots: dict, valid: torch.Tensor, new_scores: torch.Tensor) ->
     )  # fmt: skip
     for name, value in zip([*layer.slot_names, "positions", "scores", "fill"], result, strict=True):
         getattr(layer, name).copy_(value)
-
-
-def append(layer, slots: dict, new_scores: torch.Tensor) -> None:
-    """Write the chunk after each head's live slots, every row and head in one ``index_copy_`` per
-    slot tensor (the reference's room-for-everything branch); the caller knows every head has room."""
-    batch, heads, s = new_scores.shape
-    step = torch.arange(s, device=layer.device)
-    dest = layer.device_offsets.to(torch.int64)[None, :, None] + layer.fill[:, :, None] + step  # [B, H, S]
-    rows = (torch.arange(batch, device=layer.device)[:, None, None] * layer.total + dest).view(-1)
-    for name, new in slots.items():  # [B, H, S, width] into [B, sum(cap), width]
-        buf = getattr(layer, name)
-        buf.view(-1, buf.shape[-1]).index_copy_(0, rows, new.reshape(-1, new.shape[-1]))
-    positions = (layer.valid_seen[:, None, None] + step).expand(batch, heads, s)
-    layer.positions.view(-1).index_copy_(0, rows, positions.reshape(-1))
-    layer.scores.view(-1).index_copy_(0, rows, new_scores.reshape(-1))
-    layer.fill += s

@@ -132,26 +132,37 @@ def unpadded_chunk(layer, query, k_new, v_new, scale, obs: int):
 
 def append_chunk(layer, slots: dict, masses) -> None:
     """Commit an unpadded chunk (``slots``: each slot tensor's ``[B, H_kv, S, width]``) that fits
-    every head (``n + S <= cap`` for each head's ``(n, mass)`` of :func:`unpadded_chunk`): each head's new tokens go
-    after its live slots, in place, as the reference's room-for-everything branch
-    (``BudgetedLayer._commit_head``) writes them. No selection, no copy of the layer: at budget 1.0
-    every chunk of a prompt within the reference context takes this path."""
-    s = slots["keys"].shape[2]
-    positions = layer.valid_seen[:, None] + torch.arange(s, device=layer.device)  # [B, S]
+    every head (``n + S <= cap`` for each head's ``(n, mass)`` of :func:`unpadded_chunk`): stored
+    slots add their masses to their scores, and :func:`append` writes the new tokens after them.
+    No selection, no copy of the layer: at budget 1.0 every chunk of a prompt within the reference
+    context takes this path."""
+    batch, heads, s = slots["keys"].shape[:3]
+    new_scores = torch.zeros(batch, heads, s, device=layer.device)
     for h, ((n, mass), off) in enumerate(zip(masses, layer.offsets, strict=True)):
-        lo = off + n
-        for name, new in slots.items():
-            getattr(layer, name)[:, lo : lo + s] = new[:, h]
-        layer.positions[:, lo : lo + s] = positions
-        if mass is None:
-            layer.scores[:, lo : lo + s] = 0
-        else:
+        if mass is not None:
             layer.scores[:, off : off + n] += mass[:, :n]
-            new = mass[:, n:]
-            layer.scores[:, lo : lo + s] = snapkv_pool(new, layer.eviction.pool_kernel) if s > 1 else new
-    layer.fill += s
+            new_scores[:, h] = mass[:, n:]
+    append(layer, slots, snapkv_pool(new_scores, layer.eviction.pool_kernel))
     layer.valid_seen += s
     layer.seen += s
+
+
+def append(layer, slots: dict, new_scores: torch.Tensor) -> None:
+    """Write a chunk without padding after each head's live slots (``fill``, read on the device),
+    every row and head in one ``index_copy_`` per slot tensor: the reference's room-for-everything
+    branch (``BudgetedLayer._commit_head``). ``new_scores [B, H_kv, S]``: the new tokens' scores;
+    the caller knows every head has room and advances ``seen``."""
+    batch, heads, s = new_scores.shape
+    step = torch.arange(s, device=layer.device)
+    dest = layer.device_offsets.to(torch.int64)[None, :, None] + layer.fill[:, :, None] + step  # [B, H, S]
+    rows = (torch.arange(batch, device=layer.device)[:, None, None] * layer.total + dest).view(-1)
+    for name, new in slots.items():  # [B, H, S, width] into [B, sum(cap), width]
+        buf = getattr(layer, name)
+        buf.view(-1, buf.shape[-1]).index_copy_(0, rows, new.reshape(-1, new.shape[-1]))
+    positions = (layer.valid_seen[:, None, None] + step).expand(batch, heads, s)
+    layer.positions.view(-1).index_copy_(0, rows, positions.reshape(-1))
+    layer.scores.view(-1).index_copy_(0, rows, new_scores.reshape(-1))
+    layer.fill += s
 
 
 def head_inputs(layer, h: int, query, k_new, v_new, new_bias):

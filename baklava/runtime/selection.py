@@ -64,10 +64,12 @@ def keep_priority(
 
 
 def snapkv_pool(scores: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Max-pool ``[B, N]`` scores over ``kernel`` neighbours (SnapKV keeps clusters, not points)."""
+    """Max-pool ``[..., N]`` scores along ``N`` over ``kernel`` neighbours (SnapKV keeps clusters,
+    not points); each leading index pools alone."""
     if kernel <= 1 or scores.shape[-1] <= 1:
         return scores
-    return F.max_pool1d(scores[:, None], kernel, stride=1, padding=kernel // 2)[:, 0]
+    flat = scores.reshape(-1, 1, scores.shape[-1])
+    return F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2).view(scores.shape)
 
 
 def chronological_keep(priority: torch.Tensor, valid: torch.Tensor, keep: int) -> torch.Tensor:
