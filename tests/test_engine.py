@@ -171,6 +171,19 @@ def test_pool_size_from_memory():
     assert pool.kv_bytes() == 3 * per
 
 
+def test_row_views_share_the_pools_head_tables():
+    """An admission's row view reads the pool layer's offset / capacity tables instead of
+    building its own (on a GPU each build was a host sync per layer per admission)."""
+    pool = SlotPool(CAPS, EVICTION, 3, head_dim=16, q_heads=4, dtype=torch.bfloat16, device="cpu")
+    for layer, view in zip(pool.cache.layers, pool.row_view(1).layers, strict=True):
+        assert view.device_offsets is layer.device_offsets
+        assert view.device_capacities is layer.device_capacities
+        assert (
+            view.device_offsets.tolist() == layer.offsets
+            and view.device_capacities.tolist() == layer.capacities
+        )
+
+
 def test_buckets_cover_every_row_count():
     assert buckets(1) == [1]
     assert buckets(6) == [1, 2, 4, 6]

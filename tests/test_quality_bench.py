@@ -649,8 +649,11 @@ def test_smoothed_keys_change_the_int8_perplexity_and_the_report_says_so(tiny_ll
     assert scores[True] != scores[False] and abs(scores[True] / scores[False] - 1) < 0.05
     rows = [r | {"kv_dtype": kv} for kv in ("auto", "int8") for r in _rows({("baklava", 0.3): (1.0, 0.5)})]
     summary = report.summarize(rows) | {"kv_dtypes": report.kv_dtype_table(rows, ["auto", "int8"])}
-    md = report.markdown(summary, {"model": "m", "lengths": [64], "samples": 1, "smooth_keys": True})
-    assert "Quantized keys stored minus their head's mean key" in md
+    meta = {"model": "m", "lengths": [64], "samples": 1}
+    assert "Quantized keys stored minus their head's mean key" in report.markdown(
+        summary, meta | {"smooth_keys": True}
+    )
+    assert "Quantized keys stored as they are" in report.markdown(summary, meta | {"smooth_keys": False})
 
 
 def test_the_report_compares_each_kv_dtype_with_the_first():

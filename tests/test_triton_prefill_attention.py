@@ -136,20 +136,22 @@ def test_kernels_read_quantized_slots_as_their_dequantized_values(name):
 
 
 @pytest.mark.parametrize(
-    ("policy", "kv_format", "caps"),
+    ("policy", "kv_format", "caps", "smooth"),
     [
-        ("h2o", None, [3, 11, 20]),
-        ("ring", None, [3, 11, 20]),
-        ("h2o", "int8", [3, 11, 20]),
-        ("h2o", "int4", [3, 11, 20]),
-        ("h2o", None, [37, 40, 64]),  # room for every chunk: appended in place
-        ("h2o", "int8", [37, 40, 64]),
+        ("h2o", None, [3, 11, 20], False),
+        ("ring", None, [3, 11, 20], False),
+        ("h2o", "int8", [3, 11, 20], False),
+        ("h2o", "int4", [3, 11, 20], False),
+        ("h2o", None, [37, 40, 64], False),  # room for every chunk: appended in place
+        ("h2o", "int8", [37, 40, 64], False),
+        ("h2o", "int8", [3, 11, 20], True),  # keys stored minus their head's mean
+        ("h2o", "int4", [37, 40, 64], True),
     ],
 )
-def test_chunked_prefill_with_the_kernel_keeps_what_the_sdpa_path_keeps(policy, kv_format, caps):
+def test_chunked_prefill_with_the_kernel_keeps_what_the_sdpa_path_keeps(policy, kv_format, caps, smooth):
     """Three unpadded chunks through ``attend`` (commit kernels on), by the GPU route
     (``kernel_prefill``: prefill kernels, no host sync) or by SDPA per head: same outputs, same
-    kept tokens, heads evicting or appending."""
+    kept tokens, heads evicting or appending, keys smoothed or not."""
     batch, q_heads = 2, 6
     gen = torch.Generator().manual_seed(3)
     rand = lambda *s: torch.randn(*s, generator=gen).half().to(DEVICE)  # noqa: E731
@@ -159,8 +161,13 @@ def test_chunked_prefill_with_the_kernel_keeps_what_the_sdpa_path_keeps(policy, 
         layers[kernel] = BudgetedLayer(caps, eviction, kv_format)
         layers[kernel].decode_kernels = "triton"
         layers[kernel].prefill_kernel = kernel
+        layers[kernel].smooth_keys = smooth
     for chunk in (12, 16, 9):
-        k, v, q = rand(batch, 3, chunk, D), rand(batch, 3, chunk, D), rand(batch, q_heads, chunk, D)
+        k, v, q = (
+            rand(batch, 3, chunk, D) + 4 * smooth,
+            rand(batch, 3, chunk, D),
+            rand(batch, q_heads, chunk, D),
+        )
         outs = []
         for layer in layers.values():
             layer.update(k, v)
@@ -172,3 +179,27 @@ def test_chunked_prefill_with_the_kernel_keeps_what_the_sdpa_path_keeps(policy, 
     for name in ref.slot_names:
         assert torch.equal(getattr(ref, name), getattr(got, name)), name
     torch.testing.assert_close(got.scores, ref.scores, atol=1e-3, rtol=0)
+    if smooth:  # the mean of the first chunk's keys, kept by both routes
+        assert torch.equal(got.key_mean, ref.key_mean)
+        assert got.key_mean.min() > 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a host sync needs a device to wait for")
+def test_the_gpu_route_never_waits_for_the_device():
+    """Three chunks (the first builds the layer and its head tables, the later ones evict) queue
+    every kernel without a host sync: ``torch.cuda.set_sync_debug_mode("error")`` raises on any."""
+    gen = torch.Generator().manual_seed(5)
+    rand = lambda *s: torch.randn(*s, generator=gen).half().to(DEVICE)  # noqa: E731
+    chunks = [(rand(1, 3, n, D), rand(1, 3, n, D), rand(1, 6, n, D)) for n in (12, 16, 9)]
+    for checked in (False, True):  # the first pass compiles the kernels
+        layer = BudgetedLayer([3, 11, 20], EvictionConfig(sink=1, window=2, obs_window=4), "int8")
+        layer.decode_kernels, layer.prefill_kernel = "triton", True
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if checked else 0)
+        try:
+            for k, v, q in chunks:
+                layer.update(k, v)
+                layer.attend(q, None, D**-0.5)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert layer.fill.tolist() == [[3, 11, 20]]

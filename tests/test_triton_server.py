@@ -36,13 +36,15 @@ MAX_TOKENS = 10
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serving")
-    art = root / "artifact"
+def artifact(tmp_path_factory):
     # 32 slots a head on average (16 at least): the chat-templated prompts (~40 tokens) and their
     # answers do not fit, so served requests evict, in the engine's pool rows
-    export_smol(art, "32")
-    return write_repository(art, root / "repo", instances=2, threads=1)
+    return export_smol(tmp_path_factory.mktemp("serving") / "artifact", "32")
+
+
+@pytest.fixture(scope="module")
+def repo(artifact):
+    return write_repository(artifact, artifact.parent / "repo", instances=2, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +221,53 @@ def test_a_short_soak_of_mixed_requests_fails_nothing_and_leaks_no_row(server):
     assert server.is_ready()
 
 
+def test_the_soak_command_serves_an_artifact_and_writes_its_summary(artifact, tmp_path):
+    from baklava.bench.cli import bench_main
+
+    out = tmp_path / "soak.json"
+    args = [
+        "soak",
+        str(artifact),
+        "--duration",
+        "4",
+        "--clients",
+        "2",
+        "--max-tokens",
+        "3",
+        "--max-batch",
+        "2",
+    ]
+    try:
+        bench_main([*args, "--out", str(out)])
+    except SystemExit as e:  # exit 0 is returned, not raised; 1 means a failed request or a lost row
+        pytest.fail(f"baklava-bench soak exited with {e.code}")
+    summary = json.loads(out.read_text())
+    assert summary["failures"] == 0 and summary["ready_after"] and summary["after_soak_rows_ok"] == 2
+    assert sum(summary["requests"].values()) > 0 and summary["device"] == "cpu"
+
+
+def test_the_serve_command_loads_an_artifact_served_with_the_engine_options(artifact, tmp_path):
+    from baklava.bench.cli import bench_main
+
+    out = tmp_path / "serve.json"
+    args = ["serve", str(artifact), "--requests", "4", "--concurrency", "2", "--max-tokens", "3"]
+    try:
+        bench_main([*args, "--instances", "1", "--max-batch", "2", "--out", str(out)])
+    except SystemExit as e:
+        pytest.fail(f"baklava-bench serve exited with {e.code}")
+    summary = json.loads(out.read_text())
+    assert summary["failures"] == 0 and summary["device"] == "cpu"
+    assert [r["tokens"] for r in summary["results"]] == [3] * 4
+
+
+def test_a_repository_refuses_engine_options_it_already_fixes(repo, capsys):
+    from baklava.bench.cli import bench_main
+
+    with pytest.raises(SystemExit) as e:
+        bench_main(["serve", str(repo), "--device", "cuda", "--requests", "1"])
+    assert e.value.code != 0 and "its config.pbtxt sets device" in capsys.readouterr().err
+
+
 def test_wrong_dtype_over_grpc(server):
     inputs = text_inputs(PROMPTS[0])
     inputs["max_tokens"] = (np.array([4.0], dtype=np.float32), "FP32")
@@ -296,3 +345,28 @@ def test_backend_directory_relinks_a_dangling_or_foreign_link(tmp_path, monkeypa
     source = _pytriton_root() / "tritonserver" / "backends" / "python"
     for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
         assert (target / "python" / name).resolve() == (source / name).resolve()
+
+
+def test_the_stub_finds_the_wheels_libraries_wherever_pytriton_is_installed(tmp_path, monkeypatch):
+    """The copied stub loses its ``$ORIGIN`` rpath: the vendored CUDA runtime must come from
+    beside the located ``pytriton`` package (on the GPU machine it sat in a ``--target`` dir on
+    PYTHONPATH, not in site-packages, and the stub failed to load ``libcudart-*.so``)."""
+    import shutil
+    import subprocess
+
+    from baklava.serving import server as srv
+
+    root = tmp_path / "elsewhere" / "pytriton"
+    monkeypatch.setattr(srv, "_pytriton_root", lambda: root)
+    assert str(root.parent / "nvidia_pytriton.libs") in srv.server_env()["LD_LIBRARY_PATH"].split(os.pathsep)
+    monkeypatch.undo()
+
+    stub = srv.backend_directory() / "python" / "triton_python_backend_stub"
+    vendored = set(os.listdir(srv._pytriton_root().parent / "nvidia_pytriton.libs"))
+    if shutil.which("ldd") is None:
+        pytest.skip("no ldd here")
+    out = subprocess.run(["ldd", str(stub)], env=srv.server_env(), capture_output=True, text=True).stdout
+    needed = {line.split()[0] for line in out.splitlines() if "=>" in line}
+    assert any(name.startswith("libcudart") for name in needed & vendored)
+    missing = {line.split()[0] for line in out.splitlines() if "not found" in line}
+    assert not missing & vendored, missing

@@ -14,6 +14,7 @@ from baklava.atomic import write_text_atomic
 from baklava.cli_options import (
     calibration_options,
     comma_list,
+    engine_options,
     model_option,
     parse_fractions,
     parse_kv_dtypes,
@@ -38,30 +39,29 @@ def bench():
     "--instances", default=2, show_default=True, type=click.IntRange(1), help="When starting a server."
 )
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the full results as JSON.")
-def serve_bench(path, url, n_requests, concurrency, max_tokens, instances, out):
-    """Load run: REQUESTS streaming requests from CONCURRENCY clients against PATH (artifact or repo)."""
+@engine_options
+def serve_bench(path, url, n_requests, concurrency, max_tokens, instances, out, **engine):
+    """Load run: REQUESTS streaming requests from CONCURRENCY clients against PATH (artifact or repo).
+
+    An artifact gets a temporary repository with --device, --kv-memory, --max-batch and
+    --prefill-chunk; a repository keeps its own."""
     import tempfile
 
     from baklava.bench.serve_load import load_run
     from baklava.serving.server import TritonServer
-    from baklava.serving.triton_repo import is_artifact, is_repository, write_repository
+    from baklava.serving.triton_repo import repository_to_serve
 
     if (path is None) == (url is None):
         raise BaklavaError("give an artifact/repository PATH to serve, or --url of a running server")
     server = None
     if path is not None:
-        if is_artifact(path):
-            repo = write_repository(
-                path, Path(tempfile.mkdtemp(prefix="baklava-bench-")) / "repo", instances=instances
-            )
-        elif is_repository(path):
-            repo = Path(path)
-        else:
-            raise BaklavaError(f"{path}: neither an artifact nor a model repository")
-        log = Path(tempfile.gettempdir()) / "baklava-bench-tritonserver.log"
-        server = TritonServer(repo, 0, 0, 0, log_path=log).start()
+        repo = repository_to_serve(
+            path, tempfile.mkdtemp(prefix="baklava-bench-"), instances=instances, **engine
+        )
+        server_log = Path(tempfile.gettempdir()) / "baklava-bench-tritonserver.log"
+        server = TritonServer(repo, 0, 0, 0, log_path=server_log).start()
         url = f"http://{server.http_url}"
-        log(f"tritonserver ready at {url} ({instances} instance(s); log {log})")
+        log(f"tritonserver ready at {url} ({instances} instance(s) on {engine['device']}; log {server_log})")
     try:
         summary = load_run(url, requests=n_requests, concurrency=concurrency, max_tokens=max_tokens)
     finally:
@@ -69,6 +69,7 @@ def serve_bench(path, url, n_requests, concurrency, max_tokens, instances, out):
             server.stop()
     summary["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
     summary["date"] = date.today().isoformat()
+    summary["device"] = engine["device"] if path is not None else "(running server)"
     if out:
         write_text_atomic(out, json.dumps(summary, indent=1) + "\n")
     row = {k: v for k, v in summary.items() if k != "results"}
@@ -185,7 +186,7 @@ def _width_or_auto(value: str) -> int | str:
 )
 @click.option(
     "--smooth-keys/--no-smooth-keys",
-    default=False,
+    default=True,
     show_default=True,
     help="Quantized formats store each key minus its head's mean key (exact for attention; cuts the "
     "error a shared key offset costs). PyTorch runtime only.",

@@ -150,9 +150,11 @@ def soak_bench(artifact, duration, clients, max_tokens, malformed, abandoned, se
     repo = write_repository(
         artifact, Path(tempfile.mkdtemp(prefix="baklava-soak-")) / "repo", **engine | {"max_batch": rows}
     )
-    log = Path(tempfile.gettempdir()) / "baklava-soak-tritonserver.log"
-    with TritonServer(repo, 0, 0, 0, log_path=log).start() as server:
-        log(f"tritonserver ready at http://{server.http_url} ({rows} rows; log {log}); soaking {duration} s")
+    server_log = Path(tempfile.gettempdir()) / "baklava-soak-tritonserver.log"
+    with TritonServer(repo, 0, 0, 0, log_path=server_log).start() as server:
+        log(
+            f"tritonserver ready at http://{server.http_url} ({rows} rows; log {server_log}); soaking {duration} s"
+        )
         summary = soak(
             f"http://{server.http_url}",
             duration_s=duration,

@@ -1,4 +1,5 @@
-"""Programmatic dependent launch: which devices may overlap a kernel's launch with the previous one."""
+"""Launch helpers: programmatic dependent launch (which devices may overlap a kernel's launch with
+the previous one), and the kernels' small host tables put on the device without a sync."""
 
 from __future__ import annotations
 
@@ -18,3 +19,14 @@ def dependent_launch(device) -> bool:
 @functools.cache
 def _capability(index: int | None) -> int:
     return torch.cuda.get_device_capability(index)[0]
+
+
+def device_table(values, device) -> torch.Tensor:
+    """int32 ``values`` on ``device`` without waiting for it. A copy from pageable host memory
+    synchronises the stream: the head tables the prefill kernels read, built that way in every
+    layer's first chunk, cost a one-pass 8k prefill of Llama-3-8B shapes at budget 0.3 on an H200
+    64 host syncs."""
+    host = torch.tensor(values, dtype=torch.int32)
+    if torch.device(device).type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)

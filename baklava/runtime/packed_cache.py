@@ -34,6 +34,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from baklava import kv_format as kv_format_module
 from baklava.eviction import EvictionConfig
+from baklava.kernels.launch import device_table
 from baklava.runtime import kv_slots, prefill_attention, triton_decode
 from baklava.runtime.packed_decode import SlotMap, decode_step
 from baklava.runtime.prefill_attention import new_token_bias
@@ -63,8 +64,9 @@ class BudgetedLayer(CacheLayerMixin):
     # a quantized kv_format stores payload + scales (kv_slots.py); False: the model's dtype, each
     # token rounded on entry (quantize -> dequantize), the reference the payload is tested against
     quantized_storage = True
-    # quantized keys stored minus their head's mean key (kv_slots.py); the PyTorch runtime only
-    smooth_keys = False
+    # quantized keys stored minus their head's mean key (kv_slots.py; the PyTorch runtime only): on
+    # an H200, Qwen2.5-Coder int8 at 0.3 and 32k keeps 99% of bf16's score with it, 92% without
+    smooth_keys = True
     key_scales = value_scales = None  # a quantized layer's [B, sum(cap), G] float16 scales
     key_mean = None  # a smoothing layer's [B, H_kv, D] float32 mean keys (kv_slots.py)
     is_compileable = False
@@ -135,14 +137,14 @@ class BudgetedLayer(CacheLayerMixin):
         """``offsets`` as an int32 tensor on the cache's device (the prefill kernels' head table),
         built once instead of copied to the device for every chunk."""
         if self._device_offsets is None:
-            self._device_offsets = torch.tensor(self.offsets, dtype=torch.int32, device=self.device)
+            self._device_offsets = device_table(self.offsets, self.device)
         return self._device_offsets
 
     @property
     def device_capacities(self) -> torch.Tensor:
         """``capacities`` as an int32 tensor on the cache's device (built once, as ``device_offsets``)."""
         if self._device_capacities is None:
-            self._device_capacities = torch.tensor(self.capacities, dtype=torch.int32, device=self.device)
+            self._device_capacities = device_table(self.capacities, self.device)
         return self._device_capacities
 
     @property

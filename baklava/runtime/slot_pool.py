@@ -62,6 +62,8 @@ def _view(layer: BudgetedLayer, start: int, stop: int) -> BudgetedLayer:
     view.dtype, view.device = layer.dtype, layer.device
     view.seen = 0  # a prefill through a view needs seen >= fill: rows are emptied first (reset_row)
     view._slot_map = None
+    # the pool layer's head tables, built once: each admission's fresh view would build its own
+    view._device_offsets, view._device_capacities = layer.device_offsets, layer.device_capacities
     view.step_rows = torch.ones(stop - start, dtype=torch.bool, device=layer.device)
     view.tile_rows = layer.batch_size
     view.is_initialized = True

@@ -65,23 +65,14 @@ def serve_cmd(path, http_port, grpc_port, metrics_port, host, instances, timeout
     --prefill-chunk; a repository keeps the settings it was written with.
     """
     from baklava.serving.server import TritonServer
-    from baklava.serving.triton_repo import MODEL_NAME, is_artifact, is_repository, write_repository
+    from baklava.serving.triton_repo import MODEL_NAME, repository_to_serve
 
-    temp = None
-    if is_artifact(path):
-        temp = Path(tempfile.mkdtemp(prefix="baklava-repo-"))
-        repo = write_repository(path, temp / "repo", instances=instances, **engine)
-    elif is_repository(path):
-        if engine["kv_memory"] or engine["max_batch"] or engine["device"] != "cpu":
-            raise BaklavaError(
-                f"{path} is a model repository: its config.pbtxt sets device and pool size "
-                "(rewrite it with baklava-triton, or serve the artifact)"
-            )
-        repo = Path(path)
-    else:
-        raise BaklavaError(
-            f"{path}: neither an artifact (manifest.json) nor a model repository (*/config.pbtxt)"
-        )
+    temp = Path(tempfile.mkdtemp(prefix="baklava-repo-"))
+    try:
+        repo = repository_to_serve(path, temp, instances=instances, **engine)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
     log_path = log_path or str(Path(tempfile.gettempdir()) / "baklava-tritonserver.log")
     server = TritonServer(repo, http_port, grpc_port, metrics_port, host=host, log_path=Path(log_path))
     stop = threading.Event()
@@ -105,8 +96,7 @@ def serve_cmd(path, http_port, grpc_port, metrics_port, host, instances, timeout
     finally:
         server.stop()
         signal.signal(signal.SIGTERM, previous)
-        if temp is not None:
-            shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 triton_main = entry_point(triton_cmd, "baklava-triton")

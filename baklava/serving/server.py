@@ -71,9 +71,12 @@ def backend_directory() -> Path:
 
 
 def server_env() -> dict:
+    """The server's environment. The copied stub's ``$ORIGIN`` rpath no longer reaches the
+    wheel's vendored libraries (its CUDA runtime among them), so they go on ``LD_LIBRARY_PATH``
+    from beside the installed ``pytriton`` package, wherever that is (a virtualenv, a user site,
+    ``pip install --target`` on ``PYTHONPATH``)."""
     env = dict(os.environ)
-    site_packages = sysconfig.get_paths()["purelib"]
-    libs = [sysconfig.get_config_var("LIBDIR"), str(Path(site_packages) / "nvidia_pytriton.libs")]
+    libs = [sysconfig.get_config_var("LIBDIR"), str(_pytriton_root().parent / "nvidia_pytriton.libs")]
     if env.get("LD_LIBRARY_PATH"):
         libs.append(env["LD_LIBRARY_PATH"])
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libs if p)

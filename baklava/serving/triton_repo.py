@@ -130,6 +130,24 @@ def is_artifact(path: str | os.PathLike) -> bool:
     return (Path(path) / MANIFEST_FILE).is_file()
 
 
+def repository_to_serve(
+    path: str | os.PathLike, scratch: str | os.PathLike, *, instances: int, **engine
+) -> Path:
+    """The model repository that serves ``path``: an artifact gets one written under ``scratch``
+    with ``engine`` (device, kv_memory, max_batch, prefill_chunk); a repository is served as it is
+    and refuses engine settings its config.pbtxt already fixes."""
+    if is_artifact(path):
+        return write_repository(path, Path(scratch) / "repo", instances=instances, **engine)
+    if is_repository(path):
+        if engine.get("kv_memory") or engine.get("max_batch") or engine.get("device", "cpu") != "cpu":
+            raise BaklavaError(
+                f"{path} is a model repository: its config.pbtxt sets device and pool size "
+                "(rewrite it with baklava-triton, or serve the artifact)"
+            )
+        return Path(path)
+    raise BaklavaError(f"{path}: neither an artifact (manifest.json) nor a model repository (*/config.pbtxt)")
+
+
 def pool_size(params: dict, device: str) -> tuple[int | None, int | None]:
     """``(kv_memory bytes, max_batch)`` of an instance's engine pool from the parameters written above:
     ``max_batch`` rows, or as many as ``kv_memory`` holds; neither: 8 rows on the CPU, 80% of the

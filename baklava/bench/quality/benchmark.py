@@ -62,7 +62,7 @@ class QualityConfig:
     # is the baseline the summary and targets read, the others are compared with it
     kv_dtypes: tuple[str, ...] = ("auto",)
     # quantized formats store keys minus their head's mean key (BudgetedLayer.smooth_keys)
-    smooth_keys: bool = False
+    smooth_keys: bool = True
     chat: bool = True
     extra: dict = field(default_factory=dict)  # recorded in the JSON (command line, profile source)
 

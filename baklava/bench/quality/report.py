@@ -243,6 +243,8 @@ def markdown(summary: dict, meta: dict, checks: dict[str, list[dict]] | None = N
         lines += _kv_dtype_lines(summary["kv_dtypes"], budgets)
         if meta.get("smooth_keys"):
             lines += ["Quantized keys stored minus their head's mean key (`--smooth-keys`).", ""]
+        elif "smooth_keys" in meta:
+            lines += ["Quantized keys stored as they are (`--no-smooth-keys`).", ""]
     lines += ["Per task (all settings, mean score):", ""]
     lines += _per_task(summary)
     return "\n".join(lines) + "\n"
