@@ -105,8 +105,10 @@ def test_unsupported_architecture_is_refused(tiny_llama):
         build_decoder(tiny_llama, _profile(tiny_llama), progress=False)
 
 
-def test_an_int8_artifact_runs_in_onnx_runtime_as_the_int8_reference(tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setattr(BudgetedLayer, "smooth_keys", False)  # the ONNX ops round the keys as they are
+def test_an_int8_artifact_runs_in_onnx_runtime_as_the_int8_reference(tiny_llama, tmp_path):
+    """Keys smoothed in the graph as the runtime stores them (``BudgetedLayer.smooth_keys``, on by
+    default): same logits, same mean keys, same stored keys, through an evicting prefill and decode."""
+    assert BudgetedLayer.smooth_keys
     profile = _profile(tiny_llama)
     profile.allocation = {"kv_dtype": "int8"}  # what baklava-export --kv-dtype int8 records
     path = tmp_path / "int8.onnx"
@@ -135,3 +137,21 @@ def test_an_int8_artifact_runs_in_onnx_runtime_as_the_int8_reference(tiny_llama,
             want = tiny_llama(input_ids=token, **forward_cache(tiny_llama, caches["int8"])).logits
         np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
         token, seen = want[:, -1].argmax(-1, keepdim=True), seen + 1
+    state = decoder.state(buffers)
+    for li, layer in enumerate(caches["int8"].layers):
+        np.testing.assert_allclose(state[f"past.{li}.key_mean"], layer.key_mean.numpy(), atol=1e-6)
+        assert np.abs(state[f"past.{li}.key_mean"]).max() > 0.01  # a real mean, not the zeros it began as
+        for h, (off, n) in enumerate(zip(layer.offsets, layer.fill[0].tolist(), strict=True)):
+            stored = layer.stored("keys", 0, slice(off, off + n)).numpy()
+            np.testing.assert_allclose(
+                state[f"past.{li}.key"][0, off : off + n], stored, atol=1e-5, err_msg=f"head {h}"
+            )
+
+
+def test_only_a_quantized_graph_carries_mean_keys(tiny_llama):
+    names = {}
+    for kv in ("auto", "int8"):
+        profile = _profile(tiny_llama)
+        profile.allocation = {"kv_dtype": kv}
+        names[kv] = {i.name for i in build_decoder(tiny_llama, profile, progress=False).graph.input}
+    assert "past.0.key_mean" in names["int8"] and not any("key_mean" in n for n in names["auto"])

@@ -83,7 +83,7 @@ def test_kv_dtype_rounds_new_tokens_as_the_reference_store(kv_dtype, head_dim):
     gen = torch.Generator().manual_seed(5)
     layer = BudgetedLayer(caps, ev, kv_dtype)
     layer.quantized_storage = False  # the ops' cache is the reference store: float values on the grid
-    layer.smooth_keys = False  # and the ops round the keys as they are
+    layer.smooth_keys = False  # the ops round the keys they get (the graph smooths them before)
     for seq, pads in [(9, {1: 3}), (1, {}), (7, {}), (1, {})]:
         q, k, v, token_mask = step_inputs(gen, batch, q_heads, len(caps), seq, pads, head_dim)
         if not layer.is_initialized:

@@ -189,7 +189,7 @@ def _width_or_auto(value: str) -> int | str:
     default=True,
     show_default=True,
     help="Quantized formats store each key minus its head's mean key (exact for attention; cuts the "
-    "error a shared key offset costs). PyTorch runtime only.",
+    "error a shared key offset costs); exported quantized graphs do the same.",
 )
 @click.option(
     "--baklava-selection",

@@ -8,6 +8,11 @@ One graph serves a prefill chunk and a decode step (dynamic batch ``B`` and new 
     token_mask [B,S], seen [B]                  └─▶ BudgetedCacheUpdate ─▶ present.{l}.*
                                                               ... ─ RMSNorm ─ lm_head ─▶ logits [B,S,V]
 
+A quantized ``kv_dtype`` adds ``past.{l}.key_mean [B, H_kv, D]`` (and its ``present``): the keys
+reach both ops minus their head's mean key, fixed by a row's first tokens (``seen == 0``), as the
+PyTorch runtime stores them (``BudgetedLayer.smooth_keys``, :mod:`baklava.runtime.kv_slots`).
+Attention is blind to it; the rounding error shrinks. The ops themselves are unchanged.
+
 Weights are initializers (saved as external data). Architectures come from a registry: the
 Llama, Qwen2 and Mistral families share module names and differ only in q/k/v biases.
 """
@@ -22,12 +27,14 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from tqdm.auto import tqdm
 
+from baklava import kv_format as kv_formats
 from baklava.errors import ModelError
 from baklava.exporter.ops import layer_ops
 from baklava.exporter.ops.spec import DOMAIN, ONNX_OPSET, OPSET_VERSION
 from baklava.profiles.profile_file import BudgetProfile
 
 CACHE_FIELDS = ("key", "value", "position", "score", "fill")
+SMOOTH_FIELD = "key_mean"  # a quantized graph's per-row mean key of each head (smoothed keys)
 
 
 @dataclass(frozen=True)
@@ -44,8 +51,26 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 
-def cache_names(layer: int, prefix: str) -> dict[str, str]:
-    return {field: f"{prefix}.{layer}.{field}" for field in CACHE_FIELDS}
+def cache_names(layer: int, prefix: str, smooth: bool = False) -> dict[str, str]:
+    fields = CACHE_FIELDS + ((SMOOTH_FIELD,) if smooth else ())
+    return {field: f"{prefix}.{layer}.{field}" for field in fields}
+
+
+def _smoothed_keys(g, k: str, past_mean: str, present_mean: str, name: str) -> str:
+    """``k [B, H, S, D]`` minus each head's mean key; a row whose first tokens these are
+    (``seen == 0``) takes their mean (over every new token, as ``kv_slots.encode`` does)."""
+    first = g.op(
+        "Unsqueeze",
+        g.op("Equal", "seen", g.const(f"{name}/zero", 0), name=f"{name}/First"),
+        g.const(f"{name}/axes", [1, 2]),
+        name=f"{name}/FirstRows",
+    )  # [B, 1, 1]
+    mean = g.op("ReduceMean", k, g.const(f"{name}/seq", [2]), name=f"{name}/Mean", keepdims=0)
+    g.nodes.append(
+        helper.make_node("Where", [first, mean, past_mean], [present_mean], name=f"{name}/KeyMean")
+    )
+    centre = g.op("Unsqueeze", present_mean, g.const(f"{name}/seq_axis", [2]), name=f"{name}/Centre")
+    return g.op("Sub", k, centre, name=f"{name}/Sub")
 
 
 class _Graph:
@@ -139,6 +164,7 @@ def build_decoder(model, profile: BudgetProfile, *, progress: bool = True) -> on
     n_q, n_kv, d = info.num_q_heads, info.num_kv_heads, info.head_dim
     eps = float(cfg.rms_norm_eps)
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    smooth = kv_formats.parse(profile.kv_format).quantized  # the keys as the PyTorch runtime stores them
     g = _Graph()
 
     inputs = [
@@ -189,7 +215,7 @@ def build_decoder(model, profile: BudgetProfile, *, progress: bool = True) -> on
         q, k = project(attn.q_proj, n_q, "q"), project(attn.k_proj, n_kv, "k")
         v = project(attn.v_proj, n_kv, "v", rope=False)
 
-        past, present = cache_names(li, "past"), cache_names(li, "present")
+        past, present = cache_names(li, "past", smooth), cache_names(li, "present", smooth)
         total = int(profile.capacities[li].sum())
         for names in (past, present):
             target = inputs if names is past else outputs
@@ -200,6 +226,10 @@ def build_decoder(model, profile: BudgetProfile, *, progress: bool = True) -> on
                 helper.make_tensor_value_info(names["score"], f32, ["batch", total]),
                 helper.make_tensor_value_info(names["fill"], i64, ["batch", n_kv]),
             ]
+            if smooth:
+                target.append(helper.make_tensor_value_info(names[SMOOTH_FIELD], f32, ["batch", n_kv, d]))
+        if smooth:
+            k = _smoothed_keys(g, k, past[SMOOTH_FIELD], present[SMOOTH_FIELD], f"{p}/attn/k_smooth")
         wiring = {
             "query": q, "key": k, "value": v, "token_mask": "token_mask", "seen": "seen",
             "past_key": past["key"], "past_value": past["value"], "past_position": past["position"],

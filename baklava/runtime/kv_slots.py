@@ -18,8 +18,8 @@ kernels take the bits as they are (:func:`payload`).
 enters (quantize -> dequantize): the reference the stored payload is tested against, which reads
 back the same values bit for bit.
 
-``BudgetedLayer.smooth_keys`` (quantized formats; on by default, the PyTorch runtime only: the
-ONNX ops and TensorRT plugins do not smooth) stores each key minus its head's mean key ``key_mean [B, H_kv, D]``
+``BudgetedLayer.smooth_keys`` (quantized formats; on by default; the exported ONNX graph smooths
+its keys the same way before its ops, ``graph_builder._smoothed_keys``) stores each key minus its head's mean key ``key_mean [B, H_kv, D]``
 (float32), fixed per row when the row's first tokens arrive (SageAttention's smoothing of K).
 Attention is blind to it, ``q . (k - mu)`` moving every logit of a query by the same amount, and
 the per-token scale no longer spends its range on what the keys share (Qwen2's k-projection bias:

@@ -64,7 +64,7 @@ class BudgetedLayer(CacheLayerMixin):
     # a quantized kv_format stores payload + scales (kv_slots.py); False: the model's dtype, each
     # token rounded on entry (quantize -> dequantize), the reference the payload is tested against
     quantized_storage = True
-    # quantized keys stored minus their head's mean key (kv_slots.py; the PyTorch runtime only): on
+    # quantized keys stored minus their head's mean key (kv_slots.py; exported graphs alike): on
     # an H200, Qwen2.5-Coder int8 at 0.3 and 32k keeps 99% of bf16's score with it, 92% without
     smooth_keys = True
     key_scales = value_scales = None  # a quantized layer's [B, sum(cap), G] float16 scales

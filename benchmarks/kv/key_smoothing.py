@@ -35,7 +35,9 @@ def main(spec: str, tokens: int = 1024) -> None:
                 errors.append(float((kv_format.round_trip(x, fmt) - x).norm() / (k - mu).norm()))
             label = "k - mean" if centered else "k       "
             mean = sum(errors) / len(errors)
-            print(f"{name} {label} error / spread of k - mean: mean {mean:.4f}, worst layer {max(errors):.4f}")
+            print(
+                f"{name} {label} error / spread of k - mean: mean {mean:.4f}, worst layer {max(errors):.4f}"
+            )
 
 
 if __name__ == "__main__":

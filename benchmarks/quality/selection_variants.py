@@ -7,13 +7,20 @@
 # importance-weighted mean of the favoured heads' normalised scores) or "guideall" (every head
 # keeps by that mean: what shared selection does) or "blendW" (every head keeps by W times that mean
 # plus 1 - W times its own normalised scores).
-import collections, json, sys, time
-import numpy as np, torch
+import collections
+import json
+import sys
+import time
+
+import numpy as np
+import torch
+
+from baklava.bench.quality import methods as M
+from baklava.bench.quality import runner as R
+from baklava.bench.quality.tasks import build_suite
 from baklava.model_zoo import load_model
 from baklava.profiles import pipeline
 from baklava.profiles.allocators import make_allocator
-from baklava.bench.quality import runner as R, methods as M
-from baklava.bench.quality.tasks import build_suite
 from baklava.runtime.reconstruction import pool_scores, score_by_reconstruction
 
 model_name, out = sys.argv[1], sys.argv[2]
@@ -31,8 +38,13 @@ run = R.Runner(lm.model, lm.tokenizer, M.MethodContext(prof.scores, prof.evictio
 
 def caps_of(alloc, width):
     total = M.total_slots(budget, imp.shape, width)
-    a = make_allocator("uniform") if alloc == "uniform" else make_allocator(
-        "baklava", sharpness=float(alloc.split(",")[0]), floor_frac=float(alloc.split(",")[1]))
+    a = (
+        make_allocator("uniform")
+        if alloc == "uniform"
+        else make_allocator(
+            "baklava", sharpness=float(alloc.split(",")[0]), floor_frac=float(alloc.split(",")[1])
+        )
+    )
     return a.allocate(prof.scores, total, min_cap=16, max_cap=width), total / imp.size
 
 
@@ -43,22 +55,24 @@ def set_floor_scores(full, caps, share, mode):
     guide = None
     if mode.startswith(("guide", "blend")):  # importance-weighted mean of the rich heads' normalised scores
         guide, wsum = 0.0, 0.0
-        for l, layer in enumerate(full.layers):
-            for h, (off, cap) in enumerate(zip(layer.offsets, layer.capacities)):
-                if caps[l, h] <= share:
+        for li, layer in enumerate(full.layers):
+            for h, (off, cap) in enumerate(zip(layer.offsets, layer.capacities, strict=True)):
+                if caps[li, h] <= share:
                     continue
                 s = layer.scores[:, off : off + cap]
-                guide = guide + float(imp[l, h]) * s / s.amax(1, keepdim=True).clamp_min(1e-9)
-                wsum += float(imp[l, h])
+                guide = guide + float(imp[li, h]) * s / s.amax(1, keepdim=True).clamp_min(1e-9)
+                wsum += float(imp[li, h])
         guide = guide / wsum
-    for l, layer in enumerate(full.layers):
-        for h, (off, cap) in enumerate(zip(layer.offsets, layer.capacities)):
-            if mode in ("guide", "ring") and caps[l, h] > share:
+    for li, layer in enumerate(full.layers):
+        for h, (off, cap) in enumerate(zip(layer.offsets, layer.capacities, strict=True)):
+            if mode in ("guide", "ring") and caps[li, h] > share:
                 continue
             if mode.startswith("blend"):
-                w = float(mode[len("blend"):])
+                w = float(mode[len("blend") :])
                 s = layer.scores[:, off : off + cap]
-                layer.scores[:, off : off + cap] = w * guide + (1 - w) * s / s.amax(1, keepdim=True).clamp_min(1e-9)
+                layer.scores[:, off : off + cap] = w * guide + (1 - w) * s / s.amax(
+                    1, keepdim=True
+                ).clamp_min(1e-9)
             elif mode == "ring":
                 pos = layer.positions[:, off : off + cap].float()
                 layer.scores[:, off : off + cap] = torch.where(pos >= 0, 1 + pos / 1e7, 0.0)
@@ -87,20 +101,26 @@ with torch.inference_mode():
                     first = run._forward(ids, mask, full)[:, -1]
                 else:
                     run._forward(ids[:, :split], mask[:, :split], full)
-                    raw = score_by_reconstruction(run.model, full, ids[:, :split], mask[:, :split], run.instruction, pool_kernel=1)
+                    raw = score_by_reconstruction(
+                        run.model, full, ids[:, :split], mask[:, :split], run.instruction, pool_kernel=1
+                    )
                 saved = [layer.scores.clone() for layer in full.layers]
                 for v in variants:
                     alloc, pool, floor = v.split("/")
-                    for layer, s in zip(full.layers, saved):
+                    for layer, s in zip(full.layers, saved, strict=True):
                         layer.scores.copy_(s)
                     if raw is not None:
                         pool_scores(full, raw, int(pool))
                     caps, share = caps_of(alloc, width)
                     set_floor_scores(full, caps, share, floor)
                     cache = full.compressed(caps, prof.eviction)
-                    logits = first if setting == "query-aware" else run._forward(ids[:, split:], mask, cache)[:, -1]
+                    logits = (
+                        first
+                        if setting == "query-aware"
+                        else run._forward(ids[:, split:], mask, cache)[:, -1]
+                    )
                     outs = run._greedy(cache, logits, mask, steps)
-                    for s, o in zip(samples, outs):
+                    for s, o in zip(samples, outs, strict=True):
                         sc = s.score(lm.tokenizer.decode(o[: s.max_new_tokens], skip_special_tokens=True))
                         res[(setting, v)].append(sc)
                         cells[(setting, v, L, s.task)].append(sc)
@@ -110,8 +130,26 @@ with torch.inference_mode():
 summary = {f"{k[0]}|{k[1]}": float(np.mean(x)) for k, x in sorted(res.items())}
 for k, x in summary.items():
     print(k, round(x, 3))
-json.dump({"summary": summary, "budget": budget, "lengths": lengths, "samples": limit,
-           "cells": [{"setting": k[0], "variant": k[1], "length": k[2], "task": k[3], "score": float(np.mean(x)), "n": len(x)}
-                     for k, x in sorted(cells.items())],
-           "seconds": round(time.time() - t0, 1), "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"},
-          open(out, "w"), indent=1)
+json.dump(
+    {
+        "summary": summary,
+        "budget": budget,
+        "lengths": lengths,
+        "samples": limit,
+        "cells": [
+            {
+                "setting": k[0],
+                "variant": k[1],
+                "length": k[2],
+                "task": k[3],
+                "score": float(np.mean(x)),
+                "n": len(x),
+            }
+            for k, x in sorted(cells.items())
+        ],
+        "seconds": round(time.time() - t0, 1),
+        "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+    },
+    open(out, "w"),
+    indent=1,
+)

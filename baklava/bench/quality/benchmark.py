@@ -177,7 +177,9 @@ def run_quality(
         with partial.open("w", encoding="utf-8") as log:
             for batch, setting in work:
                 for runner in runners:
-                    bar.set_postfix_str(f"{batch[0].task} {batch[0].length} {setting} {runner.kv_dtype}")
+                    tasks = sorted({s.task for s in batch})  # a batch may pack several tasks
+                    label = tasks[0] if len(tasks) == 1 else f"{tasks[0]} +{len(tasks) - 1} tasks"
+                    bar.set_postfix_str(f"{label} {batch[0].length} {setting} {runner.kv_dtype}")
                     done = runner.run(batch, setting, todo)
                     log.writelines(json.dumps(r) + "\n" for r in done)
                     log.flush()
