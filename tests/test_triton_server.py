@@ -221,9 +221,12 @@ def test_a_short_soak_of_mixed_requests_fails_nothing_and_leaks_no_row(server):
     assert server.is_ready()
 
 
-def test_the_soak_command_serves_an_artifact_and_writes_its_summary(artifact, tmp_path):
+def test_the_soak_command_serves_an_artifact_and_writes_its_summary(artifact, tmp_path, monkeypatch):
+    import tempfile
+
     from baklava.bench.cli import bench_main
 
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where its scratch repository goes
     out = tmp_path / "soak.json"
     args = [
         "soak",
@@ -244,11 +247,15 @@ def test_the_soak_command_serves_an_artifact_and_writes_its_summary(artifact, tm
     summary = json.loads(out.read_text())
     assert summary["failures"] == 0 and summary["ready_after"] and summary["after_soak_rows_ok"] == 2
     assert sum(summary["requests"].values()) > 0 and summary["device"] == "cpu"
+    assert not list(tmp_path.glob("baklava-soak-*/"))  # its repository (a copy of the artifact) is gone
 
 
-def test_the_serve_command_loads_an_artifact_served_with_the_engine_options(artifact, tmp_path):
+def test_the_serve_command_loads_an_artifact_served_with_the_engine_options(artifact, tmp_path, monkeypatch):
+    import tempfile
+
     from baklava.bench.cli import bench_main
 
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     out = tmp_path / "serve.json"
     args = ["serve", str(artifact), "--requests", "4", "--concurrency", "2", "--max-tokens", "3"]
     try:
@@ -258,6 +265,7 @@ def test_the_serve_command_loads_an_artifact_served_with_the_engine_options(arti
     summary = json.loads(out.read_text())
     assert summary["failures"] == 0 and summary["device"] == "cpu"
     assert [r["tokens"] for r in summary["results"]] == [3] * 4
+    assert not list(tmp_path.glob("baklava-bench-*/"))  # its repository is gone
 
 
 def test_a_repository_refuses_engine_options_it_already_fixes(repo, capsys):

@@ -54,19 +54,20 @@ def serve_bench(path, url, n_requests, concurrency, max_tokens, instances, out, 
     if (path is None) == (url is None):
         raise BaklavaError("give an artifact/repository PATH to serve, or --url of a running server")
     server = None
-    if path is not None:
-        repo = repository_to_serve(
-            path, tempfile.mkdtemp(prefix="baklava-bench-"), instances=instances, **engine
-        )
-        server_log = Path(tempfile.gettempdir()) / "baklava-bench-tritonserver.log"
-        server = TritonServer(repo, 0, 0, 0, log_path=server_log).start()
-        url = f"http://{server.http_url}"
-        log(f"tritonserver ready at {url} ({instances} instance(s) on {engine['device']}; log {server_log})")
-    try:
-        summary = load_run(url, requests=n_requests, concurrency=concurrency, max_tokens=max_tokens)
-    finally:
-        if server is not None:
-            server.stop()
+    with tempfile.TemporaryDirectory(prefix="baklava-bench-") as scratch:  # an artifact's repository
+        if path is not None:
+            repo = repository_to_serve(path, scratch, instances=instances, **engine)
+            server_log = Path(tempfile.gettempdir()) / "baklava-bench-tritonserver.log"
+            server = TritonServer(repo, 0, 0, 0, log_path=server_log).start()
+            url = f"http://{server.http_url}"
+            log(
+                f"tritonserver ready at {url} ({instances} instance(s) on {engine['device']}; log {server_log})"
+            )
+        try:
+            summary = load_run(url, requests=n_requests, concurrency=concurrency, max_tokens=max_tokens)
+        finally:
+            if server is not None:
+                server.stop()
     summary["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
     summary["date"] = date.today().isoformat()
     summary["device"] = engine["device"] if path is not None else "(running server)"

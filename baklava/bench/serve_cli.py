@@ -147,11 +147,17 @@ def soak_bench(artifact, duration, clients, max_tokens, malformed, abandoned, se
     if malformed + abandoned > 1:
         raise BaklavaError("--malformed + --abandoned must be at most 1")
     rows = engine["max_batch"] or 8
-    repo = write_repository(
-        artifact, Path(tempfile.mkdtemp(prefix="baklava-soak-")) / "repo", **engine | {"max_batch": rows}
-    )
     server_log = Path(tempfile.gettempdir()) / "baklava-soak-tritonserver.log"
-    with TritonServer(repo, 0, 0, 0, log_path=server_log).start() as server:
+    with (
+        tempfile.TemporaryDirectory(prefix="baklava-soak-") as scratch,
+        TritonServer(
+            write_repository(artifact, Path(scratch) / "repo", **engine | {"max_batch": rows}),
+            0,
+            0,
+            0,
+            log_path=server_log,
+        ).start() as server,
+    ):
         log(
             f"tritonserver ready at http://{server.http_url} ({rows} rows; log {server_log}); soaking {duration} s"
         )
