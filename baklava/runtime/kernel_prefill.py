@@ -30,7 +30,7 @@ import torch
 from baklava.kernels.prefill_attention import observation_masses, prefill_attention
 from baklava.kernels.prefill_select import packed_prefill_select
 from baklava.runtime import kv_slots
-from baklava.runtime.prefill_attention import append, causal_attention, observation_mass
+from baklava.runtime.prefill_attention import add_head_masses, append, causal_attention, observation_mass
 from baklava.runtime.selection import snapkv_pool
 
 
@@ -81,13 +81,8 @@ def commit_masked(layer, slots: dict, valid: torch.Tensor, masses) -> None:
     """Every head's ``BudgetedLayer._commit_head`` at once for a chunk with padding (``valid
     [B, S]``; ``masses``: each head's ``(n, mass [B, n + S] or None)`` from the per-head path).
     The caller advances ``seen``."""
-    batch, heads, s = next(iter(slots.values())).shape[:3]
-    new_scores = torch.zeros(batch, heads, s, device=layer.device)
-    for h, (off, (n, mass)) in enumerate(zip(layer.offsets, masses, strict=True)):
-        if mass is not None:
-            layer.scores[:, off : off + n] += mass[:, :n]
-            new_scores[:, h] = mass[:, n:].masked_fill(~valid, 0)
-    select(layer, slots, valid, snapkv_pool(new_scores, layer.eviction.pool_kernel))
+    shape = next(iter(slots.values())).shape[:3]
+    select(layer, slots, valid, add_head_masses(layer, masses, shape, valid))
 
 
 def select(layer, slots: dict, valid: torch.Tensor, new_scores: torch.Tensor) -> None:

@@ -136,15 +136,22 @@ def append_chunk(layer, slots: dict, masses) -> None:
     slots add their masses to their scores, and :func:`append` writes the new tokens after them.
     No selection, no copy of the layer: at budget 1.0 every chunk of a prompt within the reference
     context takes this path."""
-    batch, heads, s = slots["keys"].shape[:3]
-    new_scores = torch.zeros(batch, heads, s, device=layer.device)
+    s = slots["keys"].shape[2]
+    append(layer, slots, add_head_masses(layer, masses, slots["keys"].shape[:3]))
+    layer.valid_seen += s
+    layer.seen += s
+
+
+def add_head_masses(layer, masses, shape, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Add each head's stored slots' masses to their scores (``masses``: each head's ``(n, mass
+    [B, n + S] or None)`` of the per-head path) and return the new tokens' SnapKV scores, pooled,
+    ``shape = [B, H_kv, S]`` (0 where ``valid [B, S]`` is False, and for a head without masses)."""
+    new_scores = torch.zeros(*shape, device=layer.device)
     for h, ((n, mass), off) in enumerate(zip(masses, layer.offsets, strict=True)):
         if mass is not None:
             layer.scores[:, off : off + n] += mass[:, :n]
-            new_scores[:, h] = mass[:, n:]
-    append(layer, slots, snapkv_pool(new_scores, layer.eviction.pool_kernel))
-    layer.valid_seen += s
-    layer.seen += s
+            new_scores[:, h] = mass[:, n:] if valid is None else mass[:, n:].masked_fill(~valid, 0)
+    return snapkv_pool(new_scores, layer.eviction.pool_kernel)
 
 
 def append(layer, slots: dict, new_scores: torch.Tensor) -> None:
