@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import signal
 import tempfile
 import threading
@@ -64,15 +63,18 @@ def serve_cmd(path, http_port, grpc_port, metrics_port, host, instances, timeout
     An artifact gets a temporary repository with --device, --kv-memory, --max-batch and
     --prefill-chunk; a repository keeps the settings it was written with.
     """
-    from baklava.serving.server import TritonServer
-    from baklava.serving.triton_repo import MODEL_NAME, repository_to_serve
+    from baklava.serving.triton_repo import repository_to_serve
 
-    temp = Path(tempfile.mkdtemp(prefix="baklava-repo-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="baklava-repo-") as temp:  # an artifact's repository
         repo = repository_to_serve(path, temp, instances=instances, **engine)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
+        _serve_until_stopped(repo, http_port, grpc_port, metrics_port, host, timeout, log_path)
+
+
+def _serve_until_stopped(repo, http_port, grpc_port, metrics_port, host, timeout, log_path) -> None:
+    """Run tritonserver for ``repo`` until Ctrl-C or SIGTERM (or until it dies: an error)."""
+    from baklava.serving.server import TritonServer
+    from baklava.serving.triton_repo import MODEL_NAME
+
     log_path = log_path or str(Path(tempfile.gettempdir()) / "baklava-tritonserver.log")
     server = TritonServer(repo, http_port, grpc_port, metrics_port, host=host, log_path=Path(log_path))
     stop = threading.Event()
@@ -96,7 +98,6 @@ def serve_cmd(path, http_port, grpc_port, metrics_port, host, instances, timeout
     finally:
         server.stop()
         signal.signal(signal.SIGTERM, previous)
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 triton_main = entry_point(triton_cmd, "baklava-triton")
