@@ -247,3 +247,16 @@ def engine_options(f):
             ),
         ],
     )
+
+
+def parse_pair(ctx, param, value):
+    """Click callback: ``"LO,HI"`` -> ``(lo, hi)`` integers with ``1 <= lo <= hi`` (None stays None)."""
+    if value is None:
+        return None
+    try:
+        lo, hi = (int(x) for x in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected two integers LO,HI, got {value!r}") from None
+    if not 1 <= lo <= hi:
+        raise click.BadParameter(f"expected 1 <= LO <= HI, got {value!r}")
+    return lo, hi

@@ -208,6 +208,18 @@ def _from_pretrained(location: str, dtype, quantization_config=None, **kwargs):
     return model.eval(), tokenizer
 
 
+def load_tokenizer(spec: str = DEFAULT_MODEL):
+    """``spec`` 's tokenizer alone: read from a model directory, or from an alias once
+    :func:`load_model` has converted it (else the whole model is loaded for it)."""
+    from transformers import AutoTokenizer
+
+    kind, location = resolve(spec)
+    saved = cache_dir() / "models" / location / "hf" if kind == "alias" else Path(location)
+    if kind in ("alias", "hf_dir") and (saved / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(saved)
+    return load_model(spec, progress=False).tokenizer
+
+
 def load_model(spec: str = DEFAULT_MODEL, *, dtype=None, progress: bool = True) -> LoadedModel:
     """Load ``spec`` (alias, HF directory, .gguf path or hub id) with its tokenizer, in eval mode.
 

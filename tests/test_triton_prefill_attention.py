@@ -203,3 +203,48 @@ def test_the_gpu_route_never_waits_for_the_device():
         finally:
             torch.cuda.set_sync_debug_mode(0)
     assert layer.fill.tolist() == [[3, 11, 20]]
+
+
+# run without the interpreter (its jit functions cannot be compiled), as prefill_attention
+# launches the kernels for Llama-3-8B shapes
+_COMPILE_FOR_HOPPER = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from baklava.kernels import prefill_attention as kernels
+from baklava.kernels.decode_attention import _quant_mode
+
+kv_format = None if sys.argv[1] == "none" else sys.argv[1]
+quant, scale_group, _ = _quant_mode(kv_format, 128)
+slot = {None: "*bf16", "int8": "*i8", "int4": "*u8"}[kv_format]
+pointers = dict(Q="*bf16", K=slot, V=slot, KS="*fp16", VS="*fp16", KN="*bf16", VN="*bf16", FILL="*i32",
+                OFFSETS="*i32", OUT="*bf16", LSE="*fp32")
+constants = dict(GROUP=4, G_P2=4, D=128, BLOCK_Q=32, BLOCK_N=128, QUANT=quant, SCALE_GROUP=scale_group)
+mass_pointers = dict(Q="*bf16", K=slot, KS="*fp16", KN="*bf16", FILL="*i32", OFFSETS="*i32", LSE="*fp32",
+                     SCORE="*fp32", NEW_MASS="*fp32")
+mass_constants = dict(GROUP=4, D=128, W=32, BLOCK_N=64, QUANT=quant, SCALE_GROUP=scale_group)
+launches = [(kernels._attention_kernel, pointers, constants, 8), (kernels._mass_kernel, mass_pointers, mass_constants, 4)]
+for fn, ptrs, consts, warps in launches:
+    signature = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n in ("qk_scale", "scale") else "i32")
+                 for n in fn.arg_names}
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=consts)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    assert compiled.asm["cubin"], fn.__name__
+"""
+
+
+@pytest.mark.parametrize("kv_format", ["none", "int8", "int4"])
+def test_the_prefill_kernels_compile_for_hopper(kv_format):
+    """The interpreter runs what the compiler refuses (a loop variable reused with another type
+    after a branch, say): compile the attention and mass kernels for sm_90 with Triton's own
+    ptxas (no GPU needed)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_HOPPER, kv_format],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -16,6 +16,7 @@ import pytest
 
 pytest.importorskip("tritonclient.grpc", reason="serving extra not installed (pip install -e '.[serving]')")
 
+from baklava.errors import BaklavaError  # noqa: E402
 from baklava.serving.server import TritonServer  # noqa: E402
 from baklava.serving.triton_repo import write_repository  # noqa: E402
 from tests.conftest import export_smol  # noqa: E402
@@ -258,14 +259,27 @@ def test_the_serve_command_loads_an_artifact_served_with_the_engine_options(arti
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     out = tmp_path / "serve.json"
     args = ["serve", str(artifact), "--requests", "4", "--concurrency", "2", "--max-tokens", "3"]
-    try:
-        bench_main([*args, "--instances", "1", "--max-batch", "2", "--out", str(out)])
+    try:  # prompts of 40-60 tokens from the docs (the artifact's tokenizer cuts them)
+        bench_main(
+            [*args, "--instances", "1", "--max-batch", "2", "--prompt-lengths", "40,60", "--out", str(out)]
+        )
     except SystemExit as e:
         pytest.fail(f"baklava-bench serve exited with {e.code}")
     summary = json.loads(out.read_text())
     assert summary["failures"] == 0 and summary["device"] == "cpu"
     assert [r["tokens"] for r in summary["results"]] == [3] * 4
     assert not list(tmp_path.glob("baklava-bench-*/"))  # its repository is gone
+
+
+def test_long_prompts_have_the_lengths_asked_for(smol):
+    """The serve benchmark's long prompts: text that tokenizes back to the drawn lengths."""
+    from baklava.bench.serve_load import long_prompts
+
+    texts = long_prompts(smol.tokenizer, 6, (300, 900), seed=2)
+    lengths = [len(smol.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    assert all(290 <= n <= 910 for n in lengths), lengths
+    assert max(lengths) - min(lengths) > 100 and len(set(texts)) == 6
+    assert texts == long_prompts(smol.tokenizer, 6, (300, 900), seed=2)  # seeded
 
 
 def test_a_repository_refuses_engine_options_it_already_fixes(repo, capsys):
@@ -323,6 +337,32 @@ def test_repository_records_the_engine_pool_and_refuses_bad_settings(repo, tmp_p
         with pytest.raises(BaklavaError, match=needle):
             write_repository(art, tmp_path / "bad", **kwargs)
         assert not (tmp_path / "bad").exists()  # refused before anything is written
+
+
+BROKEN_MODEL = """
+import sys
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        # what the GPU machine's stub logged before dying (numpy 2 under a stub built for numpy 1)
+        print("  triton_python_backend_utils.py(117): deserialize_bytes_tensor", file=sys.stderr, flush=True)
+        raise RuntimeError("broken on purpose")
+"""
+
+
+def test_a_ready_server_whose_model_fails_every_request_is_refused(artifact, tmp_path):
+    """start() probes the model with one request: a model that loads but cannot answer (the GPU
+    machine's numpy 2 stub did this) stops the server with the cause, not a ready server."""
+    broken = write_repository(artifact, tmp_path / "repo")
+    (broken / "baklava" / "1" / "model.py").write_text(BROKEN_MODEL)
+    srv = TritonServer(broken, 0, 0, 0, log_path=tmp_path / "log")
+    with pytest.raises(
+        BaklavaError, match="ready but its model failed a first request .*broken on purpose"
+    ) as e:
+        srv.start(timeout=120)
+    assert "run it with numpy<2" in str(e.value)  # the log named the stub's string decoding
+    assert srv.process is None and not srv.is_ready()
 
 
 def test_server_shuts_down_without_leftovers(repo, tmp_path):

@@ -18,6 +18,7 @@ from baklava.cli_options import (
     model_option,
     parse_fractions,
     parse_kv_dtypes,
+    parse_pair,
     parse_size_option,
 )
 from baklava.cli_runner import entry_point, log
@@ -38,21 +39,38 @@ def bench():
 @click.option(
     "--instances", default=2, show_default=True, type=click.IntRange(1), help="When starting a server."
 )
+@click.option(
+    "--prompt-lengths",
+    callback=parse_pair,
+    help="LO,HI: long prompts of LO-HI tokens cut from the standard library's docs (needs an "
+    "artifact PATH, for its tokenizer) [default: short built-in questions].",
+)
+@click.option("--seed", default=0, show_default=True, type=int, help="Of the long prompts.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the full results as JSON.")
 @engine_options
-def serve_bench(path, url, n_requests, concurrency, max_tokens, instances, out, **engine):
+def serve_bench(
+    path, url, n_requests, concurrency, max_tokens, instances, prompt_lengths, seed, out, **engine
+):
     """Load run: REQUESTS streaming requests from CONCURRENCY clients against PATH (artifact or repo).
 
     An artifact gets a temporary repository with --device, --kv-memory, --max-batch and
     --prefill-chunk; a repository keeps its own."""
     import tempfile
 
-    from baklava.bench.serve_load import load_run
+    from baklava.bench.serve_load import load_run, long_prompts
     from baklava.serving.server import TritonServer
     from baklava.serving.triton_repo import repository_to_serve
 
     if (path is None) == (url is None):
         raise BaklavaError("give an artifact/repository PATH to serve, or --url of a running server")
+    texts = None
+    if prompt_lengths is not None:
+        from baklava.exporter import read_artifact
+        from baklava.model_zoo import load_tokenizer
+
+        if path is None:
+            raise BaklavaError("--prompt-lengths needs the artifact PATH (its model's tokenizer)")
+        texts = long_prompts(load_tokenizer(read_artifact(path).model_spec), n_requests, prompt_lengths, seed)
     server = None
     with tempfile.TemporaryDirectory(prefix="baklava-bench-") as scratch:  # an artifact's repository
         if path is not None:
@@ -64,7 +82,9 @@ def serve_bench(path, url, n_requests, concurrency, max_tokens, instances, out, 
                 f"tritonserver ready at {url} ({instances} instance(s) on {engine['device']}; log {server_log})"
             )
         try:
-            summary = load_run(url, requests=n_requests, concurrency=concurrency, max_tokens=max_tokens)
+            summary = load_run(
+                url, requests=n_requests, concurrency=concurrency, max_tokens=max_tokens, texts=texts
+            )
         finally:
             if server is not None:
                 server.stop()

@@ -10,20 +10,15 @@ from pathlib import Path
 
 import click
 
-from baklava.cli_options import engine_options, parse_fractions, parse_kv_dtypes, parse_size_option
+from baklava.cli_options import (
+    engine_options,
+    parse_fractions,
+    parse_kv_dtypes,
+    parse_pair,
+    parse_size_option,
+)
 from baklava.cli_runner import log
 from baklava.errors import BaklavaError
-
-
-def _pair(ctx, param, value):
-    try:
-        lo, hi = (int(x) for x in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected two integers LO,HI, got {value!r}") from None
-    if not 1 <= lo <= hi:
-        raise click.BadParameter(f"expected 1 <= LO <= HI, got {value!r}")
-    return lo, hi
-
 
 _model_option = click.option(
     "--model",
@@ -56,9 +51,9 @@ _model_option = click.option(
 )
 @click.option("--requests", "n_requests", default=256, show_default=True, type=click.IntRange(1))
 @click.option(
-    "--prompt-lengths", default="1024,16384", show_default=True, callback=_pair, help="LO,HI tokens."
+    "--prompt-lengths", default="1024,16384", show_default=True, callback=parse_pair, help="LO,HI tokens."
 )
-@click.option("--new-tokens", default="128,256", show_default=True, callback=_pair, help="LO,HI tokens.")
+@click.option("--new-tokens", default="128,256", show_default=True, callback=parse_pair, help="LO,HI tokens.")
 @click.option("--prefill-chunk", default=8192, show_default=True, type=click.IntRange(1))
 @click.option("--max-prefill-tokens", default=16384, show_default=True, type=click.IntRange(1))
 @click.option(

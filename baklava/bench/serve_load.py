@@ -43,6 +43,16 @@ def prompts(n: int) -> list[str]:
     return [forms[(i // len(TOPICS)) % len(forms)].format(TOPICS[i % len(TOPICS)]) for i in range(n)]
 
 
+def long_prompts(tokenizer, n: int, lengths: tuple[int, int], seed: int = 0) -> list[str]:
+    """``n`` prompts of ``lengths[0]``-``lengths[1]`` tokens (uniform) cut from the standard
+    library's documentation, as text: the engine benchmark's workload, sent over HTTP (the server
+    tokenizes them again, with its chat template)."""
+    from baklava.bench.serve_engine import prose_tokens, workload
+
+    work = workload(n, lengths, (1, 1), prose_tokens(tokenizer), seed)
+    return [tokenizer.decode(w.prompt) for w in work]
+
+
 @dataclass
 class RequestResult:
     ok: bool
@@ -95,8 +105,10 @@ def load_run(
     model: str = "baklava",
     timeout: float = 600.0,
     progress: bool = True,
+    texts: list[str] | None = None,
 ) -> dict:
-    """Send ``requests`` streaming requests from ``concurrency`` threads; return the summary."""
+    """Send ``requests`` streaming requests from ``concurrency`` threads; return the summary.
+    ``texts``: the prompts (``requests`` of them, cycled), instead of the short built-in ones."""
     bar = tqdm(total=requests, desc="load run", unit="req", disable=not progress)
     lock = threading.Lock()
 
@@ -108,7 +120,8 @@ def load_run(
 
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(one, prompts(requests)))
+        chosen = prompts(requests) if texts is None else [texts[i % len(texts)] for i in range(requests)]
+        results = list(pool.map(one, chosen))
     wall = time.perf_counter() - start
     bar.close()
     ok = [r for r in results if r.ok]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from baklava.errors import BaklavaError
 from baklava.model_zoo import cache_dir
+from baklava.serving.triton_repo import MODEL_NAME
 
 
 def _pytriton_root() -> Path:
@@ -143,8 +145,9 @@ class TritonServer:
             "--log-verbose=0",
         ]
 
-    def start(self, timeout: float = 300.0) -> TritonServer:
-        """Start the server and wait until it and its models are ready."""
+    def start(self, timeout: float = 300.0, probe: bool = True) -> TritonServer:
+        """Start the server and wait until it and its models are ready, then (``probe``) until the
+        ``baklava`` model, when the repository has one, answers a first request (:meth:`probe`)."""
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
             self.command(), env=server_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -158,10 +161,41 @@ class TritonServer:
                 self.process = None
                 raise BaklavaError(f"tritonserver exited during startup{tail}")
             if self.is_ready():
+                if probe and (self.repository / MODEL_NAME).is_dir():
+                    self.probe(timeout=max(1.0, deadline - time.monotonic()))
                 return self
             time.sleep(0.5)
         self.stop()
         raise BaklavaError(f"tritonserver not ready after {timeout:.0f} s{self._log_tail()}")
+
+    def probe(self, timeout: float = 300.0) -> None:
+        """One token for a short prompt; on failure the server is stopped and a
+        :class:`BaklavaError` names the cause. A ready server does not mean a serving one: with
+        nvidia-pytriton 0.7.0's Python 3.12 backend stub under numpy 2 (the H200 machine's stack),
+        the model loads and the server reports ready, then the stub garbles the first request's
+        string tensor (every byte read as the first: its length prefix 41 becomes 0x29292929),
+        dies, and every later request fails with "Stub process is not healthy"."""
+        body = json.dumps({"text_input": "Hello", "max_tokens": 1}).encode()
+        url = f"http://{self.http_url}/v2/models/{MODEL_NAME}/generate"
+        request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                response.read()
+                return
+        except urllib.error.HTTPError as e:
+            reason = f"HTTP {e.code}: {e.read().decode(errors='replace').strip()[:200]}"
+        except (urllib.error.URLError, OSError) as e:
+            reason = f"{type(e).__name__}: {e}"
+        tail = self._log_tail()
+        log = (
+            Path(self.log_path).read_text(errors="replace")
+            if self.log_path and Path(self.log_path).is_file()
+            else ""
+        )
+        if "deserialize_bytes_tensor" in log:  # the stub's pybind11 misreads numpy 2's dtypes
+            tail += "; the Python backend stub garbles string tensors under numpy 2: run it with numpy<2"
+        self.stop()
+        raise BaklavaError(f"tritonserver is ready but its model failed a first request ({reason}){tail}")
 
     def _log_tail(self) -> str:
         if not self.log_path or not Path(self.log_path).is_file():

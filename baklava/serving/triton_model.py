@@ -81,7 +81,7 @@ class TritonPythonModel:
             device = f"cuda:{args.get('model_instance_device_id', 0)}"  # where Triton placed this instance
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         if device.startswith("cuda"):
-            torch.cuda.set_device(torch.device(device))
+            torch.cuda.set_device(torch.device(device).index or 0)
         self.lm = load_model(self.artifact.model_spec, dtype=dtype, progress=False)
         self.lm.model.to(device)
         kv_memory, max_batch = pool_size(params, device)
