@@ -519,3 +519,25 @@ def test_the_cache_goes_in_under_the_keyword_this_transformers_wants(tiny_llama)
     assert int(cache.layers[0].valid_seen[0]) == 12 + 3  # the prompt and three fed-back tokens went in
     assert int(stepped.layers[0].valid_seen[0]) == 12
     assert cache.fill_levels().tolist() == [[[3, 5]], [[4, 2]]]  # and it evicted down to the capacities
+
+
+def test_a_chunks_padding_scores_nothing_and_stored_masses_add_up():
+    """``add_head_masses``: stored slots' masses added to their scores; the new tokens' SnapKV
+    scores pooled over neighbours with padding at 0 first (a padded token's mass, however large,
+    must not reach a valid neighbour through the max-pool); a head without masses scores 0."""
+    from baklava.runtime.packed_cache import BudgetedLayer
+    from baklava.runtime.prefill_attention import add_head_masses
+
+    layer = BudgetedLayer([4, 6], EvictionConfig(pool_kernel=3))
+    empty = torch.empty(2, 2, 0, 8)
+    layer.lazy_initialization(empty, empty)
+    layer.scores.fill_(1.0)
+    valid = torch.tensor([[False, False, True, True, True], [True] * 5])
+    mass = torch.tensor([[0.5, 0.25, 9.0, 9.0, 0.1, 0.2, 0.3], [0.5, 0.25, 0.4, 0.1, 0.1, 0.2, 0.3]])
+    new = add_head_masses(layer, [(2, mass), (0, None)], (2, 2, 5), valid)
+    torch.testing.assert_close(layer.scores[:, :2], 1 + mass[:, :2])
+    assert torch.equal(layer.scores[:, 2:], torch.ones(2, 8))  # past the head's 2 stored slots
+    # row 0: the padded masses (9.0) count as 0 before pooling; row 1: pooled as they are
+    assert new[0, 0].tolist() == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.3])
+    assert new[1, 0].tolist() == pytest.approx([0.4, 0.4, 0.2, 0.3, 0.3])
+    assert torch.equal(new[:, 1], torch.zeros(2, 5))
