@@ -365,6 +365,58 @@ def test_a_ready_server_whose_model_fails_every_request_is_refused(artifact, tmp
     assert srv.process is None and not srv.is_ready()
 
 
+def test_baklava_serve_serves_an_artifact_until_sigterm_and_leaves_nothing(artifact, tmp_path):
+    """The command as a user runs it: ready line and example request on stdout, a request
+    answered, SIGTERM -> exit 0 with the server, its stubs and the artifact's repository gone."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    env = os.environ | {"TMPDIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    command = "from baklava.serving.cli import serve_main; serve_main()"
+    ports = ["--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", command, str(artifact), *ports, "--max-batch", "2"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    watchdog = threading.Timer(300, proc.kill)
+    watchdog.start()
+    try:
+        curl = proc.stdout.readline()  # the example request, printed once the server is ready
+        assert curl.startswith("curl -s http://127.0.0.1:"), curl + proc.stderr.read()
+        url = curl.split()[2]  # http://127.0.0.1:PORT/v2/models/baklava/generate
+        port = url.split(":")[2].split("/")[0]
+        body = json.dumps({"text_input": PROMPTS[3], "max_tokens": 3}).encode()
+        request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            assert response.status == 200 and json.loads(response.read())["text_output"].strip()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        watchdog.cancel()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "shutting down" in proc.stderr.read()
+    assert _processes_mentioning(f"--http-port={port}") == []
+    assert not list(tmp_path.glob("baklava-repo-*"))  # the artifact's repository
+
+
+def test_baklava_serve_refuses_a_path_that_is_nothing_to_serve(tmp_path):
+    import subprocess
+    import sys
+
+    command = "from baklava.serving.cli import serve_main; serve_main()"
+    proc = subprocess.run(
+        [sys.executable, "-c", command, str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "neither an artifact" in proc.stderr, proc.stderr
+
+
 def test_server_shuts_down_without_leftovers(repo, tmp_path):
     srv = TritonServer(repo, 0, 0, 0, log_path=tmp_path / "log").start()
     pid, pgid = srv.process.pid, os.getpgid(srv.process.pid)
