@@ -23,10 +23,13 @@ from baklava.kernels.prefill_attention import observation_masses, prefill_attent
 D = 32
 
 
-def _reference(query, layer, k_new, v_new, scale, obs):
-    """Per KV head: softmax over [stored slots | causal chunk] in fp32; out, lse and masses."""
+def _reference(query, layer, k_new, v_new, scale, obs, valid=None):
+    """Per KV head: softmax over [stored slots | causal chunk] in fp32; out, lse and masses.
+    ``valid [B, S]``: padded tokens are no key, padded queries pay no mass (their rows are
+    NaN where they see no key at all)."""
     batch, q_heads, s, _ = query.shape
     group = q_heads // layer.num_heads
+    valid = torch.ones(batch, s, dtype=torch.bool, device=query.device) if valid is None else valid
     outs, lses, masses = [], [], []
     for h, off in enumerate(layer.offsets):
         n = int(layer.fill[0, h])
@@ -35,12 +38,14 @@ def _reference(query, layer, k_new, v_new, scale, obs):
         q = query[:, h * group : (h + 1) * group].float()  # [B, g, s, D]
         logits = q @ k[:, None].transpose(-1, -2) * scale  # [B, g, s, n + s]
         visible = torch.ones(s, n + s, dtype=torch.bool, device=q.device).tril(n)
-        logits = logits.masked_fill(~visible, float("-inf"))
+        keys_ok = torch.cat([torch.ones(batch, n, dtype=torch.bool, device=q.device), valid], 1)
+        logits = logits.masked_fill(~(visible & keys_ok[:, None, None, :]), float("-inf"))
         lse = torch.logsumexp(logits, -1)
         probs = torch.exp(logits - lse[..., None])
         outs.append(probs @ v[:, None])
         lses.append(lse)
-        masses.append(probs[:, :, s - obs :].sum(2).mean(1))  # [B, n + s]
+        paid = (probs * valid[:, None, :, None]).nan_to_num()[:, :, s - obs :]
+        masses.append(paid.sum(2).mean(1))  # [B, n + s]
     return torch.cat(outs, 1), torch.cat(lses, 1), masses
 
 
@@ -76,6 +81,64 @@ def test_kernels_match_attention_over_stored_slots_and_the_chunk(caps, fills, ch
     _assert_masses(layer, fills, before, scores, new, want_masses, atol=1e-3)
 
 
+def _stored_layer(caps, fills, kv_format, batch, rand):
+    """A layer whose slots hold random tokens in ``kv_format`` (encoded as the cache stores
+    them), ``fills`` of each head live in every row."""
+    layer = BudgetedLayer(caps, EvictionConfig(), kv_format)
+    empty = torch.empty(batch, len(caps), 0, D, dtype=torch.float16, device=DEVICE)
+    layer.lazy_initialization(empty, empty)
+    _, _, slots = kv_slots.encode(layer, rand(batch, 1, layer.total, D), rand(batch, 1, layer.total, D))
+    for slot_name, value in slots.items():
+        getattr(layer, slot_name).copy_(value[:, 0])
+    layer.fill.copy_(torch.tensor([fills] * batch))
+    return layer
+
+
+@pytest.mark.parametrize("kv_format", [None, "int8"])
+def test_a_padded_chunk_masks_its_padding_in_the_kernels(kv_format):
+    """Left padding (row 0: 6 padded tokens; row 1: none): padded tokens are no key to anyone,
+    real queries match the reference, padded ones stay finite (zeros where a head holds nothing:
+    head 1), and neither pays nor receives SnapKV mass."""
+    caps, fills, chunk, pad = [40, 7, 90], [40, 0, 33], 21, 6
+    gen = torch.Generator().manual_seed(7)
+    rand = lambda *s: torch.randn(*s, generator=gen).half().to(DEVICE)  # noqa: E731
+    batch, heads, group, obs = 2, len(caps), 3, 8
+    layer = _stored_layer(caps, fills, kv_format, batch, rand)
+    valid = torch.ones(batch, chunk, dtype=torch.bool, device=DEVICE)
+    valid[0, :pad] = False
+    query = rand(batch, heads * group, chunk, D)
+    k_new, v_new = rand(batch, heads, chunk, D), rand(batch, heads, chunk, D)
+    keys, values = kv_slots.payload(layer, "keys"), kv_slots.payload(layer, "values")
+    quantized = dict(kv_format=kv_format, key_scales=layer.key_scales)
+    args = (layer.fill, layer.device_offsets, D**-0.5)
+    out, lse = prefill_attention(
+        query, keys, values, k_new, v_new, *args,
+        value_scales=layer.value_scales, block_n=16, valid=valid, **quantized,
+    )  # fmt: skip
+    before = torch.rand(batch, layer.total, generator=gen).to(DEVICE)
+    scores = before.clone()
+    new = observation_masses(
+        query, keys, k_new, *args[:2], lse, scores, max(caps), obs, D**-0.5, valid=valid, **quantized
+    )
+    plain = SimpleNamespace(
+        keys=layer.stored("keys"), values=layer.stored("values"), offsets=layer.offsets, fill=layer.fill,
+        num_heads=heads,
+    )  # fmt: skip
+    want_out, want_lse, want_masses = _reference(query, plain, k_new, v_new, D**-0.5, obs, valid)
+    got = out.transpose(1, 2).float()  # [B, H_q, S, D]
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got[1], want_out[1], atol=5e-3, rtol=0)
+    torch.testing.assert_close(got[0, :, pad:], want_out[0, :, pad:], atol=5e-3, rtol=0)
+    torch.testing.assert_close(lse[0, :, pad:], want_lse[0, :, pad:], atol=2e-3, rtol=0)
+    heads_with_slots = [q for q in range(heads * group) if fills[q // group]]  # padded queries see them
+    torch.testing.assert_close(
+        got[0, heads_with_slots, :pad], want_out[0, heads_with_slots, :pad], atol=5e-3, rtol=0
+    )
+    assert torch.equal(got[0, group : 2 * group, :pad], torch.zeros_like(got[0, group : 2 * group, :pad]))
+    _assert_masses(layer, fills, before, scores, new, want_masses, atol=2e-3)
+    assert torch.equal(new[0, :, :pad], torch.zeros_like(new[0, :, :pad]))
+
+
 def _assert_masses(layer, fills, before, scores, new, want_masses, atol):
     """Stored slots' masses added to their scores (slots past the fill untouched), new ones returned."""
     for h, (off, n) in enumerate(zip(layer.offsets, fills, strict=True)):
@@ -95,13 +158,7 @@ def test_kernels_read_quantized_slots_as_their_dequantized_values(name):
     gen = torch.Generator().manual_seed(5)
     rand = lambda *s: torch.randn(*s, generator=gen).half().to(DEVICE)  # noqa: E731
     batch, heads, group, obs = 2, len(caps), 3, 8
-    layer = BudgetedLayer(caps, EvictionConfig(), name)
-    empty = torch.empty(batch, heads, 0, D, dtype=torch.float16, device=DEVICE)
-    layer.lazy_initialization(empty, empty)
-    _, _, slots = kv_slots.encode(layer, rand(batch, 1, layer.total, D), rand(batch, 1, layer.total, D))
-    for slot_name, value in slots.items():
-        getattr(layer, slot_name).copy_(value[:, 0])
-    layer.fill.copy_(torch.tensor([fills] * batch))
+    layer = _stored_layer(caps, fills, name, batch, rand)
     query = rand(batch, heads * group, chunk, D)
     k_new, v_new = rand(batch, heads, chunk, D), rand(batch, heads, chunk, D)
     scale = D**-0.5
@@ -214,15 +271,16 @@ from triton.backends.compiler import GPUTarget
 from baklava.kernels import prefill_attention as kernels
 from baklava.kernels.decode_attention import _quant_mode
 
-kv_format = None if sys.argv[1] == "none" else sys.argv[1]
+kv_format, padded = (None if sys.argv[1] == "none" else sys.argv[1]), sys.argv[2] == "padded"
 quant, scale_group, _ = _quant_mode(kv_format, 128)
 slot = {None: "*bf16", "int8": "*i8", "int4": "*u8"}[kv_format]
 pointers = dict(Q="*bf16", K=slot, V=slot, KS="*fp16", VS="*fp16", KN="*bf16", VN="*bf16", FILL="*i32",
-                OFFSETS="*i32", OUT="*bf16", LSE="*fp32")
-constants = dict(GROUP=4, G_P2=4, D=128, BLOCK_Q=32, BLOCK_N=128, QUANT=quant, SCALE_GROUP=scale_group)
+                OFFSETS="*i32", OUT="*bf16", LSE="*fp32", VALID="*i8")
+constants = dict(GROUP=4, G_P2=4, D=128, BLOCK_Q=32, BLOCK_N=128, QUANT=quant, SCALE_GROUP=scale_group,
+                 PADDED=padded)
 mass_pointers = dict(Q="*bf16", K=slot, KS="*fp16", KN="*bf16", FILL="*i32", OFFSETS="*i32", LSE="*fp32",
-                     SCORE="*fp32", NEW_MASS="*fp32")
-mass_constants = dict(GROUP=4, D=128, W=32, BLOCK_N=64, QUANT=quant, SCALE_GROUP=scale_group)
+                     SCORE="*fp32", NEW_MASS="*fp32", VALID="*i8")
+mass_constants = dict(GROUP=4, D=128, W=32, BLOCK_N=64, QUANT=quant, SCALE_GROUP=scale_group, PADDED=padded)
 launches = [(kernels._attention_kernel, pointers, constants, 8), (kernels._mass_kernel, mass_pointers, mass_constants, 4)]
 for fn, ptrs, consts, warps in launches:
     signature = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n in ("qk_scale", "scale") else "i32")
@@ -233,8 +291,11 @@ for fn, ptrs, consts, warps in launches:
 """
 
 
-@pytest.mark.parametrize("kv_format", ["none", "int8", "int4"])
-def test_the_prefill_kernels_compile_for_hopper(kv_format):
+@pytest.mark.parametrize(
+    ("kv_format", "padding"),
+    [("none", "unpadded"), ("none", "padded"), ("int8", "padded"), ("int4", "unpadded")],
+)
+def test_the_prefill_kernels_compile_for_hopper(kv_format, padding):
     """The interpreter runs what the compiler refuses (a loop variable reused with another type
     after a branch, say): compile the attention and mass kernels for sm_90 with Triton's own
     ptxas (no GPU needed)."""
@@ -244,7 +305,7 @@ def test_the_prefill_kernels_compile_for_hopper(kv_format):
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-c", _COMPILE_FOR_HOPPER, kv_format],
+        [sys.executable, "-c", _COMPILE_FOR_HOPPER, kv_format, padding],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]

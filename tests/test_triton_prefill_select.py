@@ -134,9 +134,10 @@ def test_no_candidates_and_capacity_one():
     [("h2o", None), ("ring", None), ("h2o", "int8"), ("h2o", "fp8"), ("ring", "int4")],
 )
 def test_chunked_prefill_through_attend_matches_the_reference(policy, kv_format, monkeypatch):
-    """``BudgetedLayer.attend`` with the kernels committing each chunk (what it does on CUDA)
-    against its per-head loop: two chunks, the second evicting, left padding in one row.
-    Quantized slots: payload and scales kept together, byte for byte."""
+    """``BudgetedLayer.attend`` with the kernels attending and committing each chunk (what it
+    does on CUDA; padding masked in the kernels) against its per-head loop: two chunks, the
+    second evicting, left padding in one row. Quantized slots: payload and scales kept together,
+    byte for byte."""
     caps, batch, q_heads = [3, 11, 20], 2, 6
     gen = torch.Generator().manual_seed(7)
     rand = lambda *s: torch.randn(*s, generator=gen).half().to(DEVICE)  # noqa: E731
@@ -154,9 +155,9 @@ def test_chunked_prefill_through_attend_matches_the_reference(policy, kv_format,
         for layer in layers.values():
             layer.update(k, v)
             outs.append(layer.attend(q, mask, D**-0.5)[0])
-        torch.testing.assert_close(
-            outs[0], outs[1], equal_nan=True
-        )  # padding queries see nothing: NaN in both
+        real = keep.to(DEVICE)  # a padded query's output is no token's: the kernels give 0
+        torch.testing.assert_close(outs[1][real], outs[0][real], atol=2e-3, rtol=0)
+        assert torch.isfinite(outs[1]).all()
     ref, got = layers["torch"], layers["triton"]
     assert torch.equal(ref.fill, got.fill)
     for b in range(batch):
@@ -165,5 +166,5 @@ def test_chunked_prefill_through_attend_matches_the_reference(policy, kv_format,
             assert torch.equal(ref.positions[b, live], got.positions[b, live])
             for name in ref.slot_names:  # keys, values (+ their scales when quantized)
                 assert torch.equal(getattr(ref, name)[b, live], getattr(got, name)[b, live]), name
-            torch.testing.assert_close(ref.scores[b, live], got.scores[b, live], rtol=0, atol=0)
+            torch.testing.assert_close(got.scores[b, live], ref.scores[b, live], rtol=0, atol=1e-3)
     assert ref.slot_names == (("keys", "values") if kv_format is None else kv_slots.QUANTIZED)

@@ -14,8 +14,10 @@ the GPU idle a fifth of the prefill).
     first chunk (seen == 0)  flash SDPA, causal, every head     SnapKV masses (PyTorch)
     later chunks             kernels/prefill_attention.py       stored slots read in place; masses
                                                                 of stored slots added to scores
-    commit                   room in every head: prefill_attention.append (one index_copy per tensor)
-                             else: kernels/prefill_select.py (priorities, sort, gather)
+    padded chunks (any)      the same kernels with ``valid``    padded tokens no key, no mass
+    commit                   room in every head, no padding: prefill_attention.append (one
+                             index_copy per tensor); else kernels/prefill_select.py (priorities,
+                             sort, gather; padded tokens never kept)
 
 :func:`commit_masked` is the same commit for padded chunks, whose attention and masses come from
 the per-head path.
@@ -34,12 +36,15 @@ from baklava.runtime.prefill_attention import add_head_masses, append, causal_at
 from baklava.runtime.selection import snapkv_pool
 
 
-def chunk(layer, query, k_new, v_new, slots: dict, scale: float, obs: int) -> torch.Tensor:
+def chunk(
+    layer, query, k_new, v_new, slots: dict, scale: float, obs: int, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """Attend ``query [B, H_q, S, D]`` over ``layer`` 's stored slots and the chunk (``k_new``,
     ``v_new [B, H_kv, S, D]``), then store the chunk (``slots``: each slot tensor's rows
     ``[B, H_kv, S, width]``), scored by its last ``obs`` queries (0: no scores, the ring policy).
-    Returns the attention output ``[B, S, H_q, D]``, contiguous."""
-    if layer.seen == 0:  # nothing stored: one flash call for every head
+    ``valid [B, S]``: the chunk's real tokens when it has padding (the kernels mask the rest, the
+    commit skips them). Returns the attention output ``[B, S, H_q, D]``, contiguous."""
+    if layer.seen == 0 and valid is None:  # nothing stored: one flash call for every head
         out = causal_attention(query, k_new, v_new, 0, scale).transpose(1, 2).contiguous()
         new_mass = observation_mass(query, k_new, 0, obs, scale) if obs else None
     else:
@@ -48,32 +53,34 @@ def chunk(layer, query, k_new, v_new, slots: dict, scale: float, obs: int) -> to
         offsets = layer.device_offsets
         out, lse = prefill_attention(
             query, keys, values, k_new, v_new, layer.fill, offsets, scale,
-            value_scales=layer.value_scales, **quantized,
+            value_scales=layer.value_scales, valid=valid, **quantized,
         )  # fmt: skip
         new_mass = None
         if obs:
             longest = max(layer.capacities)
             new_mass = observation_masses(
-                query, keys, k_new, layer.fill, offsets, lse, layer.scores, longest, obs, scale, **quantized
-            )
-    commit(layer, slots, new_mass)
+                query, keys, k_new, layer.fill, offsets, lse, layer.scores, longest, obs, scale,
+                valid=valid, **quantized,
+            )  # fmt: skip
+    commit(layer, slots, new_mass, valid)
     return out
 
 
-def commit(layer, slots: dict, new_mass: torch.Tensor | None) -> None:
-    """Store an unpadded chunk whose stored slots' masses are already in ``layer.scores``;
-    ``new_mass [B, H_kv, S]`` the new tokens' (pooled here), None for zero scores."""
+def commit(layer, slots: dict, new_mass: torch.Tensor | None, valid: torch.Tensor | None = None) -> None:
+    """Store a chunk whose stored slots' masses are already in ``layer.scores``; ``new_mass
+    [B, H_kv, S]`` the new tokens' (pooled here; padded ones hold 0), None for zero scores;
+    ``valid [B, S]`` its real tokens when it has padding (None: all)."""
     batch, heads, s = next(iter(slots.values())).shape[:3]
     if new_mass is None:
         new_scores = torch.zeros(batch, heads, s, device=layer.device)
     else:
         new_scores = snapkv_pool(new_mass, layer.eviction.pool_kernel)
-    if layer.seen + s <= min(layer.capacities):  # fill <= seen: every head has room
+    if valid is None and layer.seen + s <= min(layer.capacities):  # fill <= seen: every head has room
         append(layer, slots, new_scores)
     else:
-        valid = torch.ones(batch, s, dtype=torch.bool, device=layer.device)
-        select(layer, slots, valid, new_scores)
-    layer.valid_seen += s
+        real = torch.ones(batch, s, dtype=torch.bool, device=layer.device) if valid is None else valid
+        select(layer, slots, real, new_scores)
+    layer.valid_seen += s if valid is None else valid.sum(1)
     layer.seen += s
 
 

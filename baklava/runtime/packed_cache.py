@@ -37,7 +37,7 @@ from baklava.eviction import EvictionConfig
 from baklava.kernels.launch import device_table
 from baklava.runtime import kv_slots, prefill_attention, triton_decode
 from baklava.runtime.packed_decode import SlotMap, decode_step
-from baklava.runtime.prefill_attention import new_token_bias
+from baklava.runtime.prefill_attention import new_token_bias, real_tokens
 from baklava.runtime.selection import chronological_keep, keep_priority, snapkv_pool
 
 _NOT_ATTENDED = (
@@ -319,12 +319,15 @@ class BudgetedLayer(CacheLayerMixin):
         need_scores = self.eviction.policy == "h2o"
         obs = min(q_len, self.eviction.obs_window)
         kernels = self._use_kernels()
-        if attention_mask is None and self.probe is None and self.unpadded_prefill:
-            if kernels and self.prefill_kernel:  # the GPU: no host sync (kernel_prefill.py)
-                from baklava.runtime import kernel_prefill
+        if kernels and self.prefill_kernel and self.probe is None and self.unpadded_prefill:
+            # the GPU: no host sync (kernel_prefill.py); a mask is causal + padding (baklava_mask)
+            from baklava.runtime import kernel_prefill
 
-                out = kernel_prefill.chunk(self, query, k_new, v_new, slots, scaling, obs * need_scores)
-                return out, None
+            padded = attention_mask is not None
+            valid = real_tokens(new_token_bias(attention_mask, batch, q_len, query)) if padded else None
+            out = kernel_prefill.chunk(self, query, k_new, v_new, slots, scaling, obs * need_scores, valid)
+            return out, None
+        if attention_mask is None and self.probe is None and self.unpadded_prefill:
             fast = prefill_attention.unpadded_chunk(self, query, k_new, v_new, scaling, obs * need_scores)
             if fast is not None:
                 out, masses = fast
@@ -336,7 +339,7 @@ class BudgetedLayer(CacheLayerMixin):
                 return out.transpose(1, 2).contiguous(), None
 
         new_bias = new_token_bias(attention_mask, batch, q_len, query)  # [B, 1, q, q]
-        valid_new = torch.diagonal(new_bias[:, 0], dim1=-2, dim2=-1) == 0  # [B, q] False for padding
+        valid_new = real_tokens(new_bias)  # [B, q] False for padding
         if self.probe is not None:  # reading without storing (runtime/reconstruction.py)
             return self.probe.attend(self, query, k_new, v_new, new_bias, valid_new, scaling), None
 

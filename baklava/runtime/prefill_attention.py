@@ -66,6 +66,12 @@ def new_token_bias(mask: torch.Tensor | None, batch: int, q_len: int, like: torc
     return mask.expand(batch, 1, q_len, q_len)
 
 
+def real_tokens(bias: torch.Tensor) -> torch.Tensor:
+    """``[B, q]`` bool of ``bias [B, 1, q, q]`` (:func:`new_token_bias`): False for padding, the
+    tokens the mask hides even from themselves."""
+    return torch.diagonal(bias[:, 0], dim1=-2, dim2=-1) == 0
+
+
 # ---------------------------------------------------------------------- chunks without padding
 # A chunk whose rows have no padding (the engine's prefill, baklava-run with one prompt, every
 # chunk of an unpadded batch) needs no bias at all: each query sees every stored slot and the new
