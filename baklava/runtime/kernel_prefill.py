@@ -1,8 +1,7 @@
-"""A prefill chunk without padding on the GPU: attention, SnapKV masses and commit, never waiting
-for the device.
+"""A prefill chunk on the GPU: attention, SnapKV masses and commit, never waiting for the device.
 
-:meth:`BudgetedLayer.attend <baklava.runtime.packed_cache.BudgetedLayer.attend>` sends unpadded
-chunks here where the Triton kernels run. Nothing the host decides reads a device tensor: the
+:meth:`BudgetedLayer.attend <baklava.runtime.packed_cache.BudgetedLayer.attend>` sends every
+chunk here where the Triton kernels run (a padded one with its real tokens, ``valid``). Nothing the host decides reads a device tensor: the
 fill pointers stay on the GPU (the kernels read them per row), and whether every head has room
 for the chunk follows from ``seen`` (a head never holds more tokens than its layer has seen), so
 the CPU queues every layer's kernels ahead of the GPU instead of stopping at each layer (the
@@ -11,7 +10,7 @@ the GPU idle a fifth of the prefill).
 
 ::
 
-    first chunk (seen == 0)  flash SDPA, causal, every head     SnapKV masses (PyTorch)
+    first chunk, no padding  flash SDPA, causal, every head     SnapKV masses (PyTorch)
     later chunks             kernels/prefill_attention.py       stored slots read in place; masses
                                                                 of stored slots added to scores
     padded chunks (any)      the same kernels with ``valid``    padded tokens no key, no mass
@@ -19,10 +18,11 @@ the GPU idle a fifth of the prefill).
                              index_copy per tensor); else kernels/prefill_select.py (priorities,
                              sort, gather; padded tokens never kept)
 
-:func:`commit_masked` is the same commit for padded chunks, whose attention and masses come from
-the per-head path.
+:func:`commit_masked` is the same commit for chunks whose attention and masses come from the
+per-head path (``BudgetedLayer.prefill_kernel = False``).
 
-The per-head SDPA path (:func:`baklava.runtime.prefill_attention.unpadded_chunk`) is the reference.
+The per-head SDPA path (:func:`baklava.runtime.prefill_attention.unpadded_chunk`; with padding,
+``attend`` 's biased loop) is the reference.
 """
 
 from __future__ import annotations
