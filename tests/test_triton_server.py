@@ -268,7 +268,23 @@ def test_the_serve_command_loads_an_artifact_served_with_the_engine_options(arti
     summary = json.loads(out.read_text())
     assert summary["failures"] == 0 and summary["device"] == "cpu"
     assert [r["tokens"] for r in summary["results"]] == [3] * 4
+    assert 0 < summary["itl_p50_ms"] <= summary["itl_p99_ms"]  # 2 gaps a request
+    assert summary["peak_gpu_memory_gib"] is None  # a CPU server reports no GPU memory
     assert not list(tmp_path.glob("baklava-bench-*/"))  # its repository is gone
+
+
+def test_gpu_memory_in_use_is_read_from_tritons_metrics():
+    from baklava.bench.serve_load import gpu_memory_used
+
+    metrics = """# HELP nv_gpu_memory_used_bytes GPU used memory, in bytes
+# TYPE nv_gpu_memory_used_bytes gauge
+nv_gpu_memory_used_bytes{gpu_uuid="GPU-a"} 1.25e+10
+nv_gpu_memory_used_bytes{gpu_uuid="GPU-b"} 3000
+nv_gpu_memory_total_bytes{gpu_uuid="GPU-a"} 1.5e+11
+nv_inference_count{model="baklava",version="1"} 12
+"""
+    assert gpu_memory_used(metrics) == 12_500_003_000  # both GPUs, not the total
+    assert gpu_memory_used('nv_inference_count{model="baklava"} 12\n') is None
 
 
 def test_long_prompts_have_the_lengths_asked_for(smol):

@@ -82,9 +82,11 @@ def serve_bench(
                 f"tritonserver ready at {url} ({instances} instance(s) on {engine['device']}; log {server_log})"
             )
         try:
+            metrics = None if server is None else f"http://{server.host}:{server.metrics_port}/metrics"
             summary = load_run(
-                url, requests=n_requests, concurrency=concurrency, max_tokens=max_tokens, texts=texts
-            )
+                url, requests=n_requests, concurrency=concurrency, max_tokens=max_tokens, texts=texts,
+                metrics_url=metrics,
+            )  # fmt: skip
         finally:
             if server is not None:
                 server.stop()

@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from tqdm.auto import tqdm
 
@@ -60,6 +60,7 @@ class RequestResult:
     ttft_s: float | None
     tokens: int
     error: str | None = None
+    gaps_s: list[float] = field(default_factory=list)  # between consecutive text pieces
 
 
 def stream_request(url: str, model: str, prompt: str, max_tokens: int, timeout: float) -> RequestResult:
@@ -68,7 +69,7 @@ def stream_request(url: str, model: str, prompt: str, max_tokens: int, timeout: 
         f"{url}/v2/models/{model}/generate_stream", data=body, headers={"Content-Type": "application/json"}
     )
     start = time.perf_counter()
-    ttft, tokens = None, 0
+    ttft, tokens, last, gaps = None, 0, None, []
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             for raw in resp:
@@ -79,14 +80,61 @@ def stream_request(url: str, model: str, prompt: str, max_tokens: int, timeout: 
                 if "error" in event:
                     return RequestResult(False, time.perf_counter() - start, ttft, tokens, event["error"])
                 if event.get("text_output"):
+                    now = time.perf_counter()
                     tokens += 1
                     if ttft is None:
-                        ttft = time.perf_counter() - start
+                        ttft = now - start
+                    else:
+                        gaps.append(now - last)
+                    last = now
     except (urllib.error.URLError, OSError, json.JSONDecodeError) as e:
         return RequestResult(False, time.perf_counter() - start, ttft, tokens, f"{type(e).__name__}: {e}")
     return RequestResult(
-        tokens > 0, time.perf_counter() - start, ttft, tokens, None if tokens else "no tokens"
+        tokens > 0, time.perf_counter() - start, ttft, tokens, None if tokens else "no tokens", gaps
     )
+
+
+def gpu_memory_used(metrics: str) -> int | None:
+    """Bytes of GPU memory in use on every GPU together, from Triton's Prometheus text (its
+    ``nv_gpu_memory_used_bytes`` gauges); None without one (a server on the CPU only)."""
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("nv_gpu_memory_used_bytes{")
+    ]
+    return int(sum(values)) if values else None
+
+
+class PeakGpuMemory:
+    """Poll a Triton metrics URL in the background; ``peak`` is the most GPU memory seen in use
+    (bytes, every GPU together; None if the server reports none)."""
+
+    def __init__(self, url: str | None, every_s: float = 0.5):
+        self.url, self.every_s, self.peak = url, every_s, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while True:
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as r:
+                    used = gpu_memory_used(r.read().decode(errors="replace"))
+                if used is not None:
+                    self.peak = max(self.peak or 0, used)
+            except (urllib.error.URLError, OSError, ValueError):
+                pass
+            if self._stop.wait(self.every_s):
+                return
+
+    def __enter__(self) -> PeakGpuMemory:
+        if self.url:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -106,9 +154,11 @@ def load_run(
     timeout: float = 600.0,
     progress: bool = True,
     texts: list[str] | None = None,
+    metrics_url: str | None = None,
 ) -> dict:
     """Send ``requests`` streaming requests from ``concurrency`` threads; return the summary.
-    ``texts``: the prompts (``requests`` of them, cycled), instead of the short built-in ones."""
+    ``texts``: the prompts (``requests`` of them, cycled), instead of the short built-in ones;
+    ``metrics_url``: the server's Prometheus endpoint, polled for its peak GPU memory."""
     bar = tqdm(total=requests, desc="load run", unit="req", disable=not progress)
     lock = threading.Lock()
 
@@ -119,7 +169,7 @@ def load_run(
         return result
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
+    with ThreadPoolExecutor(concurrency) as pool, PeakGpuMemory(metrics_url) as memory:
         chosen = prompts(requests) if texts is None else [texts[i % len(texts)] for i in range(requests)]
         results = list(pool.map(one, chosen))
     wall = time.perf_counter() - start
@@ -127,6 +177,7 @@ def load_run(
     ok = [r for r in results if r.ok]
     latencies = [r.latency_s for r in ok]
     ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
+    gaps = [g for r in ok for g in r.gaps_s]
     tokens = sum(r.tokens for r in ok)
     return {
         "requests": requests,
@@ -140,8 +191,11 @@ def load_run(
         "latency_mean_s": round(statistics.fmean(latencies), 3) if latencies else None,
         "ttft_p50_s": round(_pct(ttfts, 0.5), 3),
         "ttft_p99_s": round(_pct(ttfts, 0.99), 3),
+        "itl_p50_ms": round(1000 * _pct(gaps, 0.5), 2),
+        "itl_p99_ms": round(1000 * _pct(gaps, 0.99), 2),
         "tokens": tokens,
         "tokens_per_s": round(tokens / wall, 2),
         "requests_per_s": round(len(ok) / wall, 3),
-        "results": [asdict(r) for r in results],
+        "peak_gpu_memory_gib": None if memory.peak is None else round(memory.peak / 2**30, 2),
+        "results": [{k: v for k, v in asdict(r).items() if k != "gaps_s"} for r in results],
     }
