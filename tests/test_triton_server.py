@@ -251,26 +251,44 @@ def test_the_soak_command_serves_an_artifact_and_writes_its_summary(artifact, tm
     assert not list(tmp_path.glob("baklava-soak-*/"))  # its repository (a copy of the artifact) is gone
 
 
-def test_the_serve_command_loads_an_artifact_served_with_the_engine_options(artifact, tmp_path, monkeypatch):
+def test_the_serve_command_loads_artifacts_served_with_the_engine_options(
+    artifact, tmp_path, monkeypatch, capsys
+):
+    """Two PATHs (the same artifact twice: one model's budgets in practice): one server after
+    the other, the same requests, a table against the first."""
     import tempfile
 
     from baklava.bench.cli import bench_main
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     out = tmp_path / "serve.json"
-    args = ["serve", str(artifact), "--requests", "4", "--concurrency", "2", "--max-tokens", "3"]
+    args = [
+        "serve",
+        str(artifact),
+        str(artifact),
+        "--requests",
+        "4",
+        "--concurrency",
+        "2",
+        "--max-tokens",
+        "3",
+    ]
     try:  # prompts of 40-60 tokens from the docs (the artifact's tokenizer cuts them)
         bench_main(
             [*args, "--instances", "1", "--max-batch", "2", "--prompt-lengths", "40,60", "--out", str(out)]
         )
     except SystemExit as e:
         pytest.fail(f"baklava-bench serve exited with {e.code}")
-    summary = json.loads(out.read_text())
-    assert summary["failures"] == 0 and summary["device"] == "cpu"
-    assert [r["tokens"] for r in summary["results"]] == [3] * 4
-    assert 0 < summary["itl_p50_ms"] <= summary["itl_p99_ms"]  # 2 gaps a request
-    assert summary["peak_gpu_memory_gib"] is None  # a CPU server reports no GPU memory
-    assert not list(tmp_path.glob("baklava-bench-*/"))  # its repository is gone
+    runs = json.loads(out.read_text())
+    assert [r["path"] for r in runs] == [str(artifact)] * 2
+    for summary in runs:
+        assert summary["failures"] == 0 and summary["device"] == "cpu"
+        assert [r["tokens"] for r in summary["results"]] == [3] * 4
+        assert 0 < summary["itl_p50_ms"] <= summary["itl_p99_ms"]  # 2 gaps a request
+        assert summary["peak_gpu_memory_gib"] is None  # a CPU server reports no GPU memory
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {artifact} |")]
+    assert len(table) == 2 and "| 1.00x |" in table[0]
+    assert not list(tmp_path.glob("baklava-bench-*/"))  # their repositories are gone
 
 
 def test_gpu_memory_in_use_is_read_from_tritons_metrics():

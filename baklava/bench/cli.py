@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 from datetime import date
 from pathlib import Path
 
@@ -14,11 +12,9 @@ from baklava.atomic import write_text_atomic
 from baklava.cli_options import (
     calibration_options,
     comma_list,
-    engine_options,
     model_option,
     parse_fractions,
     parse_kv_dtypes,
-    parse_pair,
     parse_size_option,
 )
 from baklava.cli_runner import entry_point, log
@@ -28,75 +24,6 @@ from baklava.errors import BaklavaError
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def bench():
     """BaKlaVa benchmarks."""
-
-
-@bench.command("serve")
-@click.argument("path", type=click.Path(file_okay=False), required=False)
-@click.option("--url", help="Benchmark a running server (http://host:port) instead of starting one.")
-@click.option("--requests", "n_requests", default=200, show_default=True, type=click.IntRange(1))
-@click.option("--concurrency", default=16, show_default=True, type=click.IntRange(1))
-@click.option("--max-tokens", default=16, show_default=True, type=click.IntRange(1, 4096))
-@click.option(
-    "--instances", default=2, show_default=True, type=click.IntRange(1), help="When starting a server."
-)
-@click.option(
-    "--prompt-lengths",
-    callback=parse_pair,
-    help="LO,HI: long prompts of LO-HI tokens cut from the standard library's docs (needs an "
-    "artifact PATH, for its tokenizer) [default: short built-in questions].",
-)
-@click.option("--seed", default=0, show_default=True, type=int, help="Of the long prompts.")
-@click.option("--out", type=click.Path(dir_okay=False), help="Write the full results as JSON.")
-@engine_options
-def serve_bench(
-    path, url, n_requests, concurrency, max_tokens, instances, prompt_lengths, seed, out, **engine
-):
-    """Load run: REQUESTS streaming requests from CONCURRENCY clients against PATH (artifact or repo).
-
-    An artifact gets a temporary repository with --device, --kv-memory, --max-batch and
-    --prefill-chunk; a repository keeps its own."""
-    import tempfile
-
-    from baklava.bench.serve_load import load_run, long_prompts
-    from baklava.serving.server import TritonServer
-    from baklava.serving.triton_repo import repository_to_serve
-
-    if (path is None) == (url is None):
-        raise BaklavaError("give an artifact/repository PATH to serve, or --url of a running server")
-    texts = None
-    if prompt_lengths is not None:
-        from baklava.exporter import read_artifact
-        from baklava.model_zoo import load_tokenizer
-
-        if path is None:
-            raise BaklavaError("--prompt-lengths needs the artifact PATH (its model's tokenizer)")
-        texts = long_prompts(load_tokenizer(read_artifact(path).model_spec), n_requests, prompt_lengths, seed)
-    server = None
-    with tempfile.TemporaryDirectory(prefix="baklava-bench-") as scratch:  # an artifact's repository
-        if path is not None:
-            repo = repository_to_serve(path, scratch, instances=instances, **engine)
-            server_log = Path(tempfile.gettempdir()) / "baklava-bench-tritonserver.log"
-            server = TritonServer(repo, 0, 0, 0, log_path=server_log).start()
-            url = f"http://{server.http_url}"
-            log(
-                f"tritonserver ready at {url} ({instances} instance(s) on {engine['device']}; log {server_log})"
-            )
-        try:
-            metrics = None if server is None else f"http://{server.host}:{server.metrics_port}/metrics"
-            summary = load_run(
-                url, requests=n_requests, concurrency=concurrency, max_tokens=max_tokens, texts=texts,
-                metrics_url=metrics,
-            )  # fmt: skip
-        finally:
-            if server is not None:
-                server.stop()
-    summary["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
-    summary["date"] = date.today().isoformat()
-    summary["device"] = engine["device"] if path is not None else "(running server)"
-    if out:
-        write_text_atomic(out, json.dumps(summary, indent=1) + "\n")
-    row = {k: v for k, v in summary.items() if k != "results"}
-    click.echo(json.dumps(row, indent=1))
 
 
 @bench.command("decode")
@@ -510,9 +437,11 @@ from baklava.bench.serve_cli import (  # noqa: E402 - registered on the group ab
     engine_bench,
     kv_dtype_bench,
     prefill_bench,
+    serve_bench,
     soak_bench,
 )
 
+bench.add_command(serve_bench)
 bench.add_command(engine_bench)
 bench.add_command(soak_bench)
 bench.add_command(prefill_bench)

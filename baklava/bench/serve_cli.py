@@ -1,7 +1,8 @@
-"""Serving benchmarks: ``baklava-bench engine`` (served throughput per budget at equal KV memory,
-the batching engine in process against plain transformers, one GPU, one run:
-:mod:`baklava.bench.serve_engine`) and ``baklava-bench soak`` (a real tritonserver under valid,
-malformed and abandoned requests for a set time: :mod:`baklava.bench.soak`)."""
+"""Serving benchmarks: ``baklava-bench serve`` (a load run through a real tritonserver, one or
+several artifacts: :mod:`baklava.bench.serve_load`), ``baklava-bench engine`` (served throughput
+per budget at equal KV memory, the batching engine in process against plain transformers, one
+GPU, one run: :mod:`baklava.bench.serve_engine`) and ``baklava-bench soak`` (a real tritonserver
+under valid, malformed and abandoned requests for a set time: :mod:`baklava.bench.soak`)."""
 
 from __future__ import annotations
 
@@ -115,6 +116,91 @@ def engine_bench(
     click.echo(table)
     if out:
         _write_report(out, "serve", meta, rows, table)
+
+
+@click.command("serve")
+@click.argument("paths", nargs=-1, type=click.Path(file_okay=False))
+@click.option("--url", help="Benchmark a running server (http://host:port) instead of starting one.")
+@click.option("--requests", "n_requests", default=200, show_default=True, type=click.IntRange(1))
+@click.option("--concurrency", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--max-tokens", default=16, show_default=True, type=click.IntRange(1, 4096))
+@click.option(
+    "--instances", default=2, show_default=True, type=click.IntRange(1), help="When starting a server."
+)
+@click.option(
+    "--prompt-lengths",
+    callback=parse_pair,
+    help="LO,HI: long prompts of LO-HI tokens cut from the standard library's docs (needs a "
+    "PATH, for its model's tokenizer) [default: short built-in questions].",
+)
+@click.option("--seed", default=0, show_default=True, type=int, help="Of the long prompts.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the full results as JSON.")
+@engine_options
+def serve_bench(
+    paths, url, n_requests, concurrency, max_tokens, instances, prompt_lengths, seed, out, **engine
+):
+    """Load run: REQUESTS streaming requests from CONCURRENCY clients against each PATH (artifact
+    or model repository; one server at a time, the same requests), or against --url.
+
+    An artifact gets a temporary repository with --device, --kv-memory, --max-batch and
+    --prefill-chunk; a repository keeps its own. Several PATHs (one model's budgets, say) end
+    with a table of each one's tokens/s against the first's."""
+    import os
+    import platform
+    from datetime import date
+
+    from baklava.atomic import write_text_atomic
+    from baklava.bench.serve_load import long_prompts, serve_markdown
+
+    if bool(paths) == bool(url):
+        raise BaklavaError("give artifact/repository PATHs to serve, or --url of a running server")
+    texts = None
+    if prompt_lengths is not None:
+        from baklava.exporter import read_artifact
+        from baklava.model_zoo import load_tokenizer
+        from baklava.serving.triton_repo import artifact_in
+
+        if not paths:
+            raise BaklavaError("--prompt-lengths needs a PATH (its model's tokenizer)")
+        tokenizer = load_tokenizer(read_artifact(artifact_in(paths[0])).model_spec)
+        texts = long_prompts(tokenizer, n_requests, prompt_lengths, seed)
+    load = dict(requests=n_requests, concurrency=concurrency, max_tokens=max_tokens, texts=texts)
+    runs = [_serve_one(p, instances, load, engine) for p in paths] if paths else [_load_url(url, load)]
+    for summary in runs:
+        summary["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}"
+        summary["date"] = date.today().isoformat()
+        click.echo(json.dumps({k: v for k, v in summary.items() if k != "results"}, indent=1))
+    if len(runs) > 1:
+        click.echo(serve_markdown(runs))
+    if out:
+        write_text_atomic(out, json.dumps(runs[0] if len(runs) == 1 else runs, indent=1) + "\n")
+
+
+def _load_url(url: str, load: dict) -> dict:
+    from baklava.bench.serve_load import load_run
+
+    return load_run(url, **load) | {"path": None, "device": "(running server)"}
+
+
+def _serve_one(path: str, instances: int, load: dict, engine: dict) -> dict:
+    """Start a tritonserver for ``path`` (its repository in a temporary directory), load it, stop."""
+    import tempfile
+
+    from baklava.bench.serve_load import load_run
+    from baklava.serving.server import TritonServer
+    from baklava.serving.triton_repo import repository_to_serve
+
+    with tempfile.TemporaryDirectory(prefix="baklava-bench-") as scratch:  # an artifact's repository
+        repo = repository_to_serve(path, scratch, instances=instances, **engine)
+        server_log = Path(tempfile.gettempdir()) / "baklava-bench-tritonserver.log"
+        with TritonServer(repo, 0, 0, 0, log_path=server_log) as server:
+            url = f"http://{server.http_url}"
+            log(
+                f"tritonserver ready at {url} for {path} ({instances} instance(s) on {engine['device']}; log {server_log})"
+            )
+            metrics = f"http://{server.host}:{server.metrics_port}/metrics"
+            summary = load_run(url, metrics_url=metrics, **load)
+    return summary | {"path": str(path), "device": engine["device"]}
 
 
 @click.command("soak")

@@ -199,3 +199,19 @@ def load_run(
         "peak_gpu_memory_gib": None if memory.peak is None else round(memory.peak / 2**30, 2),
         "results": [{k: v for k, v in asdict(r).items() if k != "gaps_s"} for r in results],
     }
+
+
+def serve_markdown(runs: list[dict]) -> str:
+    """A table of load runs (one per served PATH), tokens/s against the first."""
+    base = runs[0]["tokens_per_s"] or float("nan")
+    lines = [
+        "| path | tokens/s | vs first | requests/s | TTFT p50 / p99 s | ITL p50 / p99 ms | peak GPU GiB | failed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        lines.append(
+            f"| {r['path']} | {r['tokens_per_s']} | {r['tokens_per_s'] / base:.2f}x | {r['requests_per_s']} "
+            f"| {r['ttft_p50_s']} / {r['ttft_p99_s']} | {r['itl_p50_ms']} / {r['itl_p99_ms']} "
+            f"| {r['peak_gpu_memory_gib'] if r['peak_gpu_memory_gib'] is not None else '-'} | {r['failures']} |"
+        )
+    return "\n".join(lines)

@@ -130,6 +130,13 @@ def is_artifact(path: str | os.PathLike) -> bool:
     return (Path(path) / MANIFEST_FILE).is_file()
 
 
+def artifact_in(path: str | os.PathLike) -> Path:
+    """The artifact of ``path``: itself, or the copy a model repository serves."""
+    if is_repository(path) and not is_artifact(path):
+        return Path(path) / MODEL_NAME / "1" / "artifact"
+    return Path(path)
+
+
 def repository_to_serve(
     path: str | os.PathLike, scratch: str | os.PathLike, *, instances: int, **engine
 ) -> Path:
