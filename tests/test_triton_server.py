@@ -397,6 +397,12 @@ def test_a_ready_server_whose_model_fails_every_request_is_refused(artifact, tmp
         srv.start(timeout=120)
     assert "run it with numpy<2" in str(e.value)  # the log named the stub's string decoding
     assert srv.process is None and not srv.is_ready()
+    # the same log file, another failure: only this run's lines count (no stale numpy hint)
+    quiet = "class TritonPythonModel:\n    def execute(self, requests):\n        raise RuntimeError('broken on purpose')\n"
+    (broken / "baklava" / "1" / "model.py").write_text(quiet)
+    with pytest.raises(BaklavaError, match="broken on purpose") as e:
+        TritonServer(broken, 0, 0, 0, log_path=tmp_path / "log").start(timeout=120)
+    assert "numpy" not in str(e.value)
 
 
 def test_baklava_serve_serves_an_artifact_until_sigterm_and_leaves_nothing(artifact, tmp_path):

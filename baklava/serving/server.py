@@ -112,6 +112,7 @@ class TritonServer:
     host: str = "127.0.0.1"
     log_path: Path | None = None
     process: subprocess.Popen | None = field(default=None, init=False)
+    _log_start: int = field(default=0, init=False, repr=False)  # where this run's log begins
 
     def __post_init__(self) -> None:
         self.repository = Path(self.repository).resolve()
@@ -149,6 +150,7 @@ class TritonServer:
         """Start the server and wait until it and its models are ready, then (``probe``) until the
         ``baklava`` model, when the repository has one, answers a first request (:meth:`probe`)."""
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self._log_start = log.tell() if self.log_path else 0  # the log may hold earlier runs
         self.process = subprocess.Popen(
             self.command(), env=server_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -187,20 +189,23 @@ class TritonServer:
         except (urllib.error.URLError, OSError) as e:
             reason = f"{type(e).__name__}: {e}"
         tail = self._log_tail()
-        log = (
-            Path(self.log_path).read_text(errors="replace")
-            if self.log_path and Path(self.log_path).is_file()
-            else ""
-        )
-        if "deserialize_bytes_tensor" in log:  # the stub's pybind11 misreads numpy 2's dtypes
+        if "deserialize_bytes_tensor" in self._log_text():  # the stub's pybind11 misreads numpy 2's dtypes
             tail += "; the Python backend stub garbles string tensors under numpy 2: run it with numpy<2"
         self.stop()
         raise BaklavaError(f"tritonserver is ready but its model failed a first request ({reason}){tail}")
 
+    def _log_text(self) -> str:
+        """What this server wrote to its log (not earlier runs appended to the same file)."""
+        if not self.log_path or not Path(self.log_path).is_file():
+            return ""
+        with open(self.log_path, "rb") as f:
+            f.seek(self._log_start)
+            return f.read().decode(errors="replace")
+
     def _log_tail(self) -> str:
         if not self.log_path or not Path(self.log_path).is_file():
             return ""
-        lines = [ln for ln in Path(self.log_path).read_text(errors="replace").splitlines() if ln.strip()]
+        lines = [ln for ln in self._log_text().splitlines() if ln.strip()]
         errors = [ln for ln in lines if " E" in ln[:12] or "error" in ln.lower()]
         return f" ({(errors or lines or [''])[-1].strip()[:300]}; log: {self.log_path})"
 
