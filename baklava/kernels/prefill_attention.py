@@ -135,15 +135,12 @@ def _attention_kernel(
         cols = j0 + tl.arange(0, BLOCK_N)
         k = tl.load(KN + b * stride_knb + h * stride_knh + cols[:, None] * stride_kns + d[None, :])
         v = tl.load(VN + b * stride_vnb + h * stride_vnh + cols[:, None] * stride_vns + d[None, :])
+        keys_ok = True  # whole tiles: no select, unless padding hides some of their keys
         if PADDED:
-            key_ok = tl.load(VALID + b * stride_ab + cols) != 0
-            m_i, l_i, acc = _tile_update(
-                q, k, v, m_i, l_i, acc, qk_scale, qk_scale, qk_scale, key_ok[None, :], False, True, True
-            )
-        else:
-            m_i, l_i, acc = _tile_update(
-                q, k, v, m_i, l_i, acc, qk_scale, qk_scale, qk_scale, True, False, False
-            )
+            keys_ok = (tl.load(VALID + b * stride_ab + cols) != 0)[None, :]
+        m_i, l_i, acc = _tile_update(
+            q, k, v, m_i, l_i, acc, qk_scale, qk_scale, qk_scale, keys_ok, False, PADDED, PADDED
+        )
     last = tl.minimum(first + BLOCK_Q, S)
     for j0 in range(below, last, BLOCK_N):  # the diagonal: causal
         cols = j0 + tl.arange(0, BLOCK_N)

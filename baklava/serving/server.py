@@ -188,24 +188,28 @@ class TritonServer:
             reason = f"HTTP {e.code}: {e.read().decode(errors='replace').strip()[:200]}"
         except (urllib.error.URLError, OSError) as e:
             reason = f"{type(e).__name__}: {e}"
-        tail = self._log_tail()
-        if "deserialize_bytes_tensor" in self._log_text():  # the stub's pybind11 misreads numpy 2's dtypes
+        text = self._log_text()
+        tail = self._log_tail(text)
+        if "deserialize_bytes_tensor" in (text or ""):  # the stub's pybind11 misreads numpy 2's dtypes
             tail += "; the Python backend stub garbles string tensors under numpy 2: run it with numpy<2"
         self.stop()
         raise BaklavaError(f"tritonserver is ready but its model failed a first request ({reason}){tail}")
 
-    def _log_text(self) -> str:
-        """What this server wrote to its log (not earlier runs appended to the same file)."""
+    def _log_text(self) -> str | None:
+        """What this server wrote to its log (not earlier runs appended to the same file); None
+        without a log file."""
         if not self.log_path or not Path(self.log_path).is_file():
-            return ""
+            return None
         with open(self.log_path, "rb") as f:
             f.seek(self._log_start)
             return f.read().decode(errors="replace")
 
-    def _log_tail(self) -> str:
-        if not self.log_path or not Path(self.log_path).is_file():
+    def _log_tail(self, text: str | None = None) -> str:
+        """`` (last error line; log: path)`` of this run's log (``text``: already read)."""
+        text = self._log_text() if text is None else text
+        if text is None:
             return ""
-        lines = [ln for ln in self._log_text().splitlines() if ln.strip()]
+        lines = [ln for ln in text.splitlines() if ln.strip()]
         errors = [ln for ln in lines if " E" in ln[:12] or "error" in ln.lower()]
         return f" ({(errors or lines or [''])[-1].strip()[:300]}; log: {self.log_path})"
 

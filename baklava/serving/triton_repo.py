@@ -24,6 +24,7 @@ from baklava.exporter.artifact import MANIFEST_FILE, PLOT_FILE, read_artifact
 from baklava.profiles.budget import parse_size
 
 MODEL_NAME = "baklava"
+ARTIFACT_IN_REPO = Path(MODEL_NAME, "1", "artifact")  # the artifact copy a repository serves
 
 CONFIG_TEMPLATE = """\
 name: "{name}"
@@ -116,7 +117,7 @@ def write_repository(
             )
         )
         (version / "model.py").write_text(MODEL_PY)
-        shutil.copytree(art.path, version / "artifact", ignore=shutil.ignore_patterns(PLOT_FILE))
+        shutil.copytree(art.path, tmp / ARTIFACT_IN_REPO, ignore=shutil.ignore_patterns(PLOT_FILE))
     return repo
 
 
@@ -133,7 +134,7 @@ def is_artifact(path: str | os.PathLike) -> bool:
 def artifact_in(path: str | os.PathLike) -> Path:
     """The artifact of ``path``: itself, or the copy a model repository serves."""
     if is_repository(path) and not is_artifact(path):
-        return Path(path) / MODEL_NAME / "1" / "artifact"
+        return Path(path) / ARTIFACT_IN_REPO
     return Path(path)
 
 
