@@ -220,6 +220,19 @@ def load_tokenizer(spec: str = DEFAULT_MODEL):
     return load_model(spec, progress=False).tokenizer
 
 
+def load_config(spec: str = DEFAULT_MODEL):
+    """``spec`` 's transformers config alone, read as :func:`load_tokenizer` reads the tokenizer."""
+    from transformers import AutoConfig
+
+    kind, location = resolve(spec)
+    saved = cache_dir() / "models" / location / "hf" if kind == "alias" else Path(location)
+    if kind in ("alias", "hf_dir") and (saved / "config.json").is_file():
+        return AutoConfig.from_pretrained(saved)
+    if kind == "gguf":
+        return AutoConfig.from_pretrained(saved.parent, gguf_file=saved.name)
+    return load_model(spec, progress=False).model.config
+
+
 def load_model(spec: str = DEFAULT_MODEL, *, dtype=None, progress: bool = True) -> LoadedModel:
     """Load ``spec`` (alias, HF directory, .gguf path or hub id) with its tokenizer, in eval mode.
 

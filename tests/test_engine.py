@@ -7,6 +7,7 @@ checks run on the GPU (``gpu`` marker) with the Triton kernels, the fused layers
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -228,6 +229,30 @@ def test_engine_loop_streams_cancels_and_survives_a_broken_callback(model):
     assert engine.running == 0  # the broken callback's request was cancelled too
 
 
+def test_engine_loop_merges_the_pieces_a_slow_client_has_not_taken(model):
+    """The engine never waits for a callback: while one is busy, its request's next events merge
+    into one (text and tokens joined, in order), and nothing is lost."""
+    engine = _engine(model, 2)
+    events, done = [], threading.Event()
+
+    def slow(event):
+        events.append(event)
+        if len(events) == 1:
+            time.sleep(1.0)  # the engine runs on meanwhile
+        if event.finished:
+            done.set()
+
+    prompt = _prompts((20,))[0]
+    with EngineLoop(engine) as loop:
+        loop.submit(prompt, SamplingParams(max_tokens=24, ignore_eos=True), slow)
+        assert done.wait(60)
+    tokens = [t for e in events for t in e.token_ids]
+    assert tokens == _reference(model, prompt, 24)
+    assert len(events) < 24  # some events carried several tokens
+    assert max(len(e.token_ids) for e in events) > 1
+    assert events[-1].finished and events[-1].finish_reason == "length"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("kv_dtype", [None, "int8", "fp8", "int4"])
@@ -346,3 +371,40 @@ def test_an_int8_engine_serves_what_the_int8_reference_cache_gives(model, monkey
         assert tokens == want
         stored = torch.cat([layer.keys for layer in cache.layers], 1).float()
         assert torch.equal(kv_format.round_trip(stored, kv_format.parse("int8")), stored)  # int8 grid values
+
+
+def test_the_soak_expects_the_rows_the_served_engine_gets(model):
+    """``baklava-bench soak`` fills every pool row at the end: its row count must be the engine's,
+    from ``--kv-memory`` in the dtype the instance serves in, capped by ``--max-batch``."""
+    from baklava.bench.serve_cli import _pool_rows
+
+    profile = _profile(model)
+    per = bytes_per_sequence(CAPS, profile.model.head_dim, torch.float32)
+    memory = f"{7 * per + per // 2}B"
+    engine = Engine.from_profile(model, _tiny_tokenizer(), profile, kv_memory=7 * per + per // 2, chat=False)
+    assert engine.pool.rows == 7
+    assert _pool_rows(profile, {"kv_memory": memory, "max_batch": None, "device": "cpu"}) == 7
+    assert _pool_rows(profile, {"kv_memory": memory, "max_batch": 3, "device": "cpu"}) == 3
+    assert _pool_rows(profile, {"kv_memory": memory, "max_batch": None, "device": "cuda"}) == 15  # bf16
+    assert _pool_rows(profile, {"kv_memory": None, "max_batch": None, "device": "cpu"}) == 8
+
+
+def test_the_soak_fills_every_row_at_the_end_and_sends_a_prompt_over_the_context(monkeypatch):
+    from baklava.bench import soak as soak_module
+    from baklava.bench.serve_load import RequestResult
+
+    sent = []
+
+    def fake_stream(url, model, prompt, max_tokens, timeout):
+        sent.append(prompt)
+        return RequestResult(True, 0.0, 0.0, 1)
+
+    monkeypatch.setattr(soak_module, "stream_request", fake_stream)
+    result = soak_module.soak("http://nowhere", duration_s=0, clients=1, rows=150)
+    assert len(sent) == 150 and result["after_soak_rows_ok"] == 150  # more rows than built-in prompts
+    longest = max(
+        len(b.get("text_input", "").split())
+        for b in soak_module.malformed_bodies(32768)
+        if isinstance(b, dict)
+    )
+    assert longest == 32769

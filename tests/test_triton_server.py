@@ -174,6 +174,9 @@ def test_http_generate_stream_events(server):
     assert len(events) >= 2
     _, whole = generate(server, {"text_input": PROMPTS[3], "max_tokens": MAX_TOKENS})
     assert "".join(e["text_output"] for e in events) == whole["text_output"]
+    # each piece says how many tokens it holds (pieces a client has not taken yet merge)
+    assert all(e["num_tokens"] >= 1 for e in events)
+    assert sum(e["num_tokens"] for e in events) == whole["num_tokens"] <= MAX_TOKENS
 
 
 def test_concurrent_clients_get_what_they_get_alone(server):

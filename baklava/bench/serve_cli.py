@@ -222,21 +222,20 @@ def soak_bench(artifact, duration, clients, max_tokens, malformed, abandoned, se
 
     from baklava.atomic import write_text_atomic
     from baklava.bench.soak import soak
+    from baklava.exporter import read_artifact
+    from baklava.model_zoo import load_config
     from baklava.serving.server import TritonServer
     from baklava.serving.triton_repo import write_repository
 
     if malformed + abandoned > 1:
         raise BaklavaError("--malformed + --abandoned must be at most 1")
-    rows = engine["max_batch"] or 8
+    art = read_artifact(artifact)
+    rows = _pool_rows(art.profile, engine)
     server_log = Path(tempfile.gettempdir()) / "baklava-soak-tritonserver.log"
     with (
         tempfile.TemporaryDirectory(prefix="baklava-soak-") as scratch,
         TritonServer(
-            write_repository(artifact, Path(scratch) / "repo", **engine | {"max_batch": rows}),
-            0,
-            0,
-            0,
-            log_path=server_log,
+            write_repository(artifact, Path(scratch) / "repo", **engine), 0, 0, 0, log_path=server_log
         ).start() as server,
     ):
         log(
@@ -250,6 +249,7 @@ def soak_bench(artifact, duration, clients, max_tokens, malformed, abandoned, se
             malformed_share=malformed,
             abandoned_share=abandoned,
             rows=rows,
+            context_tokens=load_config(art.model_spec).max_position_embeddings,  # the engine's context
             seed=seed,
         )
         summary["ready_after"] = server.is_ready()
@@ -263,6 +263,26 @@ def soak_bench(artifact, duration, clients, max_tokens, malformed, abandoned, se
         write_text_atomic(out, json.dumps(summary, indent=1) + "\n")
     if summary["failures"] or not summary["ready_after"] or summary["after_soak_rows_ok"] < rows:
         raise SystemExit(1)
+
+
+def _pool_rows(profile, engine: dict) -> int:
+    """The rows of the served engine's pool, which the soak fills at the end: ``--max-batch``, or
+    what ``--kv-memory`` holds in the dtype the instance serves in (the smaller of the two), as
+    :meth:`Engine.from_capacities <baklava.runtime.engine.Engine.from_capacities>` sizes it; 8
+    for a pool sized by the GPU's free memory (not known here) or a CPU pool without either."""
+    import torch
+
+    from baklava.profiles.budget import parse_size
+    from baklava.runtime.slot_pool import rows_for_memory
+
+    if not engine["kv_memory"]:
+        return engine["max_batch"] or 8
+    dtype = torch.bfloat16 if engine["device"].startswith("cuda") else torch.float32
+    caps = profile.require_capacities()
+    fits = rows_for_memory(
+        parse_size(engine["kv_memory"]), caps, profile.model.head_dim, dtype, profile.kv_format
+    )
+    return min(fits, engine["max_batch"] or fits)
 
 
 def _chunks(ctx, param, value):

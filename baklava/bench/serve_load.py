@@ -79,13 +79,16 @@ def stream_request(url: str, model: str, prompt: str, max_tokens: int, timeout: 
                 event = json.loads(line[5:])
                 if "error" in event:
                     return RequestResult(False, time.perf_counter() - start, ttft, tokens, event["error"])
-                if event.get("text_output"):
+                # a piece holds num_tokens tokens (1 from a server that does not say): after a gap,
+                # each counts gap / n towards inter-token latency
+                n = int(event.get("num_tokens", 1 if event.get("text_output") else 0))
+                if n:
                     now = time.perf_counter()
-                    tokens += 1
+                    tokens += n
                     if ttft is None:
                         ttft = now - start
                     else:
-                        gaps.append(now - last)
+                        gaps += [(now - last) / n] * n
                     last = now
     except (urllib.error.URLError, OSError, json.JSONDecodeError) as e:
         return RequestResult(False, time.perf_counter() - start, ttft, tokens, f"{type(e).__name__}: {e}")

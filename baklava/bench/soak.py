@@ -28,16 +28,20 @@ from concurrent.futures import ThreadPoolExecutor
 
 from baklava.bench.serve_load import prompts, stream_request
 
-MALFORMED = [
-    {"max_tokens": 4},
-    {"text_input": "", "max_tokens": 4},
-    {"text_input": "hi", "max_tokens": 0},
-    {"text_input": "hi", "max_tokens": 10**6},
-    {"text_input": "hi", "max_tokens": "many"},
-    {"text_input": "hi", "max_tokens": 4, "temperature": -1.0},
-    {"text_input": "word " * 9000, "max_tokens": 4},
-    "{not json",
-]
+
+def malformed_bodies(context_tokens: int) -> list:
+    """Request bodies a server with a ``context_tokens`` context must refuse (one word is at least
+    one token, so the long prompt is over the context with or without a chat template)."""
+    return [
+        {"max_tokens": 4},
+        {"text_input": "", "max_tokens": 4},
+        {"text_input": "hi", "max_tokens": 0},
+        {"text_input": "hi", "max_tokens": 10**6},
+        {"text_input": "hi", "max_tokens": "many"},
+        {"text_input": "hi", "max_tokens": 4, "temperature": -1.0},
+        {"text_input": "word " * (context_tokens + 1), "max_tokens": 4},
+        "{not json",
+    ]
 
 
 def _post(url: str, body, stream: bool, timeout: float):
@@ -87,10 +91,13 @@ def soak(
     malformed_share: float = 0.2,
     abandoned_share: float = 0.1,
     rows: int = 8,
+    context_tokens: int = 8192,
     timeout: float = 300.0,
     seed: int = 0,
 ) -> dict:
-    """Run the soak; returns counts per kind, failures, and the after-checks."""
+    """Run the soak (``context_tokens``: the served model's context, for a prompt over it);
+    returns counts per kind, failures, and the after-checks."""
+    malformed = malformed_bodies(context_tokens)
     counts: Counter = Counter()
     failures: list[str] = []
     lock = threading.Lock()
@@ -102,7 +109,7 @@ def soak(
         while time.monotonic() < deadline:
             draw = rng.random()
             if draw < malformed_share:
-                kind, ok = "malformed", malformed_request(url, rng.choice(MALFORMED), timeout)
+                kind, ok = "malformed", malformed_request(url, rng.choice(malformed), timeout)
                 why = "a malformed request was not refused"
             elif draw < malformed_share + abandoned_share:
                 kind, ok = "abandoned", abandoned_request(url, rng.choice(texts), timeout)
@@ -119,8 +126,9 @@ def soak(
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, range(clients)))
     soak_s = time.monotonic() - start
-    with ThreadPoolExecutor(rows) as pool:
-        after = list(pool.map(lambda p: stream_request(url, "baklava", p, max_tokens, timeout), texts[:rows]))
+    with ThreadPoolExecutor(rows) as pool:  # every row at once: a row a request kept would starve one
+        chosen = [texts[i % len(texts)] for i in range(rows)]
+        after = list(pool.map(lambda p: stream_request(url, "baklava", p, max_tokens, timeout), chosen))
     return {
         "duration_s": round(soak_s, 1),
         "clients": clients,

@@ -45,7 +45,8 @@ input [
   {{ name: "seed" data_type: TYPE_UINT64 dims: [ 1 ] optional: true }}
 ]
 output [
-  {{ name: "text_output" data_type: TYPE_STRING dims: [ -1 ] }}
+  {{ name: "text_output" data_type: TYPE_STRING dims: [ -1 ] }},
+  {{ name: "num_tokens" data_type: TYPE_INT32 dims: [ 1 ] }}
 ]
 
 instance_group [ {{ count: {instances} kind: {kind} }} ]
