@@ -408,3 +408,39 @@ def test_the_soak_fills_every_row_at_the_end_and_sends_a_prompt_over_the_context
         if isinstance(b, dict)
     )
     assert longest == 32769
+
+
+def test_a_warm_up_leaves_every_row_free_and_changes_no_answer(model):
+    """A served instance warms its engine up (the prefill and commit kernels compile before the
+    first request on CUDA): afterwards its rows are free and requests get what a cold engine gives."""
+    cold, warm = _engine(model, 3), _engine(model, 3)
+    warm.warm_up()  # prompts of 8 and CHUNK + 8 tokens (and one more): a later chunk, evictions
+    assert not warm.has_work() and warm.running == 0 and sorted(warm._free) == [0, 1, 2]
+    assert warm.phase_seconds == {"prefill": 0.0, "decode": 0.0}
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    assert warm.generate(_prompts(), params) == cold.generate(_prompts(), params)
+    near_context = _engine(model, 1)
+    near_context.warm_up([10_000])  # capped at the context (256) less room for two tokens
+    assert not near_context.has_work()
+
+
+def test_engine_loop_reports_where_the_engine_thread_spent_its_time(model):
+    from baklava.serving.engine_loop import format_stats
+
+    engine, reports, done = _engine(model, 2), [], threading.Event()
+    with EngineLoop(engine, stats_every_s=0.0, on_stats=reports.append) as loop:
+        for n, prompt in enumerate(_prompts((30, 12, 9))):
+            last = n == 2
+            loop.submit(
+                prompt,
+                SamplingParams(max_tokens=5, ignore_eos=True),
+                lambda e, last=last: last and e.finished and done.set(),
+            )
+        assert done.wait(60)
+        time.sleep(0.3)  # the delivery thread's last callbacks
+    assert sum(r["taken"] for r in reports) == 3 and sum(r["finished"] for r in reports) == 3
+    assert sum(r["steps"] for r in reports) >= 5  # three requests of five tokens on two rows
+    assert all(r["prefill_s"] + r["decode_s"] <= r["step_s"] + 1e-3 for r in reports)
+    assert all(r["rows"] == 2 and 0 <= r["running"] <= 2 for r in reports)
+    assert sum(r["delivered"] for r in reports) <= 3 * 5
+    assert "rows busy" in format_stats(reports[0])

@@ -151,11 +151,8 @@ def _warm_up(engine: Engine, work: list[Work]) -> None:
     each before the clock starts, so the prefill kernels compile and the allocator grows outside
     the timed run (the CUDA-graph captures compile only the decode kernels). On the H200 the
     first engine's warm-up took 21.7 s, the next ones' 11.3 and 1.6 (run J, BENCHMARKS.md)."""
-    by_length = sorted(work, key=lambda w: len(w.prompt))
-    prompts = {tuple(w.prompt) for w in (by_length[0], by_length[-1])}
-    prompts |= {(*p, p[-1]) for p in prompts if len(p) < engine.context - 2}
-    engine.generate([list(p) for p in prompts], SamplingParams(max_tokens=2, ignore_eos=True))
-    engine.phase_seconds = dict.fromkeys(engine.phase_seconds, 0.0)
+    lengths = [len(w.prompt) for w in work]
+    engine.warm_up([min(lengths), max(lengths)])
 
 
 class _Clock:

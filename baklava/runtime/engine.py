@@ -234,6 +234,11 @@ class Engine:
         """Requests holding a row (prefilling or decoding)."""
         return len(self._active)
 
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a row."""
+        return len(self._waiting)
+
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()
     def step(self) -> list[Event]:
@@ -364,6 +369,22 @@ class Engine:
         """Step until every request is done, yielding events as they come."""
         while self.has_work():
             yield from self.step()
+
+    def warm_up(self, lengths: list[int] | None = None) -> None:
+        """Serve prompts of ``lengths`` tokens (each also one token longer) for two tokens each, so
+        the prefill and commit kernels compile before a request waits for them (the CUDA-graph
+        captures compile only the decode kernels; on an H200 a budget-0.3 warm-up took 11.3 s,
+        run J in BENCHMARKS.md). Default: a short prompt and the longest of one whole chunk plus
+        a few tokens (a later chunk, and a first chunk that evicts below budget 1.0), within the
+        context. The pool's rows are empty again afterwards."""
+        if lengths is None:
+            lengths = [8, self.prefill_chunk + 8]
+        longest = self.context - 3  # room for two new tokens
+        vocab = self.model.config.vocab_size
+        sizes = sorted({min(n + extra, longest) for n in lengths for extra in (0, 1)})
+        prompts = [[1 + (7 * i) % (vocab - 1) for i in range(n)] for n in sizes if n > 0]
+        self.generate(prompts, SamplingParams(max_tokens=2, ignore_eos=True))
+        self.phase_seconds = dict.fromkeys(self.phase_seconds, 0.0)
 
     def generate(
         self, prompts: list, params: SamplingParams | None = None, *, context=None

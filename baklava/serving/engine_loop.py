@@ -12,14 +12,17 @@ handler calls :meth:`EngineLoop.submit` and returns at once. Two threads do the 
 
 Callbacks and ``is_cancelled`` are where a server talks to its clients, and that costs: in
 Triton's Python backend each is an IPC round trip to the server process (measured on the 2-core
-dev CPU: ~85 us a ``send``, ~40 us an ``is_cancelled``). Made on the engine thread, one send per
-token per row and one check per live request per step cost 20-50 ms a step at 140-256 rows on an
-H200, where the step itself takes 4-6 ms. On their own thread they overlap the engine's GPU work,
-and when delivery falls behind, a request's pieces merge instead of queueing, so the engine never
-waits for its clients.
+dev CPU: ~85 us a ``send``, ~40 us an ``is_cancelled``). Made on the engine thread (one send per
+token per row, one check per live request per step, and the prompts tokenized there too), they
+held an H200 serving 42 rows to an inter-token latency of 24 ms against a 4-6 ms step; moved off
+it, the same server gave 2.2x the tokens/s (BENCHMARKS.md). On their own thread they overlap the
+engine's GPU work, and when delivery falls behind, a request's pieces merge instead of queueing,
+so the engine never waits for its clients.
 
 A failing callback or a cancelled request stops its request at the engine's next step; a failing
-step ends the requests in flight with an error, and the loop keeps serving.
+step ends the requests in flight with an error, and the loop keeps serving. With ``on_stats``,
+every ``stats_every_s`` of activity the engine thread reports where its time went
+(:func:`format_stats`; a served instance prints it to the server's log).
 """
 
 from __future__ import annotations
@@ -45,6 +48,16 @@ class _Submission:
     context: object = None  # compressed into the request's row before the prompt (Engine.submit)
 
 
+def format_stats(stats: dict) -> str:
+    """One log line of an ``on_stats`` report."""
+    return (
+        f"baklava engine, last {stats['window_s']:.1f} s: {stats['steps']} steps in {stats['step_s']:.1f} s "
+        f"(prefill {stats['prefill_s']:.1f}, decode {stats['decode_s']:.1f}), idle {stats['idle_s']:.1f} s; "
+        f"{stats['taken']} requests taken, {stats['finished']} finished, {stats['delivered']} deliveries; "
+        f"now {stats['running']}/{stats['rows']} rows busy, {stats['waiting']} waiting"
+    )
+
+
 def merge(pending: Event, later: Event) -> Event:
     """One event for two of the same request, in order: the text and tokens joined, the end (and
     time) of the later one."""
@@ -62,6 +75,8 @@ class EngineLoop:
         idle_wait_s: float = 0.05,
         cancel_poll_s: float = 0.2,
         delivery_share: float = 0.25,
+        stats_every_s: float = 10.0,
+        on_stats: Callable[[dict], None] | None = None,
     ):
         if not 0 < delivery_share <= 1:
             raise ValueError(f"delivery_share must be in (0, 1], got {delivery_share}")
@@ -69,6 +84,9 @@ class EngineLoop:
         self.idle_wait_s = idle_wait_s
         self.cancel_poll_s = cancel_poll_s
         self.delivery_share = delivery_share
+        self.stats_every_s, self.on_stats = stats_every_s, on_stats
+        self._delivered = 0  # callbacks made (the delivery thread's count)
+        self._window = self._new_window()
         self._inbox: queue.SimpleQueue[_Submission] = queue.SimpleQueue()
         self._gone: queue.SimpleQueue[_Submission] = queue.SimpleQueue()  # to cancel (delivery -> engine)
         self._live: dict[str, _Submission] = {}  # submitted, final event not yet delivered
@@ -126,15 +144,23 @@ class EngineLoop:
     # ------------------------------------------------------------------ the engine thread
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._take(block=not self.engine.has_work())
+            idle = not self.engine.has_work()
+            start = time.monotonic()
+            self._take(block=idle)
+            if idle:
+                self._window["idle_s"] += time.monotonic() - start
             self._cancel_gone()
-            if not self.engine.has_work():
-                continue
-            try:
-                events = self.engine.step()
-            except Exception as e:  # noqa: BLE001 - one bad step must not stop the server
-                events = self.engine.abort_all(f"internal error: {type(e).__name__}: {e}")
-            self._post(events)
+            if self.engine.has_work():
+                start = time.monotonic()
+                try:
+                    events = self.engine.step()
+                except Exception as e:  # noqa: BLE001 - one bad step must not stop the server
+                    events = self.engine.abort_all(f"internal error: {type(e).__name__}: {e}")
+                self._window["steps"] += 1
+                self._window["step_s"] += time.monotonic() - start
+                self._window["finished"] += sum(e.finished for e in events)
+                self._post(events)
+            self._report()
         self._post(self.engine.abort_all("server is shutting down"))
         while True:  # requests still in the inbox are answered too
             try:
@@ -145,6 +171,46 @@ class EngineLoop:
                 [Event(sub.request_id, finished=True, finish_reason="error", error="server is shutting down")]
             )
 
+    def _new_window(self) -> dict:
+        """The engine thread's counters since the last report."""
+        return {
+            "start": time.monotonic(),
+            "phases": dict(self.engine.phase_seconds),
+            "delivered": self._delivered,
+            "steps": 0,
+            "step_s": 0.0,
+            "idle_s": 0.0,
+            "taken": 0,
+            "finished": 0,
+        }
+
+    def _report(self) -> None:
+        """Every ``stats_every_s`` with steps in it, ``on_stats`` gets the window's figures."""
+        w, now = self._window, time.monotonic()
+        if self.on_stats is None or now - w["start"] < self.stats_every_s:
+            return
+        if w["steps"]:
+            phases = self.engine.phase_seconds
+            stats = {
+                "window_s": now - w["start"],
+                "steps": w["steps"],
+                "step_s": w["step_s"],
+                "prefill_s": phases.get("prefill", 0.0) - w["phases"].get("prefill", 0.0),
+                "decode_s": phases.get("decode", 0.0) - w["phases"].get("decode", 0.0),
+                "idle_s": w["idle_s"],
+                "taken": w["taken"],
+                "finished": w["finished"],
+                "delivered": self._delivered - w["delivered"],
+                "running": self.engine.running,
+                "rows": self.engine.pool.rows,
+                "waiting": self.engine.waiting,
+            }
+            try:
+                self.on_stats(stats)
+            except Exception:  # noqa: BLE001 - a report must never stop the engine
+                pass
+        self._window = self._new_window()
+
     def _take(self, block: bool) -> None:
         try:
             sub = self._inbox.get(timeout=self.idle_wait_s) if block else self._inbox.get_nowait()
@@ -152,6 +218,7 @@ class EngineLoop:
             return
         while True:
             self._taken = sub.seq
+            self._window["taken"] += 1
             if sub.seq in self._cancel_before_taken:
                 self._cancel_before_taken.discard(sub.seq)
                 self._post(
@@ -223,6 +290,7 @@ class EngineLoop:
                 del self._live[event.request_id]
         if sub is None:
             return
+        self._delivered += 1
         try:
             sub.on_event(event)
         except Exception:  # noqa: BLE001 - the client is gone: stop its request

@@ -60,6 +60,16 @@ def _scalar(request, name: str):
     return value.item() if isinstance(value, np.generic) else value
 
 
+def _log_stats(stats: dict) -> None:
+    """Where the engine's time went, every 10 s of activity, into the server's log (the stub's
+    stderr is the server's)."""
+    import sys
+
+    from baklava.serving.engine_loop import format_stats
+
+    print(format_stats(stats), file=sys.stderr, flush=True)
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         import torch
@@ -97,8 +107,10 @@ class TritonPythonModel:
             chat=params.get("chat_template", "true").lower() == "true",
         )
         self.engine.step_fn.capture_all()  # CUDA graphs recorded before the first request
+        if device.startswith("cuda"):
+            self.engine.warm_up()  # and the prefill / commit kernels compiled (CPU: no kernels)
         self.split = ChatSplit(self.lm.tokenizer, self.engine.chat)  # where a context ends
-        self.loop = EngineLoop(self.engine).start()
+        self.loop = EngineLoop(self.engine, on_stats=_log_stats).start()
 
     def _params(self, request):
         from baklava.runtime.sampling import SamplingParams

@@ -43,6 +43,8 @@ ROWS, OPS, SECONDS = {rows}, {ops}, 2.0
 
 
 class FakeEngine:
+    phase_seconds = {{}}
+
     def __init__(self):
         self.x, self.steps, self.ids, self.until = torch.zeros(16), 0, [], None
 
