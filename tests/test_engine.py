@@ -444,3 +444,16 @@ def test_engine_loop_reports_where_the_engine_thread_spent_its_time(model):
     assert all(r["rows"] == 2 and 0 <= r["running"] <= 2 for r in reports)
     assert sum(r["delivered"] for r in reports) <= 3 * 5
     assert "rows busy" in format_stats(reports[0])
+
+
+def test_the_engines_reports_are_summed_back_from_a_log():
+    from baklava.serving.engine_loop import engine_seconds, format_stats
+
+    report = dict(window_s=10.04, steps=12, step_s=9.5, prefill_s=6.12, decode_s=3.0, idle_s=0.25, taken=7,
+                  finished=5, delivered=40, running=3, rows=8, waiting=2)  # fmt: skip
+    log = f"I1204 model loaded\n{format_stats(report)}\nnoise\n{format_stats(report | {'steps': 3})}\n"
+    assert engine_seconds(log) == {
+        "window_s": 20.0, "steps": 15, "step_s": 19.0, "prefill_s": 12.2, "decode_s": 6.0, "idle_s": 0.4,
+        "taken": 14, "finished": 10,
+    }  # fmt: skip
+    assert engine_seconds("no reports here") is None

@@ -187,6 +187,7 @@ def _serve_one(path: str, instances: int, load: dict, engine: dict) -> dict:
     import tempfile
 
     from baklava.bench.serve_load import load_run
+    from baklava.serving.engine_loop import engine_seconds
     from baklava.serving.server import TritonServer
     from baklava.serving.triton_repo import repository_to_serve
 
@@ -200,7 +201,9 @@ def _serve_one(path: str, instances: int, load: dict, engine: dict) -> dict:
             )
             metrics = f"http://{server.host}:{server.metrics_port}/metrics"
             summary = load_run(url, metrics_url=metrics, **load)
-    return summary | {"path": str(path), "device": engine["device"]}
+        # stopped: its engine's reports of where the time went are all in the log now
+        spent = engine_seconds(server._log_text() or "")
+    return summary | {"path": str(path), "device": engine["device"], "engine_seconds": spent}
 
 
 @click.command("soak")

@@ -205,16 +205,21 @@ def load_run(
 
 
 def serve_markdown(runs: list[dict]) -> str:
-    """A table of load runs (one per served PATH), tokens/s against the first."""
+    """A table of load runs (one per served PATH), tokens/s against the first; the last column is
+    the served engine's own account of its time (``engine_seconds``: from the server's log)."""
     base = runs[0]["tokens_per_s"] or float("nan")
     lines = [
-        "| path | tokens/s | vs first | requests/s | TTFT p50 / p99 s | ITL p50 / p99 ms | peak GPU GiB | failed |",
-        "|---|---|---|---|---|---|---|---|",
+        "| path | tokens/s | vs first | requests/s | TTFT p50 / p99 s | ITL p50 / p99 ms | peak GPU GiB | failed "
+        "| engine prefill / decode / idle s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
+        spent = r.get("engine_seconds")
+        phases = f"{spent['prefill_s']} / {spent['decode_s']} / {spent['idle_s']}" if spent else "-"
         lines.append(
             f"| {r['path']} | {r['tokens_per_s']} | {r['tokens_per_s'] / base:.2f}x | {r['requests_per_s']} "
             f"| {r['ttft_p50_s']} / {r['ttft_p99_s']} | {r['itl_p50_ms']} / {r['itl_p99_ms']} "
-            f"| {r['peak_gpu_memory_gib'] if r['peak_gpu_memory_gib'] is not None else '-'} | {r['failures']} |"
+            f"| {r['peak_gpu_memory_gib'] if r['peak_gpu_memory_gib'] is not None else '-'} | {r['failures']} "
+            f"| {phases} |"
         )
     return "\n".join(lines)

@@ -28,6 +28,7 @@ every ``stats_every_s`` of activity the engine thread reports where its time wen
 from __future__ import annotations
 
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -56,6 +57,27 @@ def format_stats(stats: dict) -> str:
         f"{stats['taken']} requests taken, {stats['finished']} finished, {stats['delivered']} deliveries; "
         f"now {stats['running']}/{stats['rows']} rows busy, {stats['waiting']} waiting"
     )
+
+
+_STATS_LINE = re.compile(
+    r"baklava engine, last ([\d.]+) s: (\d+) steps in ([\d.]+) s \(prefill ([\d.]+), decode ([\d.]+)\), "
+    r"idle ([\d.]+) s; (\d+) requests taken, (\d+) finished"
+)
+
+
+def engine_seconds(log_text: str) -> dict | None:
+    """The engine's time summed over the :func:`format_stats` lines in a server log: ``window_s``
+    (the time the reports cover), ``steps``, ``step_s``, ``prefill_s``, ``decode_s``, ``idle_s``,
+    ``taken``, ``finished``; None without a report."""
+    keys = ("window_s", "steps", "step_s", "prefill_s", "decode_s", "idle_s", "taken", "finished")
+    found = [m.groups() for m in _STATS_LINE.finditer(log_text)]
+    if not found:
+        return None
+    sums = [sum(float(g[i]) for g in found) for i in range(len(keys))]
+    return {
+        k: int(v) if k in ("steps", "taken", "finished") else round(v, 1)
+        for k, v in zip(keys, sums, strict=True)
+    }
 
 
 def merge(pending: Event, later: Event) -> Event:
@@ -116,6 +138,8 @@ class EngineLoop:
             self._outbox_cv.notify()
         if self._delivery.is_alive():
             self._delivery.join(timeout)
+        if not self._thread.is_alive():
+            self._report(final=True)  # the last window, however short
 
     def __enter__(self) -> EngineLoop:
         return self.start()
@@ -184,10 +208,11 @@ class EngineLoop:
             "finished": 0,
         }
 
-    def _report(self) -> None:
-        """Every ``stats_every_s`` with steps in it, ``on_stats`` gets the window's figures."""
+    def _report(self, final: bool = False) -> None:
+        """Every ``stats_every_s`` with steps in it (and at the end), ``on_stats`` gets the
+        window's figures."""
         w, now = self._window, time.monotonic()
-        if self.on_stats is None or now - w["start"] < self.stats_every_s:
+        if self.on_stats is None or (now - w["start"] < self.stats_every_s and not final):
             return
         if w["steps"]:
             phases = self.engine.phase_seconds
