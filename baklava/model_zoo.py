@@ -208,13 +208,19 @@ def _from_pretrained(location: str, dtype, quantization_config=None, **kwargs):
     return model.eval(), tokenizer
 
 
+def _local(spec: str) -> tuple[str, Path]:
+    """``(kind, path)``: where ``spec`` lies on disk (an alias: its converted directory, which may
+    not exist yet)."""
+    kind, location = resolve(spec)
+    return kind, cache_dir() / "models" / location / "hf" if kind == "alias" else Path(location)
+
+
 def load_tokenizer(spec: str = DEFAULT_MODEL):
     """``spec`` 's tokenizer alone: read from a model directory, or from an alias once
     :func:`load_model` has converted it (else the whole model is loaded for it)."""
     from transformers import AutoTokenizer
 
-    kind, location = resolve(spec)
-    saved = cache_dir() / "models" / location / "hf" if kind == "alias" else Path(location)
+    kind, saved = _local(spec)
     if kind in ("alias", "hf_dir") and (saved / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(saved)
     return load_model(spec, progress=False).tokenizer
@@ -224,8 +230,7 @@ def load_config(spec: str = DEFAULT_MODEL):
     """``spec`` 's transformers config alone, read as :func:`load_tokenizer` reads the tokenizer."""
     from transformers import AutoConfig
 
-    kind, location = resolve(spec)
-    saved = cache_dir() / "models" / location / "hf" if kind == "alias" else Path(location)
+    kind, saved = _local(spec)
     if kind in ("alias", "hf_dir") and (saved / "config.json").is_file():
         return AutoConfig.from_pretrained(saved)
     if kind == "gguf":

@@ -202,7 +202,7 @@ def _serve_one(path: str, instances: int, load: dict, engine: dict) -> dict:
             metrics = f"http://{server.host}:{server.metrics_port}/metrics"
             summary = load_run(url, metrics_url=metrics, **load)
         # stopped: its engine's reports of where the time went are all in the log now
-        spent = engine_seconds(server._log_text() or "")
+        spent = engine_seconds(server.log_text() or "")
     return summary | {"path": str(path), "device": engine["device"], "engine_seconds": spent}
 
 
@@ -269,23 +269,21 @@ def soak_bench(artifact, duration, clients, max_tokens, malformed, abandoned, se
 
 
 def _pool_rows(profile, engine: dict) -> int:
-    """The rows of the served engine's pool, which the soak fills at the end: ``--max-batch``, or
-    what ``--kv-memory`` holds in the dtype the instance serves in (the smaller of the two), as
-    :meth:`Engine.from_capacities <baklava.runtime.engine.Engine.from_capacities>` sizes it; 8
-    for a pool sized by the GPU's free memory (not known here) or a CPU pool without either."""
+    """The rows of the served engine's pool, which the soak fills at the end: sized from
+    ``--kv-memory`` (in the dtype the instance serves in) and ``--max-batch`` by the engine's own
+    rule (:func:`~baklava.runtime.slot_pool.pool_rows`); 8 for a pool sized by the GPU's free
+    memory (not known here) or a CPU pool without either."""
     import torch
 
     from baklava.profiles.budget import parse_size
-    from baklava.runtime.slot_pool import rows_for_memory
+    from baklava.runtime.slot_pool import pool_rows
 
     if not engine["kv_memory"]:
         return engine["max_batch"] or 8
     dtype = torch.bfloat16 if engine["device"].startswith("cuda") else torch.float32
     caps = profile.require_capacities()
-    fits = rows_for_memory(
-        parse_size(engine["kv_memory"]), caps, profile.model.head_dim, dtype, profile.kv_format
-    )
-    return min(fits, engine["max_batch"] or fits)
+    memory = parse_size(engine["kv_memory"])
+    return pool_rows(memory, engine["max_batch"], caps, profile.model.head_dim, dtype, profile.kv_format)
 
 
 def _chunks(ctx, param, value):

@@ -60,7 +60,7 @@ class RequestResult:
     ttft_s: float | None
     tokens: int
     error: str | None = None
-    gaps_s: list[float] = field(default_factory=list)  # between consecutive text pieces
+    gaps_s: list[float] = field(default_factory=list)  # inter-token: a piece's gap split over its tokens
 
 
 def stream_request(url: str, model: str, prompt: str, max_tokens: int, timeout: float) -> RequestResult:

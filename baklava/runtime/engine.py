@@ -31,7 +31,7 @@ from baklava.errors import BaklavaError
 from baklava.runtime.cache_keyword import forward_cache
 from baklava.runtime.engine_step import DecodeStep
 from baklava.runtime.sampling import SamplingParams, TextPieces, next_token
-from baklava.runtime.slot_pool import SlotPool, rows_for_memory
+from baklava.runtime.slot_pool import SlotPool, pool_rows
 
 WAITING, PREFILLING, DECODING, FINISHED = "waiting", "prefilling", "decoding", "finished"
 
@@ -142,15 +142,10 @@ class Engine:
 
         ``kv_format``: how slots store tokens (:mod:`baklava.kv_format`); rows are sized by its real
         bytes (payload plus scales), so int8 fits about twice the rows of bf16 in ``kv_memory``."""
-        if kv_memory is None and max_batch is None:
-            raise BaklavaError("size the engine's pool with kv_memory or max_batch")
         cfg = model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         dtype = next(model.parameters()).dtype
-        fits = (
-            None if kv_memory is None else rows_for_memory(kv_memory, capacities, head_dim, dtype, kv_format)
-        )
-        rows = min(r for r in (max_batch, fits) if r is not None)
+        rows = pool_rows(kv_memory, max_batch, capacities, head_dim, dtype, kv_format)
         pool = SlotPool.for_model(model, capacities, eviction, rows, kv_format)
         return cls(model, tokenizer, pool, **kwargs)
 

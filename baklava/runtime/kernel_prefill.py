@@ -1,8 +1,8 @@
 """A prefill chunk on the GPU: attention, SnapKV masses and commit, never waiting for the device.
 
 :meth:`BudgetedLayer.attend <baklava.runtime.packed_cache.BudgetedLayer.attend>` sends every
-chunk here where the Triton kernels run (a padded one with its real tokens, ``valid``). Nothing the host decides reads a device tensor: the
-fill pointers stay on the GPU (the kernels read them per row), and whether every head has room
+chunk here where the Triton kernels run (a padded one with its real tokens, ``valid``). Nothing
+the host decides reads a device tensor: the fill pointers stay on the GPU (the kernels read them per row), and whether every head has room
 for the chunk follows from ``seen`` (a head never holds more tokens than its layer has seen), so
 the CPU queues every layer's kernels ahead of the GPU instead of stopping at each layer (the
 per-head path read the fills back every layer: on an H200, 2048-token chunks of a 32k prompt left

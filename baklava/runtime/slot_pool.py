@@ -39,6 +39,22 @@ def bytes_per_sequence(capacities, head_dim: int, dtype: torch.dtype, kv_format=
     return int(np.asarray(capacities).sum()) * 2 * vector
 
 
+def pool_rows(
+    kv_memory: int | None,
+    max_batch: int | None,
+    capacities,
+    head_dim: int,
+    dtype: torch.dtype,
+    kv_format=None,
+) -> int:
+    """A pool's rows: ``max_batch``, or as many as fit in ``kv_memory`` bytes, or the smaller of
+    the two when both are given."""
+    if kv_memory is None and max_batch is None:
+        raise BaklavaError("size the engine's pool with kv_memory or max_batch")
+    fits = None if kv_memory is None else rows_for_memory(kv_memory, capacities, head_dim, dtype, kv_format)
+    return min(r for r in (max_batch, fits) if r is not None)
+
+
 def rows_for_memory(kv_memory: int, capacities, head_dim: int, dtype: torch.dtype, kv_format=None) -> int:
     """How many sequences' caches fit in ``kv_memory`` bytes (at least one, or an error)."""
     per = bytes_per_sequence(capacities, head_dim, dtype, kv_format)

@@ -188,14 +188,14 @@ class TritonServer:
             reason = f"HTTP {e.code}: {e.read().decode(errors='replace').strip()[:200]}"
         except (urllib.error.URLError, OSError) as e:
             reason = f"{type(e).__name__}: {e}"
-        text = self._log_text()
+        text = self.log_text()
         tail = self._log_tail(text)
         if "deserialize_bytes_tensor" in (text or ""):  # the stub's pybind11 misreads numpy 2's dtypes
             tail += "; the Python backend stub garbles string tensors under numpy 2: run it with numpy<2"
         self.stop()
         raise BaklavaError(f"tritonserver is ready but its model failed a first request ({reason}){tail}")
 
-    def _log_text(self) -> str | None:
+    def log_text(self) -> str | None:
         """What this server wrote to its log (not earlier runs appended to the same file); None
         without a log file."""
         if not self.log_path or not Path(self.log_path).is_file():
@@ -206,7 +206,7 @@ class TritonServer:
 
     def _log_tail(self, text: str | None = None) -> str:
         """`` (last error line; log: path)`` of this run's log (``text``: already read)."""
-        text = self._log_text() if text is None else text
+        text = self.log_text() if text is None else text
         if text is None:
             return ""
         lines = [ln for ln in text.splitlines() if ln.strip()]
