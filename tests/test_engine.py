@@ -291,6 +291,7 @@ def test_engine_benchmark_counts_every_token_and_splits_its_phases(model):
         decode_tokens / engine.phase_seconds["decode"], abs=0.1
     )
     assert row["prefill_s"] > 0 and row["decode_s"] > 0 and row["rows"] == 2
+    assert row["prefill_tokens"] == sum(len(w.prompt) for w in work)  # the warm-up's not counted
     serial = run_transformers_serial(model, work[:2], progress=False)
     assert serial["tokens"] == sum(w.max_tokens for w in work[:2])
     meta = {"model": "tiny", "requests": 5, "prompt_lengths": [4, 40], "new_tokens": [3, 9]}
@@ -416,7 +417,7 @@ def test_a_warm_up_leaves_every_row_free_and_changes_no_answer(model):
     cold, warm = _engine(model, 3), _engine(model, 3)
     warm.warm_up()  # prompts of 8 and CHUNK + 8 tokens (and one more): a later chunk, evictions
     assert not warm.has_work() and warm.running == 0 and sorted(warm._free) == [0, 1, 2]
-    assert warm.phase_seconds == {"prefill": 0.0, "decode": 0.0}
+    assert warm.phase_seconds == {"prefill": 0.0, "decode": 0.0} and warm.prefill_tokens == 0
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     assert warm.generate(_prompts(), params) == cold.generate(_prompts(), params)
     near_context = _engine(model, 1)
@@ -442,6 +443,8 @@ def test_engine_loop_reports_where_the_engine_thread_spent_its_time(model):
     assert sum(r["steps"] for r in reports) >= 5  # three requests of five tokens on two rows
     assert all(r["prefill_s"] + r["decode_s"] <= r["step_s"] + 1e-3 for r in reports)
     assert all(r["rows"] == 2 and 0 <= r["running"] <= 2 for r in reports)
+    assert sum(r["prefill_tokens"] for r in reports) == sum(len(p) for p in _prompts((30, 12, 9)))
+    assert all(0 < r["longest_step_s"] <= r["step_s"] for r in reports)
     assert sum(r["delivered"] for r in reports) <= 3 * 5
     assert "rows busy" in format_stats(reports[0])
 
@@ -450,10 +453,12 @@ def test_the_engines_reports_are_summed_back_from_a_log():
     from baklava.serving.engine_loop import engine_seconds, format_stats
 
     report = dict(window_s=10.04, steps=12, step_s=9.5, prefill_s=6.12, decode_s=3.0, idle_s=0.25, taken=7,
-                  finished=5, delivered=40, running=3, rows=8, waiting=2)  # fmt: skip
-    log = f"I1204 model loaded\n{format_stats(report)}\nnoise\n{format_stats(report | {'steps': 3})}\n"
+                  finished=5, delivered=40, running=3, rows=8, waiting=2, prefill_tokens=9000,
+                  longest_step_s=0.25)  # fmt: skip
+    second = report | {"steps": 3, "longest_step_s": 1.5}
+    log = f"I1204 model loaded\n{format_stats(report)}\nnoise\n{format_stats(second)}\n"
     assert engine_seconds(log) == {
         "window_s": 20.0, "steps": 15, "step_s": 19.0, "prefill_s": 12.2, "decode_s": 6.0, "idle_s": 0.4,
-        "taken": 14, "finished": 10,
+        "taken": 14, "finished": 10, "prefill_tokens": 18000, "longest_step_s": 1.5,
     }  # fmt: skip
     assert engine_seconds("no reports here") is None

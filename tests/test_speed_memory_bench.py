@@ -107,3 +107,31 @@ def test_a_quantized_format_is_allocated_at_its_bytes_and_fits_more_sequences(ti
     assert plain == 7
     # fp32 vectors of head_dim 16 cost 64 bytes, int8 ones 18; positions and scores stay 12 a slot
     assert int8 == limit // cache_bytes(tiny_llama, caps, 1, "int8")["total_bytes"] == 20
+
+
+def test_the_engine_bench_reads_served_artifacts_of_one_model(tiny_model_dir, tmp_path):
+    import json
+
+    from baklava.bench.serve_cli import _read_artifacts
+    from baklava.cli import export_main
+    from baklava.errors import BaklavaError
+
+    paths = []
+    for budget in ("1.0", "0.3"):
+        paths.append(tmp_path / budget)
+        try:
+            export_main(["--model", str(tiny_model_dir), "--budget", budget, "--out", str(paths[-1]),
+                         "--samples", "1", "--seq-len", "64", "--no-search", "--no-plot", "--no-onnx"])  # fmt: skip
+        except SystemExit as e:
+            assert not e.code, "baklava-export failed"
+    artifacts = _read_artifacts(",".join(map(str, paths)))
+    assert [round(a.manifest["budget"]["fraction"], 3) for a in artifacts] == [1.0, 0.3]
+    assert artifacts[1].profile.capacities.sum() < artifacts[0].profile.capacities.sum()
+    with pytest.raises(BaklavaError, match="not a BaKlaVa artifact"):
+        _read_artifacts(f"{paths[0]},{tmp_path}")
+    manifest = paths[1] / "manifest.json"  # the same profile, said to be another model's
+    body = json.loads(manifest.read_text())
+    body["model"]["spec"] = "qwen2.5-coder-0.5b"
+    manifest.write_text(json.dumps(body))
+    with pytest.raises(BaklavaError, match="of one model"):
+        _read_artifacts(",".join(map(str, paths)))

@@ -82,10 +82,16 @@ _model_option = click.option(
     show_default=True,
     help="Later prefill chunks through the Triton prefill-attention kernels (else SDPA).",
 )
+@click.option(
+    "--artifacts",
+    "artifact_paths",
+    help="Comma list of exported artifacts of one model: an engine each, built from its profile as "
+    "baklava-serve builds it (instead of --budgets; --model: theirs).",
+)
 @click.option("--out", type=click.Path(file_okay=False), help="Write serve.json and serve.md here.")
 def engine_bench(
     model_spec, budgets, kv_memory, kv_dtypes, n_requests, prompt_lengths, new_tokens, prefill_chunk,
-    max_prefill_tokens, hf_requests, hf_batch, hf_static_requests, seed, prefill_kernel, out,
+    max_prefill_tokens, hf_requests, hf_batch, hf_static_requests, seed, prefill_kernel, artifact_paths, out,
 ):  # fmt: skip
     """Served tokens/s, TTFT and inter-token latency per budget at equal KV memory (GPU)."""
     import torch
@@ -93,10 +99,14 @@ def engine_bench(
     from baklava.bench.cli import _gpu_meta
     from baklava.bench.serve_engine import compare, markdown
 
+    artifacts = _read_artifacts(artifact_paths) if artifact_paths else None
+    if artifacts:
+        model_spec = artifacts[0].model_spec
     if not torch.cuda.is_available():
         raise BaklavaError("this benchmark measures the GPU path: no CUDA device here")
     rows, meta = compare(
         model_spec,
+        artifacts=artifacts,
         budgets=list(budgets),
         kv_dtypes=list(kv_dtypes),
         kv_memory=kv_memory,
@@ -116,6 +126,17 @@ def engine_bench(
     click.echo(table)
     if out:
         _write_report(out, "serve", meta, rows, table)
+
+
+def _read_artifacts(paths: str) -> list:
+    """The artifacts of a comma list, all of one model (else a one-line error)."""
+    from baklava.exporter.artifact import read_artifact
+
+    artifacts = [read_artifact(p.strip()) for p in paths.split(",") if p.strip()]
+    models = {a.model_spec for a in artifacts}
+    if len(models) > 1:
+        raise BaklavaError(f"--artifacts must be of one model, got {', '.join(sorted(models))}")
+    return artifacts
 
 
 @click.command("serve")

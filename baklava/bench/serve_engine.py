@@ -140,6 +140,7 @@ def run_engine(engine: Engine, work: list[Work], name: str, progress: bool = Tru
         setup_s=round(setup_s, 2),  # graph captures and the warm-up
         prefill_s=round(engine.phase_seconds["prefill"], 2),
         decode_s=round(engine.phase_seconds["decode"], 2),
+        prefill_tokens=engine.prefill_tokens,
         # tokens sampled by decode steps (a request's first comes from its prefill) per decode second
         decode_tokens_per_s=round((tokens - len(first)) / max(engine.phase_seconds["decode"], 1e-9), 1),
         **extra,
@@ -297,8 +298,12 @@ def compare(
     seed: int = 0,
     prefill_kernel: bool = True,
     progress: bool = True,
+    artifacts: list | None = None,
 ) -> tuple[list[dict], dict]:
-    """Every system of the module docstring on one workload; returns ``(rows, meta)``."""
+    """Every system of the module docstring on one workload; returns ``(rows, meta)``. With
+    ``artifacts`` (exported :class:`~baklava.exporter.artifact.Artifact` s of ``model_spec``) the
+    engines are the served ones: each built from its artifact's profile (capacities, eviction, KV
+    format) as a served instance builds it, one per artifact, instead of one per budget."""
     from baklava.bench.gpu_decode import LLAMA3_8B, model_shape, random_llama
     from baklava.eviction import EvictionConfig
     from baklava.model_zoo import load_model
@@ -323,23 +328,23 @@ def compare(
     token_bytes = layers * kv_heads * head_dim * 2 * 2  # K and V, bf16
     rows = []
     batch = hf_batch if hf_batch is not None else max(1, kv_memory // (context * token_bytes))
-    if lm is not None:
+    if lm is not None and not artifacts:
         with torch.inference_mode():
             scored = score(lm, progress=progress)
+    sizing = dict(kv_memory=kv_memory, prefill_chunk=prefill_chunk, max_prefill_tokens=max_prefill_tokens)
     deployed, BudgetedLayer.prefill_kernel = BudgetedLayer.prefill_kernel, prefill_kernel  # restored below
-    for budget in budgets:
+    for artifact in artifacts or []:  # the served engines, token ids in (no chat template)
+        budget = round(artifact.manifest["budget"]["fraction"], 3)  # 1.0 is the table's baseline
+        engine = Engine.from_profile(model, tokenizer, artifact.profile, chat=False, **sizing)
+        name = f"baklava engine, {artifact.path.name} (budget {budget})"
+        kv_dtype = artifact.profile.kv_format
+        rows.append(_logged(run_engine(engine, work, name, progress, budget=budget, kv_dtype=kv_dtype)))
+        del engine
+    for budget in [] if artifacts else budgets:
         caps = _capacities(model, lm, budget, context, scored)
         for kv_dtype in kv_dtypes:  # the same capacities; a smaller format fits more rows
             engine = Engine.from_capacities(
-                model,
-                tokenizer,
-                caps,
-                EvictionConfig(),
-                kv_memory=kv_memory,
-                prefill_chunk=prefill_chunk,
-                max_prefill_tokens=max_prefill_tokens,
-                chat=False,
-                kv_format=kv_dtype,
+                model, tokenizer, caps, EvictionConfig(), chat=False, kv_format=kv_dtype, **sizing
             )
             name = f"baklava engine, budget {budget}" + ("" if kv_dtype == "auto" else f", {kv_dtype}")
             rows.append(_logged(run_engine(engine, work, name, progress, budget=budget, kv_dtype=kv_dtype)))
@@ -369,5 +374,6 @@ def compare(
         "transformers_static_batch": batch,
         "transformers_static_requests": min(hf_static_requests or requests, requests),
         "seed": seed,
+        "artifacts": [str(a.path) for a in artifacts or []],
     }
     return rows, meta

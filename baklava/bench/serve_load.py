@@ -210,12 +210,17 @@ def serve_markdown(runs: list[dict]) -> str:
     base = runs[0]["tokens_per_s"] or float("nan")
     lines = [
         "| path | tokens/s | vs first | requests/s | TTFT p50 / p99 s | ITL p50 / p99 ms | peak GPU GiB | failed "
-        "| engine prefill / decode / idle s |",
+        "| engine prefill s (tokens/s) / decode s / idle s / longest step s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         spent = r.get("engine_seconds")
-        phases = f"{spent['prefill_s']} / {spent['decode_s']} / {spent['idle_s']}" if spent else "-"
+        phases = (
+            f"{spent['prefill_s']} ({spent['prefill_tokens'] / max(spent['prefill_s'], 1e-9):,.0f}) / "
+            f"{spent['decode_s']} / {spent['idle_s']} / {spent['longest_step_s']}"
+            if spent
+            else "-"
+        )
         lines.append(
             f"| {r['path']} | {r['tokens_per_s']} | {r['tokens_per_s'] / base:.2f}x | {r['requests_per_s']} "
             f"| {r['ttft_p50_s']} / {r['ttft_p99_s']} | {r['itl_p50_ms']} / {r['itl_p99_ms']} "

@@ -123,6 +123,7 @@ class Engine:
         # host seconds spent in each phase of step() (each phase ends on a host sync: the prefill
         # reads its logits, the decode its sampled tokens), for the benchmark's breakdown
         self.phase_seconds = {"prefill": 0.0, "decode": 0.0}
+        self.prefill_tokens = 0  # prompt (and context) tokens prefilled, beside the seconds
 
     @classmethod
     def from_capacities(
@@ -279,6 +280,7 @@ class Engine:
             ).logits[0, -1]
             req.prefilled += n
             budget -= n
+            self.prefill_tokens += n
             if req.prefilled == req.prompt.numel():
                 req.view, req.state = None, DECODING
                 self._emit(req, next_token(logits.float().cpu(), req.params, req.generator), events)
@@ -291,6 +293,7 @@ class Engine:
         cache = compress_context(self.model, self.tokenizer, self.profile, req.context.to(self.pool.device))
         self.pool.load_row(req.row, cache)
         n, req.context = req.context.numel(), None
+        self.prefill_tokens += n
         for layer in req.view.layers:
             layer.seen = n  # the prompt's positions continue after the context
         return n
@@ -380,6 +383,7 @@ class Engine:
         prompts = [[1 + (7 * i) % (vocab - 1) for i in range(n)] for n in sizes if n > 0]
         self.generate(prompts, SamplingParams(max_tokens=2, ignore_eos=True))
         self.phase_seconds = dict.fromkeys(self.phase_seconds, 0.0)
+        self.prefill_tokens = 0
 
     def generate(
         self, prompts: list, params: SamplingParams | None = None, *, context=None

@@ -55,29 +55,43 @@ def format_stats(stats: dict) -> str:
         f"baklava engine, last {stats['window_s']:.1f} s: {stats['steps']} steps in {stats['step_s']:.1f} s "
         f"(prefill {stats['prefill_s']:.1f}, decode {stats['decode_s']:.1f}), idle {stats['idle_s']:.1f} s; "
         f"{stats['taken']} requests taken, {stats['finished']} finished, {stats['delivered']} deliveries; "
+        f"{stats['prefill_tokens']} tokens prefilled, longest step {stats['longest_step_s']:.3f} s; "
         f"now {stats['running']}/{stats['rows']} rows busy, {stats['waiting']} waiting"
     )
 
 
 _STATS_LINE = re.compile(
     r"baklava engine, last ([\d.]+) s: (\d+) steps in ([\d.]+) s \(prefill ([\d.]+), decode ([\d.]+)\), "
-    r"idle ([\d.]+) s; (\d+) requests taken, (\d+) finished"
+    r"idle ([\d.]+) s; (\d+) requests taken, (\d+) finished, \d+ deliveries; "
+    r"(\d+) tokens prefilled, longest step ([\d.]+) s"
+)
+_SUMMED = (
+    "window_s",
+    "steps",
+    "step_s",
+    "prefill_s",
+    "decode_s",
+    "idle_s",
+    "taken",
+    "finished",
+    "prefill_tokens",
 )
 
 
 def engine_seconds(log_text: str) -> dict | None:
     """The engine's time summed over the :func:`format_stats` lines in a server log: ``window_s``
     (the time the reports cover), ``steps``, ``step_s``, ``prefill_s``, ``decode_s``, ``idle_s``,
-    ``taken``, ``finished``; None without a report."""
-    keys = ("window_s", "steps", "step_s", "prefill_s", "decode_s", "idle_s", "taken", "finished")
+    ``taken``, ``finished``, ``prefill_tokens``, and the longest step of any (``longest_step_s``);
+    None without a report."""
     found = [m.groups() for m in _STATS_LINE.finditer(log_text)]
     if not found:
         return None
-    sums = [sum(float(g[i]) for g in found) for i in range(len(keys))]
-    return {
-        k: int(v) if k in ("steps", "taken", "finished") else round(v, 1)
-        for k, v in zip(keys, sums, strict=True)
-    }
+    out = {}
+    for i, key in enumerate(_SUMMED):
+        total = sum(float(g[i]) for g in found)
+        out[key] = int(total) if key in ("steps", "taken", "finished", "prefill_tokens") else round(total, 1)
+    out["longest_step_s"] = max(float(g[-1]) for g in found)
+    return out
 
 
 def merge(pending: Event, later: Event) -> Event:
@@ -180,8 +194,10 @@ class EngineLoop:
                     events = self.engine.step()
                 except Exception as e:  # noqa: BLE001 - one bad step must not stop the server
                     events = self.engine.abort_all(f"internal error: {type(e).__name__}: {e}")
+                took = time.monotonic() - start
                 self._window["steps"] += 1
-                self._window["step_s"] += time.monotonic() - start
+                self._window["step_s"] += took
+                self._window["longest_step_s"] = max(self._window["longest_step_s"], took)
                 self._window["finished"] += sum(e.finished for e in events)
                 self._post(events)
             self._report()
@@ -200,9 +216,11 @@ class EngineLoop:
         return {
             "start": time.monotonic(),
             "phases": dict(self.engine.phase_seconds),
+            "prefilled": self.engine.prefill_tokens,
             "delivered": self._delivered,
             "steps": 0,
             "step_s": 0.0,
+            "longest_step_s": 0.0,
             "idle_s": 0.0,
             "taken": 0,
             "finished": 0,
@@ -223,6 +241,8 @@ class EngineLoop:
                 "prefill_s": phases.get("prefill", 0.0) - w["phases"].get("prefill", 0.0),
                 "decode_s": phases.get("decode", 0.0) - w["phases"].get("decode", 0.0),
                 "idle_s": w["idle_s"],
+                "prefill_tokens": self.engine.prefill_tokens - w["prefilled"],
+                "longest_step_s": w["longest_step_s"],
                 "taken": w["taken"],
                 "finished": w["finished"],
                 "delivered": self._delivered - w["delivered"],
