@@ -88,10 +88,19 @@ _model_option = click.option(
     help="Comma list of exported artifacts of one model: an engine each, built from its profile as "
     "baklava-serve builds it (instead of --budgets; --model: theirs).",
 )
+@click.option(
+    "--loop-callback-us",
+    default="",
+    callback=lambda ctx, param, value: _parse_us(value),
+    help="Comma list of microseconds: each engine also serves the workload through the serving loop "
+    "(its engine and delivery threads, as a served instance) once per value, every callback holding "
+    "the GIL that long (Triton's send: ~85) [default: not through the loop].",
+)
 @click.option("--out", type=click.Path(file_okay=False), help="Write serve.json and serve.md here.")
 def engine_bench(
     model_spec, budgets, kv_memory, kv_dtypes, n_requests, prompt_lengths, new_tokens, prefill_chunk,
-    max_prefill_tokens, hf_requests, hf_batch, hf_static_requests, seed, prefill_kernel, artifact_paths, out,
+    max_prefill_tokens, hf_requests, hf_batch, hf_static_requests, seed, prefill_kernel, artifact_paths,
+    loop_callback_us, out,
 ):  # fmt: skip
     """Served tokens/s, TTFT and inter-token latency per budget at equal KV memory (GPU)."""
     import torch
@@ -107,6 +116,7 @@ def engine_bench(
     rows, meta = compare(
         model_spec,
         artifacts=artifacts,
+        loop_callback_us=loop_callback_us,
         budgets=list(budgets),
         kv_dtypes=list(kv_dtypes),
         kv_memory=kv_memory,
@@ -126,6 +136,16 @@ def engine_bench(
     click.echo(table)
     if out:
         _write_report(out, "serve", meta, rows, table)
+
+
+def _parse_us(value: str) -> list[float]:
+    try:
+        out = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated microseconds, got {value!r}") from None
+    if any(v < 0 for v in out):
+        raise click.BadParameter("microseconds must be >= 0")
+    return out
 
 
 def _read_artifacts(paths: str) -> list:

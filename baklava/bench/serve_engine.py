@@ -95,44 +95,49 @@ def _fresh_peak() -> None:
         torch.cuda.synchronize()
 
 
-def run_engine(engine: Engine, work: list[Work], name: str, progress: bool = True, **extra) -> dict:
-    """Serve ``work`` (all arriving at once) with ``engine``; the report row."""
+class _Tally:
+    """What a run's clients saw: tokens, each request's first and last token time, per-token gaps
+    (an event of n tokens after a gap g counts n gaps of g / n)."""
+
+    def __init__(self):
+        self.first: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+        self.itl: list[float] = []
+        self.tokens = 0
+
+    def add(self, event, now: float) -> None:
+        n, rid = len(event.token_ids), event.request_id
+        self.tokens += n
+        if not n:
+            return
+        if rid in self.last:
+            self.itl += [(now - self.last[rid]) / n] * n
+        self.first.setdefault(rid, now)
+        self.last[rid] = now
+
+
+def _set_up(engine: Engine, work: list[Work]) -> float:
+    """CUDA graphs and the warm-up before the clock starts; returns their seconds."""
     setup = time.perf_counter()
     engine.step_fn.capture_all()
     _warm_up(engine, work)
     setup_s = time.perf_counter() - setup
     _fresh_peak()
-    bar = tqdm(total=len(work), desc=name, unit="req", disable=not progress)
-    start = time.perf_counter()
-    ids = [engine.submit(w.prompt, SamplingParams(max_tokens=w.max_tokens, ignore_eos=True)) for w in work]
-    first: dict[str, float] = {}
-    last: dict[str, float] = {}
-    itl: list[float] = []
-    tokens = 0
-    rows_busy = []
-    while engine.has_work():
-        rows_busy.append(engine.running)
-        for event in engine.step():
-            rid, now = event.request_id, event.time
-            tokens += len(event.token_ids)
-            if event.token_ids:
-                if rid in last:
-                    itl.append(now - last[rid])
-                first.setdefault(rid, now)
-                last[rid] = now
-            if event.finished:
-                bar.update()
+    return setup_s
+
+
+def _engine_row(engine, name, start, ids, tally, rows_busy, setup_s, **extra) -> dict:
     torch.cuda.synchronize() if torch.cuda.is_available() else None
     wall = time.perf_counter() - start
-    bar.close()
-    ttft = [first[i] - start for i in ids if i in first]
+    ttft = [tally.first[i] - start for i in ids if i in tally.first]
+    decode_tokens = tally.tokens - len(tally.first)  # a request's first token comes from its prefill
     return summarize(
         name,
         wall,
-        tokens,
-        len(first),
+        tally.tokens,
+        len(tally.first),
         ttft,
-        itl,
+        tally.itl,
         rows=engine.pool.rows,
         kv_gib=round(engine.pool.kv_bytes() / 2**30, 3),
         slots_per_sequence=int(engine.pool.cache.capacities.sum()),
@@ -141,10 +146,75 @@ def run_engine(engine: Engine, work: list[Work], name: str, progress: bool = Tru
         prefill_s=round(engine.phase_seconds["prefill"], 2),
         decode_s=round(engine.phase_seconds["decode"], 2),
         prefill_tokens=engine.prefill_tokens,
-        # tokens sampled by decode steps (a request's first comes from its prefill) per decode second
-        decode_tokens_per_s=round((tokens - len(first)) / max(engine.phase_seconds["decode"], 1e-9), 1),
+        # tokens sampled by decode steps per decode second
+        decode_tokens_per_s=round(decode_tokens / max(engine.phase_seconds["decode"], 1e-9), 1),
         **extra,
     )
+
+
+def run_engine(engine: Engine, work: list[Work], name: str, progress: bool = True, **extra) -> dict:
+    """Serve ``work`` (all arriving at once) with ``engine`` stepped on this thread; the report row."""
+    setup_s = _set_up(engine, work)
+    bar = tqdm(total=len(work), desc=name, unit="req", disable=not progress)
+    start = time.perf_counter()
+    ids = [engine.submit(w.prompt, SamplingParams(max_tokens=w.max_tokens, ignore_eos=True)) for w in work]
+    tally, rows_busy = _Tally(), []
+    while engine.has_work():
+        rows_busy.append(engine.running)
+        for event in engine.step():
+            tally.add(event, event.time)
+            if event.finished:
+                bar.update()
+    bar.close()
+    return _engine_row(engine, name, start, ids, tally, rows_busy, setup_s, **extra)
+
+
+def run_engine_loop(
+    engine: Engine, work: list[Work], name: str, callback_us: float = 0.0, progress: bool = True, **extra
+) -> dict:
+    """:func:`run_engine` through the serving loop (:class:`~baklava.serving.engine_loop.EngineLoop`:
+    the engine on its thread, callbacks on the delivery thread), as a served instance runs it minus
+    Triton. Each callback holds the GIL ``callback_us`` microseconds (a busy wait: what one
+    ``send`` of Triton's Python backend costs, ~85 us measured in its stub), so a run tells how much
+    of a served engine's time its clients take; times are when a callback saw the event."""
+    import threading
+
+    from baklava.serving.engine_loop import EngineLoop
+
+    setup_s = _set_up(engine, work)
+    bar = tqdm(total=len(work), desc=name, unit="req", disable=not progress)
+    tally, lock, done, left = _Tally(), threading.Lock(), threading.Event(), [len(work)]
+
+    def on_event(event) -> None:
+        now = time.perf_counter()
+        while time.perf_counter() - now < callback_us * 1e-6:
+            pass
+        with lock:
+            tally.add(event, now)
+            if event.finished:
+                bar.update()
+                left[0] -= 1
+                if not left[0]:
+                    done.set()
+
+    rows_busy = []
+    start = time.perf_counter()
+    with EngineLoop(engine) as loop:
+        params = [SamplingParams(max_tokens=w.max_tokens, ignore_eos=True) for w in work]
+        ids = [loop.submit(w.prompt, p, on_event) for w, p in zip(work, params, strict=True)]
+        while not done.wait(0.01):
+            rows_busy.append(engine.running)
+    bar.close()
+    return _engine_row(engine, name, start, ids, tally, rows_busy, setup_s, callback_us=callback_us, **extra)
+
+
+def _engine_rows(engine, work, name, progress, loop_callback_us, **extra) -> list[dict]:
+    """``engine`` stepped directly, then through the serving loop once per callback cost."""
+    rows = [_logged(run_engine(engine, work, name, progress, **extra))]
+    for us in loop_callback_us:
+        label = f"{name}, serving loop, callbacks {us:g} us"
+        rows.append(_logged(run_engine_loop(engine, work, label, us, progress, **extra)))
+    return rows
 
 
 def _warm_up(engine: Engine, work: list[Work]) -> None:
@@ -299,11 +369,14 @@ def compare(
     prefill_kernel: bool = True,
     progress: bool = True,
     artifacts: list | None = None,
+    loop_callback_us: list[float] = (),
 ) -> tuple[list[dict], dict]:
     """Every system of the module docstring on one workload; returns ``(rows, meta)``. With
     ``artifacts`` (exported :class:`~baklava.exporter.artifact.Artifact` s of ``model_spec``) the
     engines are the served ones: each built from its artifact's profile (capacities, eviction, KV
-    format) as a served instance builds it, one per artifact, instead of one per budget."""
+    format) as a served instance builds it, one per artifact, instead of one per budget. Each engine
+    also serves the workload through the serving loop once per ``loop_callback_us``
+    (:func:`run_engine_loop`)."""
     from baklava.bench.gpu_decode import LLAMA3_8B, model_shape, random_llama
     from baklava.eviction import EvictionConfig
     from baklava.model_zoo import load_model
@@ -338,7 +411,7 @@ def compare(
         engine = Engine.from_profile(model, tokenizer, artifact.profile, chat=False, **sizing)
         name = f"baklava engine, {artifact.path.name} (budget {budget})"
         kv_dtype = artifact.profile.kv_format
-        rows.append(_logged(run_engine(engine, work, name, progress, budget=budget, kv_dtype=kv_dtype)))
+        rows += _engine_rows(engine, work, name, progress, loop_callback_us, budget=budget, kv_dtype=kv_dtype)
         del engine
     for budget in [] if artifacts else budgets:
         caps = _capacities(model, lm, budget, context, scored)
@@ -347,7 +420,9 @@ def compare(
                 model, tokenizer, caps, EvictionConfig(), chat=False, kv_format=kv_dtype, **sizing
             )
             name = f"baklava engine, budget {budget}" + ("" if kv_dtype == "auto" else f", {kv_dtype}")
-            rows.append(_logged(run_engine(engine, work, name, progress, budget=budget, kv_dtype=kv_dtype)))
+            rows += _engine_rows(
+                engine, work, name, progress, loop_callback_us, budget=budget, kv_dtype=kv_dtype
+            )
             del engine
     BudgetedLayer.prefill_kernel = deployed
     # plain transformers last, with transformers' own layer forward again (the fused one-token
@@ -375,5 +450,6 @@ def compare(
         "transformers_static_requests": min(hf_static_requests or requests, requests),
         "seed": seed,
         "artifacts": [str(a.path) for a in artifacts or []],
+        "loop_callback_us": list(loop_callback_us),
     }
     return rows, meta

@@ -32,7 +32,7 @@ instance_group [ { count: 1 kind: KIND_CPU } ]
 """
 
 MODEL = """
-import json, threading, time
+import itertools, json, sys, threading, time
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
@@ -40,10 +40,11 @@ from baklava.runtime.engine import Event
 from baklava.serving.engine_loop import EngineLoop
 
 ROWS, OPS, SECONDS = {rows}, {ops}, 2.0
+SWITCH_S = (0.005, 0.0005)  # Python's default GIL switch interval, and a tenth of it
 
 
 class FakeEngine:
-    phase_seconds = {{}}
+    phase_seconds, prefill_tokens = {{}}, 0
 
     def __init__(self):
         self.x, self.steps, self.ids, self.until = torch.zeros(16), 0, [], None
@@ -85,10 +86,14 @@ class TritonPythonModel:
             count = pb_utils.Tensor("num_tokens", np.array([len(event.token_ids)], dtype=np.int32))
             sender.send(pb_utils.InferenceResponse(output_tensors=[text, count]))
 
-        cases = [("no client", lambda e: None, 1.0), ("send, share 1.0", send, 1.0),
-                 ("send, share 0.25", send, 0.25), ("send, share 0.1", send, 0.1)]
+        cases = [("no client", lambda e: None, 1.0)] + [
+            (f"send, share {{share}}", send, share) for share in (1.0, 0.25, 0.1)
+        ]
         result = {{}}
-        for name, callback, share in cases:
+        default = sys.getswitchinterval()
+        for (name, callback, share), switch in itertools.product(cases, SWITCH_S):
+            name += f", switch {{switch * 1e3:g}} ms"
+            sys.setswitchinterval(switch)
             engine, sends = FakeEngine(), [0]
 
             def counted(event, callback=callback):
@@ -101,6 +106,7 @@ class TritonPythonModel:
                 while engine.until is None or time.monotonic() < engine.until + 0.5:
                     time.sleep(0.05)
             result[name] = {{"steps_per_s": round(engine.steps / SECONDS), "sends_per_s": round(sends[0] / SECONDS)}}
+        sys.setswitchinterval(default)
         out = pb_utils.Tensor("text_output", np.array([json.dumps(result).encode()], dtype=np.object_))
         sender.send(pb_utils.InferenceResponse(output_tensors=[out]),
                     flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
@@ -125,7 +131,7 @@ def main(rows: int = 140, ops: int = 1000) -> dict:
 
 if __name__ == "__main__":
     result = main(*(int(a) for a in sys.argv[1:3]))
-    base = result["no client"]["steps_per_s"]
+    base = result["no client, switch 5 ms"]["steps_per_s"]
     print("| delivery | engine steps/s | vs no client | callbacks/s |\n|---|---|---|---|")
     for name, r in result.items():
         print(f"| {name} | {r['steps_per_s']} | {r['steps_per_s'] / base:.2f}x | {r['sends_per_s']} |")
