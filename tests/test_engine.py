@@ -474,6 +474,15 @@ def test_engine_loop_reports_where_the_engine_thread_spent_its_time(model):
     assert "rows busy" in format_stats(reports[0])
 
 
+def test_a_served_pool_is_read_back_from_the_instances_ready_lines(model):
+    from baklava.serving.engine_loop import format_ready, served_rows
+
+    line = format_ready(_engine(model, 3))
+    assert line.startswith("baklava engine ready: 3 rows of ") and "GiB of KV on cpu" in line
+    assert served_rows(f"I1204 loading\n{line}\n{format_ready(_engine(model, 5))}\n") == 8  # two instances
+    assert served_rows("I1204 no engine here") is None
+
+
 def test_the_engines_reports_are_summed_back_from_a_log():
     from baklava.serving.engine_loop import engine_seconds, format_stats
 

@@ -289,6 +289,7 @@ def test_the_serve_command_loads_artifacts_served_with_the_engine_options(
         assert [r["tokens"] for r in summary["results"]] == [3] * 4
         assert 0 < summary["itl_p50_ms"] <= summary["itl_p99_ms"]  # 2 gaps a request
         assert summary["peak_gpu_memory_gib"] is None  # a CPU server reports no GPU memory
+        assert summary["rows"] == 2  # one instance of --max-batch 2, as its ready line says
         spent = summary["engine_seconds"]  # the served engine's reports, read from the server's log
         assert spent["taken"] == spent["finished"] == 4 + 1  # and the start's probe request
         assert spent["steps"] >= 3 and spent["prefill_s"] + spent["decode_s"] <= spent["step_s"] + 0.2

@@ -228,7 +228,7 @@ def _serve_one(path: str, instances: int, load: dict, engine: dict) -> dict:
     import tempfile
 
     from baklava.bench.serve_load import load_run
-    from baklava.serving.engine_loop import engine_seconds
+    from baklava.serving.engine_loop import engine_seconds, served_rows
     from baklava.serving.server import TritonServer
     from baklava.serving.triton_repo import repository_to_serve
 
@@ -237,14 +237,16 @@ def _serve_one(path: str, instances: int, load: dict, engine: dict) -> dict:
         server_log = Path(tempfile.gettempdir()) / "baklava-bench-tritonserver.log"
         with TritonServer(repo, 0, 0, 0, log_path=server_log) as server:
             url = f"http://{server.http_url}"
+            rows = served_rows(server.log_text() or "")
             log(
-                f"tritonserver ready at {url} for {path} ({instances} instance(s) on {engine['device']}; log {server_log})"
+                f"tritonserver ready at {url} for {path} ({instances} instance(s) on {engine['device']}, "
+                f"{rows or '?'} rows; log {server_log})"
             )
             metrics = f"http://{server.host}:{server.metrics_port}/metrics"
             summary = load_run(url, metrics_url=metrics, **load)
         # stopped: its engine's reports of where the time went are all in the log now
         spent = engine_seconds(server.log_text() or "")
-    return summary | {"path": str(path), "device": engine["device"], "engine_seconds": spent}
+    return summary | {"path": str(path), "device": engine["device"], "rows": rows, "engine_seconds": spent}
 
 
 @click.command("soak")
@@ -268,6 +270,7 @@ def soak_bench(artifact, duration, clients, max_tokens, malformed, abandoned, se
     from baklava.bench.soak import soak
     from baklava.exporter import read_artifact
     from baklava.model_zoo import load_config
+    from baklava.serving.engine_loop import served_rows
     from baklava.serving.server import TritonServer
     from baklava.serving.triton_repo import write_repository
 
@@ -282,6 +285,7 @@ def soak_bench(artifact, duration, clients, max_tokens, malformed, abandoned, se
             write_repository(artifact, Path(scratch) / "repo", **engine), 0, 0, 0, log_path=server_log
         ).start() as server,
     ):
+        rows = served_rows(server.log_text() or "") or rows  # what the instances report they hold
         log(
             f"tritonserver ready at http://{server.http_url} ({rows} rows; log {server_log}); soaking {duration} s"
         )
@@ -310,10 +314,11 @@ def soak_bench(artifact, duration, clients, max_tokens, malformed, abandoned, se
 
 
 def _pool_rows(profile, engine: dict) -> int:
-    """The rows of the served engine's pool, which the soak fills at the end: sized from
-    ``--kv-memory`` (in the dtype the instance serves in) and ``--max-batch`` by the engine's own
-    rule (:func:`~baklava.runtime.slot_pool.pool_rows`); 8 for a pool sized by the GPU's free
-    memory (not known here) or a CPU pool without either."""
+    """The rows of the served engine's pool, which the soak fills at the end, when the instances
+    do not report them in the server's log: sized from ``--kv-memory`` (in the dtype the instance
+    serves in) and ``--max-batch`` by the engine's own rule
+    (:func:`~baklava.runtime.slot_pool.pool_rows`); 8 for a pool sized by the GPU's free memory
+    (not known here) or a CPU pool without either."""
     import torch
 
     from baklava.profiles.budget import parse_size

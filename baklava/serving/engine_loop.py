@@ -94,6 +94,25 @@ def engine_seconds(log_text: str) -> dict | None:
     return out
 
 
+def format_ready(engine: Engine) -> str:
+    """The log line a served instance prints once its engine is built and warm: its pool."""
+    pool = engine.pool
+    return (
+        f"baklava engine ready: {pool.rows} rows of {int(pool.cache.capacities.sum())} slots, "
+        f"{pool.kv_bytes() / 2**30:.2f} GiB of KV on {pool.device}"
+    )
+
+
+_READY_LINE = re.compile(r"baklava engine ready: (\d+) rows")
+
+
+def served_rows(log_text: str) -> int | None:
+    """The pool rows of every instance that printed :func:`format_ready` in a server log (their
+    sum: each instance has its own pool); None when none did."""
+    found = [int(m.group(1)) for m in _READY_LINE.finditer(log_text)]
+    return sum(found) if found else None
+
+
 def merge(pending: Event, later: Event) -> Event:
     """One event for two of the same request, in order: the text and tokens joined, the end (and
     time) of the later one."""

@@ -72,13 +72,15 @@ def _log_stats(stats: dict) -> None:
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        import sys
+
         import torch
 
         from baklava.exporter import read_artifact
         from baklava.model_zoo import load_model
         from baklava.runtime.chat_split import ChatSplit
         from baklava.runtime.engine import Engine
-        from baklava.serving.engine_loop import EngineLoop
+        from baklava.serving.engine_loop import EngineLoop, format_ready
         from baklava.serving.triton_repo import pool_size
 
         config = json.loads(args["model_config"])
@@ -111,6 +113,7 @@ class TritonPythonModel:
             self.engine.warm_up()  # and the prefill / commit kernels compiled (CPU: no kernels)
         self.split = ChatSplit(self.lm.tokenizer, self.engine.chat)  # where a context ends
         self.loop = EngineLoop(self.engine, on_stats=_log_stats).start()
+        print(format_ready(self.engine), file=sys.stderr, flush=True)  # the pool, into the server's log
 
     def _params(self, request):
         from baklava.runtime.sampling import SamplingParams
