@@ -6,7 +6,7 @@
 * :mod:`~baklava.kernels.cache_update` - one decode token's commit: H2O scores from the
   attention kernel's logits, append or in-place eviction;
 * :mod:`~baklava.kernels.prefill_select` - a prefill chunk's compression: each head's
-  top-priority candidates in arrival order, every head of a layer in one launch;
+  top-priority candidates in arrival order, every head of a layer at once, written in place;
 * :mod:`~baklava.kernels.decode_gemv` - the fused one-token layer's matmuls (norm prologue,
   SiLU and residual epilogues);
 * :mod:`~baklava.kernels.rope` - RoPE on the fused q/k/v projection;

@@ -19,11 +19,13 @@ Three steps:
    head's first slot, and the new fill. (It replaced a one-program-per-head 16-way search over
    the bits, 20 passes over the candidates on ``B x H_kv`` programs: 0.48 ms a layer of a 32k
    prefill at budget 0.3 on an H200, 15% of the chunked prefill's GPU time.)
-3. ``_gather_kernel`` grid ``(B, H_kv, ceil(max cap / BLOCK))``: copies the kept keys, values,
-   positions and scores into *separate* output buffers, so no program reads a slot another one
-   already overwrote. Quantized slots (:mod:`baklava.runtime.kv_slots`) take one more launch for
-   their scales, with the same kept indices: a slot's payload and scales stay together, byte for
-   byte.
+3. ``_move_kernel`` grid ``(B, H_kv, ceil(max cap / BLOCK))``, twice, **in place**: a kept stored
+   slot only moves towards its head's start, so the first launch copies the moved slots (keys,
+   values, positions, scores) to scratch and the second writes them, and the chunk's kept
+   tokens, into their slots; slots that keep their own content and slots past the new fill are
+   not touched, and no per-chunk zero-filled buffer is made. Quantized slots
+   (:mod:`baklava.runtime.kv_slots`) take two more launches for their scales, with the same kept
+   indices: a slot's payload and scales stay together, byte for byte.
 """
 
 from __future__ import annotations
@@ -146,20 +148,25 @@ def _gather_rows(
 
 @triton.jit(
     do_not_specialize=["stride_pb", "stride_sb", "stride_npb", "stride_nsb", "stride_nsh", "stride_keb"],
-    do_not_specialize_on_alignment=["POS", "SCORE"],
+    do_not_specialize_on_alignment=["POS", "SCORE", "POS_S", "SCORE_S"],
 )
-def _gather_kernel(
+def _move_kernel(
     K, V, POS, SCORE, KN, VN, NEW_POS, NEW_SCORE, KEEP, NEW_FILL, CAPS, OFFSETS,
-    K_OUT, V_OUT, POS_OUT, SCORE_OUT,
+    K_S, V_S, POS_S, SCORE_S,
     stride_kb, stride_kt, stride_vb, stride_vt, stride_pb, stride_sb,
     stride_knb, stride_knh, stride_kns, stride_vnb, stride_vnh, stride_vns,
     stride_npb, stride_nsb, stride_nsh,
     stride_keb, stride_nfb,
-    stride_kob, stride_kot, stride_vob, stride_vot, stride_pob, stride_sob,
-    D: tl.constexpr, BLOCK: tl.constexpr, META: tl.constexpr,
+    stride_ksb, stride_kst, stride_vsb, stride_vst, stride_psb, stride_ssb,
+    D: tl.constexpr, BLOCK: tl.constexpr, META: tl.constexpr, STAGE: tl.constexpr,
 ):  # fmt: skip
-    """Program ``(b, h, block)``: the kept slots of one pair of slot tensors (keys and values, or
-    their scales: ``D`` is their width), and with ``META`` their positions and scores."""
+    """Program ``(b, h, block)`` over the kept slots ``o`` of one pair of slot tensors (keys and
+    values, or their scales: ``D`` is their width), and with ``META`` their positions and scores.
+    Slot ``o`` keeps candidate ``j = KEEP[o]``: itself when ``j == o`` (nothing moves), stored slot
+    ``j > o`` (moved), or the chunk's token ``j - cap`` (new). ``STAGE``: copy the moved slots'
+    contents to the scratch tensors (``*_S``, at ``o``); otherwise write every moved and new slot
+    in place from the scratch or the chunk. Two launches, so no program reads a slot another has
+    already overwritten."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     cap = tl.load(CAPS + h).to(tl.int64)
@@ -168,32 +175,73 @@ def _gather_kernel(
     o = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
     live = o < n
     j = tl.load(KEEP + b * stride_keb + base + o, mask=live, other=0).to(tl.int64)
-    stored = live & (j < cap)
+    moved = live & (j < cap) & (j != o)
     new = live & (j >= cap)
     i = j - cap
     d = tl.arange(0, D)
     rows = base + o
-    k = _gather_rows(
-        K, KN, b, h, base, j, i, stored, new, d, stride_kb, stride_kt, stride_knb, stride_knh, stride_kns
-    )
-    v = _gather_rows(
-        V, VN, b, h, base, j, i, stored, new, d, stride_vb, stride_vt, stride_vnb, stride_vnh, stride_vns
-    )
-    tl.store(K_OUT + b * stride_kob + rows[:, None] * stride_kot + d[None, :], k, mask=live[:, None])
-    tl.store(V_OUT + b * stride_vob + rows[:, None] * stride_vot + d[None, :], v, mask=live[:, None])
-    if META:
-        pos = tl.where(
-            stored,
-            tl.load(POS + b * stride_pb + base + j, mask=stored, other=0),
-            tl.load(NEW_POS + b * stride_npb + i, mask=new, other=0),
+    if STAGE:
+        src = (base + j)[:, None]
+        k = tl.load(K + b * stride_kb + src * stride_kt + d[None, :], mask=moved[:, None], other=0)
+        v = tl.load(V + b * stride_vb + src * stride_vt + d[None, :], mask=moved[:, None], other=0)
+        tl.store(K_S + b * stride_ksb + rows[:, None] * stride_kst + d[None, :], k, mask=moved[:, None])
+        tl.store(V_S + b * stride_vsb + rows[:, None] * stride_vst + d[None, :], v, mask=moved[:, None])
+        if META:
+            pos = tl.load(POS + b * stride_pb + base + j, mask=moved, other=0)
+            score = tl.load(SCORE + b * stride_sb + base + j, mask=moved, other=0.0)
+            tl.store(POS_S + b * stride_psb + rows, pos, mask=moved)
+            tl.store(SCORE_S + b * stride_ssb + rows, score, mask=moved)
+    else:
+        write = moved | new
+        k = _gather_rows(
+            K_S,
+            KN,
+            b,
+            h,
+            base,
+            o,
+            i,
+            moved,
+            new,
+            d,
+            stride_ksb,
+            stride_kst,
+            stride_knb,
+            stride_knh,
+            stride_kns,
         )
-        score = tl.where(
-            stored,
-            tl.load(SCORE + b * stride_sb + base + j, mask=stored, other=0.0),
-            tl.load(NEW_SCORE + b * stride_nsb + h * stride_nsh + i, mask=new, other=0.0),
+        v = _gather_rows(
+            V_S,
+            VN,
+            b,
+            h,
+            base,
+            o,
+            i,
+            moved,
+            new,
+            d,
+            stride_vsb,
+            stride_vst,
+            stride_vnb,
+            stride_vnh,
+            stride_vns,
         )
-        tl.store(POS_OUT + b * stride_pob + rows, pos.to(POS_OUT.dtype.element_ty), mask=live)
-        tl.store(SCORE_OUT + b * stride_sob + rows, score, mask=live)
+        tl.store(K + b * stride_kb + rows[:, None] * stride_kt + d[None, :], k, mask=write[:, None])
+        tl.store(V + b * stride_vb + rows[:, None] * stride_vt + d[None, :], v, mask=write[:, None])
+        if META:
+            pos = tl.where(
+                moved,
+                tl.load(POS_S + b * stride_psb + rows, mask=moved, other=0),
+                tl.load(NEW_POS + b * stride_npb + i, mask=new, other=0),
+            )
+            score = tl.where(
+                moved,
+                tl.load(SCORE_S + b * stride_ssb + rows, mask=moved, other=0.0),
+                tl.load(NEW_SCORE + b * stride_nsb + h * stride_nsh + i, mask=new, other=0.0),
+            )
+            tl.store(POS + b * stride_pb + rows, pos.to(POS.dtype.element_ty), mask=write)
+            tl.store(SCORE + b * stride_sb + rows, score, mask=write)
 
 
 def packed_prefill_select(
@@ -214,8 +262,10 @@ def packed_prefill_select(
     device_capacities: torch.Tensor | None = None,
     block: int = 1024,
 ):
-    """Keep each head's highest-priority candidates; returns new ``(*slot tensors, positions,
-    scores, fill)`` (the inputs are not modified).
+    """Keep each head's highest-priority candidates, **in place**: the slot tensors, ``positions``,
+    ``scores`` and ``fill`` are updated and returned as ``(*slot tensors, positions, scores,
+    fill)``. Slots past a head's new fill are not touched (a prefill's fill only grows, so they
+    still hold what the cache was reset to).
 
     ``slots``: pairs of slot tensors with the chunk's rows, ``[(keys, values, key_new,
     value_new)]`` (stored ``[B, C, width]``, new ``[B, H_kv, S, width]``; quantized slots add
@@ -247,22 +297,24 @@ def packed_prefill_select(
         H2O=policy == "h2o", BLOCK=block,
     )  # fmt: skip
     keep, new_fill = keep_indices(bits, caps_t, offsets, positions.shape[1])
-    # slots past the new fill are zeros, as in the reference (a masked-out slot must not hold a NaN)
-    p_out, s_out = torch.full_like(positions, -1), torch.zeros_like(scores)
-    outs = []
-    gather_block = 64
+    # a kept stored slot moves only towards the head's start (j > o): its old place may be another
+    # kept slot's new one, so the moved ones go through scratch (uninitialised: only they are read)
+    pos_s, score_s = torch.empty_like(positions), torch.empty_like(scores)
+    move_block = 64
+    grid = (batch, kv_heads, triton.cdiv(max(capacities), move_block))
     for index, (keys, values, key_new, value_new) in enumerate(slots):
-        k_out, v_out = torch.zeros_like(keys), torch.zeros_like(values)
-        _gather_kernel[(batch, kv_heads, triton.cdiv(max(capacities), gather_block))](
-            keys, values, positions, scores, key_new, value_new, new_positions, new_scores, keep, new_fill,
-            caps_t, offsets, k_out, v_out, p_out, s_out,
-            keys.stride(0), keys.stride(1), values.stride(0), values.stride(1), positions.stride(0), scores.stride(0),
-            key_new.stride(0), key_new.stride(1), key_new.stride(2),
-            value_new.stride(0), value_new.stride(1), value_new.stride(2),
-            new_positions.stride(0), new_scores.stride(0), new_scores.stride(1),
-            keep.stride(0), new_fill.stride(0),
-            k_out.stride(0), k_out.stride(1), v_out.stride(0), v_out.stride(1), p_out.stride(0), s_out.stride(0),
-            D=key_new.shape[-1], BLOCK=gather_block, META=index == 0,
-        )  # fmt: skip
-        outs += [k_out, v_out]
-    return (*outs, p_out, s_out, new_fill)
+        k_s, v_s = torch.empty_like(keys), torch.empty_like(values)
+        for stage in (True, False):
+            _move_kernel[grid](
+                keys, values, positions, scores, key_new, value_new, new_positions, new_scores, keep, new_fill,
+                caps_t, offsets, k_s, v_s, pos_s, score_s,
+                keys.stride(0), keys.stride(1), values.stride(0), values.stride(1), positions.stride(0), scores.stride(0),
+                key_new.stride(0), key_new.stride(1), key_new.stride(2),
+                value_new.stride(0), value_new.stride(1), value_new.stride(2),
+                new_positions.stride(0), new_scores.stride(0), new_scores.stride(1),
+                keep.stride(0), new_fill.stride(0),
+                k_s.stride(0), k_s.stride(1), v_s.stride(0), v_s.stride(1), pos_s.stride(0), score_s.stride(0),
+                D=key_new.shape[-1], BLOCK=move_block, META=index == 0, STAGE=stage,
+            )  # fmt: skip
+    fill.copy_(new_fill)
+    return (*(t for pair in slots for t in pair[:2]), positions, scores, fill)

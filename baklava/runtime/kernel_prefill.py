@@ -99,11 +99,9 @@ def select(layer, slots: dict, valid: torch.Tensor, new_scores: torch.Tensor) ->
     new_positions = layer.valid_seen[:, None] + valid.cumsum(1) - 1
     seen_after = layer.valid_seen + valid.sum(1)
     pairs = kv_slots.slot_pairs(layer)  # (keys, values), then (key_scales, value_scales)
-    result = packed_prefill_select(
+    packed_prefill_select(  # in place: the layer's slots, positions, scores and fill
         [(getattr(layer, k), getattr(layer, v), slots[k].contiguous(), slots[v].contiguous()) for k, v in pairs],
         layer.positions, layer.scores, layer.fill, new_positions, new_scores, valid, seen_after,
         layer.capacities, layer.device_offsets, sink=ev.sink, window=ev.window, policy=ev.policy,
         device_capacities=layer.device_capacities,
     )  # fmt: skip
-    for name, value in zip([*layer.slot_names, "positions", "scores", "fill"], result, strict=True):
-        getattr(layer, name).copy_(value)

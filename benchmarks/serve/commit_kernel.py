@@ -3,8 +3,9 @@
     python benchmarks/serve/commit_kernel.py
 
 One row of a slot pool (2 KV heads, head dim 64), a first chunk of S tokens: heads that keep
-everything (budget 1.0: capacity >= S) and heads that evict (capacities 3000 / 7000), at the old
-launch (block 256, 4 warps) and the new one (block 1024, 8 warps). Prints milliseconds a layer.
+everything (budget 1.0: capacity >= S) and heads that evict (capacities 3000 / 7000), at priority
+blocks of 256, 1024 and 2048 candidates. Prints milliseconds a layer (the commit writes in place:
+every call after the first commits onto a full cache).
 """
 
 import torch
@@ -14,7 +15,7 @@ from baklava.kernels.prefill_select import packed_prefill_select
 from baklava.runtime.packed_cache import BudgetedLayer
 
 
-def case(caps, s, block, warps, reps=20):
+def case(caps, s, block, reps=20):
     layer = BudgetedLayer(caps, EvictionConfig())
     empty = torch.empty(1, len(caps), 0, 64, dtype=torch.bfloat16, device="cuda")
     layer.lazy_initialization(empty, empty)
@@ -26,9 +27,9 @@ def case(caps, s, block, warps, reps=20):
 
     def run():
         return packed_prefill_select(
-            layer.keys, layer.values, layer.positions, layer.scores, layer.fill, kn, kn, new_pos,
+            [(layer.keys, layer.values, kn, kn)], layer.positions, layer.scores, layer.fill, new_pos,
             new_scores, valid, torch.tensor([s], device="cuda"), caps, offsets, sink=4, window=32,
-            policy="h2o", block=block, num_warps=warps,
+            policy="h2o", block=block,
         )  # fmt: skip
 
     run()
@@ -43,8 +44,5 @@ def case(caps, s, block, warps, reps=20):
 
 for s in (2048, 8192, 16384):
     for name, caps in (("keeps all", [16640, 16640]), ("evicts", [3000, 7000])):
-        for block, warps in ((256, 4), (1024, 8), (2048, 8)):
-            print(
-                f"S={s:6d} {name:9s} block {block:4d} warps {warps}: {case(caps, s, block, warps):8.3f} ms",
-                flush=True,
-            )
+        for block in (256, 1024, 2048):
+            print(f"S={s:6d} {name:9s} block {block:4d}: {case(caps, s, block):8.3f} ms", flush=True)
