@@ -292,6 +292,7 @@ def test_engine_benchmark_counts_every_token_and_splits_its_phases(model):
     )
     assert row["prefill_s"] > 0 and row["decode_s"] > 0 and row["rows"] == 2
     assert row["prefill_tokens"] == sum(len(w.prompt) for w in work)  # the warm-up's not counted
+    assert row["cuda_allocator"] == {}  # counted on CUDA only
     serial = run_transformers_serial(model, work[:2], progress=False)
     assert serial["tokens"] == sum(w.max_tokens for w in work[:2])
     meta = {"model": "tiny", "requests": 5, "prompt_lengths": [4, 40], "new_tokens": [3, 9]}
@@ -495,4 +496,9 @@ def test_the_engines_reports_are_summed_back_from_a_log():
         "window_s": 20.0, "steps": 15, "step_s": 19.0, "prefill_s": 12.2, "decode_s": 6.0, "idle_s": 0.4,
         "taken": 14, "finished": 10, "prefill_tokens": 18000, "longest_step_s": 1.5,
     }  # fmt: skip
+    cuda = report | {"allocator": {"segments_allocated": 3, "segments_freed": 1, "alloc_retries": 0}}
+    assert "CUDA allocator: 3 segments allocated, 1 freed, 0 retries" in format_stats(cuda)
+    spent = engine_seconds(f"{format_stats(cuda)}\n{format_stats(cuda)}\n")
+    assert spent["allocator"] == {"segments_allocated": 6, "segments_freed": 2, "alloc_retries": 0}
+    assert spent["steps"] == 24
     assert engine_seconds("no reports here") is None

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from baklava.runtime.allocator_stats import allocator_counts, counts_since
 from baklava.runtime.engine import Engine
 from baklava.runtime.sampling import SamplingParams
 
@@ -126,7 +127,7 @@ def _set_up(engine: Engine, work: list[Work]) -> float:
     return setup_s
 
 
-def _engine_row(engine, name, start, ids, tally, rows_busy, setup_s, **extra) -> dict:
+def _engine_row(engine, name, start, ids, tally, rows_busy, setup_s, allocator, **extra) -> dict:
     torch.cuda.synchronize() if torch.cuda.is_available() else None
     wall = time.perf_counter() - start
     ttft = [tally.first[i] - start for i in ids if i in tally.first]
@@ -148,6 +149,7 @@ def _engine_row(engine, name, start, ids, tally, rows_busy, setup_s, **extra) ->
         prefill_tokens=engine.prefill_tokens,
         # tokens sampled by decode steps per decode second
         decode_tokens_per_s=round(decode_tokens / max(engine.phase_seconds["decode"], 1e-9), 1),
+        cuda_allocator=counts_since(allocator, allocator_counts(engine.pool.device)),  # driver trips
         **extra,
     )
 
@@ -156,6 +158,7 @@ def run_engine(engine: Engine, work: list[Work], name: str, progress: bool = Tru
     """Serve ``work`` (all arriving at once) with ``engine`` stepped on this thread; the report row."""
     setup_s = _set_up(engine, work)
     bar = tqdm(total=len(work), desc=name, unit="req", disable=not progress)
+    allocator = allocator_counts(engine.pool.device)
     start = time.perf_counter()
     ids = [engine.submit(w.prompt, SamplingParams(max_tokens=w.max_tokens, ignore_eos=True)) for w in work]
     tally, rows_busy = _Tally(), []
@@ -166,7 +169,7 @@ def run_engine(engine: Engine, work: list[Work], name: str, progress: bool = Tru
             if event.finished:
                 bar.update()
     bar.close()
-    return _engine_row(engine, name, start, ids, tally, rows_busy, setup_s, **extra)
+    return _engine_row(engine, name, start, ids, tally, rows_busy, setup_s, allocator, **extra)
 
 
 def run_engine_loop(
@@ -197,7 +200,7 @@ def run_engine_loop(
                 if not left[0]:
                     done.set()
 
-    rows_busy = []
+    rows_busy, allocator = [], allocator_counts(engine.pool.device)
     start = time.perf_counter()
     with EngineLoop(engine) as loop:
         params = [SamplingParams(max_tokens=w.max_tokens, ignore_eos=True) for w in work]
@@ -205,7 +208,9 @@ def run_engine_loop(
         while not done.wait(0.01):
             rows_busy.append(engine.running)
     bar.close()
-    return _engine_row(engine, name, start, ids, tally, rows_busy, setup_s, callback_us=callback_us, **extra)
+    return _engine_row(
+        engine, name, start, ids, tally, rows_busy, setup_s, allocator, callback_us=callback_us, **extra
+    )
 
 
 def _engine_rows(engine, work, name, progress, loop_callback_us, **extra) -> list[dict]:

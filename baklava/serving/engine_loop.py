@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from baklava.runtime.allocator_stats import allocator_counts, counts_since
 from baklava.runtime.engine import Engine, Event
 from baklava.runtime.sampling import SamplingParams
 
@@ -57,7 +58,20 @@ def format_stats(stats: dict) -> str:
         f"{stats['taken']} requests taken, {stats['finished']} finished, {stats['delivered']} deliveries; "
         f"{stats['prefill_tokens']} tokens prefilled, longest step {stats['longest_step_s']:.3f} s; "
         f"now {stats['running']}/{stats['rows']} rows busy, {stats['waiting']} waiting"
+        + _format_allocator(stats.get("allocator"))
     )
+
+
+def _format_allocator(counts: dict | None) -> str:
+    if not counts:
+        return ""
+    return (
+        f"; CUDA allocator: {counts['segments_allocated']} segments allocated, "
+        f"{counts['segments_freed']} freed, {counts['alloc_retries']} retries"
+    )
+
+
+_ALLOCATOR_LINE = re.compile(r"CUDA allocator: (\d+) segments allocated, (\d+) freed, (\d+) retries")
 
 
 _STATS_LINE = re.compile(
@@ -81,8 +95,8 @@ _SUMMED = (
 def engine_seconds(log_text: str) -> dict | None:
     """The engine's time summed over the :func:`format_stats` lines in a server log: ``window_s``
     (the time the reports cover), ``steps``, ``step_s``, ``prefill_s``, ``decode_s``, ``idle_s``,
-    ``taken``, ``finished``, ``prefill_tokens``, and the longest step of any (``longest_step_s``);
-    None without a report."""
+    ``taken``, ``finished``, ``prefill_tokens``, the longest step of any (``longest_step_s``), and
+    on CUDA the caching allocator's trips to the driver (``allocator``); None without a report."""
     found = [m.groups() for m in _STATS_LINE.finditer(log_text)]
     if not found:
         return None
@@ -91,6 +105,10 @@ def engine_seconds(log_text: str) -> dict | None:
         total = sum(float(g[i]) for g in found)
         out[key] = int(total) if key in ("steps", "taken", "finished", "prefill_tokens") else round(total, 1)
     out["longest_step_s"] = max(float(g[-1]) for g in found)
+    allocator = [m.groups() for m in _ALLOCATOR_LINE.finditer(log_text)]
+    if allocator:  # a CUDA instance's
+        keys = ("segments_allocated", "segments_freed", "alloc_retries")
+        out["allocator"] = {k: sum(int(g[i]) for g in allocator) for i, k in enumerate(keys)}
     return out
 
 
@@ -236,6 +254,7 @@ class EngineLoop:
             "start": time.monotonic(),
             "phases": dict(self.engine.phase_seconds),
             "prefilled": self.engine.prefill_tokens,
+            "allocator": allocator_counts(self.engine.pool.device),
             "delivered": self._delivered,
             "steps": 0,
             "step_s": 0.0,
@@ -268,6 +287,7 @@ class EngineLoop:
                 "running": self.engine.running,
                 "rows": self.engine.pool.rows,
                 "waiting": self.engine.waiting,
+                "allocator": counts_since(w["allocator"], allocator_counts(self.engine.pool.device)),
             }
             try:
                 self.on_stats(stats)
