@@ -400,22 +400,6 @@ def test_an_int8_engine_serves_what_the_int8_reference_cache_gives(model, monkey
         assert torch.equal(kv_format.round_trip(stored, kv_format.parse("int8")), stored)  # int8 grid values
 
 
-def test_the_soak_expects_the_rows_the_served_engine_gets(model):
-    """``baklava-bench soak`` fills every pool row at the end: its row count must be the engine's,
-    from ``--kv-memory`` in the dtype the instance serves in, capped by ``--max-batch``."""
-    from baklava.bench.serve_cli import _pool_rows
-
-    profile = _profile(model)
-    per = bytes_per_sequence(CAPS, profile.model.head_dim, torch.float32)
-    memory = f"{7 * per + per // 2}B"
-    engine = Engine.from_profile(model, _tiny_tokenizer(), profile, kv_memory=7 * per + per // 2, chat=False)
-    assert engine.pool.rows == 7
-    assert _pool_rows(profile, {"kv_memory": memory, "max_batch": None, "device": "cpu"}) == 7
-    assert _pool_rows(profile, {"kv_memory": memory, "max_batch": 3, "device": "cpu"}) == 3
-    assert _pool_rows(profile, {"kv_memory": memory, "max_batch": None, "device": "cuda"}) == 15  # bf16
-    assert _pool_rows(profile, {"kv_memory": None, "max_batch": None, "device": "cpu"}) == 8
-
-
 def test_the_soak_fills_every_row_at_the_end_and_sends_a_prompt_over_the_context(monkeypatch):
     from baklava.bench import soak as soak_module
     from baklava.bench.serve_load import RequestResult

@@ -228,10 +228,16 @@ def test_a_short_soak_of_mixed_requests_fails_nothing_and_leaks_no_row(server):
 def test_the_soak_command_serves_an_artifact_and_writes_its_summary(artifact, tmp_path, monkeypatch):
     import tempfile
 
+    import torch
+
     from baklava.bench.cli import bench_main
+    from baklava.exporter import read_artifact
+    from baklava.runtime.slot_pool import bytes_per_sequence
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where its scratch repository goes
     out = tmp_path / "soak.json"
+    profile = read_artifact(artifact).profile  # a pool of 2 rows (float32 on the CPU) by its memory
+    per = bytes_per_sequence(profile.require_capacities(), profile.model.head_dim, torch.float32)
     args = [
         "soak",
         str(artifact),
@@ -241,8 +247,8 @@ def test_the_soak_command_serves_an_artifact_and_writes_its_summary(artifact, tm
         "2",
         "--max-tokens",
         "3",
-        "--max-batch",
-        "2",
+        "--kv-memory",
+        f"{2 * per + per // 2}B",
     ]
     try:
         bench_main([*args, "--out", str(out)])
@@ -250,6 +256,7 @@ def test_the_soak_command_serves_an_artifact_and_writes_its_summary(artifact, tm
         pytest.fail(f"baklava-bench soak exited with {e.code}")
     summary = json.loads(out.read_text())
     assert summary["failures"] == 0 and summary["ready_after"] and summary["after_soak_rows_ok"] == 2
+    assert summary["after_soak_rows"] == 2  # the rows the instance reported, not a default of 8
     assert sum(summary["requests"].values()) > 0 and summary["device"] == "cpu"
     assert not list(tmp_path.glob("baklava-soak-*/"))  # its repository (a copy of the artifact) is gone
 

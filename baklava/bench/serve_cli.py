@@ -277,7 +277,6 @@ def soak_bench(artifact, duration, clients, max_tokens, malformed, abandoned, se
     if malformed + abandoned > 1:
         raise BaklavaError("--malformed + --abandoned must be at most 1")
     art = read_artifact(artifact)
-    rows = _pool_rows(art.profile, engine)
     server_log = Path(tempfile.gettempdir()) / "baklava-soak-tritonserver.log"
     with (
         tempfile.TemporaryDirectory(prefix="baklava-soak-") as scratch,
@@ -285,7 +284,9 @@ def soak_bench(artifact, duration, clients, max_tokens, malformed, abandoned, se
             write_repository(artifact, Path(scratch) / "repo", **engine), 0, 0, 0, log_path=server_log
         ).start() as server,
     ):
-        rows = served_rows(server.log_text() or "") or rows  # what the instances report they hold
+        rows = served_rows(server.log_text() or "")  # what the instances report they hold
+        if rows is None:
+            raise BaklavaError(f"the served instances did not report their pools (log: {server_log})")
         log(
             f"tritonserver ready at http://{server.http_url} ({rows} rows; log {server_log}); soaking {duration} s"
         )
@@ -311,25 +312,6 @@ def soak_bench(artifact, duration, clients, max_tokens, malformed, abandoned, se
         write_text_atomic(out, json.dumps(summary, indent=1) + "\n")
     if summary["failures"] or not summary["ready_after"] or summary["after_soak_rows_ok"] < rows:
         raise SystemExit(1)
-
-
-def _pool_rows(profile, engine: dict) -> int:
-    """The rows of the served engine's pool, which the soak fills at the end, when the instances
-    do not report them in the server's log: sized from ``--kv-memory`` (in the dtype the instance
-    serves in) and ``--max-batch`` by the engine's own rule
-    (:func:`~baklava.runtime.slot_pool.pool_rows`); 8 for a pool sized by the GPU's free memory
-    (not known here) or a CPU pool without either."""
-    import torch
-
-    from baklava.profiles.budget import parse_size
-    from baklava.runtime.slot_pool import pool_rows
-
-    if not engine["kv_memory"]:
-        return engine["max_batch"] or 8
-    dtype = torch.bfloat16 if engine["device"].startswith("cuda") else torch.float32
-    caps = profile.require_capacities()
-    memory = parse_size(engine["kv_memory"])
-    return pool_rows(memory, engine["max_batch"], caps, profile.model.head_dim, dtype, profile.kv_format)
 
 
 def _chunks(ctx, param, value):
