@@ -141,6 +141,8 @@ def test_an_int8_artifact_runs_in_onnx_runtime_as_the_int8_reference(tiny_llama,
     for li, layer in enumerate(caches["int8"].layers):
         np.testing.assert_allclose(state[f"past.{li}.key_mean"], layer.key_mean.numpy(), atol=1e-6)
         assert np.abs(state[f"past.{li}.key_mean"]).max() > 0.01  # a real mean, not the zeros it began as
+        np.testing.assert_allclose(state[f"past.{li}.key_scale"], layer.key_scale.numpy(), rtol=1e-5)
+        assert state[f"past.{li}.key_scale"].std() > 0.05  # a real balance, not the ones of a 1-token start
         for h, (off, n) in enumerate(zip(layer.offsets, layer.fill[0].tolist(), strict=True)):
             stored = layer.stored("keys", 0, slice(off, off + n)).numpy()
             np.testing.assert_allclose(
@@ -148,10 +150,11 @@ def test_an_int8_artifact_runs_in_onnx_runtime_as_the_int8_reference(tiny_llama,
             )
 
 
-def test_only_a_quantized_graph_carries_mean_keys(tiny_llama):
+def test_only_a_quantized_graph_carries_mean_keys_and_key_scales(tiny_llama):
     names = {}
     for kv in ("auto", "int8"):
         profile = _profile(tiny_llama)
         profile.allocation = {"kv_dtype": kv}
         names[kv] = {i.name for i in build_decoder(tiny_llama, profile, progress=False).graph.input}
-    assert "past.0.key_mean" in names["int8"] and not any("key_mean" in n for n in names["auto"])
+    assert {"past.0.key_mean", "past.0.key_scale"} <= names["int8"]
+    assert not any("key_" in n for n in names["auto"])

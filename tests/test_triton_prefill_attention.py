@@ -83,11 +83,13 @@ def test_kernels_match_attention_over_stored_slots_and_the_chunk(caps, fills, ch
 
 def _stored_layer(caps, fills, kv_format, batch, rand):
     """A layer whose slots hold random tokens in ``kv_format`` (encoded as the cache stores
-    them), ``fills`` of each head live in every row."""
+    them, unsmoothed: the kernels never see the smoothing), ``fills`` of each head live in every row."""
     layer = BudgetedLayer(caps, EvictionConfig(), kv_format)
+    layer.smooth_keys = False
     empty = torch.empty(batch, len(caps), 0, D, dtype=torch.float16, device=DEVICE)
     layer.lazy_initialization(empty, empty)
-    _, _, slots = kv_slots.encode(layer, rand(batch, 1, layer.total, D), rand(batch, 1, layer.total, D))
+    tokens = rand(batch, 1, layer.total, D)
+    _, _, _, slots = kv_slots.encode(layer, tokens, tokens, rand(batch, 1, layer.total, D))
     for slot_name, value in slots.items():
         getattr(layer, slot_name).copy_(value[:, 0])
     layer.fill.copy_(torch.tensor([fills] * batch))

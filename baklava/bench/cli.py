@@ -142,6 +142,14 @@ def _width_or_auto(value: str) -> int | str:
     "error a shared key offset costs); exported quantized graphs do the same.",
 )
 @click.option(
+    "--balance-keys/--no-balance-keys",
+    default=True,
+    show_default=True,
+    help="With --smooth-keys, also scale each key channel by sqrt(rms of the queries / rms of the "
+    "keys) and the query by its inverse (exact for attention; cuts the logit error where queries "
+    "weigh a channel heavily); exported quantized graphs always do.",
+)
+@click.option(
     "--baklava-selection",
     type=click.Choice(["auto", "shared", "own"]),
     default="auto",
@@ -174,6 +182,7 @@ def quality_bench(
     prefill_chunk,
     kv_dtypes,
     smooth_keys,
+    balance_keys,
     baklava_selection,
     settings,
     scorer,
@@ -204,6 +213,7 @@ def quality_bench(
         prefill_chunk=prefill_chunk,
         kv_dtypes=tuple(kv_dtypes),
         smooth_keys=smooth_keys,
+        balance_keys=balance_keys,
         extra={"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])},
     )
     check_writable(Path(out) / "quality.json")

@@ -8,10 +8,11 @@ One graph serves a prefill chunk and a decode step (dynamic batch ``B`` and new 
     token_mask [B,S], seen [B]                  └─▶ BudgetedCacheUpdate ─▶ present.{l}.*
                                                               ... ─ RMSNorm ─ lm_head ─▶ logits [B,S,V]
 
-A quantized ``kv_dtype`` adds ``past.{l}.key_mean [B, H_kv, D]`` (and its ``present``): the keys
-reach both ops minus their head's mean key, fixed by a row's first tokens (``seen == 0``), as the
-PyTorch runtime stores them (``BudgetedLayer.smooth_keys``, :mod:`baklava.runtime.kv_slots`).
-Attention is blind to it; the rounding error shrinks. The ops themselves are unchanged.
+A quantized ``kv_dtype`` adds ``past.{l}.key_mean`` and ``past.{l}.key_scale [B, H_kv, D]`` (and
+their ``present``): the keys reach both ops as ``(k - mean) * scale`` and the query as
+``q / scale``, both fixed by a row's first tokens (``seen == 0``), as the PyTorch runtime stores
+them (``BudgetedLayer.smooth_keys``, :mod:`baklava.runtime.kv_slots`). Attention is blind to both;
+the rounding error shrinks. The ops themselves are unchanged.
 
 Weights are initializers (saved as external data). Architectures come from a registry: the
 Llama, Qwen2 and Mistral families share module names and differ only in q/k/v biases.
@@ -34,7 +35,9 @@ from baklava.exporter.ops.spec import DOMAIN, ONNX_OPSET, OPSET_VERSION
 from baklava.profiles.profile_file import BudgetProfile
 
 CACHE_FIELDS = ("key", "value", "position", "score", "fill")
-SMOOTH_FIELD = "key_mean"  # a quantized graph's per-row mean key of each head (smoothed keys)
+# a quantized graph's per-row state of each head (smoothed keys, runtime/kv_slots.py): its mean key
+# and its keys' channel balance against the queries
+SMOOTH_FIELDS = ("key_mean", "key_scale")
 
 
 @dataclass(frozen=True)
@@ -52,25 +55,69 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 
 
 def cache_names(layer: int, prefix: str, smooth: bool = False) -> dict[str, str]:
-    fields = CACHE_FIELDS + ((SMOOTH_FIELD,) if smooth else ())
+    fields = CACHE_FIELDS + (SMOOTH_FIELDS if smooth else ())
     return {field: f"{prefix}.{layer}.{field}" for field in fields}
 
 
-def _smoothed_keys(g, k: str, past_mean: str, present_mean: str, name: str) -> str:
-    """``k [B, H, S, D]`` minus each head's mean key; a row whose first tokens these are
-    (``seen == 0``) takes their mean (over every new token, as ``kv_slots.encode`` does)."""
+def _smoothed(
+    g, q: str, k: str, past: dict, present: dict, heads: tuple[int, int, int], name: str
+) -> tuple[str, str]:
+    """``(q / s, (k - mu) * s)`` for ``q [B, H_q, S, D]``, ``k [B, H_kv, S, D]``: a row whose first
+    tokens these are (``seen == 0``) takes the mean key ``mu`` from them, and the channel balance
+    ``s`` unless it is one token (then ``s = 1``), as ``kv_slots._smoothed`` does. ``heads``:
+    ``(H_q, H_kv, D)``."""
+    n_q, n_kv, d = heads
+    f32 = lambda tag, value: g.const(f"{name}/{tag}", value, dtype=np.float32)  # noqa: E731
+    axes = lambda tag, values: g.const(f"{name}/{tag}", values)  # noqa: E731
     first = g.op(
         "Unsqueeze",
         g.op("Equal", "seen", g.const(f"{name}/zero", 0), name=f"{name}/First"),
-        g.const(f"{name}/axes", [1, 2]),
+        axes("row_axes", [1, 2]),
         name=f"{name}/FirstRows",
     )  # [B, 1, 1]
-    mean = g.op("ReduceMean", k, g.const(f"{name}/seq", [2]), name=f"{name}/Mean", keepdims=0)
+    mean = g.op("ReduceMean", k, axes("seq", [2]), name=f"{name}/Mean", keepdims=0)
     g.nodes.append(
-        helper.make_node("Where", [first, mean, past_mean], [present_mean], name=f"{name}/KeyMean")
+        helper.make_node("Where", [first, mean, past[SMOOTH_FIELDS[0]]], [present[SMOOTH_FIELDS[0]]],
+                         name=f"{name}/KeyMean")
+    )  # fmt: skip
+    seq_axis = axes("seq_axis", [2])
+    centre = g.op("Unsqueeze", present[SMOOTH_FIELDS[0]], seq_axis, name=f"{name}/Centre")
+    centred = g.op("Sub", k, centre, name=f"{name}/Sub")
+
+    def rms(x: str, reduce: list[int], tag: str, keepdims: int = 0) -> str:
+        sq = g.op("Mul", x, x, name=f"{name}/{tag}/Square")
+        mean = g.op(
+            "ReduceMean", sq, axes(f"{tag}_axes", reduce), name=f"{name}/{tag}/Mean", keepdims=keepdims
+        )
+        return g.op("Sqrt", mean, name=f"{name}/{tag}/Sqrt")
+
+    grouped = g.op("Reshape", q, axes("grouped", [0, n_kv, n_q // n_kv, -1, d]), name=f"{name}/Grouped")
+    tiny = f32("tiny", 1e-6)
+    reach = g.op("Max", rms(grouped, [2, 3], "reach"), tiny, name=f"{name}/ReachFloor")  # [B, H_kv, D]
+    spread = g.op("Max", rms(centred, [2], "spread"), tiny, name=f"{name}/SpreadFloor")
+    ratio = g.op("Sqrt", g.op("Div", reach, spread, name=f"{name}/Ratio"), name=f"{name}/Balance")
+    norm = rms(ratio, [2], "norm", keepdims=1)
+    balance = g.op(
+        "Clip",
+        g.op("Div", ratio, norm, name=f"{name}/Normalise"),
+        f32("lo", 1 / 64),
+        f32("hi", 64.0),
+        name=f"{name}/Clip",
     )
-    centre = g.op("Unsqueeze", present_mean, g.const(f"{name}/seq_axis", [2]), name=f"{name}/Centre")
-    return g.op("Sub", k, centre, name=f"{name}/Sub")
+    steps = g.op(
+        "Gather", g.op("Shape", k, name=f"{name}/Shape"), g.const(f"{name}/s_dim", 2), name=f"{name}/S"
+    )
+    several = g.op("Greater", steps, g.const(f"{name}/one", 1), name=f"{name}/Several")
+    fresh = g.op("Where", several, balance, f32("unit", 1.0), name=f"{name}/Fresh")
+    g.nodes.append(
+        helper.make_node("Where", [first, fresh, past[SMOOTH_FIELDS[1]]], [present[SMOOTH_FIELDS[1]]],
+                         name=f"{name}/KeyScale")
+    )  # fmt: skip
+    scale = g.op("Unsqueeze", present[SMOOTH_FIELDS[1]], seq_axis, name=f"{name}/Scale")  # [B, H_kv, 1, D]
+    k = g.op("Mul", centred, scale, name=f"{name}/ScaleKeys")
+    group_scale = g.op("Unsqueeze", scale, axes("group_axis", [2]), name=f"{name}/GroupScale")
+    q = g.op("Div", grouped, group_scale, name=f"{name}/ScaleQuery")
+    return g.op("Reshape", q, axes("ungrouped", [0, n_q, -1, d]), name=f"{name}/Ungrouped"), k
 
 
 class _Graph:
@@ -227,9 +274,12 @@ def build_decoder(model, profile: BudgetProfile, *, progress: bool = True) -> on
                 helper.make_tensor_value_info(names["fill"], i64, ["batch", n_kv]),
             ]
             if smooth:
-                target.append(helper.make_tensor_value_info(names[SMOOTH_FIELD], f32, ["batch", n_kv, d]))
+                target += [
+                    helper.make_tensor_value_info(names[field], f32, ["batch", n_kv, d])
+                    for field in SMOOTH_FIELDS
+                ]
         if smooth:
-            k = _smoothed_keys(g, k, past[SMOOTH_FIELD], present[SMOOTH_FIELD], f"{p}/attn/k_smooth")
+            q, k = _smoothed(g, q, k, past, present, (n_q, n_kv, d), f"{p}/attn/k_smooth")
         wiring = {
             "query": q, "key": k, "value": v, "token_mask": "token_mask", "seen": "seen",
             "past_key": past["key"], "past_value": past["value"], "past_position": past["position"],

@@ -19,13 +19,29 @@ enters (quantize -> dequantize): the reference the stored payload is tested agai
 back the same values bit for bit.
 
 ``BudgetedLayer.smooth_keys`` (quantized formats; on by default; the exported ONNX graph smooths
-its keys the same way before its ops, ``graph_builder._smoothed_keys``) stores each key minus its head's mean key ``key_mean [B, H_kv, D]``
-(float32), fixed per row when the row's first tokens arrive (SageAttention's smoothing of K).
-Attention is blind to it, ``q . (k - mu)`` moving every logit of a query by the same amount, and
-the per-token scale no longer spends its range on what the keys share (Qwen2's k-projection bias:
-int8 key error 3.2% -> 0.7% of the keys' spread; on an H200 at 32k, int8 at budget 0.3 keeps 99%
-of bf16's score instead of 92%, BENCHMARKS.md). Keys read back are the smoothed ones.
-"""
+its keys the same way before its ops, ``graph_builder._smoothed``) stores each key as
+``(k - mu) * s`` and hands attention the query as ``q / s``, with two per-row states fixed when a
+row's first tokens arrive (``valid_seen == 0``) and kept for its life:
+
+* ``key_mean [B, H_kv, D]`` (float32), the head's mean key ``mu`` (SageAttention's smoothing of K).
+  Attention is blind to it: ``q . (k - mu)`` moves every logit of a query by the same amount,
+  and the per-token scale no longer spends its range on what the keys share (Qwen2's
+  k-projection bias).
+* ``key_scale [B, H_kv, D]`` (float32), a per-channel balance ``s``: ``(q / s) . (k' s)`` is
+  ``q . k'``, so attention is blind to it too, but the rounding error a quantized key picks up in
+  channel ``c`` reaches the logit divided by ``s_c``. Rounding spreads its error evenly over the
+  channels (per-vector scales, and int4's rotation), so the logit error is smallest with
+  ``s_c ~ sqrt(rms(q_c) / rms(k_c - mu_c))`` (Cauchy-Schwarz on ``sum_c s_c^2 var(k_c) x
+  sum_c q_c^2 / s_c^2``), normalised to rms 1 and kept within [1/64, 64]: channels the queries
+  weigh heavily keep finer steps.
+  ``rms(q_c)`` is over the first step's queries of the head's group. A row whose first step is
+  one token has no spread to measure and keeps ``s = 1``; so does every row of a layer whose
+  ``balance_keys`` is off (an ablation; exported graphs always balance).
+
+Measured on the CPU (full cache, every K/V rounded, Qwen2.5-Coder-0.5B at 2k tokens, KL of the
+next-token distribution to float32's: ``benchmarks/kv/key_balance.py``): int4 0.186 centred,
+0.035 centred and balanced; int8 0.0026 and 0.0006. Keys read back are the smoothed ones, and
+every read of them pairs with the scaled query."""
 
 from __future__ import annotations
 
@@ -36,7 +52,7 @@ from baklava import kv_format as formats
 FULL = ("keys", "values")
 QUANTIZED = ("keys", "values", "key_scales", "value_scales")
 META = ("positions", "scores", "fill", "valid_seen")
-SMOOTH = ("key_mean",)  # per-row state of a layer that smooths its keys
+SMOOTH = ("key_mean", "key_scale")  # per-row state of a layer that smooths its keys
 _SCALES = {"keys": "key_scales", "values": "value_scales"}
 
 
@@ -73,9 +89,11 @@ def storage_dtype(fmt: formats.KVFormat) -> torch.dtype:
 def allocate(layer, batch: int, key_dim: int, value_dim: int, dtype, device) -> None:
     """Zeroed slot tensors for ``batch`` rows of ``layer`` (``dtype``: the model's)."""
     total = layer.total
-    layer.key_mean = None
+    layer.key_mean = layer.key_scale = None
     if smooths(layer):
-        layer.key_mean = torch.zeros(batch, layer.num_heads, key_dim, dtype=torch.float32, device=device)
+        wide = dict(dtype=torch.float32, device=device)
+        layer.key_mean = torch.zeros(batch, layer.num_heads, key_dim, **wide)
+        layer.key_scale = torch.ones(batch, layer.num_heads, key_dim, **wide)
     if not packs(layer):
         layer.keys = torch.zeros(batch, total, key_dim, dtype=dtype, device=device)
         layer.values = torch.zeros(batch, total, value_dim, dtype=dtype, device=device)
@@ -93,33 +111,64 @@ def allocate(layer, batch: int, key_dim: int, value_dim: int, dtype, device) -> 
     layer.value_scales = torch.zeros(batch, total, fmt.scales_per_vector(value_dim), **half)
 
 
-def encode(layer, keys: torch.Tensor, values: torch.Tensor):
-    """A step's new tokens ``[B, H_kv, q, D]`` as the cache will hold them.
+def encode(layer, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
+    """A step's queries ``[B, H_q, q, D]`` and new tokens ``[B, H_kv, q, D]`` as attention pairs
+    them with the cache.
 
-    Returns ``(keys, values, slots)``: what attention reads for the new tokens (the values the
-    stored slots give back) and ``{name: [B, H_kv, q, width]}`` to write into the slot tensors."""
+    Returns ``(query, keys, values, slots)``: the query as attention must use it (scaled where the
+    layer smooths its keys), what attention reads for the new tokens (the values the stored slots
+    give back) and ``{name: [B, H_kv, q, width]}`` to write into the slot tensors."""
     fmt = layer.kv_format
     if not fmt.quantized:
-        return keys, values, {"keys": keys, "values": values}
+        return query, keys, values, {"keys": keys, "values": values}
     if layer.key_mean is not None:
-        keys = _smoothed(layer, keys)
+        query, keys = _smoothed(layer, query, keys)
     if not layer.quantized_storage:  # the reference: round on entry, store the model's dtype
         keys, values = formats.round_trip(keys, fmt), formats.round_trip(values, fmt)
-        return keys, values, {"keys": keys, "values": values}
+        return query, keys, values, {"keys": keys, "values": values}
     kp, ks = formats.quantize(keys, fmt)
     vp, vs = formats.quantize(values, fmt)
     slots = {"keys": _bits(kp), "values": _bits(vp), "key_scales": ks, "value_scales": vs}
-    return formats.dequantize(kp, ks, fmt, keys.dtype), formats.dequantize(vp, vs, fmt, values.dtype), slots
+    return (
+        query,
+        formats.dequantize(kp, ks, fmt, keys.dtype),
+        formats.dequantize(vp, vs, fmt, values.dtype),
+        slots,
+    )
 
 
-def _smoothed(layer, keys: torch.Tensor) -> torch.Tensor:
-    """``keys [B, H_kv, q, D]`` minus their head's mean key; a row whose first real tokens these
-    are (``valid_seen == 0``) takes their mean as its own first (on the device: no host sync, a
-    CUDA graph can hold it)."""
+def _smoothed(layer, query: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(query / s, (keys - mu) * s)``; a row whose first real tokens these are
+    (``valid_seen == 0``) takes ``mu`` and ``s`` from them (module docstring; on the device: no
+    host sync, a CUDA graph can hold it)."""
     first = (layer.valid_seen == 0)[:, None, None]  # [B, 1, 1]
     wide = keys.float()
     torch.where(first, wide.mean(2), layer.key_mean, out=layer.key_mean)  # in place: one launch fewer
-    return (wide - layer.key_mean[:, :, None]).to(keys.dtype)
+    centred = wide - layer.key_mean[:, :, None]
+    if keys.shape[2] > 1 and layer.balance_keys:
+        torch.where(first, channel_balance(query, centred), layer.key_scale, out=layer.key_scale)
+    else:  # one token has no spread: such a row keeps s = 1 (as every row does without the balance)
+        layer.key_scale.masked_fill_(first, 1.0)
+    batch, q_heads, q_len, dim = query.shape
+    heads = layer.num_heads
+    scale = layer.key_scale[:, :, None]  # [B, H_kv, 1, D]
+    grouped = query.float().view(batch, heads, q_heads // heads, q_len, dim) / scale[:, :, None]
+    return grouped.view(query.shape).to(query.dtype), (centred * scale).to(keys.dtype)
+
+
+def channel_balance(query: torch.Tensor, centred: torch.Tensor) -> torch.Tensor:
+    """``s [B, H_kv, D]``: ``sqrt(rms(q_c) / rms(k_c))`` per channel, normalised to rms 1, from
+    ``query [B, H_q, q, D]`` (a head's whole query group) and ``centred [B, H_kv, q, D]`` keys."""
+    batch, heads, q_len, dim = centred.shape
+    grouped = query.float().view(batch, heads, -1, q_len, dim)
+    reach = grouped.square().mean((2, 3)).sqrt()  # [B, H_kv, D]
+    spread = centred.square().mean(2).sqrt()
+    s = (reach.clamp(min=_TINY) / spread.clamp(min=_TINY)).sqrt()
+    return (s * s.square().mean(-1, keepdim=True).rsqrt()).clamp(1 / _REACH, _REACH)
+
+
+_TINY = 1e-6  # floors both spreads: a dead channel divides by no zero
+_REACH = 64.0  # bounds s (Qwen2.5-Coder's keys need 0.02-5.3): a scaled query stays far inside fp16
 
 
 def read(layer, name: str, *index) -> torch.Tensor:

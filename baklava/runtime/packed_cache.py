@@ -64,11 +64,15 @@ class BudgetedLayer(CacheLayerMixin):
     # a quantized kv_format stores payload + scales (kv_slots.py); False: the model's dtype, each
     # token rounded on entry (quantize -> dequantize), the reference the payload is tested against
     quantized_storage = True
-    # quantized keys stored minus their head's mean key (kv_slots.py; exported graphs alike): on
-    # an H200, Qwen2.5-Coder int8 at 0.3 and 32k keeps 99% of bf16's score with it, 92% without
+    # quantized keys stored minus their head's mean key, balanced per channel against the queries
+    # (kv_slots.py; exported graphs alike): on an H200, Qwen2.5-Coder int8 at 0.3 and 32k keeps
+    # 99% of bf16's score with the mean alone, 92% without
     smooth_keys = True
+    # ... and balanced per channel against the first step's queries (False: centred only, s = 1;
+    # an ablation: exported graphs always balance)
+    balance_keys = True
     key_scales = value_scales = None  # a quantized layer's [B, sum(cap), G] float16 scales
-    key_mean = None  # a smoothing layer's [B, H_kv, D] float32 mean keys (kv_slots.py)
+    key_mean = key_scale = None  # a smoothing layer's [B, H_kv, D] float32 row state (kv_slots.py)
     is_compileable = False
     is_croppable = False
     supports_early_init = True
@@ -78,14 +82,14 @@ class BudgetedLayer(CacheLayerMixin):
         # how a slot stores a token (kv_format.py, kv_slots.py): the model's dtype, or payload + scales
         self.kv_format = kv_format_module.parse(kv_format)
         self.quantized_storage = type(self).quantized_storage  # fixed for the layer's life
-        self.smooth_keys = type(self).smooth_keys
+        self.smooth_keys, self.balance_keys = type(self).smooth_keys, type(self).balance_keys
         self.capacities = [int(c) for c in capacities]
         if not self.capacities or min(self.capacities) < 1:
             raise ValueError(f"every head needs a capacity >= 1, got {self.capacities}")
         self.offsets = [0, *np.cumsum(self.capacities)[:-1].tolist()]
         self.total = int(sum(self.capacities))
         self.eviction = eviction or EvictionConfig()
-        self._pending: tuple[torch.Tensor, torch.Tensor, dict] | None = None
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.probe = None  # set while a ReconstructionProbe reads through this layer
         self.update_stream = None  # a triton_decode.UpdateStream while a CUDA-graph step overlaps updates
         self.tile_rows = None  # rows the decode kernels' tiles are sized for (default: the batch)
@@ -163,9 +167,8 @@ class BudgetedLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         if key_states.shape[0] != self.batch_size:
             raise ValueError(f"cache was built for batch {self.batch_size}, got batch {key_states.shape[0]}")
-        # attention reads the new tokens as the cache will give them back; `slots` is what is stored
-        key_states, value_states, slots = kv_slots.encode(self, key_states, value_states)
-        self._pending = (key_states, value_states, slots)
+        # encoded by `attend`: a smoothing layer's key scale needs the step's queries (kv_slots.py)
+        self._pending = (key_states, value_states)
         key_states._baklava_layer = self  # read by the `baklava` attention implementation
         return key_states, value_states
 
@@ -246,6 +249,7 @@ class BudgetedLayer(CacheLayerMixin):
         """
         out = BudgetedLayer(capacities, eviction or self.eviction, self.kv_format)
         out.quantized_storage, out.smooth_keys = self.quantized_storage, self.smooth_keys
+        out.balance_keys = self.balance_keys
         if not self.is_initialized:
             return out
         if len(out.capacities) != self.num_heads:
@@ -258,8 +262,8 @@ class BudgetedLayer(CacheLayerMixin):
             torch.empty(self.batch_size, self.num_heads, 0, self.value_dim, **like),
         )
         out.seen, out.valid_seen = self.seen, self.valid_seen.clone()
-        if self.key_mean is not None:
-            out.key_mean.copy_(self.key_mean)
+        for name in kv_slots.state_extra(self):  # a smoothing layer's mean key and key scale
+            getattr(out, name).copy_(getattr(self, name))
         ev = out.eviction
         for h, (off, new_off, cap) in enumerate(zip(self.offsets, out.offsets, out.capacities, strict=True)):
             fill = self.fill[:, h]
@@ -303,7 +307,9 @@ class BudgetedLayer(CacheLayerMixin):
         """
         if self._pending is None:
             raise RuntimeError("BudgetedCache.attend called without a pending update")
-        k_new, v_new, slots = self._pending  # [B, H_kv, q, D]; slots: what is stored
+        # attention reads the new tokens [B, H_kv, q, D] as the cache will give them back, with the
+        # query that pairs with stored keys; `slots` is what is stored
+        query, k_new, v_new, slots = kv_slots.encode(self, query, *self._pending)
         self._pending = None
         batch, q_heads, q_len, _ = query.shape
         group = q_heads // self.num_heads

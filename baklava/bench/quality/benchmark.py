@@ -63,6 +63,8 @@ class QualityConfig:
     kv_dtypes: tuple[str, ...] = ("auto",)
     # quantized formats store keys minus their head's mean key (BudgetedLayer.smooth_keys)
     smooth_keys: bool = True
+    # ... and balance them per channel against the queries (BudgetedLayer.balance_keys)
+    balance_keys: bool = True
     chat: bool = True
     extra: dict = field(default_factory=dict)  # recorded in the JSON (command line, profile source)
 
@@ -171,8 +173,9 @@ def run_quality(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     partial = out / "quality.partial.jsonl"  # rows as they finish: a cut-off run keeps its results
-    smoothing = BudgetedLayer.smooth_keys
-    BudgetedLayer.smooth_keys = config.smooth_keys  # for every cache the runners build
+    smoothing = BudgetedLayer.smooth_keys, BudgetedLayer.balance_keys
+    # for every cache the runners build
+    BudgetedLayer.smooth_keys, BudgetedLayer.balance_keys = config.smooth_keys, config.balance_keys
     try:
         with partial.open("w", encoding="utf-8") as log:
             for batch, setting in work:
@@ -185,7 +188,7 @@ def run_quality(
                     log.flush()
                     rows += done
     finally:
-        BudgetedLayer.smooth_keys = smoothing
+        BudgetedLayer.smooth_keys, BudgetedLayer.balance_keys = smoothing
     bar.close()
     device = next(lm.model.parameters()).device
     meta = {
@@ -208,6 +211,7 @@ def run_quality(
         "prefill_chunk": config.prefill_chunk,
         "kv_dtypes": list(config.kv_dtypes),
         "smooth_keys": config.smooth_keys,
+        "balance_keys": config.balance_keys,
         "scorer": profile.scores.method,  # head scores BaKlaVa allocates by
         "search_objective": objective,
         "search_floors": list(settings.search_floors) if objective else None,

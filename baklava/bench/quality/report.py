@@ -241,7 +241,13 @@ def markdown(summary: dict, meta: dict, checks: dict[str, list[dict]] | None = N
             lines.append("")
     if summary.get("kv_dtypes"):
         lines += _kv_dtype_lines(summary["kv_dtypes"], budgets)
-        if meta.get("smooth_keys"):
+        if meta.get("smooth_keys") and meta.get("balance_keys", False):
+            lines += [
+                "Quantized keys stored minus their head's mean key and balanced per channel against the "
+                "queries (`--smooth-keys --balance-keys`).",
+                "",
+            ]
+        elif meta.get("smooth_keys"):
             lines += ["Quantized keys stored minus their head's mean key (`--smooth-keys`).", ""]
         elif "smooth_keys" in meta:
             lines += ["Quantized keys stored as they are (`--no-smooth-keys`).", ""]

@@ -1,0 +1,110 @@
+"""What each way of storing keys costs the next-token distribution, full cache, on the CPU.
+
+Every key and value attention reads (the prompt's own included) goes through a format's round
+trip, as the cache stores it; the model runs once per variant over the same text. Reported: the
+KL divergence of each position's next-token distribution to float32's, top-1 agreement and the
+perplexity over the second half (each position sees at least half the context). Variants:
+
+* ``centred``: keys minus their head's mean key (``s = 1``), the smoothing before the balance;
+* ``balanced``: centred and balanced per channel against the queries
+  (:func:`baklava.runtime.kv_slots.channel_balance`, what ``BudgetedLayer.smooth_keys`` stores);
+* int4's keys or values alone, to see which side loses.
+
+Means and balances come from the whole text (the runtime takes them from a row's first step)::
+
+    python benchmarks/kv/key_balance.py qwen2.5-coder-0.5b          # or smollm2-135m, or a .gguf
+    python benchmarks/kv/key_balance.py qwen2.5-coder-0.5b --tokens 1024 --json out.json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import click
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from baklava import kv_format
+from baklava.model_zoo import load_model
+from baklava.runtime.kv_slots import channel_balance
+
+TEXT = ("BENCHMARKS.md", "DESIGN.md", "README.md")  # English and code, from the repository
+
+
+def _store(name: str, balance: bool, sides: str = "kv"):
+    """``(query, k, v) -> (k', v')``: what attention reads back from a cache in format ``name``."""
+    fmt = kv_format.parse(name)
+
+    def store(query, k, v):
+        if not fmt.quantized:
+            return k, v
+        mu = k.mean(2, keepdim=True)
+        s = channel_balance(query, k - mu)[:, :, None] if balance else torch.ones_like(mu)
+        k_back = kv_format.round_trip((k - mu) * s, fmt) / s + mu if "k" in sides else k
+        v_back = kv_format.round_trip(v, fmt) if "v" in sides else v
+        return k_back, v_back
+
+    return store
+
+
+VARIANTS = {
+    "float32": _store("auto", False),
+    "fp8 centred": _store("fp8", False),
+    "fp8 balanced": _store("fp8", True),
+    "int8 centred": _store("int8", False),
+    "int8 balanced": _store("int8", True),
+    "int4 centred": _store("int4", False),
+    "int4 balanced": _store("int4", True),
+    "int4 balanced, keys only": _store("int4", True, "k"),
+    "int4 values only": _store("int4", False, "v"),
+}
+
+
+@click.command()
+@click.argument("model", default="qwen2.5-coder-0.5b")
+@click.option("--tokens", default=2048, show_default=True, help="Length of the text the model reads.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the rows here.")
+def main(model: str, tokens: int, json_out: Path | None) -> None:
+    lm = load_model(model, dtype=torch.float32, progress=False)
+    text = "".join(Path(name).read_text() for name in TEXT)
+    ids = lm.tokenizer(text, return_tensors="pt").input_ids[:, 5000 : 5000 + tokens]  # past the tables of contents
+    if ids.shape[1] < tokens:
+        raise click.ClickException(f"the repository's text has {ids.shape[1]} tokens past 5000, not {tokens}")
+    current = {"store": VARIANTS["float32"]}
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        k, v = current["store"](query.float(), key.float(), value.float())
+        return sdpa_attention_forward(module, query, k.to(key.dtype), v.to(value.dtype), attention_mask, **kwargs)
+
+    AttentionInterface.register("baklava_key_balance", attention)
+    lm.model.set_attn_implementation("baklava_key_balance")
+    half, target = tokens // 2, ids[0, 1:]
+
+    def run(name: str) -> torch.Tensor:
+        current["store"] = VARIANTS[name]
+        with torch.no_grad():
+            return lm.model(input_ids=ids).logits[0].float().log_softmax(-1)
+
+    reference = run("float32")
+    rows = []
+    click.echo(f"{model}, {tokens} tokens, statistics over the last {tokens - half}")
+    click.echo(f"{'variant':26s} {'KL':>8s} {'top-1':>6s} {'ppl':>8s}")
+    for name in VARIANTS:
+        start = time.perf_counter()
+        logp = reference if name == "float32" else run(name)
+        kl = float((reference.exp() * (reference - logp)).sum(-1)[half:].mean())
+        top1 = float((logp.argmax(-1) == reference.argmax(-1))[half:].float().mean())
+        ppl = math.exp(float(-logp[:-1].gather(1, target[:, None])[half:].mean()))
+        rows.append({"variant": name, "kl": kl, "top1": top1, "ppl": ppl})
+        click.echo(f"{name:26s} {kl:8.4f} {top1:6.3f} {ppl:8.3f}   ({time.perf_counter() - start:.0f} s)")
+    if json_out:
+        meta = {"model": model, "tokens": tokens, "torch": torch.__version__, "text": TEXT}
+        json_out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
