@@ -158,3 +158,38 @@ def test_only_a_quantized_graph_carries_mean_keys_and_key_scales(tiny_llama):
         names[kv] = {i.name for i in build_decoder(tiny_llama, profile, progress=False).graph.input}
     assert {"past.0.key_mean", "past.0.key_scale"} <= names["int8"]
     assert not any("key_" in n for n in names["auto"])
+
+
+def test_a_padded_row_smooths_its_keys_by_its_real_tokens_alone_in_both_runtimes(tiny_llama, tmp_path):
+    """Left padding takes no part in a row's mean key and key scale: a padded int8 row ends its
+    prefill with the state it has alone, and ONNX Runtime keeps the same state and logits."""
+    profile = _profile(tiny_llama)
+    profile.allocation = {"kv_dtype": "int8"}
+    path = tmp_path / "int8.onnx"
+    save_model(build_decoder(tiny_llama, profile, progress=False), path)
+    decoder = OnnxDecoder(path)
+    enable(tiny_llama)
+    ids = torch.randint(3, 96, (2, 30), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, :6] = False  # left padding
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    batched, alone = (
+        BudgetedCache(CAPS, profile.eviction, "int8"),
+        BudgetedCache(CAPS, profile.eviction, "int8"),
+    )
+    buffers = decoder.new_cache(2)
+    got = decoder.step(buffers, ids.numpy(), positions.numpy(), mask.numpy(), np.zeros(2, dtype=np.int64))
+    with torch.no_grad():
+        want = tiny_llama(
+            input_ids=ids, attention_mask=mask.long(), position_ids=positions,
+            **forward_cache(tiny_llama, batched),
+        ).logits  # fmt: skip
+        tiny_llama(input_ids=ids[1:, 6:], **forward_cache(tiny_llama, alone))
+    np.testing.assert_allclose(got[mask.numpy()], want[mask].numpy(), atol=1e-4)
+    state = decoder.state(buffers)
+    for li, (mine, theirs) in enumerate(zip(batched.layers, alone.layers, strict=True)):
+        for name in ("key_mean", "key_scale"):
+            torch.testing.assert_close(getattr(mine, name)[1:], getattr(theirs, name), atol=1e-5, rtol=1e-5)
+            np.testing.assert_allclose(
+                state[f"past.{li}.{name}"], getattr(mine, name).numpy(), atol=1e-5, rtol=1e-5
+            )

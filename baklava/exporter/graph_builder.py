@@ -64,8 +64,8 @@ def _smoothed(
 ) -> tuple[str, str]:
     """``(q / s, (k - mu) * s)`` for ``q [B, H_q, S, D]``, ``k [B, H_kv, S, D]``: a row whose first
     tokens these are (``seen == 0``) takes the mean key ``mu`` from them, and the channel balance
-    ``s`` unless it is one token (then ``s = 1``), as ``kv_slots._smoothed`` does. ``heads``:
-    ``(H_q, H_kv, D)``."""
+    ``s`` unless it is one token (then ``s = 1``), both over the tokens ``token_mask`` keeps, as
+    ``kv_slots._smoothed`` does. ``heads``: ``(H_q, H_kv, D)``."""
     n_q, n_kv, d = heads
     f32 = lambda tag, value: g.const(f"{name}/{tag}", value, dtype=np.float32)  # noqa: E731
     axes = lambda tag, values: g.const(f"{name}/{tag}", values)  # noqa: E731
@@ -75,7 +75,25 @@ def _smoothed(
         axes("row_axes", [1, 2]),
         name=f"{name}/FirstRows",
     )  # [B, 1, 1]
-    mean = g.op("ReduceMean", k, axes("seq", [2]), name=f"{name}/Mean", keepdims=0)
+    weight = g.op(
+        "Unsqueeze",
+        g.op("Cast", "token_mask", name=f"{name}/Weight", to=TensorProto.FLOAT),
+        axes("weight_axes", [1, 3]),
+        name=f"{name}/Weights",
+    )  # [B, 1, S, 1]
+    count = g.op(
+        "Max",
+        g.op("ReduceSum", weight, axes("count_axis", [2]), name=f"{name}/Count", keepdims=0),
+        f32("at_least_one", 1.0),
+        name=f"{name}/CountFloor",
+    )  # [B, 1, 1]
+
+    def real_mean(x: str, tag: str) -> str:  # x [B, H, S, D] over the real tokens -> [B, H, D]
+        weighted = g.op("Mul", x, weight, name=f"{name}/{tag}/Weighted")
+        total = g.op("ReduceSum", weighted, axes(f"{tag}_seq", [2]), name=f"{name}/{tag}/Sum", keepdims=0)
+        return g.op("Div", total, count, name=f"{name}/{tag}/Mean")
+
+    mean = real_mean(k, "mean")
     g.nodes.append(
         helper.make_node("Where", [first, mean, past[SMOOTH_FIELDS[0]]], [present[SMOOTH_FIELDS[0]]],
                          name=f"{name}/KeyMean")
@@ -84,19 +102,23 @@ def _smoothed(
     centre = g.op("Unsqueeze", present[SMOOTH_FIELDS[0]], seq_axis, name=f"{name}/Centre")
     centred = g.op("Sub", k, centre, name=f"{name}/Sub")
 
-    def rms(x: str, reduce: list[int], tag: str, keepdims: int = 0) -> str:
-        sq = g.op("Mul", x, x, name=f"{name}/{tag}/Square")
-        mean = g.op(
-            "ReduceMean", sq, axes(f"{tag}_axes", reduce), name=f"{name}/{tag}/Mean", keepdims=keepdims
-        )
-        return g.op("Sqrt", mean, name=f"{name}/{tag}/Sqrt")
+    def square(x: str, tag: str) -> str:
+        return g.op("Mul", x, x, name=f"{name}/{tag}/Square")
 
     grouped = g.op("Reshape", q, axes("grouped", [0, n_kv, n_q // n_kv, -1, d]), name=f"{name}/Grouped")
+    group_sq = g.op(
+        "ReduceMean", square(grouped, "reach"), axes("group", [2]), name=f"{name}/reach/Group", keepdims=0
+    )  # [B, H_kv, S, D]
     tiny = f32("tiny", 1e-6)
-    reach = g.op("Max", rms(grouped, [2, 3], "reach"), tiny, name=f"{name}/ReachFloor")  # [B, H_kv, D]
-    spread = g.op("Max", rms(centred, [2], "spread"), tiny, name=f"{name}/SpreadFloor")
+    reach = g.op("Sqrt", real_mean(group_sq, "reach"), name=f"{name}/reach/Sqrt")  # [B, H_kv, D]
+    spread = g.op("Sqrt", real_mean(square(centred, "spread"), "spread"), name=f"{name}/spread/Sqrt")
+    reach = g.op("Max", reach, tiny, name=f"{name}/ReachFloor")
+    spread = g.op("Max", spread, tiny, name=f"{name}/SpreadFloor")
     ratio = g.op("Sqrt", g.op("Div", reach, spread, name=f"{name}/Ratio"), name=f"{name}/Balance")
-    norm = rms(ratio, [2], "norm", keepdims=1)
+    norm_sq = g.op(
+        "ReduceMean", square(ratio, "norm"), axes("channels", [2]), name=f"{name}/norm/Mean", keepdims=1
+    )
+    norm = g.op("Sqrt", norm_sq, name=f"{name}/norm/Sqrt")
     balance = g.op(
         "Clip",
         g.op("Div", ratio, norm, name=f"{name}/Normalise"),

@@ -21,7 +21,8 @@ back the same values bit for bit.
 ``BudgetedLayer.smooth_keys`` (quantized formats; on by default; the exported ONNX graph smooths
 its keys the same way before its ops, ``graph_builder._smoothed``) stores each key as
 ``(k - mu) * s`` and hands attention the query as ``q / s``, with two per-row states fixed when a
-row's first tokens arrive (``valid_seen == 0``) and kept for its life:
+row's first tokens arrive (``valid_seen == 0``; padding takes no part, so a row's state is the
+same alone as in a padded batch) and kept for its life:
 
 * ``key_mean [B, H_kv, D]`` (float32), the head's mean key ``mu`` (SageAttention's smoothing of K).
   Attention is blind to it: ``q . (k - mu)`` moves every logit of a query by the same amount,
@@ -111,9 +112,11 @@ def allocate(layer, batch: int, key_dim: int, value_dim: int, dtype, device) -> 
     layer.value_scales = torch.zeros(batch, total, fmt.scales_per_vector(value_dim), **half)
 
 
-def encode(layer, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
+def encode(
+    layer, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, real: torch.Tensor | None = None
+):
     """A step's queries ``[B, H_q, q, D]`` and new tokens ``[B, H_kv, q, D]`` as attention pairs
-    them with the cache.
+    them with the cache; ``real [B, q]`` (None: all) marks the tokens that are not padding.
 
     Returns ``(query, keys, values, slots)``: the query as attention must use it (scaled where the
     layer smooths its keys), what attention reads for the new tokens (the values the stored slots
@@ -122,7 +125,7 @@ def encode(layer, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor)
     if not fmt.quantized:
         return query, keys, values, {"keys": keys, "values": values}
     if layer.key_mean is not None:
-        query, keys = _smoothed(layer, query, keys)
+        query, keys = _smoothed(layer, query, keys, real)
     if not layer.quantized_storage:  # the reference: round on entry, store the model's dtype
         keys, values = formats.round_trip(keys, fmt), formats.round_trip(values, fmt)
         return query, keys, values, {"keys": keys, "values": values}
@@ -137,16 +140,16 @@ def encode(layer, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor)
     )
 
 
-def _smoothed(layer, query: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _smoothed(layer, query: torch.Tensor, keys: torch.Tensor, real: torch.Tensor | None):
     """``(query / s, (keys - mu) * s)``; a row whose first real tokens these are
-    (``valid_seen == 0``) takes ``mu`` and ``s`` from them (module docstring; on the device: no
-    host sync, a CUDA graph can hold it)."""
+    (``valid_seen == 0``) takes ``mu`` and ``s`` from them, padding left out (module docstring; on
+    the device: no host sync, a CUDA graph can hold it)."""
     first = (layer.valid_seen == 0)[:, None, None]  # [B, 1, 1]
     wide = keys.float()
-    torch.where(first, wide.mean(2), layer.key_mean, out=layer.key_mean)  # in place: one launch fewer
+    torch.where(first, _mean(wide, real), layer.key_mean, out=layer.key_mean)  # in place: one launch fewer
     centred = wide - layer.key_mean[:, :, None]
     if keys.shape[2] > 1 and layer.balance_keys:
-        torch.where(first, channel_balance(query, centred), layer.key_scale, out=layer.key_scale)
+        torch.where(first, channel_balance(query, centred, real), layer.key_scale, out=layer.key_scale)
     else:  # one token has no spread: such a row keeps s = 1 (as every row does without the balance)
         layer.key_scale.masked_fill_(first, 1.0)
     batch, q_heads, q_len, dim = query.shape
@@ -156,15 +159,27 @@ def _smoothed(layer, query: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Ten
     return grouped.view(query.shape).to(query.dtype), (centred * scale).to(keys.dtype)
 
 
-def channel_balance(query: torch.Tensor, centred: torch.Tensor) -> torch.Tensor:
+def channel_balance(
+    query: torch.Tensor, centred: torch.Tensor, real: torch.Tensor | None = None
+) -> torch.Tensor:
     """``s [B, H_kv, D]``: ``sqrt(rms(q_c) / rms(k_c))`` per channel, normalised to rms 1, from
-    ``query [B, H_q, q, D]`` (a head's whole query group) and ``centred [B, H_kv, q, D]`` keys."""
+    ``query [B, H_q, q, D]`` (a head's whole query group) and ``centred [B, H_kv, q, D]`` keys, over
+    the ``real [B, q]`` tokens (None: all)."""
     batch, heads, q_len, dim = centred.shape
-    grouped = query.float().view(batch, heads, -1, q_len, dim)
-    reach = grouped.square().mean((2, 3)).sqrt()  # [B, H_kv, D]
-    spread = centred.square().mean(2).sqrt()
+    grouped = query.float().view(batch, heads, -1, q_len, dim).square().mean(2)  # [B, H_kv, q, D]
+    reach = _mean(grouped, real).sqrt()  # [B, H_kv, D]
+    spread = _mean(centred.square(), real).sqrt()
     s = (reach.clamp(min=_TINY) / spread.clamp(min=_TINY)).sqrt()
     return (s * s.square().mean(-1, keepdim=True).rsqrt()).clamp(1 / _REACH, _REACH)
+
+
+def _mean(x: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """``x [B, H, q, D]`` averaged over the ``real [B, q]`` tokens (None: all; a row without any
+    gives zeros)."""
+    if real is None:
+        return x.mean(2)
+    weight = real.to(x.dtype)[:, None, :, None]
+    return (x * weight).sum(2) / weight.sum(2).clamp(min=1)
 
 
 _TINY = 1e-6  # floors both spreads: a dead channel divides by no zero

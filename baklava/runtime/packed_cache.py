@@ -309,9 +309,12 @@ class BudgetedLayer(CacheLayerMixin):
             raise RuntimeError("BudgetedCache.attend called without a pending update")
         # attention reads the new tokens [B, H_kv, q, D] as the cache will give them back, with the
         # query that pairs with stored keys; `slots` is what is stored
-        query, k_new, v_new, slots = kv_slots.encode(self, query, *self._pending)
-        self._pending = None
         batch, q_heads, q_len, _ = query.shape
+        real = None  # a smoothing layer's first step takes its statistics from real tokens alone
+        if attention_mask is not None and kv_slots.smooths(self):
+            real = real_tokens(new_token_bias(attention_mask, batch, q_len, query))
+        query, k_new, v_new, slots = kv_slots.encode(self, query, *self._pending, real)
+        self._pending = None
         group = q_heads // self.num_heads
         if q_len == 1 and self.vectorized_decode:
             if attention_mask is None:  # a decode step without padding: no mask to build (fewer launches)
