@@ -33,6 +33,7 @@ from baklava.errors import ModelError
 from baklava.exporter.ops import layer_ops
 from baklava.exporter.ops.spec import DOMAIN, ONNX_OPSET, OPSET_VERSION
 from baklava.profiles.profile_file import BudgetProfile
+from baklava.runtime.kv_slots import BALANCE_FLOOR, BALANCE_RANGE
 
 CACHE_FIELDS = ("key", "value", "position", "score", "fill")
 # a quantized graph's per-row state of each head (smoothed keys, runtime/kv_slots.py): its mean key
@@ -109,7 +110,7 @@ def _smoothed(
     group_sq = g.op(
         "ReduceMean", square(grouped, "reach"), axes("group", [2]), name=f"{name}/reach/Group", keepdims=0
     )  # [B, H_kv, S, D]
-    tiny = f32("tiny", 1e-6)
+    tiny = f32("tiny", BALANCE_FLOOR)
     reach = g.op("Sqrt", real_mean(group_sq, "reach"), name=f"{name}/reach/Sqrt")  # [B, H_kv, D]
     spread = g.op("Sqrt", real_mean(square(centred, "spread"), "spread"), name=f"{name}/spread/Sqrt")
     reach = g.op("Max", reach, tiny, name=f"{name}/ReachFloor")
@@ -122,8 +123,8 @@ def _smoothed(
     balance = g.op(
         "Clip",
         g.op("Div", ratio, norm, name=f"{name}/Normalise"),
-        f32("lo", 1 / 64),
-        f32("hi", 64.0),
+        f32("lo", 1 / BALANCE_RANGE),
+        f32("hi", BALANCE_RANGE),
         name=f"{name}/Clip",
     )
     steps = g.op(
