@@ -45,6 +45,10 @@ _NOT_ATTENDED = (
     "attn_implementation='baklava' (call baklava.enable(model) first)"
 )
 
+# the class flags of how a layer stores its tokens (each commented in BudgetedLayer), copied to
+# every layer made from another (compressed, a pool's row views)
+STORAGE_OPTIONS = ("quantized_storage", "smooth_keys", "balance_keys")
+
 
 class BudgetedLayer(CacheLayerMixin):
     """One decoder layer's packed per-head cache (the PyTorch reference)."""
@@ -81,8 +85,8 @@ class BudgetedLayer(CacheLayerMixin):
         super().__init__()
         # how a slot stores a token (kv_format.py, kv_slots.py): the model's dtype, or payload + scales
         self.kv_format = kv_format_module.parse(kv_format)
-        self.quantized_storage = type(self).quantized_storage  # fixed for the layer's life
-        self.smooth_keys, self.balance_keys = type(self).smooth_keys, type(self).balance_keys
+        for name in STORAGE_OPTIONS:  # fixed for the layer's life
+            setattr(self, name, getattr(type(self), name))
         self.capacities = [int(c) for c in capacities]
         if not self.capacities or min(self.capacities) < 1:
             raise ValueError(f"every head needs a capacity >= 1, got {self.capacities}")
@@ -94,6 +98,11 @@ class BudgetedLayer(CacheLayerMixin):
         self.update_stream = None  # a triton_decode.UpdateStream while a CUDA-graph step overlaps updates
         self.tile_rows = None  # rows the decode kernels' tiles are sized for (default: the batch)
         self._device_offsets = self._device_capacities = None  # int32 on the device, for the prefill kernels
+
+    def take_storage_options(self, other: BudgetedLayer) -> None:
+        """Store tokens as ``other`` does (:data:`STORAGE_OPTIONS`)."""
+        for name in STORAGE_OPTIONS:
+            setattr(self, name, getattr(other, name))
 
     def __repr__(self) -> str:
         return f"BudgetedLayer(capacities={self.capacities}, policy={self.eviction.policy!r})"
@@ -248,8 +257,7 @@ class BudgetedLayer(CacheLayerMixin):
         scores themselves were computed by this layer's ``obs_window`` and ``pool_kernel``.
         """
         out = BudgetedLayer(capacities, eviction or self.eviction, self.kv_format)
-        out.quantized_storage, out.smooth_keys = self.quantized_storage, self.smooth_keys
-        out.balance_keys = self.balance_keys
+        out.take_storage_options(self)
         if not self.is_initialized:
             return out
         if len(out.capacities) != self.num_heads:
@@ -310,17 +318,18 @@ class BudgetedLayer(CacheLayerMixin):
         # attention reads the new tokens [B, H_kv, q, D] as the cache will give them back, with the
         # query that pairs with stored keys; `slots` is what is stored
         batch, q_heads, q_len, _ = query.shape
-        real = None  # a smoothing layer's first step takes its statistics from real tokens alone
-        if attention_mask is not None and kv_slots.smooths(self):
-            real = real_tokens(new_token_bias(attention_mask, batch, q_len, query))
+        # with a mask (padding): the new tokens' [B, 1, q, q] bias and [B, q] real tokens, built once
+        # for every path below and for a smoothing layer's statistics; without one none is built
+        new_bias = real = None
+        if attention_mask is not None:
+            new_bias = new_token_bias(attention_mask, batch, q_len, query)
+            real = real_tokens(new_bias)
         query, k_new, v_new, slots = kv_slots.encode(self, query, *self._pending, real)
         self._pending = None
         group = q_heads // self.num_heads
         if q_len == 1 and self.vectorized_decode:
-            if attention_mask is None:  # a decode step without padding: no mask to build (fewer launches)
-                valid = self.step_rows
-            else:
-                valid = new_token_bias(attention_mask, batch, 1, query)[:, 0, 0, 0] == 0  # [B]
+            # a decode step without padding has no mask and builds none (fewer launches)
+            valid = self.step_rows if real is None else real[:, 0]  # [B]
             step = triton_decode.decode_step if self._use_kernels() else decode_step
             out = step(self, query, k_new, v_new, slots, valid, scaling)  # advances valid_seen
             self.seen += 1
@@ -332,9 +341,7 @@ class BudgetedLayer(CacheLayerMixin):
             # the GPU: no host sync (kernel_prefill.py); a mask is causal + padding (baklava_mask)
             from baklava.runtime import kernel_prefill
 
-            padded = attention_mask is not None
-            valid = real_tokens(new_token_bias(attention_mask, batch, q_len, query)) if padded else None
-            out = kernel_prefill.chunk(self, query, k_new, v_new, slots, scaling, obs * need_scores, valid)
+            out = kernel_prefill.chunk(self, query, k_new, v_new, slots, scaling, obs * need_scores, real)
             return out, None
         if attention_mask is None and self.probe is None and self.unpadded_prefill:
             fast = prefill_attention.unpadded_chunk(self, query, k_new, v_new, scaling, obs * need_scores)
@@ -347,8 +354,10 @@ class BudgetedLayer(CacheLayerMixin):
                     self._commit(slots, valid_new, masses, kernels)
                 return out.transpose(1, 2).contiguous(), None
 
-        new_bias = new_token_bias(attention_mask, batch, q_len, query)  # [B, 1, q, q]
-        valid_new = real_tokens(new_bias)  # [B, q] False for padding
+        if new_bias is None:  # causal, every token real
+            new_bias = new_token_bias(None, batch, q_len, query)
+            real = real_tokens(new_bias)
+        valid_new = real  # [B, q] False for padding
         if self.probe is not None:  # reading without storing (runtime/reconstruction.py)
             return self.probe.attend(self, query, k_new, v_new, new_bias, valid_new, scaling), None
 

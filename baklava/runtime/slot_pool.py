@@ -70,8 +70,7 @@ def rows_for_memory(kv_memory: int, capacities, head_dim: int, dtype: torch.dtyp
 def _view(layer: BudgetedLayer, start: int, stop: int) -> BudgetedLayer:
     """A layer whose state tensors are rows ``start:stop`` of ``layer``'s (no copy)."""
     view = BudgetedLayer(layer.capacities, layer.eviction, layer.kv_format)
-    view.quantized_storage, view.smooth_keys = layer.quantized_storage, layer.smooth_keys
-    view.balance_keys = layer.balance_keys
+    view.take_storage_options(layer)
     for name in layer.state_names:
         setattr(view, name, getattr(layer, name)[start:stop])
     view.batch_size, view.num_heads, view.head_dim = stop - start, layer.num_heads, layer.head_dim
