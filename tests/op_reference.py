@@ -36,7 +36,7 @@ def state(layer):
     return {
         "past_key": layer.keys.numpy().copy(),
         "past_value": layer.values.numpy().copy(),
-        "past_position": layer.positions.numpy().copy(),
+        "past_position": layer.positions.numpy().astype(np.int64),  # the graph's dtype (the cache: int32)
         "past_score": layer.scores.numpy().copy(),
         "past_fill": layer.fill.numpy().copy(),
         "seen": layer.valid_seen.numpy().copy(),

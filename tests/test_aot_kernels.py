@@ -31,7 +31,7 @@ def layer_state(layer, dtype=torch.float32):
     return {
         "past_key": layer.keys.to(dtype=dtype, **to).clone(),
         "past_value": layer.values.to(dtype=dtype, **to).clone(),
-        "past_position": layer.positions.to(**to).clone(),
+        "past_position": layer.positions.to(dtype=torch.int64, **to).clone(),  # the graph's dtype
         "past_score": layer.scores.to(**to).clone(),
         "past_fill": layer.fill.to(**to).clone(),
         "seen": layer.valid_seen.to(**to).clone(),

@@ -25,8 +25,8 @@ def test_cache_bytes_are_the_packed_tensors(tiny_llama):
     caps = np.array([[3, 10], [7, 1]])
     row = cache_bytes(tiny_llama, caps, batch=4)
     assert row["kv_bytes"] == 4 * caps.sum() * 2 * head_dim * 4  # fp32 keys and values
-    # positions int64 + scores fp32 per slot, fill per head, valid_seen per row
-    assert row["metadata_bytes"] == 4 * caps.sum() * (8 + 4) + layers * (4 * kv_heads * 8 + 4 * 8)
+    # positions int32 + scores fp32 per slot, fill per head, valid_seen per row
+    assert row["metadata_bytes"] == 4 * caps.sum() * (4 + 4) + layers * (4 * kv_heads * 8 + 4 * 8)
 
 
 def test_largest_batch_is_checked_by_allocation(tiny_llama):
@@ -62,6 +62,27 @@ def test_gpu_benchmarks_say_they_need_a_gpu(command, tmp_path):
     )
     assert "no CUDA device" in str(result.exception)
     assert not out.exists()
+
+
+def test_the_meta_device_counts_llama_8b_caches_without_a_gpu(tmp_path):
+    import json
+
+    out = tmp_path / "memory.json"
+    args = ["memory", "--device", "meta", "--budgets", "0.3", "--kv-dtypes", "auto,int4", "--out", str(out)]
+    refused = CliRunner().invoke(bench, args, standalone_mode=False, catch_exceptions=True)
+    assert "--no-prefill" in str(refused.exception) and not out.exists()
+    result = CliRunner().invoke(bench, [*args, "--no-prefill"], catch_exceptions=False)
+    assert result.exit_code == 0
+    bf16, int4 = json.loads(out.read_text())["budgets"]
+    slots = bf16["slots_per_sequence"]
+    assert slots == round(0.3 * 32768 * 32 * 8)  # Llama-3-8B: 32 layers of 8 KV heads
+    assert bf16["kv_bytes"] == slots * 2 * 128 * 2
+    assert int4["kv_bytes"] == slots * 2 * (64 + 4 * 2)  # nibbles + four float16 group scales
+    # positions int32 + scores fp32 a slot, fill int64 a head, valid_seen int64 a layer
+    assert bf16["metadata_bytes"] == int4["metadata_bytes"] == slots * 8 + 32 * (8 * 8 + 8)
+    per_seq = [row["total_bytes"] for row in (bf16, int4)]
+    assert [row["largest_batch"]["batch"] for row in (bf16, int4)] == [16 * 2**30 // b for b in per_seq]
+    assert [row["largest_batch"]["batch"] for row in (bf16, int4)] == [13, 44]
 
 
 def test_bad_sizes_and_budgets_are_one_line_errors(tmp_path):
@@ -105,8 +126,8 @@ def test_a_quantized_format_is_allocated_at_its_bytes_and_fits_more_sequences(ti
     limit = 7 * cache_bytes(tiny_llama, caps, 1)["total_bytes"]
     plain, int8 = (largest_batch(tiny_llama, caps, limit, fmt)["batch"] for fmt in (None, "int8"))
     assert plain == 7
-    # fp32 vectors of head_dim 16 cost 64 bytes, int8 ones 18; positions and scores stay 12 a slot
-    assert int8 == limit // cache_bytes(tiny_llama, caps, 1, "int8")["total_bytes"] == 20
+    # fp32 vectors of head_dim 16 cost 64 bytes, int8 ones 18; positions and scores stay 8 a slot
+    assert int8 == limit // cache_bytes(tiny_llama, caps, 1, "int8")["total_bytes"] == 21
 
 
 def test_the_engine_bench_reads_served_artifacts_of_one_model(tiny_model_dir, tmp_path):

@@ -271,32 +271,36 @@ def _log_targets(name: str, checks: list[dict]) -> None:
 RANDOM_LLAMA = "random-llama-3-8b"
 
 
-def _gpu_model(model_spec: str):
-    """The model of ``--model`` in bf16 on the GPU, switched to the ``baklava`` attention."""
+def _gpu_model(model_spec: str, device: str = "cuda"):
+    """The model of ``--model`` in bf16 on the GPU, switched to the ``baklava`` attention.
+
+    ``device="meta"``: the same model without weights (any machine), for counting bytes only."""
     import torch
 
     from baklava.bench.gpu_decode import LLAMA3_8B, random_llama
     from baklava.runtime.attention import enable
 
-    if not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
         raise BaklavaError("this benchmark measures the GPU path: no CUDA device here")
     if model_spec == RANDOM_LLAMA:
-        model = random_llama(LLAMA3_8B)
+        model = random_llama(LLAMA3_8B, device=device)
     else:
         from baklava.model_zoo import load_model
 
-        model = load_model(model_spec, dtype=torch.bfloat16).model.to("cuda").eval()
+        model = load_model(model_spec, dtype=torch.bfloat16).model.to(device).eval()
     enable(model)
     return model
 
 
-def _gpu_meta() -> dict:
+def _gpu_meta(device: str = "cuda") -> dict:
     import sys
 
     import torch
 
     return {
-        "gpu": torch.cuda.get_device_name(),
+        "gpu": torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"none ({device} device: tensor bytes only)",
         "torch": torch.__version__,
         "date": date.today().isoformat(),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -391,17 +395,28 @@ def speed_bench(model_spec, batch, context, budgets, transformers, kernel, fused
     callback=parse_kv_dtypes,
     help="KV storage formats for the bytes and the largest batch (auto = the model's dtype).",
 )
+@click.option(
+    "--device",
+    type=click.Choice(["cuda", "meta"]),
+    default="cuda",
+    show_default=True,
+    help="cuda: allocate every cache on the GPU and read the allocator; meta: count the cache "
+    "tensors' bytes without allocating them (any machine, no allocator overhead; needs --no-prefill).",
+)
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the results as JSON.")
-def memory_bench(model_spec, context, budgets, kv_memory, chunk, prefill, kv_dtypes, out):
+def memory_bench(model_spec, context, budgets, kv_memory, chunk, prefill, kv_dtypes, device, out):
     """KV bytes allocated, largest batch in KV_MEMORY, and peak memory of a long prefill (GPU)."""
     from baklava.bench import memory
     from baklava.bench.gpu_decode import model_shape, uneven_capacities
 
+    if device == "meta" and prefill:
+        raise BaklavaError("--device meta counts bytes without running the model: add --no-prefill")
     if out:
         _check_out(out)
-    model = _gpu_model(model_spec)
+    model = _gpu_model(model_spec, device)
     layers, kv_heads, _, _ = model_shape(model)
-    doc = {"meta": _gpu_meta() | {"model": model_spec, "context": context}, "budgets": [], "prefill": []}
+    meta = _gpu_meta(device) | {"model": model_spec, "context": context, "device": device}
+    doc = {"meta": meta, "budgets": [], "prefill": []}
     for budget in budgets:
         caps = uneven_capacities(layers, kv_heads, context, budget)
         first = None

@@ -4,7 +4,7 @@ Layout of one layer (no padding to the largest head)::
 
     keys   [B, sum(cap), D]     head h owns slots [off_h, off_h + cap_h)
     values [B, sum(cap), D]
-    positions [B, sum(cap)] int64, scores [B, sum(cap)] float32, fill [B, H_kv] int64
+    positions [B, sum(cap)] int32, scores [B, sum(cap)] float32, fill [B, H_kv] int64
 
 so the KV bytes of a layer are exactly ``B * sum(cap) * 2 * D * dtype_bytes``. Within a head the
 first ``fill[b, h]`` slots are live and kept in arrival order. A quantized ``kv_format`` stores
@@ -48,6 +48,11 @@ _NOT_ATTENDED = (
 # the class flags of how a layer stores its tokens (each commented in BudgetedLayer), copied to
 # every layer made from another (compressed, a pool's row views)
 STORAGE_OPTIONS = ("quantized_storage", "smooth_keys", "balance_keys")
+
+# a slot's token position (its count of real tokens before it): 4 bytes, not 8, since every slot
+# pays it whatever the KV format (an int4 slot of D = 128 stores 144 bytes of keys and values);
+# 2**31 tokens is beyond any context a cache holds
+POSITION_DTYPE = torch.int32
 
 
 class BudgetedLayer(CacheLayerMixin):
@@ -120,8 +125,9 @@ class BudgetedLayer(CacheLayerMixin):
         dev = self.device
         # keys, values [B, sum(cap), D] (+ key_scales, value_scales when quantized: kv_slots.py)
         kv_slots.allocate(self, batch, head_dim, self.value_dim, self.dtype, dev)
-        self.positions = torch.full((batch, self.total), -1, dtype=torch.int64, device=dev)  # [B, sum(cap)]
-        self.scores = torch.zeros(batch, self.total, dtype=torch.float32, device=dev)  # [B, sum(cap)]
+        # [B, sum(cap)] each
+        self.positions = torch.full((batch, self.total), -1, dtype=POSITION_DTYPE, device=dev)
+        self.scores = torch.zeros(batch, self.total, dtype=torch.float32, device=dev)
         self.fill = torch.zeros(batch, heads, dtype=torch.int64, device=dev)  # [B, H_kv]
         self.valid_seen = torch.zeros(batch, dtype=torch.int64, device=dev)  # [B] next position per row
         self.seen = 0  # tokens processed, padding included; >= every fill (kernel_prefill relies on it)
@@ -426,7 +432,7 @@ class BudgetedLayer(CacheLayerMixin):
             slots = off + fill[rows] + rank[rows, cols]
             for name, rows_new in new.items():
                 getattr(self, name)[rows, slots] = rows_new[rows, cols]
-            self.positions[rows, slots] = new_pos[rows, cols]
+            self.positions[rows, slots] = new_pos[rows, cols].to(POSITION_DTYPE)
             self.scores[rows, slots] = new_score[rows, cols]
             self.fill[:, h] = fill + n_new
             return

@@ -173,7 +173,7 @@ def append(layer, slots: dict, new_scores: torch.Tensor) -> None:
         buf = getattr(layer, name)
         buf.view(-1, buf.shape[-1]).index_copy_(0, rows, new.reshape(-1, new.shape[-1]))
     positions = (layer.valid_seen[:, None, None] + step).expand(batch, heads, s)
-    layer.positions.view(-1).index_copy_(0, rows, positions.reshape(-1))
+    layer.positions.view(-1).index_copy_(0, rows, positions.reshape(-1).to(layer.positions.dtype))
     layer.scores.view(-1).index_copy_(0, rows, new_scores.reshape(-1))
     layer.fill += s
 
