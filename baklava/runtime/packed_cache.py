@@ -35,7 +35,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from baklava import kv_format as kv_format_module
 from baklava.eviction import EvictionConfig
 from baklava.kernels.launch import device_table
-from baklava.runtime import kv_slots, prefill_attention, triton_decode
+from baklava.runtime import kv_slots, layer_compression, prefill_attention, triton_decode
 from baklava.runtime.packed_decode import SlotMap, decode_step
 from baklava.runtime.prefill_attention import new_token_bias, real_tokens
 from baklava.runtime.selection import chronological_keep, keep_priority, snapkv_pool
@@ -253,52 +253,9 @@ class BudgetedLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------------ compression
     def compressed(self, capacities: Sequence[int], eviction: EvictionConfig | None = None) -> BudgetedLayer:
-        """A new layer with this layer's tokens cut to ``capacities`` by the eviction priority.
-
-        Applied to a layer that never evicted (every capacity >= the prompt), the result is
-        slot for slot what a prefill straight into ``capacities`` would have kept: the stored
-        scores are the pooled prefill scores and the priority is the one :meth:`attend` uses.
-        So one full prefill serves many budgets (the quality benchmark's shared prefill).
-        ``eviction`` (default: this layer's) sets sink, window and policy of the new layer; the
-        scores themselves were computed by this layer's ``obs_window`` and ``pool_kernel``.
-        """
-        out = BudgetedLayer(capacities, eviction or self.eviction, self.kv_format)
-        out.take_storage_options(self)
-        if not self.is_initialized:
-            return out
-        if len(out.capacities) != self.num_heads:
-            raise ValueError(f"{len(out.capacities)} capacities for a layer of {self.num_heads} KV heads")
-        if self._pending is not None:
-            raise RuntimeError("cannot compress a layer in the middle of a step")
-        like = dict(dtype=self.dtype, device=self.device)
-        out.lazy_initialization(
-            torch.empty(self.batch_size, self.num_heads, 0, self.head_dim, **like),
-            torch.empty(self.batch_size, self.num_heads, 0, self.value_dim, **like),
-        )
-        out.seen, out.valid_seen = self.seen, self.valid_seen.clone()
-        for name in kv_slots.state_extra(self):  # a smoothing layer's mean key and key scale
-            getattr(out, name).copy_(getattr(self, name))
-        ev = out.eviction
-        for h, (off, new_off, cap) in enumerate(zip(self.offsets, out.offsets, out.capacities, strict=True)):
-            fill = self.fill[:, h]
-            n = int(fill.max())
-            live = torch.arange(n, device=self.device)[None, :] < fill[:, None]  # [B, n]
-            pos, score = self.positions[:, off : off + n], self.scores[:, off : off + n]
-            priority = keep_priority(
-                pos, score, live, self.valid_seen, sink=ev.sink, window=ev.window, policy=ev.policy
-            )
-            keep = min(cap, n)
-            idx = chronological_keep(priority, live, keep)  # [B, keep]
-            for name in self.slot_names:
-                src = getattr(self, name)[:, off : off + n]
-                getattr(out, name)[:, new_off : new_off + keep] = src.gather(
-                    1, idx[..., None].expand(-1, -1, src.shape[-1])
-                )
-            kept_live = live.gather(1, idx)
-            out.positions[:, new_off : new_off + keep] = pos.gather(1, idx).masked_fill(~kept_live, -1)
-            out.scores[:, new_off : new_off + keep] = score.gather(1, idx).masked_fill(~kept_live, 0)
-            out.fill[:, h] = torch.clamp(fill, max=cap)
-        return out
+        """A new layer with this layer's tokens cut to ``capacities`` by the eviction priority
+        (:func:`baklava.runtime.layer_compression.compressed`: one full prefill, many budgets)."""
+        return layer_compression.compressed(self, capacities, eviction)
 
     # ------------------------------------------------------------------ attention + commit
     def attend(
