@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from baklava import kv_format
 from baklava.atomic import write_text_atomic
-from baklava.bench.quality import report
+from baklava.bench.gpu_decode import model_shape
+from baklava.bench.quality import kv_memory, report
 from baklava.bench.quality.methods import METHODS, MethodContext
 from baklava.bench.quality.runner import AGNOSTIC_SCORING, SETTINGS, Runner, combos
 from baklava.bench.quality.tasks import TASKS, build_suite
@@ -210,6 +211,7 @@ def run_quality(
         "baklava_selection": config.baklava_selection,
         "prefill_chunk": config.prefill_chunk,
         "kv_dtypes": list(config.kv_dtypes),
+        "head_dim": model_shape(lm.model)[3],  # what a format's bytes a channel depend on
         "smooth_keys": config.smooth_keys,
         "balance_keys": config.balance_keys,
         "scorer": profile.scores.method,  # head scores BaKlaVa allocates by
@@ -228,6 +230,7 @@ def _write(out: Path, meta: dict, rows: list[dict], *, with_rows: bool = True) -
     baseline = [r for r in rows if r.get("kv_dtype", "auto") == base]
     summary = report.summarize(baseline)
     summary["kv_dtypes"] = report.kv_dtype_table(rows, meta.get("kv_dtypes", ["auto"]))
+    summary["kv_memory"] = kv_memory.points(summary["kv_dtypes"], meta.get("head_dim"))
     targets = report.targets(summary, baseline)
     doc = {"meta": meta, "summary": summary, "targets": targets, "rows": rows}
     kept = doc if with_rows else {k: v for k, v in doc.items() if k != "rows"}

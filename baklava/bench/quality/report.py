@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from baklava.bench.quality import kv_memory
 from baklava.bench.quality.intervals import LEVEL, target_intervals
 from baklava.bench.quality.methods import METHODS
 from baklava.runtime.shared_selection import SHARED_BELOW
@@ -241,6 +242,7 @@ def markdown(summary: dict, meta: dict, checks: dict[str, list[dict]] | None = N
             lines.append("")
     if summary.get("kv_dtypes"):
         lines += _kv_dtype_lines(summary["kv_dtypes"], budgets)
+        lines += kv_memory.markdown_lines(summary.get("kv_memory", []))
         if meta.get("smooth_keys") and meta.get("balance_keys", False):
             lines += [
                 "Quantized keys stored minus their head's mean key and balanced per channel against the "
@@ -276,7 +278,8 @@ def _per_task(summary: dict) -> list[str]:
 
 
 def plot(summary: dict, meta: dict, path: str | os.PathLike) -> Path:
-    """Score vs budget, one line per method, one panel per setting (+ perplexity)."""
+    """Score vs budget, one line per method, one panel per setting (+ perplexity, + score against
+    KV bytes for a run of several KV dtypes: :mod:`kv_memory`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -287,8 +290,16 @@ def plot(summary: dict, meta: dict, path: str | os.PathLike) -> Path:
     panels = list(summary["average"].items())
     if summary["ppl"]:
         panels.append(("perplexity", summary["ppl"]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.0), squeeze=False)
-    for ax, (name, table) in zip(axes[0], panels, strict=True):
+    by_bytes = summary.get("kv_memory") or []
+    # a run of several KV dtypes: score (and perplexity) against the bytes each cell stores
+    metrics = ["score", "ppl"] if any(p["ppl"] is not None for p in by_bytes) else ["score"]
+    extra = len(metrics) if by_bytes else 0
+    fig, axes = plt.subplots(
+        1, len(panels) + extra, figsize=(4.6 * (len(panels) + extra), 4.0), squeeze=False
+    )
+    for ax, metric in zip(axes[0][len(panels) :], metrics, strict=False):
+        kv_memory.plot_panel(ax, by_bytes, metric)
+    for ax, (name, table) in zip(axes[0], panels, strict=False):
         for m, line in table.items():
             if m == "full":
                 ax.axhline(line.get(1.0, np.nan), color="black", ls=":", lw=1, label="full")
