@@ -162,4 +162,27 @@ def test_the_kernel_benchmark_counts_payload_and_scales():
     assert got == {"bf16": 2 * 2 * 10 * 256, "int8": 2 * 2 * 10 * 130, "int4": 2 * 2 * 10 * 72}
     row = dict(kv_dtype="int8", batch=2, context=64, budget=0.3, kv_mib=0.1, ms=1.0, TBps=1.0)
     row |= dict(speedup_vs_bf16=1.9, bytes_vs_bf16=1.97, max_abs_diff_vs_bf16=0.01)
-    assert "| int8 | 0.1 | 1.0 | 1.0 | 1.9x | 1.97x | 0.01 |" in markdown([row], {"gpu": "x", "date": "d"})
+    assert "| int8 |  | 0.1 | 1.0 | 1.0 | 1.9x | 1.97x | 0.01 |" in markdown([row], {"gpu": "x", "date": "d"})
+
+
+def test_the_kernel_benchmark_sweeps_launches_and_names_each_formats_fastest():
+    from baklava.bench.kv_dtype_speed import Launch, markdown, parse_launches
+    from baklava.errors import BaklavaError
+
+    assert parse_launches("64x4x2, 128X8x3") == [Launch(64, 4, 2), Launch(128, 8, 3)]
+    for bad in ("64x4", "64x4x0", "96x4x2", "64x3x2", "8x4x2", "64x4x2,64x4x2", "fast"):
+        with pytest.raises(BaklavaError):
+            parse_launches(bad)
+    common = dict(
+        batch=8, context=64, budget=0.3, kv_mib=1.0, TBps=1.0, bytes_vs_bf16=1.0, max_abs_diff_vs_bf16=0
+    )
+    rows = [
+        dict(common, kv_dtype="bf16", launch="64x4x2", ms=0.09, speedup_vs_bf16=1.0),
+        dict(common, kv_dtype="bf16", launch="128x8x2", ms=0.10, speedup_vs_bf16=0.9),
+        dict(common, kv_dtype="int8", launch="64x4x2", ms=0.095, speedup_vs_bf16=0.95),
+        dict(common, kv_dtype="int8", launch="128x8x2", ms=0.05, speedup_vs_bf16=1.8),
+    ]
+    table = markdown(rows, {})
+    assert "speedup vs bf16 64x4x2 |" in table
+    assert "- bf16: 64x4x2, 0.09 ms, 1.0x bf16 64x4x2" in table
+    assert "- int8: 128x8x2, 0.05 ms, 1.8x bf16 64x4x2" in table

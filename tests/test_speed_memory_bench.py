@@ -95,6 +95,7 @@ def test_bad_sizes_and_budgets_are_one_line_errors(tmp_path):
         ["prefill", "--chunks", "none,many"],
         ["memory", "--kv-dtypes", "auto,int3"],
         ["engine", "--kv-dtypes", "int3"],
+        ["kv-dtype", "--launches", "64x4"],
     ):
         with pytest.raises(SystemExit) as exit_info:
             bench_main(args)

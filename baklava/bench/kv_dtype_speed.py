@@ -6,21 +6,54 @@ the same random cache stored as bf16, fp8, int8 and int4 (:mod:`baklava.kv_forma
 captured in a CUDA graph and replayed (as the decode step runs); the formats are timed in turn,
 ``rounds`` times over (a drift of the shared machine hits them alike), and every ratio is the
 median of the rounds' ratios. Bytes = payload + scales of K and V (what the kernel reads).
+With several ``--launches`` (slots a tile step x warps x pipeline stages of the split kernel)
+every format is timed at each, against bf16 at the first: a launch sweep in one run.
 
     baklava-bench kv-dtype --batch 8 --context 32768 --budget 0.3
+    baklava-bench kv-dtype --launches 64x4x2,128x4x2,128x8x2,256x8x2 --rounds 3
 """
 
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 
 import torch
 
 from baklava import kv_format
 from baklava.bench.kernel_speed import _time, packed_case
+from baklava.errors import BaklavaError
 from baklava.kernels.decode_attention import packed_decode_attention, tile_length, tile_table
 
 FORMATS = ("bf16", "fp8", "int8", "int4")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One launch of the split kernel: slots a tile step reads, warps, pipeline stages."""
+
+    block_n: int = 64
+    warps: int = 4
+    stages: int = 2
+
+    def __str__(self) -> str:
+        return f"{self.block_n}x{self.warps}x{self.stages}"
+
+
+def parse_launches(text: str) -> list[Launch]:
+    """``"64x4x2,128x8x2"`` -> launches; a one-line error for anything else."""
+    launches = []
+    for part in text.split(","):
+        fields = part.strip().lower().split("x")
+        if len(fields) != 3 or not all(f.isdigit() and int(f) > 0 for f in fields):
+            raise BaklavaError(f"launch {part!r} is not BLOCKxWARPSxSTAGES, e.g. 64x4x2")
+        block_n, warps, stages = (int(f) for f in fields)
+        if block_n & (block_n - 1) or block_n < 16 or warps & (warps - 1):
+            raise BaklavaError(f"launch {part!r}: block and warps must be powers of two, block >= 16")
+        launches.append(Launch(block_n, warps, stages))
+    if len(set(launches)) != len(launches):
+        raise BaklavaError(f"launches must be distinct, got {text!r}")
+    return launches
 
 
 def stored(keys: torch.Tensor, values: torch.Tensor, name: str) -> dict:
@@ -40,34 +73,46 @@ def stored(keys: torch.Tensor, values: torch.Tensor, name: str) -> dict:
     }
 
 
-def measure(batch: int, context: int, budget: float, rounds: int = 5, formats=FORMATS) -> list[dict]:
-    """One row per format: milliseconds, bytes, TB/s, speedup over bf16, and the largest
-    difference of its output from bf16's (the quantization error it adds)."""
+def measure(
+    batch: int, context: int, budget: float, rounds: int = 5, formats=FORMATS, launches=(Launch(),)
+) -> list[dict]:
+    """One row per format and launch: milliseconds, bytes, TB/s, speedup over bf16 at the first
+    launch, and the largest difference of its output from bf16's (the quantization error it adds)."""
     case = packed_case(batch, context, budget, "cuda", torch.bfloat16)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    tile = tile_length(case.caps, batch, 64, sms)
-    table = (tile, tile_table(case.caps, tile, "cuda"))
+    tables = {}
+    for launch in launches:  # the tile table follows the tile step
+        tile = tile_length(case.caps, batch, launch.block_n, sms)
+        tables.setdefault(launch.block_n, (tile, tile_table(case.caps, tile, "cuda")))
     q, kn, vn, _, _, fill, offsets, caps, scale = case.args()
     stores = {name: stored(case.keys, case.values, name) for name in formats}
+    variants = [(name, launch) for name in formats for launch in launches]
+    base = ("bf16", launches[0])
 
-    def call(name):
+    def call(name, launch):
         s = {k: v for k, v in stores[name].items() if k != "nbytes"}
         kv = s.pop("keys"), s.pop("values")
-        return lambda: packed_decode_attention(q, kn, vn, *kv, fill, offsets, caps, scale, table=table, **s)
+        how = dict(block_n=launch.block_n, num_warps=launch.warps, num_stages=launch.stages)
+        table = tables[launch.block_n]
+        return lambda: packed_decode_attention(
+            q, kn, vn, *kv, fill, offsets, caps, scale, table=table, **how, **s
+        )
 
-    outputs = {name: call(name)() for name in formats}
-    times = {name: [] for name in formats}
+    outputs = {v: call(*v)() for v in variants}
+    times = {v: [] for v in variants}
     for _ in range(rounds):
-        for name in formats:
-            times[name].append(_time(call(name)))
+        for v in variants:
+            times[v].append(_time(call(*v)))
     rows = []
-    for name in formats:
-        ms = statistics.median(times[name]) * 1e3
-        speedup = statistics.median(b / t for b, t in zip(times["bf16"], times[name], strict=True))
+    for v in variants:
+        name, launch = v
+        ms = statistics.median(times[v]) * 1e3
+        speedup = statistics.median(b / t for b, t in zip(times[base], times[v], strict=True))
         nbytes = stores[name]["nbytes"]
         rows.append(
             {
                 "kv_dtype": name,
+                "launch": str(launch),
                 "batch": batch,
                 "context": context,
                 "budget": budget,
@@ -77,25 +122,36 @@ def measure(batch: int, context: int, budget: float, rounds: int = 5, formats=FO
                 "speedup_vs_bf16": round(speedup, 3),
                 "bytes_vs_bf16": round(stores["bf16"]["nbytes"] / nbytes, 3),
                 "max_abs_diff_vs_bf16": round(
-                    float((outputs[name].float() - outputs["bf16"].float()).abs().max()), 5
+                    float((outputs[v].float() - outputs[base].float()).abs().max()), 5
                 ),
-                "rounds_ms": [round(t * 1e3, 4) for t in times[name]],
+                "rounds_ms": [round(t * 1e3, 4) for t in times[v]],
             }
         )
     return rows
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
+    sweep = len({r.get("launch") for r in rows}) > 1
+    first = rows[0].get("launch")
     lines = [
         f"Decode attention, Llama-3-8B shapes, batch {rows[0]['batch']}, context {rows[0]['context']}, "
         f"budget {rows[0]['budget']}, {meta.get('gpu', '')}, {meta.get('date', '')}",
         "",
-        "| KV dtype | KV MiB (one layer) | ms | TB/s on its bytes | speedup vs bf16 | bytes vs bf16 | max |diff| vs bf16 |",
-        "|---|---|---|---|---|---|---|",
+        "| KV dtype | launch | KV MiB (one layer) | ms | TB/s on its bytes | speedup vs bf16"
+        + (f" {first}" if sweep else "")
+        + " | bytes vs bf16 | max |diff| vs bf16 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['kv_dtype']} | {r['kv_mib']} | {r['ms']} | {r['TBps']} | {r['speedup_vs_bf16']}x | "
-            f"{r['bytes_vs_bf16']}x | {r['max_abs_diff_vs_bf16']} |"
+            f"| {r['kv_dtype']} | {r.get('launch', '')} | {r['kv_mib']} | {r['ms']} | {r['TBps']} | "
+            f"{r['speedup_vs_bf16']}x | {r['bytes_vs_bf16']}x | {r['max_abs_diff_vs_bf16']} |"
         )
+    if sweep:  # each format's fastest launch
+        lines += ["", "Fastest launch (block x warps x stages) per KV dtype:", ""]
+        for name in dict.fromkeys(r["kv_dtype"] for r in rows):
+            best = min((r for r in rows if r["kv_dtype"] == name), key=lambda r: r["ms"])
+            lines.append(
+                f"- {name}: {best['launch']}, {best['ms']} ms, {best['speedup_vs_bf16']}x bf16 {first}"
+            )
     return "\n".join(lines) + "\n"

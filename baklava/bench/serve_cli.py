@@ -363,17 +363,25 @@ def prefill_bench(model_spec, contexts, budgets, chunks, sdpa, repeats, out):
 @click.option("--context", default=32768, show_default=True, type=click.IntRange(64))
 @click.option("--budget", default=0.3, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--rounds", default=5, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--launches",
+    default="64x4x2",
+    show_default=True,
+    help="Split-kernel launches BLOCKxWARPSxSTAGES (slots a tile step, warps, pipeline stages); "
+    "several: every format timed at each, against bf16 at the first (a launch sweep).",
+)
 @click.option("--out", type=click.Path(file_okay=False), help="Write kv_dtype.json and kv_dtype.md here.")
-def kv_dtype_bench(batch, context, budget, rounds, out):
+def kv_dtype_bench(batch, context, budget, rounds, launches, out):
     """Decode attention over bf16 / fp8 / int8 / int4 slots, one layer of Llama-3-8B shapes (GPU)."""
     import torch
 
     from baklava.bench.cli import _gpu_meta
-    from baklava.bench.kv_dtype_speed import markdown, measure
+    from baklava.bench.kv_dtype_speed import markdown, measure, parse_launches
 
+    launches = parse_launches(launches)  # a bad spelling fails before the GPU check
     if not torch.cuda.is_available():
         raise BaklavaError("this benchmark measures the GPU kernels: no CUDA device here")
-    rows = measure(batch, context, budget, rounds)
+    rows = measure(batch, context, budget, rounds, launches=launches)
     meta = _gpu_meta()
     table = markdown(rows, meta)
     click.echo(table)

@@ -1,0 +1,125 @@
+"""The decode-attention split kernel's machine code per KV format, compiled for a GPU on any machine.
+
+Triton compiles for a target without the device; its wheel ships ``ptxas`` and ``cuobjdump``. This
+script compiles ``_split_kernel`` for sm_90 (H100 / H200) at the launch the decode benchmark uses
+(Llama-3-8B shapes: D = 128, GQA 4, 64-slot tiles, 4 warps, 2 stages), disassembles it and counts
+its SASS instructions by opcode, with its registers. No timing: it shows what a format's slots
+cost in instructions (conversions, byte permutes, shared-memory round trips: ``LDS`` against
+``LDSM``), whether a launch spills (``STL`` / ``LDL``), and what a kernel change does to them,
+on a machine without a GPU; only a GPU says what that costs in time::
+
+    python benchmarks/kv/decode_sass.py                      # a table on stdout
+    python benchmarks/kv/decode_sass.py --json out.json      # and the counts as JSON
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import click
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from baklava.kernels.decode_attention import _split_kernel
+
+FORMATS = {"bf16": (0, "*bf16", 1), "fp8": (1, "*fp8e4nv", 1), "int4": (2, "*u8", 32), "int8": (3, "*i8", 1)}
+POINTERS = {"Q": "*bf16", "KS": "*fp16", "VS": "*fp16", "FILL": "*i64", "OFFSETS": "*i32", "TILE_HEAD": "*i32",
+            "TILE_START": "*i32", "MID_O": "*fp32", "MID_M": "*fp32", "MID_L": "*fp32", "LOGITS": "*fp32"}  # fmt: skip
+UNALIGNED = {"stride_ksb", "stride_kst", "stride_vsb", "stride_vst", "stride_fb"}  # a scale a slot: stride 1
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def compile_split(fmt: str, *, arch: int, block_n: int, warps: int, stages: int) -> bytes:
+    """The cubin of the split kernel for slots in ``fmt`` (pointers and strides 16-aligned, as
+    Triton specialises them at run time)."""
+    quant, payload, group = FORMATS[fmt]
+    pointers = POINTERS | {"K": payload, "V": payload}
+    consts = dict(
+        GROUP=4,
+        G_PAD=16,
+        D=128,
+        BLOCK_N=block_n,
+        STORE_LOGITS=False,
+        PDL=False,
+        QUANT=quant,
+        SCALE_GROUP=group,
+    )
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(_split_kernel.arg_names):
+        if name in consts:
+            signature[name], constexprs[(i,)] = "constexpr", consts[name]
+            continue
+        signature[name] = pointers.get(name, "fp32" if name == "scale" else "i32")
+        if name in pointers or (name.startswith("stride") and name not in UNALIGNED):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    kernel = triton.compile(
+        ASTSource(_split_kernel, signature, constexprs, attrs),
+        target=GPUTarget("cuda", arch, 32),
+        options=dict(num_warps=warps, num_stages=stages),
+    )
+    return kernel.asm["cubin"]
+
+
+def instruction_mix(cubin: bytes) -> dict:
+    """``{"registers": n, "total": n, "opcodes": {opcode: count}}`` of one cubin."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        sass = subprocess.run(
+            [BIN / "cuobjdump", "-sass", path], capture_output=True, text=True, check=True
+        ).stdout
+        usage = subprocess.run(
+            [BIN / "cuobjdump", "-res-usage", path], capture_output=True, text=True, check=True
+        )
+    ops = collections.Counter()
+    for line in sass.splitlines():
+        found = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
+        if found:
+            ops[found.group(1)] += 1
+    registers = re.search(r"REG:(\d+)", usage.stdout)
+    return {
+        "registers": int(registers.group(1)) if registers else None,
+        "total": sum(ops.values()),
+        "opcodes": dict(ops.most_common()),
+    }
+
+
+@click.command()
+@click.option("--arch", default=90, show_default=True, help="Compute capability, e.g. 90 for H100 / H200.")
+@click.option("--block-n", default=64, show_default=True)
+@click.option("--warps", default=4, show_default=True)
+@click.option("--stages", default=2, show_default=True)
+@click.option("--show", default="I2F,I2FP,F2FP,PRMT,HADD2,HMMA,LDS,LDSM,LDGSTS", show_default=True,
+              help="Opcodes to print as columns.")  # fmt: skip
+@click.option(
+    "--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the counts."
+)
+def main(arch: int, block_n: int, warps: int, stages: int, show: str, json_out: Path | None) -> None:
+    columns = show.split(",")
+    rows = {}
+    click.echo("| format | registers | instructions | " + " | ".join(columns) + " |")
+    click.echo("|---" * (3 + len(columns)) + "|")
+    for fmt in FORMATS:
+        mix = instruction_mix(compile_split(fmt, arch=arch, block_n=block_n, warps=warps, stages=stages))
+        rows[fmt] = mix
+        cells = [str(mix["opcodes"].get(op, 0)) for op in columns]
+        click.echo(f"| {fmt} | {mix['registers']} | {mix['total']} | " + " | ".join(cells) + " |")
+    if json_out:
+        meta = {
+            "arch": arch,
+            "block_n": block_n,
+            "warps": warps,
+            "stages": stages,
+            "triton": triton.__version__,
+        }
+        json_out.write_text(json.dumps({"meta": meta, "formats": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
