@@ -32,6 +32,12 @@ def _describe(value):
 
 
 def pytest_configure(config):
+    if not os.environ.get("BAKLAVA_LAUNCHES"):
+        raise pytest.UsageError("tests.launch_recorder: set BAKLAVA_LAUNCHES to the JSON file to write")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise pytest.UsageError(
+            "tests.launch_recorder: records the interpreter's launches; set TRITON_INTERPRET=1"
+        )
     from triton.runtime.interpreter import InterpretedFunction
 
     run = InterpretedFunction.run
