@@ -8,9 +8,11 @@ specialised on 16-divisibility as Triton's launcher does, except where the kerne
 
     python -m tests.gpu_compile launches.json [--arch 90]
 
-The interpreter has no float8, so no fp8 launch is ever recorded: every launch over int8 slots
-(``QUANT=3``, :func:`baklava.kernels.decode_attention._quant_mode`) is also compiled as its fp8
-twin (``QUANT=1``, the int8 tensors as float8 e4m3).
+The interpreter runs neither float8 nor bfloat16, so twins stand in for what the GPU launches:
+every launch over int8 slots (``QUANT=3``, :func:`baklava.kernels.decode_attention._quant_mode`)
+is also compiled over fp8 ones (``QUANT=1``, the payload ``K`` / ``V`` as float8 e4m3), and every
+launch with float16 tensors also with those in bfloat16 (the models' dtype on the GPU), the
+quantized slots' scales (``KS``, ``VS``, ``KSN``, ``VSN``) left in float16 as they are stored.
 
 Prints one JSON line: variants compiled per kernel and the failures (kernel, the compiler's
 message). Must run without ``TRITON_INTERPRET``.
@@ -46,7 +48,11 @@ def source(spec: dict):
         if param.is_constexpr or kind in ("none", "tuple"):
             signature[name], constexprs[(i,)] = "constexpr", tuple(value) if kind == "tuple" else value
         elif kind == "tensor":
-            signature[name] = "*" + POINTEE["float8_e4m3fn" if name in spec.get("fp8", ()) else value]
+            if name in spec.get("fp8", ()):
+                value = "float8_e4m3fn"
+            elif spec.get("bf16") and value == "float16" and name not in SCALES:
+                value = "bfloat16"
+            signature[name] = "*" + POINTEE[value]
             if aligned[0] and name not in no_align:
                 attrs[(i,)] = [["tt.divisibility", 16]]
         elif kind == "int":
@@ -68,15 +74,19 @@ def source(spec: dict):
     return key, ASTSource(fn, signature, constexprs, attrs), options
 
 
-def with_fp8_twins(specs: list[dict]) -> list[dict]:
-    """``specs`` and, for each launch over int8 slots, the same launch over fp8 ones (its payload
-    pointers ``K`` and ``V`` as float8 e4m3)."""
-    twins = [
+SCALES = {"KS", "VS", "KSN", "VSN"}  # float16 whatever the model's dtype (kv_format.SCALE_DTYPE)
+
+
+def with_twins(specs: list[dict]) -> list[dict]:
+    """``specs``, the fp8 twin of each launch over int8 slots, and the bf16 twin of every launch
+    (fp8 ones included) with float16 tensors (module docstring)."""
+    fp8 = [
         dict(spec, kwargs=spec["kwargs"] | {"QUANT": ["int", 1]}, fp8=["K", "V"])
         for spec in specs
         if spec["kwargs"].get("QUANT") == ["int", 3]
     ]
-    return specs + twins
+    half = [spec for spec in specs + fp8 if any(a[:2] == ["tensor", "float16"] for a in spec["args"])]
+    return specs + fp8 + [dict(spec, bf16=True) for spec in half]
 
 
 def main() -> None:
@@ -90,7 +100,7 @@ def main() -> None:
     from triton.backends.compiler import GPUTarget
 
     with open(args.launches, encoding="utf-8") as f:
-        specs = with_fp8_twins(json.load(f))
+        specs = with_twins(json.load(f))
     done, compiled, failures = set(), collections.Counter(), []
     for spec in specs:
         key, src, options = source(spec)

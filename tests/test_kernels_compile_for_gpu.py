@@ -2,10 +2,10 @@
 
 Without a GPU the kernel tests check values in the interpreter, which does not type-check as the
 compiler does. This test reruns the kernel tests recording each launch's argument types
-(``tests/launch_recorder.py``), then compiles every recorded signature, and the fp8 twin of each
-int8 one, for sm_90 (``tests/gpu_compile.py``, Triton's own ``ptxas``): a change that would only
-break on the GPU (a tensor of another dtype, a runtime value where the compiler needs a constexpr)
-fails here, on a machine without one. bf16 launches the interpreter cannot run are not covered.
+(``tests/launch_recorder.py``), then compiles every recorded signature for sm_90, with the fp8
+and bf16 twins of the launches the interpreter cannot run (``tests/gpu_compile.py``, Triton's own
+``ptxas``): a change that would only break on the GPU (a tensor of another dtype, a runtime value
+where the compiler needs a constexpr) fails here, on a machine without one.
 """
 
 import json
