@@ -23,47 +23,47 @@ from pathlib import Path
 
 import click
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from baklava.kernels.decode_attention import _split_kernel
+from baklava.kernels.offline_compile import compile_launch
 
-FORMATS = {"bf16": (0, "*bf16", 1), "fp8": (1, "*fp8e4nv", 1), "int4": (2, "*u8", 32), "int8": (3, "*i8", 1)}
-POINTERS = {"Q": "*bf16", "KS": "*fp16", "VS": "*fp16", "FILL": "*i64", "OFFSETS": "*i32", "TILE_HEAD": "*i32",
-            "TILE_START": "*i32", "MID_O": "*fp32", "MID_M": "*fp32", "MID_L": "*fp32", "LOGITS": "*fp32"}  # fmt: skip
-UNALIGNED = {"stride_ksb", "stride_kst", "stride_vsb", "stride_vst", "stride_fb"}  # a scale a slot: stride 1
+FORMATS = {"bf16": (0, "bfloat16", 1), "fp8": (1, "float8_e4m3fn", 1), "int4": (2, "uint8", 32),
+           "int8": (3, "int8", 1)}  # fmt: skip
+POINTERS = {"Q": "bfloat16", "KS": "float16", "VS": "float16", "FILL": "int64", "OFFSETS": "int32",
+            "TILE_HEAD": "int32", "TILE_START": "int32", "MID_O": "float32", "MID_M": "float32",
+            "MID_L": "float32", "LOGITS": "float32"}  # fmt: skip
+ONE_SCALE_A_SLOT = {"stride_ksb", "stride_kst", "stride_vsb", "stride_vst", "stride_fb"}  # stride 1
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
-def compile_split(fmt: str, *, arch: int, block_n: int, warps: int, stages: int) -> bytes:
-    """The cubin of the split kernel for slots in ``fmt`` (pointers and strides 16-aligned, as
-    Triton specialises them at run time)."""
+def split_launch(fmt: str, *, block_n: int, warps: int, stages: int) -> dict:
+    """The split kernel's launch over slots in ``fmt`` (Llama-3-8B shapes; pointers and strides
+    16-aligned except the one-a-slot ones), described for :mod:`baklava.kernels.offline_compile`."""
     quant, payload, group = FORMATS[fmt]
-    pointers = POINTERS | {"K": payload, "V": payload}
-    consts = dict(
-        GROUP=4,
-        G_PAD=16,
-        D=128,
-        BLOCK_N=block_n,
-        STORE_LOGITS=False,
-        PDL=False,
-        QUANT=quant,
-        SCALE_GROUP=group,
-    )
-    signature, constexprs, attrs = {}, {}, {}
-    for i, name in enumerate(_split_kernel.arg_names):
+    tensors = POINTERS | {"K": payload, "V": payload}
+    consts = dict(GROUP=4, G_PAD=16, D=128, BLOCK_N=block_n, STORE_LOGITS=False, PDL=False,
+                  QUANT=quant, SCALE_GROUP=group)  # fmt: skip
+    args = []
+    for name in _split_kernel.arg_names:
         if name in consts:
-            signature[name], constexprs[(i,)] = "constexpr", consts[name]
-            continue
-        signature[name] = pointers.get(name, "fp32" if name == "scale" else "i32")
-        if name in pointers or (name.startswith("stride") and name not in UNALIGNED):
-            attrs[(i,)] = [["tt.divisibility", 16]]
-    kernel = triton.compile(
-        ASTSource(_split_kernel, signature, constexprs, attrs),
-        target=GPUTarget("cuda", arch, 32),
-        options=dict(num_warps=warps, num_stages=stages),
-    )
-    return kernel.asm["cubin"]
+            args.append(
+                ["int", consts[name]] if not isinstance(consts[name], bool) else ["bool", consts[name]]
+            )
+        elif name in tensors:
+            args.append(["tensor", tensors[name], True])
+        elif name == "scale":
+            args.append(["float", 0.088])
+        else:
+            args.append(["int", 1 if name in ONE_SCALE_A_SLOT else 4096])
+    options = {"num_warps": ["int", warps], "num_stages": ["int", stages]}
+    return {"module": _split_kernel.__module__, "name": "_split_kernel", "jit": {}, "args": args,
+            "kwargs": options}  # fmt: skip
+
+
+def compile_split(fmt: str, *, arch: int, block_n: int, warps: int, stages: int) -> bytes:
+    """The cubin of the split kernel for slots in ``fmt``."""
+    launch = split_launch(fmt, block_n=block_n, warps=warps, stages=stages)
+    return compile_launch(launch, arch).asm["cubin"]
 
 
 def instruction_mix(cubin: bytes) -> dict:
