@@ -10,7 +10,7 @@ perplexity over the second half (each position sees at least half the context). 
   (:func:`baklava.runtime.kv_slots.channel_balance`, what ``BudgetedLayer.smooth_keys`` stores);
 * int4's keys or values alone, to see which side loses;
 * int4 with a scale per 64 channels instead of 32 (8 bytes less a token-head: what int4 >= 3.5x
-  bf16's batch would cost in quality).
+  bf16's batch would cost in quality), and with values alone so (4 bytes less: just enough).
 
 Means and balances come from the whole text (the runtime takes them from a row's first step)::
 
@@ -38,9 +38,11 @@ from baklava.runtime.kv_slots import channel_balance
 TEXT = ("BENCHMARKS.md", "DESIGN.md", "README.md")  # English and code, from the repository
 
 
-def _store(name: str | kv_format.KVFormat, balance: bool, sides: str = "kv"):
-    """``(query, k, v) -> (k', v')``: what attention reads back from a cache in format ``name``."""
+def _store(name: str | kv_format.KVFormat, balance: bool, sides: str = "kv", values=None):
+    """``(query, k, v) -> (k', v')``: what attention reads back from a cache in format ``name``
+    (values in ``values`` where given)."""
     fmt = kv_format.parse(name)
+    v_fmt = fmt if values is None else kv_format.parse(values)
 
     def store(query, k, v):
         if not fmt.quantized:
@@ -48,7 +50,7 @@ def _store(name: str | kv_format.KVFormat, balance: bool, sides: str = "kv"):
         mu = k.mean(2, keepdim=True)
         s = channel_balance(query, k - mu)[:, :, None] if balance else torch.ones_like(mu)
         k_back = kv_format.round_trip((k - mu) * s, fmt) / s + mu if "k" in sides else k
-        v_back = kv_format.round_trip(v, fmt) if "v" in sides else v
+        v_back = kv_format.round_trip(v, v_fmt) if "v" in sides else v
         return k_back, v_back
 
     return store
@@ -65,6 +67,9 @@ VARIANTS = {
     "int4 balanced, keys only": _store("int4", True, "k"),
     "int4 values only": _store("int4", False, "v"),
     "int4 balanced, groups of 64": _store(replace(kv_format.parse("int4"), group=64), True),
+    "int4 balanced, values in groups of 64": _store(
+        "int4", True, values=replace(kv_format.parse("int4"), group=64)
+    ),
 }
 
 
