@@ -320,6 +320,23 @@ def test_the_engine_bench_serves_the_same_work_through_the_serving_loop(model):
     assert not engine.has_work() and engine.running == 0
 
 
+def test_repeated_runs_are_each_compared_with_budget_one_s_same_run(model):
+    from baklava.bench.serve_engine import _engine_rows, markdown, workload
+
+    work = workload(3, (4, 20), (2, 4), np.arange(4, 24), seed=1)
+    engine = _engine(model, 2, prefill_chunk=16)
+    full = _engine_rows(engine, work, "e, budget 1.0", False, [], 2, budget=1.0)
+    small = _engine_rows(engine, work, "e, budget 0.3", False, [], 2, budget=0.3)
+    assert [r["system"] for r in full] == ["e, budget 1.0, run 1", "e, budget 1.0, run 2"]
+    assert [r["run"] for r in small] == [1, 2]
+    assert all(r["tokens"] == sum(w.max_tokens for w in work) for r in full + small)
+    meta = {"model": "tiny", "requests": 3, "prompt_lengths": [4, 20], "new_tokens": [2, 4]}
+    table = markdown(full + small, meta | {"kv_memory_gib": 0.0, "gpu": "cpu", "date": "today"})
+    for k, row in enumerate(small):
+        line = next(x for x in table.splitlines() if x.startswith(f"| {row['system']} |"))
+        assert f"| {row['tokens_per_s'] / full[k]['tokens_per_s']:.2f}x |" in line
+
+
 def test_the_engine_bench_parses_callback_costs():
     from baklava.bench.cli import bench_main
 

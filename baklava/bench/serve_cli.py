@@ -96,11 +96,19 @@ _model_option = click.option(
     "(its engine and delivery threads, as a served instance) once per value, every callback holding "
     "the GIL that long (Triton's send: ~85) [default: not through the loop].",
 )
+@click.option(
+    "--repeats",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Times each engine serves the workload directly, a row each ('run k'; ratios against budget "
+    "1.0's same run): the first engine of a process has run slower than the next ones.",
+)
 @click.option("--out", type=click.Path(file_okay=False), help="Write serve.json and serve.md here.")
 def engine_bench(
     model_spec, budgets, kv_memory, kv_dtypes, n_requests, prompt_lengths, new_tokens, prefill_chunk,
     max_prefill_tokens, hf_requests, hf_batch, hf_static_requests, seed, prefill_kernel, artifact_paths,
-    loop_callback_us, out,
+    loop_callback_us, repeats, out,
 ):  # fmt: skip
     """Served tokens/s, TTFT and inter-token latency per budget at equal KV memory (GPU)."""
     import torch
@@ -117,6 +125,7 @@ def engine_bench(
         model_spec,
         artifacts=artifacts,
         loop_callback_us=loop_callback_us,
+        repeats=repeats,
         budgets=list(budgets),
         kv_dtypes=list(kv_dtypes),
         kv_memory=kv_memory,

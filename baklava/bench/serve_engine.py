@@ -213,9 +213,14 @@ def run_engine_loop(
     )
 
 
-def _engine_rows(engine, work, name, progress, loop_callback_us, **extra) -> list[dict]:
-    """``engine`` stepped directly, then through the serving loop once per callback cost."""
-    rows = [_logged(run_engine(engine, work, name, progress, **extra))]
+def _engine_rows(engine, work, name, progress, loop_callback_us, repeats=1, **extra) -> list[dict]:
+    """``engine`` stepped directly ``repeats`` times (rows ``run 1``, ``run 2``, ... when more than
+    one), then through the serving loop once per callback cost."""
+    rows = []
+    for k in range(1, repeats + 1):
+        label = name if repeats == 1 else f"{name}, run {k}"
+        run = {"run": k} if repeats > 1 else {}
+        rows.append(_logged(run_engine(engine, work, label, progress, **extra, **run)))
     for us in loop_callback_us:
         label = f"{name}, serving loop, callbacks {us:g} us"
         rows.append(_logged(run_engine_loop(engine, work, label, us, progress, **extra)))
@@ -310,8 +315,15 @@ def run_transformers_static(model, work: list[Work], batch: int, progress: bool 
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    """The report as a Markdown table, ratios against budget 1.0 and one-at-a-time."""
-    base = next((r for r in rows if r.get("budget") == 1.0), None)
+    """The report as a Markdown table, ratios against one-at-a-time and against budget 1.0 served
+    the same way (the same run of several, the same serving loop)."""
+
+    def base_of(row: dict) -> dict | None:
+        same = ("run", "callback_us")
+        return next(
+            (b for b in rows if b.get("budget") == 1.0 and all(b.get(k) == row.get(k) for k in same)), None
+        )
+
     serial = next((r for r in rows if r["system"].endswith("one at a time")), None)
     lines = [
         f"{meta['model']}, {meta['requests']} requests (prompts {meta['prompt_lengths']} tokens, "
@@ -322,7 +334,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        vs_base = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base and "budget" in r else ""
+        base = base_of(r) if "budget" in r else None
+        vs_base = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
         vs_serial = f"{r['tokens_per_s'] / serial['tokens_per_s']:.1f}x" if serial else ""
         phases = f"{r['prefill_s']} / {r['decode_s']}" if "prefill_s" in r else ""
         lines.append(
@@ -375,13 +388,16 @@ def compare(
     progress: bool = True,
     artifacts: list | None = None,
     loop_callback_us: list[float] = (),
+    repeats: int = 1,
 ) -> tuple[list[dict], dict]:
     """Every system of the module docstring on one workload; returns ``(rows, meta)``. With
     ``artifacts`` (exported :class:`~baklava.exporter.artifact.Artifact` s of ``model_spec``) the
     engines are the served ones: each built from its artifact's profile (capacities, eviction, KV
     format) as a served instance builds it, one per artifact, instead of one per budget. Each engine
     also serves the workload through the serving loop once per ``loop_callback_us``
-    (:func:`run_engine_loop`)."""
+    (:func:`run_engine_loop`), after serving it directly ``repeats`` times (on the H200 the first
+    engine of a process prefilled the same prompts at half the rate of the next ones, whatever its
+    budget: BENCHMARKS.md, run N)."""
     from baklava.bench.gpu_decode import LLAMA3_8B, model_shape, random_llama
     from baklava.eviction import EvictionConfig
     from baklava.model_zoo import load_model
@@ -416,7 +432,9 @@ def compare(
         engine = Engine.from_profile(model, tokenizer, artifact.profile, chat=False, **sizing)
         name = f"baklava engine, {artifact.path.name} (budget {budget})"
         kv_dtype = artifact.profile.kv_format
-        rows += _engine_rows(engine, work, name, progress, loop_callback_us, budget=budget, kv_dtype=kv_dtype)
+        rows += _engine_rows(
+            engine, work, name, progress, loop_callback_us, repeats, budget=budget, kv_dtype=kv_dtype
+        )
         del engine
     for budget in [] if artifacts else budgets:
         caps = _capacities(model, lm, budget, context, scored)
@@ -426,7 +444,7 @@ def compare(
             )
             name = f"baklava engine, budget {budget}" + ("" if kv_dtype == "auto" else f", {kv_dtype}")
             rows += _engine_rows(
-                engine, work, name, progress, loop_callback_us, budget=budget, kv_dtype=kv_dtype
+                engine, work, name, progress, loop_callback_us, repeats, budget=budget, kv_dtype=kv_dtype
             )
             del engine
     BudgetedLayer.prefill_kernel = deployed
@@ -456,5 +474,6 @@ def compare(
         "seed": seed,
         "artifacts": [str(a.path) for a in artifacts or []],
         "loop_callback_us": list(loop_callback_us),
+        "repeats": repeats,
     }
     return rows, meta
