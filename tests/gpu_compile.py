@@ -6,6 +6,7 @@ The kernels the CPU tests run in the interpreter are built as a GPU would build 
 Each distinct signature is compiled once::
 
     python -m tests.gpu_compile launches.json [--arch 90]
+    python -m tests.gpu_compile launches.json --keys    # each launch's variant key, as JSON
 
 The interpreter runs neither float8 nor bfloat16, so twins stand in for what the GPU launches:
 every launch over int8 slots (``QUANT=3``, :func:`baklava.kernels.decode_attention._quant_mode`)
@@ -43,11 +44,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("launches")
     parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument(
+        "--keys", action="store_true", help="print each launch's variant key, compile nothing"
+    )
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("gpu_compile: unset TRITON_INTERPRET (the interpreter compiles nothing)")
     with open(args.launches, encoding="utf-8") as f:
-        specs = with_twins(json.load(f))
+        specs = json.load(f)
+    if args.keys:
+        print(json.dumps([launch_key(spec) for spec in specs]))
+        return
+    specs = with_twins(specs)
     done, compiled, failures = set(), collections.Counter(), []
     for spec in specs:
         key = launch_key(spec)

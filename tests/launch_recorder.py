@@ -31,6 +31,17 @@ def _describe(value):
     raise TypeError(f"a kernel argument of type {type(value).__name__} cannot be recorded")
 
 
+def launch_spec(interpreted, args, kwargs) -> dict:
+    """One launch of an interpreted kernel, described for :mod:`baklava.kernels.offline_compile`."""
+    return {
+        "module": interpreted.fn.__module__,
+        "name": interpreted.fn.__name__,
+        "jit": {k: list(v or []) for k, v in interpreted.kwargs.items() if k.startswith("do_not_specialize")},
+        "args": [_describe(a) for a in args],
+        "kwargs": {k: _describe(v) for k, v in kwargs.items()},
+    }
+
+
 def pytest_configure(config):
     if not os.environ.get("BAKLAVA_LAUNCHES"):
         raise pytest.UsageError("tests.launch_recorder: set BAKLAVA_LAUNCHES to the JSON file to write")
@@ -43,13 +54,7 @@ def pytest_configure(config):
     run = InterpretedFunction.run
 
     def recording_run(self, *args, grid, warmup, **kwargs):
-        spec = {
-            "module": self.fn.__module__,
-            "name": self.fn.__name__,
-            "jit": {k: list(v or []) for k, v in self.kwargs.items() if k.startswith("do_not_specialize")},
-            "args": [_describe(a) for a in args],
-            "kwargs": {k: _describe(v) for k, v in kwargs.items()},
-        }
+        spec = launch_spec(self, args, kwargs)
         if spec["module"].startswith("baklava."):  # the project's kernels, not a test's own
             _LAUNCHES.setdefault(json.dumps(spec, sort_keys=True), spec)
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)

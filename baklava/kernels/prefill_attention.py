@@ -69,8 +69,13 @@ def _tile_update(q, k, v, m_i, l_i, acc, qk_scale, k_scale, v_scale, valid,
     return m_new, l_i, acc
 
 
-# per call: a chunk's length; a pool row's fill pointer is 16-byte aligned or not by row parity
-@triton.jit(do_not_specialize=["S"], do_not_specialize_on_alignment=["FILL"])
+# per call: a chunk's length S, and the strides it sets (the LSE rows [B, H, S], the valid flags
+# [B, S]: specialised on them, a last chunk of another length mod 16 compiled another variant in
+# a served run, after the warm-up); a pool row's fill pointer is 16-byte aligned or not by row parity
+_PER_CHUNK = ["S", "stride_lb", "stride_lh", "stride_ab"]
+
+
+@triton.jit(do_not_specialize=_PER_CHUNK, do_not_specialize_on_alignment=["FILL"])
 def _attention_kernel(
     Q, K, V, KS, VS, KN, VN, FILL, OFFSETS, OUT, LSE, VALID,
     stride_qb, stride_qh, stride_qs,
@@ -177,7 +182,10 @@ def _attention_kernel(
     tl.store(LSE + b * stride_lb + qh * stride_lh + rows, lse, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["S", "OBS"], do_not_specialize_on_alignment=["FILL", "SCORE"])
+@triton.jit(
+    do_not_specialize=[*_PER_CHUNK, "OBS", "stride_mb", "stride_mh"],  # the new masses: [B, H_kv, S]
+    do_not_specialize_on_alignment=["FILL", "SCORE"],
+)
 def _mass_kernel(
     Q, K, KS, KN, FILL, OFFSETS, LSE, SCORE, NEW_MASS, VALID,
     stride_qb, stride_qh, stride_qs,
