@@ -24,8 +24,26 @@ import argparse
 import collections
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 from baklava.kernels.offline_compile import compile_launch, launch_key
+
+
+def run(launches: Path, *flags: str, timeout: float = 1800) -> dict | list:
+    """This module on ``launches`` in a process of its own, without the interpreter (a test runs
+    under it); its printed JSON. Raises ``AssertionError`` with its stderr when it fails."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.gpu_compile", str(launches), *flags],
+        cwd=Path(__file__).resolve().parents[1],
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def with_twins(specs: list[dict]) -> list[dict]:

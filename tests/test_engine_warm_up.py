@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,11 +25,11 @@ from baklava.eviction import EvictionConfig
 from baklava.runtime.engine import Engine
 from baklava.runtime.packed_cache import BudgetedLayer
 from baklava.runtime.sampling import SamplingParams
+from tests import gpu_compile
 from tests.conftest import _tiny_tokenizer, tiny_config
 from tests.launch_recorder import launch_spec
 
 pytest.importorskip("triton", reason="Triton is not installed")
-ROOT = Path(__file__).resolve().parents[1]
 PREFILL_MODULES = ("baklava.kernels.prefill_attention", "baklava.kernels.prefill_select")
 
 
@@ -42,11 +39,12 @@ PREFILL_MODULES = ("baklava.kernels.prefill_attention", "baklava.kernels.prefill
 def test_a_served_workload_launches_no_prefill_variant_the_warm_up_did_not(caps, monkeypatch, tmp_path):
     from triton.runtime.interpreter import InterpretedFunction
 
-    launches, phase, run = [], ["warm-up"], InterpretedFunction.run
+    launches, phase, run = {}, ["warm-up"], InterpretedFunction.run  # each distinct launch: when first made
 
     def recording_run(self, *args, grid, warmup, **kwargs):
         if self.fn.__module__ in PREFILL_MODULES:
-            launches.append([phase[0], launch_spec(self, args, kwargs)])
+            spec = launch_spec(self, args, kwargs)
+            launches.setdefault(json.dumps(spec, sort_keys=True), (phase[0], spec))
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     monkeypatch.setattr(InterpretedFunction, "run", recording_run)
@@ -74,19 +72,11 @@ def test_a_served_workload_launches_no_prefill_variant_the_warm_up_did_not(caps,
     while engine.has_work():
         engine.step()
 
+    made = list(launches.values())
     path = tmp_path / "launches.json"
-    path.write_text(json.dumps([spec for _, spec in launches]))
-    keyed = subprocess.run(
-        [sys.executable, "-m", "tests.gpu_compile", str(path), "--keys"],
-        cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert keyed.returncode == 0, keyed.stderr[-3000:]
-    keys = json.loads(keyed.stdout.splitlines()[-1])
-    warm = {key for key, (when, _) in zip(keys, launches, strict=True) if when == "warm-up"}
-    served = [spec["name"] for key, (when, spec) in zip(keys, launches, strict=True) if key not in warm]
-    assert {spec["name"] for when, spec in launches if when == "served"} >= {"_attention_kernel"}
+    path.write_text(json.dumps([spec for _, spec in made]))
+    keys = gpu_compile.run(path, "--keys", timeout=600)
+    warm = {key for key, (when, _) in zip(keys, made, strict=True) if when == "warm-up"}
+    served = [spec["name"] for key, (when, spec) in zip(keys, made, strict=True) if key not in warm]
+    assert {spec["name"] for when, spec in made if when == "served"} >= {"_attention_kernel"}
     assert served == [], f"variants compiled after the warm-up: {sorted(set(served))}"

@@ -8,7 +8,6 @@ and bf16 twins of the launches the interpreter cannot run (``tests/gpu_compile.p
 where the compiler needs a constexpr) fails here, on a machine without one.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests import gpu_compile
 
 pytest.importorskip("triton", reason="Triton is not installed")
 
@@ -79,16 +80,7 @@ def test_every_kernel_the_cpu_tests_launch_compiles_for_hopper(tmp_path):
         timeout=1800,
     )
     assert recorded.returncode == 0, recorded.stdout[-3000:]
-    compiled = subprocess.run(
-        [sys.executable, "-m", "tests.gpu_compile", str(launches), "--arch", "90"],
-        cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    assert compiled.returncode == 0, compiled.stderr[-3000:]
-    result = json.loads(compiled.stdout.splitlines()[-1])
+    result = gpu_compile.run(launches, "--arch", "90")
     assert result["failures"] == [], "\n\n".join(
         f"{name}:\n{message}" for name, message in result["failures"]
     )

@@ -68,9 +68,9 @@ def _candidate_bits(
 # Arguments that differ from call to call in a batching engine: a row of a slot pool starts at
 # row x sum(cap) elements (so its positions / scores / fill pointers are 16-byte aligned or not by
 # the row's parity), each layer has its own sum(cap) (the row strides), and a prompt's last chunk
-# has any length (the bits' row stride is max(cap) + its length). Specialising on them compiled a new variant for most combinations: on an H200 a
-# budget-0.3 engine run spent 51 s in prefill against 11 s at budget 1.0 (all rows aligned), over
-# 200 new files in Triton's cache. The kernels load these one element at a time, so the hints buy
+# has any length (the bits' row stride is max(cap) + that length). Specialising on them compiled a
+# new variant for most combinations: on an H200 a budget-0.3 engine run spent 51 s in prefill
+# against 11 s at budget 1.0 (all rows aligned), over 200 new files in Triton's cache. The kernels load these one element at a time, so the hints buy
 # nothing here.
 _PER_CALL_INTS = [
     "stride_pb",
