@@ -361,6 +361,36 @@ def test_chunked_prefill_bounds_the_attended_keys_by_budget_plus_chunk(tiny_llam
     assert max(seen_keys) == 90  # one pass attends over the whole prompt
 
 
+@pytest.mark.parametrize("device,route", [("cpu", "sdpa"), ("cuda", "flash"), ("cuda", "sdpa")])
+def test_first_chunk_attention_matches_fp32_causal_gqa(device, route, monkeypatch):
+    """A first chunk's causal GQA attention (14 query heads over 2 KV heads, Qwen2.5-0.5B's)
+    against fp32 softmax attention; on CUDA in bf16 through flash attention, whose route the
+    engine's prompts must take (SDPA's own cuDNN choice builds a plan per new length), and
+    through SDPA's choice past ``FLASH_MAX_FLOPS``."""
+    from torch.backends.cuda import SDPAParams, can_use_flash_attention
+
+    from baklava.runtime import prefill_attention
+    from baklava.runtime.prefill_attention import causal_self_attention
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if route == "sdpa":
+        monkeypatch.setattr(prefill_attention, "FLASH_MAX_FLOPS", 0.0)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    gen = torch.Generator(device).manual_seed(0)
+    q = torch.randn(1, 14, 777, 64, device=device, dtype=dtype, generator=gen)
+    k, v = (torch.randn(1, 2, 777, 64, device=device, dtype=dtype, generator=gen) for _ in range(2))
+    if route == "flash":
+        assert can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, True, True))
+    out = causal_self_attention(q, k, v, 0.125)
+    kf, vf = (t.float().repeat_interleave(7, dim=1) for t in (k, v))
+    logits = (q.float() @ kf.transpose(-1, -2)) * 0.125
+    logits = logits.masked_fill(~torch.ones(777, 777, dtype=torch.bool, device=device).tril(), float("-inf"))
+    expected = torch.softmax(logits, -1) @ vf
+    assert out.shape == (1, 14, 777, 64) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected, rtol=0, atol=2e-2 if device == "cuda" else 1e-5)
+
+
 def test_query_blocks_give_the_same_prefill(tiny_llama, monkeypatch):
     """Long prefills attend QUERY_BLOCK queries at a time, building each block's bias on the fly
     (no [B, 1, q, n + q] tensor): the logits and the kept tokens do not depend on the block size."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from baklava.atomic import write_text_atomic
+from baklava.bench.serve_cli import RANDOM_HELP
 from baklava.cli_options import (
     calibration_options,
     comma_list,
@@ -277,13 +278,13 @@ def _gpu_model(model_spec: str, device: str = "cuda"):
     ``device="meta"``: the same model without weights (any machine), for counting bytes only."""
     import torch
 
-    from baklava.bench.gpu_decode import LLAMA3_8B, random_llama
+    from baklava.bench.gpu_decode import RANDOM_MODELS, random_decoder
     from baklava.runtime.attention import enable
 
     if device == "cuda" and not torch.cuda.is_available():
         raise BaklavaError("this benchmark measures the GPU path: no CUDA device here")
-    if model_spec == RANDOM_LLAMA:
-        model = random_llama(LLAMA3_8B, device=device)
+    if model_spec in RANDOM_MODELS:
+        model = random_decoder(RANDOM_MODELS[model_spec], device=device)
     else:
         from baklava.model_zoo import load_model
 
@@ -312,7 +313,7 @@ _gpu_model_option = click.option(
     "model_spec",
     default=RANDOM_LLAMA,
     show_default=True,
-    help=f"{RANDOM_LLAMA} (Llama-3-8B shapes, random bf16 weights), or an alias / directory / .gguf.",
+    help=RANDOM_HELP,
 )
 
 

@@ -27,6 +27,7 @@ from baklava.runtime.packed_cache import BudgetedCache
 from baklava.runtime.packed_decode import SlotMap
 
 LLAMA3_8B = dict(
+    model_type="llama",
     vocab_size=128256,
     hidden_size=4096,
     intermediate_size=14336,
@@ -40,15 +41,35 @@ LLAMA3_8B = dict(
 )
 
 
-def random_llama(shape: dict, *, dtype=torch.bfloat16, device="cuda"):
-    """A ``LlamaForCausalLM`` of ``shape`` with random weights, built directly in ``dtype`` on ``device``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+QWEN25_05B = dict(
+    model_type="qwen2",
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    max_position_embeddings=32768,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+)
+# the random-weight models the GPU benchmarks take for --model (timing does not depend on weights)
+RANDOM_MODELS = {"random-llama-3-8b": LLAMA3_8B, "random-qwen2.5-0.5b": QWEN25_05B}
 
+
+def random_decoder(shape: dict, *, dtype=torch.bfloat16, device="cuda"):
+    """A transformers decoder of ``shape`` (its ``model_type`` and config fields) with random
+    weights, built directly in ``dtype`` on ``device``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(shape)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(LlamaConfig(**shape))
+            model = AutoModelForCausalLM.from_config(config)
     finally:
         torch.set_default_dtype(previous)
     return model.eval()

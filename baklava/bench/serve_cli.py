@@ -21,12 +21,13 @@ from baklava.cli_options import (
 from baklava.cli_runner import log
 from baklava.errors import BaklavaError
 
+RANDOM_HELP = "random-llama-3-8b / random-qwen2.5-0.5b (those shapes, random bf16 weights), or an alias / directory / .gguf."
 _model_option = click.option(
     "--model",
     "model_spec",
     default="random-llama-3-8b",
     show_default=True,
-    help="random-llama-3-8b (Llama-3-8B shapes, random bf16 weights), or an alias / directory / .gguf.",
+    help=RANDOM_HELP,
 )
 
 

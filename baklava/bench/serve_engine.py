@@ -398,16 +398,16 @@ def compare(
     (:func:`run_engine_loop`), after serving it directly ``repeats`` times (on the H200 the first
     engine of a process prefilled the same prompts at half the rate of the next ones, whatever its
     budget: BENCHMARKS.md, run N)."""
-    from baklava.bench.gpu_decode import LLAMA3_8B, model_shape, random_llama
+    from baklava.bench.gpu_decode import RANDOM_MODELS, model_shape, random_decoder
     from baklava.eviction import EvictionConfig
     from baklava.model_zoo import load_model
     from baklava.profiles.pipeline import score
     from baklava.runtime.packed_cache import BudgetedLayer
 
     lm, scored = None, None
-    if model_spec == RANDOM_LLAMA:
-        model, tokenizer = random_llama(LLAMA3_8B), None
-        source = np.random.default_rng(seed).integers(0, LLAMA3_8B["vocab_size"], 1 << 20)
+    if model_spec in RANDOM_MODELS:
+        model, tokenizer = random_decoder(RANDOM_MODELS[model_spec]), None
+        source = np.random.default_rng(seed).integers(0, RANDOM_MODELS[model_spec]["vocab_size"], 1 << 20)
     else:
         lm = load_model(model_spec, dtype=torch.bfloat16, progress=progress)
         lm.model.to("cuda").eval()

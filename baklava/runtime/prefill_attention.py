@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.backends.cuda import SDPAParams
 from torch.nn.attention.bias import causal_lower_right
 
 from baklava.runtime.selection import snapkv_pool
@@ -83,12 +84,40 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: in
     """``q [B, Hq, s, D]`` over ``k, v [B, H, past + s, D]`` (``Hq`` a multiple of ``H``): the
     ``past`` stored keys are all visible, the ``s`` new ones causally. Returns ``[B, Hq, s, D]``."""
     if past == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        return causal_self_attention(q, k, v, scale)
     group = q.shape[1] // k.shape[1]
     if group > 1:  # the bottom-right causal bias takes no GQA: every query head gets its keys
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     bias = causal_lower_right(q.shape[2], k.shape[2])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
+# Above this many attention FLOPs a layer (2 n^2 d Hq; Qwen2.5-0.5B's heads to ~23k tokens,
+# Llama-3-8B's to ~12k), a causal first chunk takes SDPA's own choice instead of flash: see below.
+FLASH_MAX_FLOPS = 1.0e12
+
+
+def causal_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale) -> torch.Tensor:
+    """Causal attention of ``q [B, Hq, s, D]`` over ``k, v [B, H, s, D]`` (GQA).
+
+    SDPA's own choice on Hopper is cuDNN, which builds an execution plan for every sequence length
+    it has not met on the calling thread (its plan cache is per thread): on an H200, 42-44 ms of
+    host time for each new length (820 ms the first time in a process), more than the whole
+    prefill of a 4k-token prompt. A server's prompts all differ in length and its engine steps on
+    its own thread, so every request paid it, twice over what its prefill cost (BENCHMARKS.md,
+    "cuDNN's plan per prompt length"). Flash attention has no plan; its kernel is slower than
+    cuDNN's at long lengths (1.6x at 16k tokens of Qwen2.5-0.5B's heads: 1.75 against 1.08 ms a
+    layer), which over a model's layers outweighs one plan past ``FLASH_MAX_FLOPS`` a layer; up to
+    it, on CUDA, flash runs. Elsewhere (the CPU, fp32, longer chunks) SDPA picks as usual."""
+    batch, q_heads, s, dim = q.shape
+    flops = 2.0 * s * s * dim * q_heads * batch
+    if (
+        q.is_cuda
+        and flops <= FLASH_MAX_FLOPS
+        and torch.backends.cuda.can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, True, True))
+    ):
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)[0]
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
 
 
 def observation_mass(q: torch.Tensor, k: torch.Tensor, past: int, obs: int, scale) -> torch.Tensor:

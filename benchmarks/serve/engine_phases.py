@@ -18,29 +18,14 @@ os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
-from baklava.bench.gpu_decode import uneven_capacities  # noqa: E402
+from baklava.bench.gpu_decode import QWEN25_05B, random_decoder, uneven_capacities  # noqa: E402
 from baklava.bench.serve_engine import run_engine, workload  # noqa: E402
 from baklava.runtime import engine as E  # noqa: E402
 
-QWEN_05B = dict(
-    vocab_size=151936,
-    hidden_size=896,
-    intermediate_size=4864,
-    num_hidden_layers=24,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    max_position_embeddings=32768,
-    tie_word_embeddings=True,
-)
-
 
 def main(requests: int) -> None:
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = Qwen2ForCausalLM(Qwen2Config(**QWEN_05B)).eval()
-    torch.set_default_dtype(torch.float32)
+    model = random_decoder(QWEN25_05B)
     phase: dict[str, float] = {}
 
     def timed(name, fn):
