@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from baklava.atomic import write_text_atomic
-from baklava.bench.serve_cli import RANDOM_HELP
+from baklava.bench.serve_cli import RANDOM_HELP, RANDOM_LLAMA
 from baklava.cli_options import (
     calibration_options,
     comma_list,
@@ -267,9 +267,6 @@ def _log_targets(name: str, checks: list[dict]) -> None:
 
     for c in checks:
         log(f"{name}: {describe(c)}")
-
-
-RANDOM_LLAMA = "random-llama-3-8b"
 
 
 def _gpu_model(model_spec: str, device: str = "cuda"):

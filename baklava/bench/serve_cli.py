@@ -21,11 +21,12 @@ from baklava.cli_options import (
 from baklava.cli_runner import log
 from baklava.errors import BaklavaError
 
+RANDOM_LLAMA = "random-llama-3-8b"  # the GPU benchmarks' default model (gpu_decode.RANDOM_MODELS)
 RANDOM_HELP = "random-llama-3-8b / random-qwen2.5-0.5b (those shapes, random bf16 weights), or an alias / directory / .gguf."
 _model_option = click.option(
     "--model",
     "model_spec",
-    default="random-llama-3-8b",
+    default=RANDOM_LLAMA,
     show_default=True,
     help=RANDOM_HELP,
 )
@@ -103,7 +104,7 @@ _model_option = click.option(
     show_default=True,
     type=click.IntRange(1),
     help="Times each engine serves the workload directly, a row each ('run k'; ratios against budget "
-    "1.0's same run): the first engine of a process has run slower than the next ones.",
+    "1.0's same run): shows whether a later run is favoured by what an earlier one cached.",
 )
 @click.option("--out", type=click.Path(file_okay=False), help="Write serve.json and serve.md here.")
 def engine_bench(

@@ -30,8 +30,6 @@ from baklava.runtime.allocator_stats import allocator_counts, counts_since
 from baklava.runtime.engine import Engine
 from baklava.runtime.sampling import SamplingParams
 
-RANDOM_LLAMA = "random-llama-3-8b"  # the name baklava-bench's GPU commands use
-
 
 @dataclass(frozen=True)
 class Work:
@@ -395,9 +393,9 @@ def compare(
     engines are the served ones: each built from its artifact's profile (capacities, eviction, KV
     format) as a served instance builds it, one per artifact, instead of one per budget. Each engine
     also serves the workload through the serving loop once per ``loop_callback_us``
-    (:func:`run_engine_loop`), after serving it directly ``repeats`` times (on the H200 the first
-    engine of a process prefilled the same prompts at half the rate of the next ones, whatever its
-    budget: BENCHMARKS.md, run N)."""
+    (:func:`run_engine_loop`), after serving it directly ``repeats`` times (repeats show whether
+    anything cached across runs, like cuDNN's per-length plans before the first chunk moved to
+    flash attention, favours a later run: BENCHMARKS.md, "cuDNN's plan per prompt length")."""
     from baklava.bench.gpu_decode import RANDOM_MODELS, model_shape, random_decoder
     from baklava.eviction import EvictionConfig
     from baklava.model_zoo import load_model
