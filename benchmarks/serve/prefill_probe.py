@@ -2,7 +2,8 @@
 
 Serves one workload (prompts 1k-16k tokens, random Qwen2.5-0.5B-shaped weights) with the batching
 engine several times in one process, directly on the main thread or through the serving loop (its
-engine thread), and records for every prompt's prefill call (one chunk a prompt here):
+engine thread), and records for every prompt's prefill call (one chunk a prompt here; hooks on
+the model and on the engine's sampling, so the engine's own prefill is what runs):
 
     enqueue ms   host time to queue the model's forward (``model(...)`` returning)
     total ms     until its logits are on the host (the sync)
@@ -32,62 +33,77 @@ import torch
 from baklava.bench import serve_engine
 from baklava.bench.gpu_decode import QWEN25_05B, random_decoder, uneven_capacities
 from baklava.eviction import EvictionConfig
-from baklava.runtime.cache_keyword import forward_cache
-from baklava.runtime.engine import DECODING, PREFILLING, Engine
-from baklava.runtime.sampling import next_token
+from baklava.runtime import engine as engine_module
+from baklava.runtime.engine import Engine
 
 SMOKE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, vocab_size=1000)
 
 
 class ChunkLog:
-    """Engine._prefill with a record per finished prompt (the engine's own logic otherwise)."""
+    """A record per prefill forward of the engine's own ``_prefill``: forward hooks on the model
+    time the queueing (and CUDA events its GPU span), and the engine's ``next_token``, called once
+    the prompt's logits are on the host, ends the record (one chunk a prompt here)."""
 
     def __init__(self, profile_chunks: int, out: Path):
         self.rows: list[dict] = []
         self.label = "-"
         self.profile_left, self.profiler, self.out = profile_chunks, None, out
+        self.pending: dict | None = None  # the forward whose logits the host waits for
 
-    def prefill(self, engine: Engine, events: list) -> None:
-        budget = engine.max_prefill_tokens
-        cuda = engine.pool.device.type == "cuda"
-        for req in sorted(engine._active.values(), key=lambda r: r.arrival):
-            if budget <= 0:
-                break
-            if req.state != PREFILLING:
-                continue
-            n = min(engine.prefill_chunk, req.prompt.numel() - req.prefilled)
-            before = resource.getrusage(resource.RUSAGE_THREAD)
-            cpu, start = time.thread_time(), time.perf_counter()
-            if cuda:
-                marks = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                marks[0].record()
-            chunk = req.prompt[req.prefilled : req.prefilled + n].to(engine.pool.device)[None]
-            out = engine.model(input_ids=chunk, **forward_cache(engine.model, req.view), logits_to_keep=1)
-            logits = out.logits[0, -1]
-            if cuda:
-                marks[1].record()
-            queued, cpu = time.perf_counter() - start, time.thread_time() - cpu
-            after = resource.getrusage(resource.RUSAGE_THREAD)
-            req.prefilled += n
-            budget -= n
-            engine.prefill_tokens += n
-            if req.prefilled == req.prompt.numel():
-                req.view, req.state = None, DECODING
-                token = next_token(logits.float().cpu(), req.params, req.generator)
-                self.rows.append(
-                    {
-                        "label": self.label,
-                        "tokens": n,
-                        "enqueue_ms": 1000 * queued,
-                        "total_ms": 1000 * (time.perf_counter() - start),
-                        "gpu_ms": marks[0].elapsed_time(marks[1]) if cuda else None,
-                        "cpu_ms": 1000 * cpu,
-                        "switches": after.ru_nvcsw - before.ru_nvcsw,
-                        "thread": threading.current_thread().name,
-                    }
-                )
-                engine._emit(req, token, events)
-            self._profile_tick()
+    def attach(self, model) -> None:
+        model.register_forward_pre_hook(self._before, with_kwargs=True)
+        model.register_forward_hook(self._after, with_kwargs=True)
+        sample = engine_module.next_token
+
+        def timed_next_token(*args, **kwargs):
+            self._synced()
+            return sample(*args, **kwargs)
+
+        engine_module.next_token = timed_next_token
+
+    def _before(self, model, args, kwargs) -> None:
+        ids = kwargs.get("input_ids")
+        if ids is None or ids.shape[1] == 1:  # decode steps (and their graph captures)
+            return
+        marks = None
+        if ids.is_cuda:
+            marks = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            marks[0].record()
+        self.pending = {
+            "tokens": ids.shape[1],
+            "marks": marks,
+            "rusage": resource.getrusage(resource.RUSAGE_THREAD),
+            "cpu": time.thread_time(),
+            "start": time.perf_counter(),
+        }
+
+    def _after(self, model, args, kwargs, output) -> None:
+        p = self.pending
+        if p is None or "queued" in p or kwargs.get("input_ids") is None or kwargs["input_ids"].shape[1] == 1:
+            return
+        if p["marks"] is not None:
+            p["marks"][1].record()
+        p["queued"], p["cpu"] = time.perf_counter() - p["start"], time.thread_time() - p["cpu"]
+        p["switches"] = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw - p.pop("rusage").ru_nvcsw
+
+    def _synced(self) -> None:
+        p, self.pending = self.pending, None
+        if p is None or "queued" not in p:  # a decode step's sampling
+            return
+        marks = p["marks"]
+        self.rows.append(
+            {
+                "label": self.label,
+                "tokens": p["tokens"],
+                "enqueue_ms": 1000 * p["queued"],
+                "total_ms": 1000 * (time.perf_counter() - p["start"]),
+                "gpu_ms": marks[0].elapsed_time(marks[1]) if marks else None,
+                "cpu_ms": 1000 * p["cpu"],
+                "switches": p["switches"],
+                "thread": threading.current_thread().name,
+            }
+        )
+        self._profile_tick()
 
     def _profile_tick(self) -> None:
         if self.profiler is not None:
@@ -147,7 +163,7 @@ def main(out: Path, requests: int, kv_memory_gib: float, plan: str, profile_chun
         else dict(kv_memory=int(kv_memory_gib * 2**30), prefill_chunk=16384, max_prefill_tokens=16384)
     )
     log = ChunkLog(profile_chunks, out)
-    Engine._prefill = lambda engine, events: log.prefill(engine, events)
+    log.attach(model)
     warm_up = serve_engine._warm_up
 
     def labelled_warm_up(engine, w):  # the warm-up's chunks are not the run's
