@@ -5,7 +5,8 @@ Every :meth:`Engine.step` is one iteration of the scheduler and the model::
     cancelled requests ─▶ finish, free their rows
     waiting requests   ─▶ free rows (lowest first), each row emptied (SlotPool.reset_row)
     prefilling rows    ─▶ the next chunk of each prompt into its own row, up to
-                          ``max_prefill_tokens`` a step; a finished prompt samples its first token
+                          ``max_prefill_tokens`` a step; the prompts it finished sample their
+                          first tokens once all are queued (one host sync a step)
     decoding rows      ─▶ one decode step for rows 0 .. n-1 (DecodeStep: a CUDA graph per bucket),
                           only decoding rows written; sample every row; stream text pieces
     EOS / max_tokens   ─▶ finish, free the row
@@ -190,6 +191,8 @@ class Engine:
         params = params or SamplingParams()
         ids = self.encode(prompt) if isinstance(prompt, str) else torch.as_tensor(prompt, dtype=torch.long)
         ids = ids.reshape(-1).cpu()
+        if self.pool.device.type == "cuda":  # pinned: its chunks go to the GPU without a sync
+            ids = ids.pin_memory()
         if ids.numel() == 0:
             raise BaklavaError("prompt is empty")
         ctx = None
@@ -263,6 +266,7 @@ class Engine:
 
     def _prefill(self, events: list[Event]) -> None:
         budget = self.max_prefill_tokens
+        done: list[tuple[_Request, torch.Tensor]] = []  # prompts prefilled this step, their last logits
         for req in sorted(self._active.values(), key=lambda r: r.arrival):
             if budget <= 0:
                 break
@@ -274,16 +278,20 @@ class Engine:
             # whole chunks only: where a prompt is cut decides what its cache keeps, and that must
             # not depend on the other requests (the step's budget may be overrun by one chunk)
             n = min(self.prefill_chunk, req.prompt.numel() - req.prefilled)
-            chunk = req.prompt[req.prefilled : req.prefilled + n].to(self.pool.device)[None]  # [1, n]
+            chunk = req.prompt[req.prefilled : req.prefilled + n].to(self.pool.device, non_blocking=True)
             logits = self.model(
-                input_ids=chunk, **forward_cache(self.model, req.view), logits_to_keep=1
+                input_ids=chunk[None], **forward_cache(self.model, req.view), logits_to_keep=1
             ).logits[0, -1]
             req.prefilled += n
             budget -= n
             self.prefill_tokens += n
             if req.prefilled == req.prompt.numel():
                 req.view, req.state = None, DECODING
-                self._emit(req, next_token(logits.float().cpu(), req.params, req.generator), events)
+                done.append((req, logits))
+        if done:  # one host sync for the step's prompts: the GPU runs one while the next is queued
+            rows = torch.stack([logits for _, logits in done]).float().cpu()
+            for (req, _), row in zip(done, rows, strict=True):
+                self._emit(req, next_token(row, req.params, req.generator), events)
 
     def _load_context(self, req: _Request) -> int:
         """Compress ``req``'s context into its row (its view then continues after it); returns

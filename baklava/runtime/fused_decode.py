@@ -16,8 +16,9 @@ loads it. A layer hands its partials to the next through the model's :class:`_Ch
 layer (or one whose input came from elsewhere) sums its input's squares in one small launch.
 
 The concatenated weights are the storage of the original ones (the projections' weights become
-views into them), so no weight memory is added. Steps of more than one token (prefill chunks),
-and one-token steps on devices the kernels do not run on, take the original forward. Each
+views into them), so no weight memory is added. Steps of more than one token (prefill chunks)
+take the fused chunk forward of :mod:`baklava.runtime.fused_prefill` on the same weights;
+steps on devices the kernels do not run on take the original forward. Each
 kernel rounds where transformers' eager code rounds (RMSNorm normalises in float32, casts, then
 scales by its weight; RoPE rounds each product; a projection rounds before its residual add), so
 the step differs from the original only by the matmuls' and the norms' summation order. On
@@ -35,6 +36,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from baklava.kernels import decode_gemv
 from baklava.kernels.rope import rope_split
+from baklava.runtime import fused_prefill
 
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 
@@ -102,11 +104,13 @@ class _Chain:
         return ss if fresh else decode_gemv.sum_squares(x)
 
 
-def fuse(model, device_types: tuple[str, ...] = ("cuda",)) -> bool:
-    """Give every decoder layer the fused one-token forward (idempotent); False if unsupported.
+def fuse(model, device_types: tuple[str, ...] = ("cuda",), *, prefill: bool = True) -> bool:
+    """Give every decoder layer the fused one-token forward and, with ``prefill``, the fused chunk
+    forward of :mod:`baklava.runtime.fused_prefill` (idempotent: a second call sets both options
+    again); False if unsupported.
 
-    ``device_types``: where the fused forward runs (the tests add ``"cpu"`` under Triton's
-    interpreter); elsewhere, and for steps of more than one token, the original forward runs.
+    ``device_types``: where the fused forwards run (the tests add ``"cpu"`` under Triton's
+    interpreter); elsewhere, and for chunks when ``prefill`` is off, the original forward runs.
     """
     if supported(model) is not None:
         return False
@@ -114,6 +118,7 @@ def fuse(model, device_types: tuple[str, ...] = ("cuda",)) -> bool:
     for layer in model.model.layers:
         if hasattr(layer, "_baklava_fused"):
             layer._baklava_fused.device_types = device_types
+            layer._baklava_fused.prefill = prefill
             continue
         attn, mlp = layer.self_attn, layer.mlp
         qkv_weight, qkv_bias = _concat_into_views([attn.q_proj, attn.k_proj, attn.v_proj])
@@ -124,24 +129,33 @@ def fuse(model, device_types: tuple[str, ...] = ("cuda",)) -> bool:
             gate_up=gate_up,
             original=layer.forward,
             device_types=device_types,
+            prefill=prefill,
             chain=chain,
         )
-        layer.forward = types.MethodType(_decode_forward, layer)
+        layer.forward = types.MethodType(_fused_forward, layer)
     return True
 
 
-def _decode_forward(self, hidden_states, *args, **kwargs):
+def _fused_forward(self, hidden_states, *args, **kwargs):
+    """A decoder layer's forward: one-token steps fused here, chunks of several tokens in
+    :mod:`baklava.runtime.fused_prefill` (unless ``prefill`` is off), anything else (positional
+    arguments, other devices, an attention implementation transformers keeps apart) the original."""
     fused = self._baklava_fused
-    if args or hidden_states.shape[1] != 1 or hidden_states.device.type not in fused.device_types:
+    one_token = hidden_states.shape[1] == 1
+    if (
+        args
+        or hidden_states.device.type not in fused.device_types
+        or not (one_token or fused.prefill)
+        or ALL_ATTENTION_FUNCTIONS.get_interface(self.self_attn.config._attn_implementation, None) is None
+    ):
         return fused.original(hidden_states, *args, **kwargs)
-    # transformers < 5.24 hands the cache over as `past_key_values`, later versions as `cache`
-    cache = kwargs.pop("past_key_values", None)
-    named = kwargs.pop("cache", None)
-    if cache is None:
-        cache = named
-    kwargs.pop("use_cache", None)
-    attention_mask = kwargs.pop("attention_mask", None)
-    position_embeddings = kwargs.pop("position_embeddings")
+    if not one_token:
+        return fused_prefill.forward(self, fused, hidden_states, **kwargs)
+    return _decode_forward(self, fused, hidden_states, kwargs)
+
+
+def _decode_forward(self, fused, hidden_states, kwargs):
+    cache, attention_mask, position_embeddings = fused_prefill.layer_inputs(kwargs)
     attn, mlp = self.self_attn, self.mlp
     batch = hidden_states.shape[0]
     x = hidden_states.reshape(batch, -1).contiguous()

@@ -10,7 +10,8 @@ the GPU idle a fifth of the prefill).
 
 ::
 
-    first chunk, no padding  flash SDPA, causal, every head     SnapKV masses (PyTorch)
+    first chunk, no padding  flash SDPA, causal, every head     SnapKV masses from flash's
+                                                                log-sum-exp (the mass kernel)
     later chunks             kernels/prefill_attention.py       stored slots read in place; masses
                                                                 of stored slots added to scores
     padded chunks (any)      the same kernels with ``valid``    padded tokens no key, no mass
@@ -32,7 +33,12 @@ import torch
 from baklava.kernels.prefill_attention import observation_masses, prefill_attention
 from baklava.kernels.prefill_select import packed_prefill_select
 from baklava.runtime import kv_slots
-from baklava.runtime.prefill_attention import add_head_masses, append, causal_attention, observation_mass
+from baklava.runtime.prefill_attention import (
+    add_head_masses,
+    append,
+    causal_self_attention_lse,
+    observation_mass,
+)
 from baklava.runtime.selection import snapkv_pool
 
 
@@ -44,13 +50,20 @@ def chunk(
     ``[B, H_kv, S, width]``), scored by its last ``obs`` queries (0: no scores, the ring policy).
     ``valid [B, S]``: the chunk's real tokens when it has padding (the kernels mask the rest, the
     commit skips them). Returns the attention output ``[B, S, H_q, D]``, contiguous."""
+    keys, values, kv_format = kv_slots.kernel_operands(layer)
+    quantized = dict(kv_format=kv_format, key_scales=layer.key_scales)
+    offsets = layer.device_offsets
     if layer.seen == 0 and valid is None:  # nothing stored: one flash call for every head
-        out = causal_attention(query, k_new, v_new, 0, scale).transpose(1, 2).contiguous()
-        new_mass = observation_mass(query, k_new, 0, obs, scale) if obs else None
+        out, lse = causal_self_attention_lse(query, k_new, v_new, scale)
+        out = out.transpose(1, 2).contiguous()
+        new_mass = None
+        if obs and lse is not None:  # the masses from flash's log-sum-exp: one launch (fill is 0)
+            new_mass = observation_masses(
+                query, keys, k_new, layer.fill, offsets, lse, layer.scores, 0, obs, scale, **quantized
+            )
+        elif obs:
+            new_mass = observation_mass(query, k_new, 0, obs, scale)
     else:
-        keys, values, kv_format = kv_slots.kernel_operands(layer)
-        quantized = dict(kv_format=kv_format, key_scales=layer.key_scales)
-        offsets = layer.device_offsets
         out, lse = prefill_attention(
             query, keys, values, k_new, v_new, layer.fill, offsets, scale,
             value_scales=layer.value_scales, valid=valid, **quantized,

@@ -98,7 +98,17 @@ FLASH_MAX_FLOPS = 1.0e12
 
 
 def causal_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale) -> torch.Tensor:
-    """Causal attention of ``q [B, Hq, s, D]`` over ``k, v [B, H, s, D]`` (GQA).
+    """Causal attention of ``q [B, Hq, s, D]`` over ``k, v [B, H, s, D]`` (GQA); see
+    :func:`causal_self_attention_lse`."""
+    return causal_self_attention_lse(q, k, v, scale)[0]
+
+
+def causal_self_attention_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Causal attention of ``q [B, Hq, s, D]`` over ``k, v [B, H, s, D]`` (GQA), and each
+    query's log-sum-exp ``[B, Hq, s]`` (float32, natural log) where the kernel gives it (flash),
+    else None.
 
     SDPA's own choice on Hopper is cuDNN, which builds an execution plan for every sequence length
     it has not met on the calling thread (its plan cache is per thread): on an H200, 42-44 ms of
@@ -116,8 +126,11 @@ def causal_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
         and flops <= FLASH_MAX_FLOPS
         and torch.backends.cuda.can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, True, True))
     ):
-        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)[0]
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)[
+            :2
+        ]
+        return out, (lse if lse.shape == (batch, q_heads, s) else None)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True), None
 
 
 def observation_mass(q: torch.Tensor, k: torch.Tensor, past: int, obs: int, scale) -> torch.Tensor:

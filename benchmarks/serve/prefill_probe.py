@@ -10,12 +10,15 @@ the model and on the engine's sampling, so the engine's own prefill is what runs
     GPU ms       CUDA events around the forward: the GPU's span, idle gaps included
     CPU ms       the calling thread's CPU time over the enqueue; switches: its voluntary ones
 
-Enqueue ~= GPU span with total ~= enqueue means the GPU waited for the host. This found the
+Enqueue ~= GPU span with total ~= enqueue means the GPU waited for the host. A run ``eager``
+serves directly with transformers' own layer forward for the prefill chunks (the fused chunk
+forward of ``runtime/fused_prefill.py`` off), to compare the two in one process. This found the
 cuDNN plan per prompt length (BENCHMARKS.md, "cuDNN's plan per prompt length"). Optionally a
 torch-profiler table of the first run's first chunks (``--profile-chunks``).
 
     python benchmarks/serve/prefill_probe.py --out probe          # GPU machine
     python benchmarks/serve/prefill_probe.py --out probe --smoke  # any machine: tiny model, CPU
+    python benchmarks/serve/prefill_probe.py --out probe --plan "1.0:direct,eager,direct,eager"
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from baklava.bench import serve_engine
 from baklava.bench.gpu_decode import QWEN25_05B, random_decoder, uneven_capacities
 from baklava.eviction import EvictionConfig
 from baklava.runtime import engine as engine_module
+from baklava.runtime import fused_decode
 from baklava.runtime.engine import Engine
 
 SMOKE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, vocab_size=1000)
@@ -42,13 +46,14 @@ SMOKE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=2, voca
 class ChunkLog:
     """A record per prefill forward of the engine's own ``_prefill``: forward hooks on the model
     time the queueing (and CUDA events its GPU span), and the engine's ``next_token``, called once
-    the prompt's logits are on the host, ends the record (one chunk a prompt here)."""
+    the step's prompts' logits are on the host (one sync a step), ends the step's records (one
+    chunk a prompt here; ``total ms`` runs to that sync)."""
 
     def __init__(self, profile_chunks: int, out: Path):
         self.rows: list[dict] = []
         self.label = "-"
         self.profile_left, self.profiler, self.out = profile_chunks, None, out
-        self.pending: dict | None = None  # the forward whose logits the host waits for
+        self.pending: list[dict] = []  # the forwards whose logits the host waits for
 
     def attach(self, model) -> None:
         model.register_forward_pre_hook(self._before, with_kwargs=True)
@@ -69,41 +74,44 @@ class ChunkLog:
         if ids.is_cuda:
             marks = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             marks[0].record()
-        self.pending = {
-            "tokens": ids.shape[1],
-            "marks": marks,
-            "rusage": resource.getrusage(resource.RUSAGE_THREAD),
-            "cpu": time.thread_time(),
-            "start": time.perf_counter(),
-        }
+        self.pending.append(
+            {
+                "tokens": ids.shape[1],
+                "marks": marks,
+                "rusage": resource.getrusage(resource.RUSAGE_THREAD),
+                "cpu": time.thread_time(),
+                "start": time.perf_counter(),
+            }
+        )
 
     def _after(self, model, args, kwargs, output) -> None:
-        p = self.pending
-        if p is None or "queued" in p or kwargs.get("input_ids") is None or kwargs["input_ids"].shape[1] == 1:
+        ids = kwargs.get("input_ids")
+        if not self.pending or ids is None or ids.shape[1] == 1 or "queued" in self.pending[-1]:
             return
+        p = self.pending[-1]
         if p["marks"] is not None:
             p["marks"][1].record()
         p["queued"], p["cpu"] = time.perf_counter() - p["start"], time.thread_time() - p["cpu"]
         p["switches"] = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw - p.pop("rusage").ru_nvcsw
 
     def _synced(self) -> None:
-        p, self.pending = self.pending, None
-        if p is None or "queued" not in p:  # a decode step's sampling
-            return
-        marks = p["marks"]
-        self.rows.append(
-            {
-                "label": self.label,
-                "tokens": p["tokens"],
-                "enqueue_ms": 1000 * p["queued"],
-                "total_ms": 1000 * (time.perf_counter() - p["start"]),
-                "gpu_ms": marks[0].elapsed_time(marks[1]) if marks else None,
-                "cpu_ms": 1000 * p["cpu"],
-                "switches": p["switches"],
-                "thread": threading.current_thread().name,
-            }
-        )
-        self._profile_tick()
+        done, self.pending = [p for p in self.pending if "queued" in p], []
+        now = time.perf_counter()
+        for p in done:  # none after the step's first sampling (and for a decode step's)
+            marks = p["marks"]
+            self.rows.append(
+                {
+                    "label": self.label,
+                    "tokens": p["tokens"],
+                    "enqueue_ms": 1000 * p["queued"],
+                    "total_ms": 1000 * (now - p["start"]),
+                    "gpu_ms": marks[0].elapsed_time(marks[1]) if marks else None,
+                    "cpu_ms": 1000 * p["cpu"],
+                    "switches": p["switches"],
+                    "thread": threading.current_thread().name,
+                }
+            )
+            self._profile_tick()
 
     def _profile_tick(self) -> None:
         if self.profiler is not None:
@@ -142,7 +150,8 @@ class ChunkLog:
     "--plan",
     default="1.0:direct,loop,direct;0.3:loop,direct",
     show_default=True,
-    help="budget:run,run;budget:... (an engine per budget; direct = main thread, loop = serving loop)",
+    help="budget:run,run;budget:... (an engine per budget; direct = main thread, loop = serving loop, "
+    "eager = direct with transformers' own layer forward for prefill chunks instead of the fused one)",
 )
 @click.option(
     "--profile-chunks", default=0, show_default=True, help="Profile the first run's first N chunks."
@@ -191,7 +200,11 @@ def main(out: Path, requests: int, kv_memory_gib: float, plan: str, profile_chun
             if kind == "loop":
                 row = serve_engine.run_engine_loop(engine, work, label, 0.0, progress=False)
             else:
-                row = serve_engine.run_engine(engine, work, label, progress=False)
+                fused_decode.fuse(model, prefill=kind != "eager")
+                try:
+                    row = serve_engine.run_engine(engine, work, label, progress=False)
+                finally:
+                    fused_decode.fuse(model)
             summary = {**log.summary(label), "rows": row["rows"], "prefill_s": row["prefill_s"]}
             summary["tokens_per_s"] = row["tokens_per_s"]
             results.append(summary)
