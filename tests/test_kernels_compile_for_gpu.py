@@ -29,6 +29,7 @@ KERNEL_TESTS = [
     "tests/test_triton_prefill_attention.py",
     "tests/test_aot_kernels.py",
     "tests/test_fused_decode.py",
+    "tests/test_fused_prefill.py",
     "tests/test_key_smoothing.py",
     "tests/test_engine.py",
 ]
@@ -46,6 +47,9 @@ KERNELS = {
     "decode_gemv._gemv_kernel",
     "decode_gemv._sum_squares_kernel",
     "rope._rope_kernel",
+    "prefill_layer._rms_norm_kernel",
+    "prefill_layer._rope_heads_kernel",
+    "prefill_layer._silu_gate_kernel",
 }
 
 
