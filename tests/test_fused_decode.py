@@ -45,13 +45,15 @@ def _llama_tiny():
 
 @pytest.mark.parametrize("make", [_llama_tiny, _qwen2_tiny], ids=["llama", "qwen2-bias"])
 def test_fused_steps_match_the_original_forward(make):
-    """Prefill (original forward), then decode steps through an evicting budgeted cache: logits of
-    every step and the cache's kept slots agree with the unfused model."""
+    """Prefill (original forward for both: the fused chunk forward has its own tests in
+    test_fused_prefill.py, and its rounding may flip near-tied evictions on the GPU), then decode
+    steps through an evicting budgeted cache: logits of every step and the cache's kept slots
+    agree with the unfused model."""
     ref = make().to(DEVICE, DTYPE)
     fused = copy.deepcopy(ref)
     for m in (ref, fused):
         enable(m)
-    assert fuse(fused, device_types=(DEVICE,))
+    assert fuse(fused, device_types=(DEVICE,), prefill=False)
     weights = fused.model.layers[0].self_attn
     assert (
         weights.k_proj.weight.data_ptr()
