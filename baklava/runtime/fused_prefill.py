@@ -5,7 +5,7 @@ chunk besides the attention and its cache commit (RMSNorm's six twice, three pro
 k and v and two for gate and up, RoPE's eight, SiLU and its product, the residual adds), each a
 pass over the chunk's activations; on an H200 the engine queued 1,700 PyTorch ops a prompt of
 Qwen2.5-0.5B shapes, 39-68 ms (BENCHMARKS.md, "cuDNN's plan per prompt length"). :func:`forward`
-runs the same layer as eleven launches plus the attention::
+runs the same layer as ten launches plus the attention::
 
     RMSNorm(x) ─▶ x @ [Wq|Wk|Wv]^T (+ b) ─▶ RoPE(q, k), v: head-major ─▶ cache.update + attention
       ─▶ x + o @ Wo^T ─▶ RMSNorm ─▶ h @ [Wg|Wu]^T ─▶ SiLU(gate) * up ─▶ x + a @ Wd^T
