@@ -142,19 +142,20 @@ def _fused_forward(self, hidden_states, *args, **kwargs):
     arguments, other devices, an attention implementation transformers keeps apart) the original."""
     fused = self._baklava_fused
     one_token = hidden_states.shape[1] == 1
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.self_attn.config._attn_implementation, None)
     if (
         args
         or hidden_states.device.type not in fused.device_types
         or not (one_token or fused.prefill)
-        or ALL_ATTENTION_FUNCTIONS.get_interface(self.self_attn.config._attn_implementation, None) is None
+        or interface is None
     ):
         return fused.original(hidden_states, *args, **kwargs)
     if not one_token:
-        return fused_prefill.forward(self, fused, hidden_states, **kwargs)
-    return _decode_forward(self, fused, hidden_states, kwargs)
+        return fused_prefill.forward(self, fused, interface, hidden_states, **kwargs)
+    return _decode_forward(self, fused, interface, hidden_states, kwargs)
 
 
-def _decode_forward(self, fused, hidden_states, kwargs):
+def _decode_forward(self, fused, interface, hidden_states, kwargs):
     cache, attention_mask, position_embeddings = fused_prefill.layer_inputs(kwargs)
     attn, mlp = self.self_attn, self.mlp
     batch = hidden_states.shape[0]
@@ -169,7 +170,6 @@ def _decode_forward(self, fused, hidden_states, kwargs):
     q, k, v = rope_split(qkv, cos, sin, q_heads, kv_heads, head_dim)
     if cache is not None:
         k, v = cache.update(k, v, attn.layer_idx)
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, None)
     out, _ = interface(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **kwargs)
     x, ss = decode_gemv.linear_residual(out.reshape(batch, -1), attn.o_proj.weight, x)
     act = decode_gemv.norm_linear_silu(x, ss, ln2.weight, ln2.variance_epsilon, fused.gate_up)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from baklava.kernels.prefill_layer import rms_norm, rope_heads, silu_gate
 
@@ -40,9 +39,10 @@ def layer_inputs(kwargs: dict):
     )
 
 
-def forward(layer, fused, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+def forward(layer, fused, interface, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
     """``hidden_states [B, S, hidden]`` through decoder ``layer`` (its ``_baklava_fused`` weights
-    ``fused``), as transformers' layer forward computes it; returns ``[B, S, hidden]``."""
+    ``fused``; ``interface``: the model's attention implementation), as transformers' layer
+    forward computes it; returns ``[B, S, hidden]``."""
     cache, attention_mask, (cos, sin) = layer_inputs(kwargs)
     attn, mlp = layer.self_attn, layer.mlp
     ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
@@ -55,7 +55,6 @@ def forward(layer, fused, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor
     q, k, v = rope_heads(qkv, cos, sin, q_heads, kv_heads, head_dim)
     if cache is not None:
         k, v = cache.update(k, v, attn.layer_idx)
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, None)
     out, _ = interface(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **kwargs)
     x = x + F.linear(out.reshape(batch, s, -1), attn.o_proj.weight)
     act = silu_gate(F.linear(rms_norm(x, ln2.weight, ln2.variance_epsilon), fused.gate_up))

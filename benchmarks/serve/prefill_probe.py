@@ -158,6 +158,12 @@ class ChunkLog:
 )
 @click.option("--smoke", is_flag=True, help="A tiny model on the CPU with short prompts (checks the script).")
 def main(out: Path, requests: int, kv_memory_gib: float, plan: str, profile_chunks: int, smoke: bool) -> None:
+    parts = [part.split(":") for part in plan.split(";")]
+    kinds = {kind for part in parts for kind in part[-1].split(",")}
+    if any(len(part) != 2 for part in parts) or not kinds <= {"direct", "loop", "eager"}:
+        raise click.BadParameter(
+            f"{plan!r}: want budget:run,run;... with runs direct, loop or eager", param_hint="--plan"
+        )
     out.mkdir(parents=True, exist_ok=True)
     shape = {**QWEN25_05B, **SMOKE} if smoke else QWEN25_05B
     device = "cpu" if smoke else "cuda"
@@ -184,8 +190,7 @@ def main(out: Path, requests: int, kv_memory_gib: float, plan: str, profile_chun
 
     serve_engine._warm_up = labelled_warm_up
     results, first = [], True
-    for part in plan.split(";"):
-        budget, runs = part.split(":")
+    for budget, runs in parts:
         caps = uneven_capacities(
             shape["num_hidden_layers"], shape["num_key_value_heads"], context, float(budget)
         )
