@@ -8,14 +8,28 @@ precision ones. (KIVI's per-channel key scales span many tokens of a block; a he
 tokens from the middle of a block would leave those scales describing tokens it no longer holds.)
 
 ============  ======================  ===================================  =====================
-format        payload per channel     scales per vector (float16)          bytes, D = 128 / 64
+format        payload per channel     scales per vector                    bytes, D = 128 / 64
 ============  ======================  ===================================  =====================
 ``auto``      the model's dtype       none                                 256 / 128 (bf16)
-``fp8``       float8 e4m3             1: ``absmax / 448``                  130 / 66
-``int8``      int8, symmetric         1: ``absmax / 127``                  130 / 66
-``int4``      4 bits, two a byte,     ``D / 32``: ``absmax / 7`` a group   72 / 36
-              after a Hadamard rotation
+``fp8``       float8 e4m3             1 float16: ``absmax / 448``          130 / 66
+``int8``      int8, symmetric         1 float16: ``absmax / 127``          130 / 66
+``int4``      4 bits, two a byte,     a group of 32 channels each:         70 / 36
+              after a Hadamard        ``absmax / 7`` in two levels (below)
+              rotation
 ============  ======================  ===================================  =====================
+
+int4's group scales come in two levels (:func:`group_scales`): one float16 ``top`` (the largest
+group's ``absmax / 7``) and one byte ``c`` a group, the group's scale being
+``top * (c + 1) / 256`` (the nearest such step to its own ``absmax / 7``). The bytes are packed two
+to a word after ``top`` (the scales tensor holds int16 words: ``top``'s float16 bits, then the
+codes), so the scales of a vector are ``1 + ceil(G / 2)`` float16 words
+(``top`` alone where one group spans the vector):
+6 bytes at D = 128 where four float16 scales took 8 (an int4 slot of a key and a value, 140
+bytes instead of 144; issue 23's largest batch in 16 GiB counts them). ``top * (c + 1) / 256`` is
+exact in float32 (an 11-bit mantissa times a 9-bit integer, then a power of two), so every reader
+computes the same scale bit for bit. After the rotation a vector's groups are of a size, so the
+codes sit near 255 and the steps they add are a fraction of a percent
+(``benchmarks/kv/key_balance.py`` measures the formats' cost).
 
 :func:`quantize` / :func:`dequantize` are the plain PyTorch reference every kernel is tested
 against. The runtime's caches store the payload and scales (:mod:`baklava.runtime.kv_slots`);
@@ -32,7 +46,8 @@ import torch
 
 from baklava.errors import BaklavaError
 
-SCALE_DTYPE = torch.float16
+SCALE_DTYPE = torch.float16  # one scale a vector (fp8, int8)
+WORD_DTYPE = torch.int16  # grouped scales' words: float16 top, then the codes two a word
 SCALE_BYTES = 2
 _TINY = 2.0**-14  # smallest normal float16: an all-zero vector keeps a usable scale
 
@@ -52,10 +67,23 @@ class KVFormat:
     def quantized(self) -> bool:
         return self.bits is not None
 
+    @property
+    def scale_dtype(self) -> torch.dtype:
+        """How the scales tensor holds its words: float16 scales, or (grouped) raw int16 words
+        (the codes' bytes make no float16 worth computing with; int16 keeps them plain bits)."""
+        return SCALE_DTYPE if self.group is None else WORD_DTYPE
+
+    def groups(self, head_dim: int) -> int:
+        """Channel groups of one vector, each with its own scale."""
+        return 1 if self.group is None else head_dim // self.group
+
     def scales_per_vector(self, head_dim: int) -> int:
+        """float16 words of one vector's scales: the scale, or (grouped) ``top`` and the codes
+        two to a word (module docstring)."""
         if not self.quantized:
             return 0
-        return 1 if self.group is None else head_dim // self.group
+        groups = self.groups(head_dim)
+        return 1 if groups == 1 else 1 + (groups + 1) // 2
 
     def vector_bytes(self, head_dim: int, model_dtype_bytes: int = 2) -> int:
         """Bytes of one token-head key (or value): payload plus its scales."""
@@ -132,24 +160,30 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
 
 def _grouped(x: torch.Tensor, fmt: KVFormat) -> torch.Tensor:
     """``x [..., D]`` viewed as ``[..., G, D / G]`` (one group a scale)."""
-    groups = fmt.scales_per_vector(x.shape[-1])
+    groups = fmt.groups(x.shape[-1])
     return x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
 
 
 def quantize(x: torch.Tensor, fmt: KVFormat) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x [..., D]`` -> ``(payload, scales [..., G] float16)``.
+    """``x [..., D]`` -> ``(payload, scales [..., W])``, ``W = fmt.scales_per_vector(D)``, in
+    ``fmt.scale_dtype``.
 
     Payload: int8 ``[..., D]`` (int8), float8_e4m3fn ``[..., D]`` (fp8), uint8 ``[..., D / 2]``
     (int4: channel ``2j`` in the low nibble of byte ``j``, ``2j + 1`` in the high one, each stored
-    as ``q + 8``). Scales are rounded to float16 first and the payload computed with the rounded
-    scale, so :func:`dequantize` is exact up to the payload's rounding.
+    as ``q + 8``). Scales are rounded to their stored form first (float16; int4: two levels, the
+    module docstring) and the payload computed with the rounded scale, so :func:`dequantize` is
+    exact up to the payload's rounding.
     """
     if not fmt.quantized:
         raise ValueError(f"{fmt.name} is not a quantized format")
     fmt.check(x.shape[-1])
     g = _grouped(hadamard(x.float()) if fmt.rotate else x.float(), fmt)  # [..., G, D/G]
-    scale = (g.abs().amax(-1) / fmt.qmax).clamp(min=_TINY).to(SCALE_DTYPE)  # [..., G]
-    q = g / scale.float()[..., None]
+    want = g.abs().amax(-1) / fmt.qmax  # [..., G]
+    if fmt.group is None:
+        scales = want.clamp(min=_TINY).to(SCALE_DTYPE)
+    else:
+        scales = _two_level(want)
+    q = g / group_scales(scales, fmt, g.shape[-2])[..., None]
     if fmt.name == "fp8":
         payload = q.clamp(-fmt.qmax, fmt.qmax).to(torch.float8_e4m3fn)
     else:
@@ -159,7 +193,34 @@ def quantize(x: torch.Tensor, fmt: KVFormat) -> tuple[torch.Tensor, torch.Tensor
         else:
             u = (q + 8).to(torch.uint8).reshape(*x.shape[:-1], x.shape[-1])
             payload = u[..., 0::2] | (u[..., 1::2] << 4)
-    return payload.reshape(*x.shape[:-1], -1), scale
+    return payload.reshape(*x.shape[:-1], -1), scales
+
+
+CODE_STEPS = 256  # a group's scale is top * (code + 1) / CODE_STEPS, code a byte
+
+
+def _two_level(want: torch.Tensor) -> torch.Tensor:
+    """Group scales ``want [..., G]`` (float32) stored as ``[top, codes...]`` int16 words."""
+    top = want.amax(-1, keepdim=True).clamp(min=_TINY).to(SCALE_DTYPE)  # [..., 1]
+    if want.shape[-1] == 1:  # one group: its scale is top, no code
+        return top.view(WORD_DTYPE)
+    codes = (want * CODE_STEPS / top.float()).round().sub(1).clamp(0, CODE_STEPS - 1).to(torch.uint8)
+    if codes.shape[-1] % 2:  # whole words: an odd group count pads a zero byte
+        codes = torch.cat([codes, torch.zeros_like(codes[..., :1])], -1)
+    return torch.cat([top.view(WORD_DTYPE), codes.contiguous().view(WORD_DTYPE)], -1)
+
+
+def group_scales(scales: torch.Tensor, fmt: KVFormat, groups: int) -> torch.Tensor:
+    """The float32 scale of each of a vector's ``groups`` groups, ``[..., G]``, from its stored
+    ``scales [..., W]`` (float16; grouped formats: int16 words, ``top * (code + 1) / 256``, exact
+    in float32)."""
+    if fmt.group is None:
+        return scales.float()
+    top = scales[..., :1].view(SCALE_DTYPE).float()
+    if groups == 1:
+        return top
+    codes = scales[..., 1:].contiguous().view(torch.uint8)[..., :groups]
+    return top * ((codes.float() + 1) * (1 / CODE_STEPS))
 
 
 def dequantize(
@@ -172,7 +233,8 @@ def dequantize(
         q = torch.stack([low, high], -1).reshape(*payload.shape[:-1], payload.shape[-1] * 2).float()
     else:
         q = payload.float()
-    x = (_grouped(q, fmt) * scales.float()[..., None]).reshape(q.shape)
+    grouped = _grouped(q, fmt)
+    x = (grouped * group_scales(scales, fmt, grouped.shape[-2])[..., None]).reshape(q.shape)
     return (hadamard(x) if fmt.rotate else x).to(dtype)
 
 

@@ -31,9 +31,10 @@ def test_dequantized_values_are_within_half_a_step_of_the_input(name):
     fmt = kv_format.parse(name)
     x = _vectors()
     payload, scales = kv_format.quantize(x, fmt)
-    assert scales.dtype == torch.float16 and scales.shape == (4, 3, fmt.scales_per_vector(64))
+    assert scales.dtype == fmt.scale_dtype and scales.shape == (4, 3, fmt.scales_per_vector(64))
     y = kv_format.dequantize(payload, scales, fmt)
-    step = kv_format._grouped(torch.ones_like(x, dtype=torch.float32), fmt) * scales.float()[..., None]
+    group_scale = kv_format.group_scales(scales, fmt, fmt.groups(64))  # [4, 3, G]
+    step = kv_format._grouped(torch.ones_like(x, dtype=torch.float32), fmt) * group_scale[..., None]
     step = step.reshape(x.shape)
     assert torch.equal(y[0, 0], torch.zeros(64))
     if fmt.rotate:  # int4 quantizes the rotated vector: its bounds hold in that basis
@@ -44,7 +45,7 @@ def test_dequantized_values_are_within_half_a_step_of_the_input(name):
     else:
         assert (err <= step / 2 * (1 + 1e-3) + 1e-6).all()
     # the largest channel of each vector (group) hits the end of the range: no headroom wasted
-    assert float((kv_format._grouped(y.abs(), fmt).amax(-1) / scales.float()).max()) == pytest.approx(
+    assert float((kv_format._grouped(y.abs(), fmt).amax(-1) / group_scale).max()) == pytest.approx(
         fmt.qmax, rel=1e-3
     )
 
@@ -54,10 +55,30 @@ def test_int4_packs_channel_pairs_low_nibble_first():
     rotated = torch.tensor([[7.0, -7.0, 1.0, 0.0] + [0.0] * 28])  # one group, scale 1
     x = kv_format.hadamard(rotated)  # the rotation is its own inverse: quantize sees `rotated`
     payload, scales = kv_format.quantize(x, fmt)
-    assert payload.dtype == torch.uint8 and payload.shape == (1, 16) and float(scales[0, 0]) == 1.0
+    assert (
+        payload.dtype == torch.uint8
+        and payload.shape == (1, 16)
+        and float(scales[0, 0].view(torch.float16)) == 1.0
+    )
     assert payload[0, :2].tolist() == [(7 + 8) | ((-7 + 8) << 4), (1 + 8) | (8 << 4)]
     assert payload[0, 2:].tolist() == [8 | (8 << 4)] * 14  # zeros
     torch.testing.assert_close(kv_format.dequantize(payload, scales, fmt), x, atol=1e-6, rtol=0)
+
+
+def test_int4_group_scales_are_a_float16_top_and_a_byte_a_group():
+    fmt = kv_format.parse("int4")
+    rotated = torch.zeros(1, 128)
+    for group, absmax in enumerate((7.0, 3.5, 0.7, 0.0)):  # scales 1, 1/2, 1/10 and an empty group
+        rotated[0, 32 * group] = absmax
+    payload, scales = kv_format.quantize(kv_format.hadamard(rotated), fmt)
+    assert scales.dtype == torch.int16 and scales.shape == (1, 3)  # 6 bytes, where 4 float16 took 8
+    assert float(scales[0, :1].view(torch.float16)) == 1.0
+    assert scales[0, 1:].contiguous().view(torch.uint8).tolist() == [255, 127, 25, 0]  # 256 * s - 1
+    got = kv_format.group_scales(scales, fmt, 4)
+    assert got.tolist() == [[1.0, 0.5, 26 / 256, 1 / 256]]  # exact: top x (code + 1) / 256
+    # 0.7 / (26 / 256) = 6.89 rounds to 7: the group's largest channel comes back within half a step
+    back = kv_format.hadamard(kv_format.dequantize(payload, scales, fmt))
+    assert torch.allclose(back[0, ::32], torch.tensor([7.0, 3.5, 7 * 26 / 256, 0.0]), atol=1e-6)
 
 
 def test_the_rotation_is_its_own_inverse_and_keeps_dot_products():
@@ -86,7 +107,9 @@ def test_bytes_a_format_costs_and_what_memory_budgets_buy():
             assert fmt.vector_bytes(d) == payload.numel() * payload.element_size() + scales.numel() * 2
     # Llama-3-8B's head dim: rows in a fixed memory against bf16 (issue 23: >= 1.9x, >= 3.5x)
     assert bf16.vector_bytes(128) / int8.vector_bytes(128) == pytest.approx(256 / 130)
-    assert bf16.vector_bytes(128) / int4.vector_bytes(128) == pytest.approx(256 / 72)
+    assert bf16.vector_bytes(128) / int4.vector_bytes(128) == pytest.approx(256 / 70)  # 64 + 3 float16 words
+    assert int4.vector_bytes(64) == 32 + 4  # top and one word of two codes
+    assert int4.vector_bytes(32) == 16 + 2  # one group: its scale is top, no code
     assert kv_format.element_bytes("float32", 64, 2) == 4 and kv_format.element_bytes("auto", 64, 4) == 4
     with pytest.raises(BaklavaError, match="unknown KV dtype 'int3'"):
         kv_format.parse("int3")
@@ -138,7 +161,7 @@ def test_quantized_slots_hold_payload_and_give_back_the_reference_store(model, n
     for mine, theirs in zip(got.layers, ref.layers, strict=True):
         assert mine.slot_names == ("keys", "values", "key_scales", "value_scales")
         assert mine.keys.dtype == (torch.int8 if name == "int8" else torch.uint8)
-        assert mine.keys.shape[-1] == 32 * fmt.bits // 8 and mine.key_scales.dtype == torch.float16
+        assert mine.keys.shape[-1] == 32 * fmt.bits // 8 and mine.key_scales.dtype == fmt.scale_dtype
         assert torch.equal(mine.positions, theirs.positions) and torch.equal(mine.fill, theirs.fill)
         assert torch.equal(mine.stored("keys"), theirs.keys) and torch.equal(
             mine.stored("values"), theirs.values
@@ -146,7 +169,8 @@ def test_quantized_slots_hold_payload_and_give_back_the_reference_store(model, n
         on_grid = kv_format.round_trip(theirs.keys.float(), fmt)
         assert torch.equal(on_grid, theirs.keys.float())  # the reference holds values on the format's grid
     slots = 2 * 48  # layers x sum(cap)
-    assert got.kv_bytes() == slots * 2 * fmt.vector_bytes(32)  # 34 bytes a vector for int8 / fp8, 20 for int4
+    # 34 bytes a vector for int8 / fp8, 18 for int4 (one group: top alone)
+    assert got.kv_bytes() == slots * 2 * fmt.vector_bytes(32)
     assert ref.kv_bytes() == slots * 2 * 32 * 4  # the tiny model runs in float32
     plain_logits, _ = _prefill_and_decode(model, "auto", True, monkeypatch)
     first = slice(0, 1)  # the prompt's next-token logits (greedy decode steps may part ways after)
@@ -159,7 +183,7 @@ def test_the_kernel_benchmark_counts_payload_and_scales():
 
     keys = torch.randn(2, 10, 128, dtype=torch.bfloat16)
     got = {n: stored(keys, keys, n)["nbytes"] for n in ("bf16", "int8", "int4")}
-    assert got == {"bf16": 2 * 2 * 10 * 256, "int8": 2 * 2 * 10 * 130, "int4": 2 * 2 * 10 * 72}
+    assert got == {"bf16": 2 * 2 * 10 * 256, "int8": 2 * 2 * 10 * 130, "int4": 2 * 2 * 10 * 70}
     row = dict(kv_dtype="int8", batch=2, context=64, budget=0.3, kv_mib=0.1, ms=1.0, TBps=1.0)
     row |= dict(speedup_vs_bf16=1.9, bytes_vs_bf16=1.97, max_abs_diff_vs_bf16=0.01)
     assert "| int8 |  | 0.1 | 1.0 | 1.0 | 1.9x | 1.97x | 0.01 |" in markdown([row], {"gpu": "x", "date": "d"})

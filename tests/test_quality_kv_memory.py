@@ -21,7 +21,7 @@ def _table():
 def test_bytes_count_the_scales_against_a_full_bf16_cache():
     assert kv_memory.bytes_share("auto", 0.3, 128) == pytest.approx(0.3)
     assert kv_memory.bytes_share("int8", 1.0, 128) == pytest.approx(130 / 256)  # + a float16 scale
-    assert kv_memory.bytes_share("int4", 0.3, 64) == pytest.approx(0.3 * 36 / 128)  # + 2 group scales
+    assert kv_memory.bytes_share("int4", 0.3, 64) == pytest.approx(0.3 * 36 / 128)  # + top, 2 codes
 
 
 def test_cells_are_sorted_by_bytes_and_the_frontier_is_the_best_so_far():

@@ -177,18 +177,18 @@ def test_chunked_prefill_through_attend_matches_the_reference(policy, kv_format,
 
 
 # run without the interpreter (its jit functions cannot be compiled): both launches of the in-place
-# move, with positions and scores (bf16 slots) and without (int8 scales), for sm_90
+# move, with positions and scores (bf16 slots) and without (int8 scales, int4's 3-word ones), for sm_90
 _COMPILE_FOR_HOPPER = """
 import triton
 from triton.backends.compiler import GPUTarget
 from baklava.kernels.prefill_select import _move_kernel
 
-for slot, width, meta in (("*bf16", 128, True), ("*fp16", 2, False)):
+for slot, width, meta in (("*bf16", 128, True), ("*fp16", 1, False), ("*fp16", 3, False)):
     pointers = dict(K=slot, V=slot, POS="*i64", SCORE="*fp32", KN=slot, VN=slot, NEW_POS="*i64",
                     NEW_SCORE="*fp32", KEEP="*i32", NEW_FILL="*i64", CAPS="*i32", OFFSETS="*i32",
                     K_S=slot, V_S=slot, POS_S="*i64", SCORE_S="*fp32")
     for stage in (True, False):
-        consts = dict(D=width, BLOCK=64, META=meta, STAGE=stage)
+        consts = dict(D=width, D_PAD=triton.next_power_of_2(width), BLOCK=64, META=meta, STAGE=stage)
         signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in _move_kernel.arg_names}
         source = triton.compiler.ASTSource(fn=_move_kernel, signature=signature, constexprs=consts)
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})

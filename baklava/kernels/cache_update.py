@@ -131,7 +131,7 @@ def _commit_kernel(
     stride_ksnb, stride_ksnh, stride_vsnb, stride_vsnh,
     sink, window, N_TILES,
     H2O: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, TILE_BLOCK: tl.constexpr,
-    N_SCALES: tl.constexpr,
+    N_SCALES: tl.constexpr, SCALES_PAD: tl.constexpr,
 ):  # fmt: skip
     """Program ``(b, h)``: append the token, or find the head's victim among its tiles' minima
     and overwrite it if the new token's priority is higher. Quantized slots (``N_SCALES`` > 0):
@@ -179,11 +179,12 @@ def _commit_kernel(
             tl.store(K + b * stride_kb + dest * stride_kt + d, k.to(K.dtype.element_ty))
             tl.store(V + b * stride_vb + dest * stride_vt + d, v.to(V.dtype.element_ty))
             if N_SCALES > 0:
-                c = tl.arange(0, N_SCALES)
-                ks = tl.load(KSN + b * stride_ksnb + h * stride_ksnh + c)
-                vs = tl.load(VSN + b * stride_vsnb + h * stride_vsnh + c)
-                tl.store(KS + b * stride_ksb + dest * stride_kst + c, ks)
-                tl.store(VS + b * stride_vsb + dest * stride_vst + c, vs)
+                c = tl.arange(0, SCALES_PAD)  # int4's 3 words a vector: padded to a power of two
+                word = c < N_SCALES
+                ks = tl.load(KSN + b * stride_ksnb + h * stride_ksnh + c, mask=word)
+                vs = tl.load(VSN + b * stride_vsnb + h * stride_vsnh + c, mask=word)
+                tl.store(KS + b * stride_ksb + dest * stride_kst + c, ks, mask=word)
+                tl.store(VS + b * stride_vsb + dest * stride_vst + c, vs, mask=word)
             tl.store(POS + b * stride_pb + dest, new_pos.to(POS.dtype.element_ty))
             tl.store(SCORE + b * stride_sb + dest, new_score)
 
@@ -219,7 +220,7 @@ def packed_cache_update(
 
     Quantized slots (:mod:`baklava.runtime.kv_slots`): ``keys/values`` and ``key_new/value_new``
     are payload (``D`` its width, fp8 as its uint8 bits), and ``key_scales/value_scales
-    [B, C, G]`` take the token's ``key_scales_new/value_scales_new [B, H_kv, G]`` (float16).
+    [B, C, G]`` take the token's ``key_scales_new/value_scales_new [B, H_kv, G]`` (float16; int4: int16 words).
 
     ``keys/values [B, C, D]``, ``positions [B, C]`` (int), ``scores [B, C]`` fp32,
     ``fill [B, H_kv]`` (int, updated), ``valid_seen [B]`` (the new token's position; the caller
@@ -246,7 +247,6 @@ def packed_cache_update(
     if quantized:
         assert value_scales is not None and key_scales_new is not None and value_scales_new is not None
         n_scales = key_scales.shape[-1]
-        assert n_scales & (n_scales - 1) == 0, "scales per vector must be a power of two"
     else:
         n_scales = 0
         key_scales = value_scales = key_scales_new = value_scales_new = scores  # never read
@@ -293,4 +293,5 @@ def packed_cache_update(
         value_scales_new.stride(0), value_scales_new.stride(1) if quantized else 0,
         sink, window, n_tiles,
         H2O=h2o, GROUP=group, G_PAD=g_pad, D=head_dim, TILE_BLOCK=16, N_SCALES=n_scales,
+        SCALES_PAD=max(1, triton.next_power_of_2(n_scales)),
     )  # fmt: skip

@@ -41,7 +41,7 @@ def _load_slots(PTR, SCALES, base_b, scale_b, rows, live, d, stride_t, stride_st
     """``[BLOCK_N, D]`` slots of one head for ``tl.dot``, in ``dtype``: full precision as stored
     (QUANT 0); the fp8 (QUANT 1) or int8 (QUANT 3) payload, converted exactly, with its per-slot
     scale returned apart (the caller folds it into the logits or the probabilities); or int4
-    nibbles (QUANT 2) scaled by their group scales here (scale returned as ones)."""
+    nibbles (QUANT 2) scaled by their two-level group scales here (scale returned as ones)."""
     # one return at the end: Triton types every return of a function, taken or not
     slot_scale = tl.full([BLOCK_N], 1.0, tl.float32)
     if QUANT == 2:  # byte j holds channel 2j in its low nibble and 2j + 1 in its high one, each q + 8
@@ -52,9 +52,18 @@ def _load_slots(PTR, SCALES, base_b, scale_b, rows, live, d, stride_t, stride_st
         # low and high nibbles joined on a last axis of 2, so channels come back interleaved
         nib = tl.reshape(tl.join((byte & 0xF) - 8, (byte >> 4) - 8), (BLOCK_N, D))
         groups = tl.arange(0, D // SCALE_GROUP)
-        group_scale = tl.load(  # [BLOCK_N, G]: one load a group, broadcast over its channels in registers
-            SCALES + scale_b + rows[:, None] * stride_st + groups[None, :], mask=live[:, None], other=0.0
-        ).to(tl.float32)
+        # two-level scales (kv_format.group_scales), int16 words: float16 top, then a byte a group
+        word = (scale_b + rows * stride_st).to(tl.int64)  # [BLOCK_N], in words
+        top = tl.load(SCALES + word, mask=live, other=0).to(tl.float16, bitcast=True).to(tl.float32)
+        if D // SCALE_GROUP == 1:  # one group: its scale is top, no code
+            group_scale = top[:, None] + tl.zeros([BLOCK_N, 1], tl.float32)
+        else:
+            code = tl.load(
+                SCALES.to(tl.pointer_type(tl.uint8)) + (2 * word + 2)[:, None] + groups[None, :],
+                mask=live[:, None],
+                other=0,
+            ).to(tl.float32)
+            group_scale = top[:, None] * ((code + 1.0) * (1.0 / 256.0))  # [BLOCK_N, G], exact in fp32
         grouped = tl.reshape(nib.to(tl.float32), (BLOCK_N, D // SCALE_GROUP, SCALE_GROUP))
         x = tl.reshape(grouped * group_scale[:, :, None], (BLOCK_N, D)).to(dtype)
     else:
@@ -290,7 +299,7 @@ def packed_decode_attention(
 
     Quantized slots (``kv_format`` fp8 / int8 / int4, :mod:`baklava.kv_format`): ``keys`` and
     ``values`` are the payload (``[B, C, D]`` int8 / float8, ``[B, C, D / 2]`` uint8 for int4) and
-    ``key_scales`` / ``value_scales`` their float16 scales ``[B, C, G]``; slots are dequantized in
+    ``key_scales`` / ``value_scales`` their scales ``[B, C, W]`` (float16; int4: int16 words); slots are dequantized in
     registers (the key scale multiplies the logits, the value scale the probabilities, int4
     nibbles are scaled per group before the dot). The step's own token stays full precision.
 

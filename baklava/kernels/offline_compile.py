@@ -23,7 +23,7 @@ POINTEE = {"float64": "fp64", "float32": "fp32", "float16": "fp16", "bfloat16": 
            "uint8": "u8", "int16": "i16", "int32": "i32", "int64": "i64", "bool": "i1",
            "float8_e4m3fn": "fp8e4nv"}  # fmt: skip
 OPTIONS = ("num_warps", "num_stages")
-SCALES = {"KS", "VS", "KSN", "VSN"}  # float16 whatever the model's dtype (kv_format.SCALE_DTYPE)
+SCALES = {"KS", "VS", "KSN", "VSN"}  # float16 / int16 words whatever the model's dtype (kv_format)
 
 
 def source(spec: dict):

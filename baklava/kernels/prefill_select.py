@@ -131,17 +131,20 @@ def keep_indices(bits: torch.Tensor, capacities: torch.Tensor, offsets: torch.Te
 
 @triton.jit
 def _gather_rows(
-    SRC, NEW, b, h, base, j, i, stored, new, d, stride_b, stride_t, stride_nb, stride_nh, stride_ns
+    SRC, NEW, b, h, base, j, i, stored, new, d, col, stride_b, stride_t, stride_nb, stride_nh, stride_ns
 ):
-    """Kept rows ``[BLOCK, width]`` of one slot tensor: stored slot ``base + j`` or the chunk's token ``i``."""
+    """Kept rows ``[BLOCK, width]`` of one slot tensor: stored slot ``base + j`` or the chunk's token
+    ``i``; ``col [1, width]`` masks the columns past the tensor's width."""
     return tl.where(
         stored[:, None],
         tl.load(
-            SRC + b * stride_b + (base + j)[:, None] * stride_t + d[None, :], mask=stored[:, None], other=0
+            SRC + b * stride_b + (base + j)[:, None] * stride_t + d[None, :],
+            mask=stored[:, None] & col,
+            other=0,
         ),
         tl.load(
             NEW + b * stride_nb + h * stride_nh + i[:, None] * stride_ns + d[None, :],
-            mask=new[:, None],
+            mask=new[:, None] & col,
             other=0,
         ),
     )
@@ -159,10 +162,11 @@ def _move_kernel(
     stride_npb, stride_nsb, stride_nsh,
     stride_keb, stride_nfb,
     stride_ksb, stride_kst, stride_vsb, stride_vst, stride_psb, stride_ssb,
-    D: tl.constexpr, BLOCK: tl.constexpr, META: tl.constexpr, STAGE: tl.constexpr,
+    D: tl.constexpr, D_PAD: tl.constexpr, BLOCK: tl.constexpr, META: tl.constexpr, STAGE: tl.constexpr,
 ):  # fmt: skip
     """Program ``(b, h, block)`` over the kept slots ``o`` of one pair of slot tensors (keys and
-    values, or their scales: ``D`` is their width), and with ``META`` their positions and scores.
+    values, or their scales: ``D`` is their width, ``D_PAD`` the next power of two: int4's scales
+    are 3 float16 words a vector), and with ``META`` their positions and scores.
     Slot ``o`` keeps candidate ``j = KEEP[o]``: itself when ``j == o`` (nothing moves), stored slot
     ``j > o`` (moved), or the chunk's token ``j - cap`` (new). ``STAGE``: copy the moved slots'
     contents to the scratch tensors (``*_S``, at ``o``); otherwise write every moved and new slot
@@ -179,14 +183,16 @@ def _move_kernel(
     moved = live & (j < cap) & (j != o)
     new = live & (j >= cap)
     i = j - cap
-    d = tl.arange(0, D)
+    d = tl.arange(0, D_PAD)
+    col = d[None, :] < D
     rows = base + o
     if STAGE:
         src = (base + j)[:, None]
-        k = tl.load(K + b * stride_kb + src * stride_kt + d[None, :], mask=moved[:, None], other=0)
-        v = tl.load(V + b * stride_vb + src * stride_vt + d[None, :], mask=moved[:, None], other=0)
-        tl.store(K_S + b * stride_ksb + rows[:, None] * stride_kst + d[None, :], k, mask=moved[:, None])
-        tl.store(V_S + b * stride_vsb + rows[:, None] * stride_vst + d[None, :], v, mask=moved[:, None])
+        keep = moved[:, None] & col
+        k = tl.load(K + b * stride_kb + src * stride_kt + d[None, :], mask=keep, other=0)
+        v = tl.load(V + b * stride_vb + src * stride_vt + d[None, :], mask=keep, other=0)
+        tl.store(K_S + b * stride_ksb + rows[:, None] * stride_kst + d[None, :], k, mask=keep)
+        tl.store(V_S + b * stride_vsb + rows[:, None] * stride_vst + d[None, :], v, mask=keep)
         if META:
             pos = tl.load(POS + b * stride_pb + base + j, mask=moved, other=0)
             score = tl.load(SCORE + b * stride_sb + base + j, mask=moved, other=0.0)
@@ -205,6 +211,7 @@ def _move_kernel(
             moved,
             new,
             d,
+            col,
             stride_ksb,
             stride_kst,
             stride_knb,
@@ -222,14 +229,15 @@ def _move_kernel(
             moved,
             new,
             d,
+            col,
             stride_vsb,
             stride_vst,
             stride_vnb,
             stride_vnh,
             stride_vns,
         )
-        tl.store(K + b * stride_kb + rows[:, None] * stride_kt + d[None, :], k, mask=write[:, None])
-        tl.store(V + b * stride_vb + rows[:, None] * stride_vt + d[None, :], v, mask=write[:, None])
+        tl.store(K + b * stride_kb + rows[:, None] * stride_kt + d[None, :], k, mask=write[:, None] & col)
+        tl.store(V + b * stride_vb + rows[:, None] * stride_vt + d[None, :], v, mask=write[:, None] & col)
         if META:
             pos = tl.where(
                 moved,
@@ -315,7 +323,7 @@ def packed_prefill_select(
                 new_positions.stride(0), new_scores.stride(0), new_scores.stride(1),
                 keep.stride(0), new_fill.stride(0),
                 k_s.stride(0), k_s.stride(1), v_s.stride(0), v_s.stride(1), pos_s.stride(0), score_s.stride(0),
-                D=key_new.shape[-1], BLOCK=move_block, META=index == 0, STAGE=stage,
+                D=key_new.shape[-1], D_PAD=triton.next_power_of_2(key_new.shape[-1]), BLOCK=move_block, META=index == 0, STAGE=stage,
             )  # fmt: skip
     fill.copy_(new_fill)
     return (*(t for pair in slots for t in pair[:2]), positions, scores, fill)

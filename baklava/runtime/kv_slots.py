@@ -4,9 +4,11 @@ A quantized format (:mod:`baklava.kv_format`) stores four tensors a layer instea
 
     keys, values              [B, sum(cap), P]  payload: int8 [D] (int8), fp8 bits as uint8 [D] (fp8),
                                                  two nibbles a byte uint8 [D / 2] (int4)
-    key_scales, value_scales  [B, sum(cap), G]  float16, G = 1 (int8, fp8) or D / 32 (int4)
+    key_scales, value_scales  [B, sum(cap), W]  float16, W = 1 (int8, fp8); or int16 words,
+                                                W = 1 + ceil(D / 64) (int4: top's float16 bits,
+                                                then a byte a group, two a word)
 
-so a layer's KV bytes are ``B x sum(cap) x 2 x (P x payload bytes + G x 2)``: what a memory
+so a layer's KV bytes are ``B x sum(cap) x 2 x (P x payload bytes + W x 2)``: what a memory
 budget counts. A slot's scales move with it (eviction, compaction, rows of a slot pool): every
 writer moves the four tensors alike, by name (:func:`slot_names`), and a token is quantized once,
 when it enters (:func:`encode`); nothing re-quantizes a stored slot.
@@ -104,7 +106,7 @@ def allocate(layer, batch: int, key_dim: int, value_dim: int, dtype, device) -> 
     fmt.check(key_dim)
     fmt.check(value_dim)
     store = dict(dtype=storage_dtype(fmt), device=device)
-    half = dict(dtype=formats.SCALE_DTYPE, device=device)
+    half = dict(dtype=fmt.scale_dtype, device=device)
     width = lambda d: d * fmt.bits // 8  # noqa: E731
     layer.keys = torch.zeros(batch, total, width(key_dim), **store)
     layer.values = torch.zeros(batch, total, width(value_dim), **store)

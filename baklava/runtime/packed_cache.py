@@ -50,7 +50,7 @@ _NOT_ATTENDED = (
 STORAGE_OPTIONS = ("quantized_storage", "smooth_keys", "balance_keys")
 
 # a slot's token position (its count of real tokens before it): 4 bytes, not 8, since every slot
-# pays it whatever the KV format (an int4 slot of D = 128 stores 144 bytes of keys and values);
+# pays it whatever the KV format (an int4 slot of D = 128 stores 140 bytes of keys and values);
 # 2**31 tokens is beyond any context a cache holds
 POSITION_DTYPE = torch.int32
 
@@ -80,7 +80,7 @@ class BudgetedLayer(CacheLayerMixin):
     # centred only, s = 1; an ablation, exported graphs always balance): Qwen2.5-Coder's int4 KL
     # to float32 0.186 -> 0.036 on the CPU
     balance_keys = True
-    key_scales = value_scales = None  # a quantized layer's [B, sum(cap), G] float16 scales
+    key_scales = value_scales = None  # a quantized layer's [B, sum(cap), W] scales (kv_slots)
     key_mean = key_scale = None  # a smoothing layer's [B, H_kv, D] float32 row state (kv_slots.py)
     is_compileable = False
     is_croppable = False

@@ -9,19 +9,24 @@ perplexity over the second half (each position sees at least half the context). 
 * ``balanced``: centred and balanced per channel against the queries
   (:func:`baklava.runtime.kv_slots.channel_balance`, what ``BudgetedLayer.smooth_keys`` stores);
 * int4's keys or values alone, to see which side loses;
-* int4 with a scale per 64 channels instead of 32 (8 bytes less a token-head: what int4 >= 3.5x
-  bf16's batch would cost in quality), and with values alone so (4 bytes less: just enough).
+* int4 with a scale per 64 channels instead of 32, and with values alone so;
+* int4 with each group's scale a float16 of its own (8 bytes a vector at D = 128), the format
+  before its two-level scales (a float16 top and a byte a group, 6 bytes:
+  :func:`baklava.kv_format.group_scales`).
 
 Means and balances come from the whole text (the runtime takes them from a row's first step)::
 
     python benchmarks/kv/key_balance.py qwen2.5-coder-0.5b          # or smollm2-135m, or a .gguf
     python benchmarks/kv/key_balance.py qwen2.5-coder-0.5b --tokens 1024 --json out.json
+    python benchmarks/kv/key_balance.py qwen2.5-coder-0.5b --offsets 5000,12000,19000,26000 \
+        --variants "int4 balanced,int4 balanced, float16 group scales"
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -38,19 +43,28 @@ from baklava.runtime.kv_slots import channel_balance
 TEXT = ("BENCHMARKS.md", "DESIGN.md", "README.md")  # English and code, from the repository
 
 
-def _store(name: str | kv_format.KVFormat, balance: bool, sides: str = "kv", values=None):
+def _float16_groups(x: torch.Tensor, fmt: kv_format.KVFormat) -> torch.Tensor:
+    """int4's round trip with a float16 scale of its own a group (the format before two levels)."""
+    g = kv_format._grouped(kv_format.hadamard(x.float()), fmt)
+    scale = (g.abs().amax(-1, keepdim=True) / fmt.qmax).clamp(min=2.0**-14).half().float()
+    back = ((g / scale).round().clamp(-fmt.qmax, fmt.qmax) * scale).reshape(x.shape)
+    return kv_format.hadamard(back).to(x.dtype)
+
+
+def _store(name: str | kv_format.KVFormat, balance: bool, sides: str = "kv", values=None, round_trip=None):
     """``(query, k, v) -> (k', v')``: what attention reads back from a cache in format ``name``
-    (values in ``values`` where given)."""
+    (values in ``values`` where given; ``round_trip`` in place of the format's own)."""
     fmt = kv_format.parse(name)
     v_fmt = fmt if values is None else kv_format.parse(values)
+    trip = round_trip or kv_format.round_trip
 
     def store(query, k, v):
         if not fmt.quantized:
             return k, v
         mu = k.mean(2, keepdim=True)
         s = channel_balance(query, k - mu)[:, :, None] if balance else torch.ones_like(mu)
-        k_back = kv_format.round_trip((k - mu) * s, fmt) / s + mu if "k" in sides else k
-        v_back = kv_format.round_trip(v, v_fmt) if "v" in sides else v
+        k_back = trip((k - mu) * s, fmt) / s + mu if "k" in sides else k
+        v_back = trip(v, v_fmt) if "v" in sides else v
         return k_back, v_back
 
     return store
@@ -70,6 +84,7 @@ VARIANTS = {
     "int4 balanced, values in groups of 64": _store(
         "int4", True, values=replace(kv_format.parse("int4"), group=64)
     ),
+    "int4 balanced, float16 group scales": _store("int4", True, round_trip=_float16_groups),
 }
 
 
@@ -77,16 +92,43 @@ VARIANTS = {
 @click.argument("model", default="qwen2.5-coder-0.5b")
 @click.option("--tokens", default=2048, show_default=True, help="Length of the text the model reads.")
 @click.option(
+    "--variants",
+    default=",".join(VARIANTS),
+    show_default=False,
+    help="Comma-separated variants to run (default: all); float32, the reference, always runs.",
+)
+@click.option(
+    "--offsets",
+    default="5000",
+    show_default=True,
+    help="Comma-separated token offsets into the text, one window each (past the tables of contents).",
+)
+@click.option(
     "--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the rows here."
 )
-def main(model: str, tokens: int, json_out: Path | None) -> None:
+def main(model: str, tokens: int, variants: str, offsets: str, json_out: Path | None) -> None:
+    # names may hold ", " themselves: split on commas not followed by a space
+    chosen = ["float32"] + [
+        v.strip() for v in re.split(r",(?! )", variants) if v.strip() not in ("", "float32")
+    ]
+    unknown = [v for v in chosen if v not in VARIANTS]
+    if unknown:
+        raise click.BadParameter(
+            f"unknown variant {unknown[0]!r}; known: {'; '.join(VARIANTS)}", param_hint="--variants"
+        )
+    try:
+        starts = [int(o) for o in offsets.split(",")]
+    except ValueError as err:
+        raise click.BadParameter(
+            f"{offsets!r} is not a comma-separated list of integers", param_hint="--offsets"
+        ) from err
     lm = load_model(model, dtype=torch.float32, progress=False)
     text = "".join(Path(name).read_text() for name in TEXT)
-    ids = lm.tokenizer(text, return_tensors="pt").input_ids[
-        :, 5000 : 5000 + tokens
-    ]  # past the tables of contents
-    if ids.shape[1] < tokens:
-        raise click.ClickException(f"the repository's text has {ids.shape[1]} tokens past 5000, not {tokens}")
+    every = lm.tokenizer(text, return_tensors="pt").input_ids
+    if every.shape[1] < max(starts) + tokens:
+        raise click.ClickException(
+            f"the repository's text has {every.shape[1]} tokens, not {max(starts) + tokens} (--offsets, --tokens)"
+        )
     current = {"store": VARIANTS["float32"]}
 
     def attention(module, query, key, value, attention_mask, **kwargs):
@@ -97,27 +139,37 @@ def main(model: str, tokens: int, json_out: Path | None) -> None:
 
     AttentionInterface.register("baklava_key_balance", attention)
     lm.model.set_attn_implementation("baklava_key_balance")
-    half, target = tokens // 2, ids[0, 1:]
-
-    def run(name: str) -> torch.Tensor:
-        current["store"] = VARIANTS[name]
-        with torch.no_grad():
-            return lm.model(input_ids=ids).logits[0].float().log_softmax(-1)
-
-    reference = run("float32")
+    half = tokens // 2
     rows = []
-    click.echo(f"{model}, {tokens} tokens, statistics over the last {tokens - half}")
-    click.echo(f"{'variant':26s} {'KL':>8s} {'top-1':>6s} {'ppl':>8s}")
-    for name in VARIANTS:
-        start = time.perf_counter()
-        logp = reference if name == "float32" else run(name)
-        kl = float((reference.exp() * (reference - logp)).sum(-1)[half:].mean())
-        top1 = float((logp.argmax(-1) == reference.argmax(-1))[half:].float().mean())
-        ppl = math.exp(float(-logp[:-1].gather(1, target[:, None])[half:].mean()))
-        rows.append({"variant": name, "kl": kl, "top1": top1, "ppl": ppl})
-        click.echo(f"{name:26s} {kl:8.4f} {top1:6.3f} {ppl:8.3f}   ({time.perf_counter() - start:.0f} s)")
+    for offset in starts:
+        ids = every[:, offset : offset + tokens]
+        target = ids[0, 1:]
+
+        def run(name: str, ids=ids) -> torch.Tensor:
+            current["store"] = VARIANTS[name]
+            with torch.no_grad():
+                return lm.model(input_ids=ids).logits[0].float().log_softmax(-1)
+
+        reference = run("float32")
+        click.echo(f"{model}, tokens {offset}-{offset + tokens}, statistics over the last {tokens - half}")
+        click.echo(f"{'variant':26s} {'KL':>8s} {'top-1':>6s} {'ppl':>8s}")
+        for name in chosen:
+            start = time.perf_counter()
+            logp = reference if name == "float32" else run(name)
+            kl = float((reference.exp() * (reference - logp)).sum(-1)[half:].mean())
+            top1 = float((logp.argmax(-1) == reference.argmax(-1))[half:].float().mean())
+            ppl = math.exp(float(-logp[:-1].gather(1, target[:, None])[half:].mean()))
+            rows.append({"variant": name, "offset": offset, "kl": kl, "top1": top1, "ppl": ppl})
+            click.echo(f"{name:26s} {kl:8.4f} {top1:6.3f} {ppl:8.3f}   ({time.perf_counter() - start:.0f} s)")
+    if len(starts) > 1:
+        click.echo(f"mean over {len(starts)} windows:")
+        for name in chosen:
+            mine = [r for r in rows if r["variant"] == name]
+            kl = sum(r["kl"] for r in mine) / len(mine)
+            top1 = sum(r["top1"] for r in mine) / len(mine)
+            click.echo(f"{name:26s} {kl:8.4f} {top1:6.3f}")
     if json_out:
-        meta = {"model": model, "tokens": tokens, "torch": torch.__version__, "text": TEXT}
+        meta = {"model": model, "tokens": tokens, "offsets": starts, "torch": torch.__version__, "text": TEXT}
         json_out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 

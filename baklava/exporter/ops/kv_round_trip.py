@@ -2,9 +2,9 @@
 
 Both ``baklava`` ops take ``kv_dtype`` (``auto`` = full precision, ``fp8``, ``int8``, ``int4``;
 :mod:`baklava.kv_format`). With a quantized format each op rounds the step's ``key`` and ``value``
-exactly as :func:`baklava.kv_format.round_trip` does (per token-head vector, or per 32-channel
-group for int4 after a Hadamard rotation: float16 scale ``absmax / qmax``, then round or cast to
-float8, then back), before
+exactly as :func:`baklava.kv_format.round_trip` does (per token-head vector: float16 scale
+``absmax / qmax``; or per 32-channel group for int4 after a Hadamard rotation, its scale in two
+levels; then round or cast to float8, then back), before
 attending or storing: the same standard ops in float32, so ONNX Runtime matches the PyTorch
 reference store value for value. The graph's cache tensors stay float32 (the reference store;
 the PyTorch runtime stores payload and scales, which read back the same values): what ONNX
@@ -35,6 +35,11 @@ def hadamard(b: Body, x: str, head_dim: int) -> str:
     return b.op("Mul", b.op("Reshape", y, shape), b.const(head_dim**-0.5, dtype="float32"))
 
 
+def _half(b: Body, x: str) -> str:
+    """``x`` rounded to float16 and back (a stored scale)."""
+    return b.op("Cast", b.op("Cast", x, to=TensorProto.FLOAT16), to=FLOAT)
+
+
 def round_trip(b: Body, x: str, kv_dtype: str, head_dim: int | None = None) -> str:
     """``x [B, H, S, D]`` (float) rounded through ``kv_dtype``; ``x`` itself for full precision.
     A rotating format (int4) needs ``head_dim``: its butterflies are unrolled here."""
@@ -52,10 +57,25 @@ def round_trip(b: Body, x: str, kv_dtype: str, head_dim: int | None = None) -> s
         lead = b.op("Slice", shape, b.ints(0), b.ints(3), b.ints(0))
         groups = b.op("Reshape", x, b.op("Concat", lead, b.ints(-1, fmt.group), axis=0))
     absmax = b.op("ReduceMax", b.op("Abs", groups), b.ints(-1), keepdims=1)
-    scale = b.op(
-        "Max", b.op("Div", absmax, b.const(fmt.qmax, dtype="float32")), b.const(2.0**-14, dtype="float32")
-    )
-    scale = b.op("Cast", b.op("Cast", scale, to=TensorProto.FLOAT16), to=FLOAT)  # stored as float16
+    want = b.op("Div", absmax, b.const(fmt.qmax, dtype="float32"))
+    tiny = b.const(2.0**-14, dtype="float32")
+    if fmt.group is None:
+        scale = _half(b, b.op("Max", want, tiny))  # stored as float16
+    else:  # two levels (kv_format._two_level): float16 top, a byte code a group
+        top = _half(b, b.op("Max", b.op("ReduceMax", want, b.ints(-2), keepdims=1), tiny))
+        steps = b.const(float(kv_format.CODE_STEPS), dtype="float32")
+        code = b.op(
+            "Sub", b.op("Round", b.op("Div", b.op("Mul", want, steps), top)), b.const(1.0, dtype="float32")
+        )
+        code = b.op(
+            "Clip", code, b.const(0.0, dtype="float32"), b.const(kv_format.CODE_STEPS - 1.0, dtype="float32")
+        )
+        ratio = b.op(
+            "Mul",
+            b.op("Add", code, b.const(1.0, dtype="float32")),
+            b.const(1 / kv_format.CODE_STEPS, dtype="float32"),
+        )
+        scale = b.op("Mul", top, ratio)  # exact in float32, as every reader computes it
     q = b.op("Div", groups, scale)
     lo, hi = b.const(-fmt.qmax, dtype="float32"), b.const(fmt.qmax, dtype="float32")
     if fmt.name == "fp8":
