@@ -40,7 +40,8 @@ def split_launch(fmt: str, *, block_n: int, warps: int, stages: int) -> dict:
     """The split kernel's launch over slots in ``fmt`` (Llama-3-8B shapes; pointers and strides
     16-aligned except the one-a-slot ones), described for :mod:`baklava.kernels.offline_compile`."""
     quant, payload, group = FORMATS[fmt]
-    tensors = POINTERS | {"K": payload, "V": payload}
+    scales = "int16" if fmt == "int4" else "float16"  # int4: two-level scales as int16 words (kv_format)
+    tensors = POINTERS | {"K": payload, "V": payload, "KS": scales, "VS": scales}
     consts = dict(GROUP=4, G_PAD=16, D=128, BLOCK_N=block_n, STORE_LOGITS=False, PDL=False,
                   QUANT=quant, SCALE_GROUP=group)  # fmt: skip
     args = []
