@@ -276,11 +276,12 @@ from baklava.kernels.decode_attention import _quant_mode
 kv_format, padded = (None if sys.argv[1] == "none" else sys.argv[1]), sys.argv[2] == "padded"
 quant, scale_group, _ = _quant_mode(kv_format, 128)
 slot = {None: "*bf16", "int8": "*i8", "int4": "*u8"}[kv_format]
-pointers = dict(Q="*bf16", K=slot, V=slot, KS="*fp16", VS="*fp16", KN="*bf16", VN="*bf16", FILL="*i32",
+scales = "*i16" if kv_format == "int4" else "*fp16"  # int4: two-level scales as int16 words
+pointers = dict(Q="*bf16", K=slot, V=slot, KS=scales, VS=scales, KN="*bf16", VN="*bf16", FILL="*i32",
                 OFFSETS="*i32", OUT="*bf16", LSE="*fp32", VALID="*i8")
 constants = dict(GROUP=4, G_P2=4, D=128, BLOCK_Q=32, BLOCK_N=128, QUANT=quant, SCALE_GROUP=scale_group,
                  PADDED=padded)
-mass_pointers = dict(Q="*bf16", K=slot, KS="*fp16", KN="*bf16", FILL="*i32", OFFSETS="*i32", LSE="*fp32",
+mass_pointers = dict(Q="*bf16", K=slot, KS=scales, KN="*bf16", FILL="*i32", OFFSETS="*i32", LSE="*fp32",
                      SCORE="*fp32", NEW_MASS="*fp32", VALID="*i8")
 mass_constants = dict(GROUP=4, D=128, W=32, BLOCK_N=64, QUANT=quant, SCALE_GROUP=scale_group, PADDED=padded)
 launches = [(kernels._attention_kernel, pointers, constants, 8), (kernels._mass_kernel, mass_pointers, mass_constants, 4)]

@@ -26,6 +26,7 @@ read, against ``4 x D`` bytes of keys and values in bf16).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -33,6 +34,39 @@ import triton.language as tl
 
 from baklava import kv_format as formats
 from baklava.kernels.launch import dependent_launch
+
+# int8 / fp8 slots turn into float16 in PTX the compiler cannot move (_to_half), before tl.dot sees
+# them: Triton then stages the converted tile in shared memory and loads it with ldmatrix, as for
+# bf16 slots, instead of staging the bytes and rebuilding the value operand with byte permutes
+# and conversions one by one (benchmarks/kv/decode_sass.py counts both). The interpreter runs no
+# PTX and converts with .to() (the same values: both conversions are exact).
+_PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+
+
+@triton.jit
+def _to_half(raw, QUANT: tl.constexpr):
+    """int8 (QUANT 3) or fp8 e4m3 (QUANT 1) payload as float16, four at a time."""
+    if QUANT == 3:  # FasterTransformer's: v ^ 0x80 = v + 128 as a byte under 0x64 is 1024 + v + 128
+        x = tl.inline_asm_elementwise(
+            "{ .reg .b32 u, m; xor.b32 u, $2, 0x80808080; mov.b32 m, 0x64806480; "
+            "prmt.b32 $0, u, 0x64646464, 0x4140; prmt.b32 $1, u, 0x64646464, 0x4342; "
+            "sub.f16x2 $0, $0, m; sub.f16x2 $1, $1, m; }",
+            "=r,=r,r",
+            [raw],
+            dtype=tl.float16,
+            is_pure=False,  # not pure: the compiler would convert after the shared-memory round trip
+            pack=4,
+        )
+    else:
+        x = tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; cvt.rn.f16x2.e4m3x2 $0, lo; cvt.rn.f16x2.e4m3x2 $1, hi; }",
+            "=r,=r,r",
+            [raw.to(tl.uint8, bitcast=True)],
+            dtype=tl.float16,
+            is_pure=False,
+            pack=4,
+        )
+    return x
 
 
 @triton.jit
@@ -67,9 +101,11 @@ def _load_slots(PTR, SCALES, base_b, scale_b, rows, live, d, stride_t, stride_st
         grouped = tl.reshape(nib.to(tl.float32), (BLOCK_N, D // SCALE_GROUP, SCALE_GROUP))
         x = tl.reshape(grouped * group_scale[:, :, None], (BLOCK_N, D)).to(dtype)
     else:
-        x = tl.load(PTR + base_b + rows[:, None] * stride_t + d[None, :], mask=live[:, None], other=0.0).to(
-            dtype
-        )
+        x = tl.load(PTR + base_b + rows[:, None] * stride_t + d[None, :], mask=live[:, None], other=0.0)
+        if QUANT % 2 == 1 and _PTX:  # float16 holds every int8 / e4m3 value, and so does bfloat16
+            x = _to_half(x, QUANT).to(dtype)
+        else:
+            x = x.to(dtype)
         if QUANT % 2 == 1:
             slot_scale = tl.load(SCALES + scale_b + rows * stride_st, mask=live, other=0.0).to(tl.float32)
     return x, slot_scale
