@@ -46,7 +46,7 @@ TEXT = ("BENCHMARKS.md", "DESIGN.md", "README.md")  # English and code, from the
 def _float16_groups(x: torch.Tensor, fmt: kv_format.KVFormat) -> torch.Tensor:
     """int4's round trip with a float16 scale of its own a group (the format before two levels)."""
     g = kv_format._grouped(kv_format.hadamard(x.float()), fmt)
-    scale = (g.abs().amax(-1, keepdim=True) / fmt.qmax).clamp(min=2.0**-14).half().float()
+    scale = (g.abs().amax(-1, keepdim=True) / fmt.qmax).clamp(min=kv_format._TINY).half().float()
     back = ((g / scale).round().clamp(-fmt.qmax, fmt.qmax) * scale).reshape(x.shape)
     return kv_format.hadamard(back).to(x.dtype)
 
@@ -122,6 +122,10 @@ def main(model: str, tokens: int, variants: str, offsets: str, json_out: Path | 
         raise click.BadParameter(
             f"{offsets!r} is not a comma-separated list of integers", param_hint="--offsets"
         ) from err
+    if min(starts) < 0:
+        raise click.BadParameter(
+            f"{offsets!r}: offsets count tokens from the start, >= 0", param_hint="--offsets"
+        )
     lm = load_model(model, dtype=torch.float32, progress=False)
     text = "".join(Path(name).read_text() for name in TEXT)
     every = lm.tokenizer(text, return_tensors="pt").input_ids
