@@ -194,7 +194,22 @@ def test_the_kernel_benchmark_sweeps_launches_and_names_each_formats_fastest():
     from baklava.errors import BaklavaError
 
     assert parse_launches("64x4x2, 128X8x3") == [Launch(64, 4, 2), Launch(128, 8, 3)]
-    for bad in ("64x4", "64x4x0", "96x4x2", "64x3x2", "8x4x2", "64x4x2,64x4x2", "fast"):
+    mma = parse_launches("64x4x2,mma16")[1]
+    assert (str(mma), mma.mma, mma.per_sm, mma.warps) == ("mma16", True, 16, 1)
+    assert mma.runs("int8") and mma.runs("fp8") and not mma.runs("bf16") and not mma.runs("int4")
+    assert (str(parse_launches("mma6x4")[0]), parse_launches("mma6x4")[0].stages) == ("mma6x4", 4)
+    for bad in (
+        "64x4",
+        "64x4x0",
+        "96x4x2",
+        "64x3x2",
+        "8x4x2",
+        "64x4x2,64x4x2",
+        "fast",
+        "mma",
+        "mma0",
+        "mmax",
+    ):
         with pytest.raises(BaklavaError):
             parse_launches(bad)
     common = dict(

@@ -75,3 +75,67 @@ def test_scales_are_read_per_slot_not_per_head():
     after = run(bumped)
     changed = (after - before).abs().amax(-1) > 1e-4  # [B, H_q]
     assert changed.tolist() == [[False, False, False, False], [False, False, True, True]]
+
+
+ON_GPU = not INTERPRETED and DEVICE == "cuda"
+MMA_NAMES = ["int8", pytest.param("fp8", marks=pytest.mark.skipif(not ON_GPU, reason="fp8 needs the GPU"))]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the mma split kernel (Gluon) runs on a CUDA device only")
+@pytest.mark.parametrize("name", MMA_NAMES)
+@pytest.mark.parametrize(
+    ("batch", "caps", "q_heads", "head_dim", "fills"),
+    [
+        (3, [100, 7, 1000, 33], 8, 64, None),  # GQA 2, fills differ per row, a head that splits
+        (2, [1229] * 8, 32, 128, None),  # Llama-3-8B shapes
+        (2, [300, 45, 2000], 21, 64, None),  # Qwen2.5-like group of 7
+        (2, [50, 300], 4, 32, [[0, 300], [50, 1]]),  # an empty head, a full one, one live slot
+        (1, [4096, 17], 32, 128, None),  # the largest group (16 query heads a KV head)
+    ],
+)
+def test_mma_split_kernel_matches_the_triton_kernel_and_the_reference(
+    name, batch, caps, q_heads, head_dim, fills
+):
+    """The Gluon split pass (operands built in registers, channels renamed) gives the Triton
+    kernel's output, logits, log-sum-exps and the dequantized reference."""
+    fmt = kv_format.parse(name)
+    (query, k_new, v_new, keys, values, fill), offsets = _case(
+        batch * 5 + head_dim, batch, caps, q_heads, head_dim, torch.bfloat16, fills
+    )
+    keys = keys * torch.linspace(0.05, 4, head_dim, device=DEVICE, dtype=keys.dtype)  # uneven channels
+    (kq, ks), (vq, vs) = kv_format.quantize(keys, fmt), kv_format.quantize(values, fmt)
+    scale = head_dim**-0.5
+    group = q_heads // len(caps)
+    runs = {}
+    for kernel, interleave in (("triton", True), ("mma", True), ("mma", False)):
+        logits = torch.full((batch, sum(caps), group), 7.0, device=DEVICE)
+        lse = torch.empty(batch, q_heads, device=DEVICE)
+        logit_new = torch.empty(batch, q_heads, device=DEVICE)
+        out = packed_decode_attention(
+            query, k_new, v_new, kq, vq, fill, offsets, caps, scale, kv_format=fmt, key_scales=ks,
+            value_scales=vs, logits=logits, lse=lse, logit_new=logit_new, kernel=kernel,
+            mma_interleave=interleave,
+        )  # fmt: skip
+        runs[kernel if interleave else "contiguous"] = out.float(), logits, lse
+    k_deq, v_deq = kv_format.dequantize(kq, ks, fmt), kv_format.dequantize(vq, vs, fmt)
+    want = reference(query, k_new, v_new, k_deq, v_deq, fill, caps, scale)
+    out_t, logits_t, lse_t = runs["triton"]
+    for out, logits, lse in (runs["mma"], runs["contiguous"]):  # a head's steps in turn, or one tile
+        torch.testing.assert_close(out, want, atol=TOLERANCE[torch.bfloat16], rtol=0)
+        torch.testing.assert_close(out, out_t, atol=4e-3, rtol=0)
+        torch.testing.assert_close(lse, lse_t, atol=1e-3, rtol=0)
+        torch.testing.assert_close(logits, logits_t, atol=1e-3, rtol=1e-3)  # dead slots keep the 7.0
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the mma split kernel (Gluon) runs on a CUDA device only")
+def test_auto_picks_the_mma_kernel_for_8_bit_slots_only():
+    from baklava.kernels.decode_attention import mma_split
+
+    assert mma_split(kv_format.parse("int8"), 128, 4, DEVICE) == (
+        torch.cuda.get_device_capability() >= (8, 9)
+    )
+    assert not mma_split(kv_format.parse("int4"), 128, 4, DEVICE)
+    assert not mma_split(None, 128, 4, DEVICE)
+    assert not mma_split(kv_format.parse("int8"), 16, 4, DEVICE)  # a 16-channel slot is one word a quad
+    assert not mma_split(kv_format.parse("int8"), 128, 32, DEVICE)  # more query heads than mma rows
+    assert not mma_split(kv_format.parse("int8"), 256, 4, DEVICE)  # its accumulator would spill

@@ -6,11 +6,14 @@ the same random cache stored as bf16, fp8, int8 and int4 (:mod:`baklava.kv_forma
 captured in a CUDA graph and replayed (as the decode step runs); the formats are timed in turn,
 ``rounds`` times over (a drift of the shared machine hits them alike), and every ratio is the
 median of the rounds' ratios. Bytes = payload + scales of K and V (what the kernel reads).
-With several ``--launches`` (slots a tile step x warps x pipeline stages of the split kernel)
-every format is timed at each, against bf16 at the first: a launch sweep in one run.
+With several ``--launches`` (slots a tile step x warps x pipeline stages of the Triton split
+kernel, or ``mmaN``: the Gluon mma split kernel of int8 / fp8 slots at N one-warp programs an
+SM, ``mmaNc`` with one contiguous tile a program instead of a head's steps taken in turn)
+every format is timed at each launch it runs, against bf16 at the first: a sweep in one run.
 
     baklava-bench kv-dtype --batch 8 --context 32768 --budget 0.3
     baklava-bench kv-dtype --launches 64x4x2,128x4x2,128x8x2,256x8x2 --rounds 3
+    baklava-bench kv-dtype --launches 64x4x2,64x4x3,mma8,mma16,mma32 --rounds 5
 """
 
 from __future__ import annotations
@@ -23,28 +26,58 @@ import torch
 from baklava import kv_format
 from baklava.bench.kernel_speed import _time, packed_case
 from baklava.errors import BaklavaError
-from baklava.kernels.decode_attention import packed_decode_attention, tile_length, tile_table
+from baklava.kernels.decode_attention import (
+    MMA_BLOCK_N,
+    MMA_STAGES,
+    packed_decode_attention,
+    tile_length,
+    tile_table,
+)
 
 FORMATS = ("bf16", "fp8", "int8", "int4")
 
 
 @dataclass(frozen=True)
 class Launch:
-    """One launch of the split kernel: slots a tile step reads, warps, pipeline stages."""
+    """One launch of the split kernel: slots a tile step reads, warps, pipeline stages (the Triton
+    kernel), or the mma kernel (int8 / fp8 only) at ``per_sm`` one-warp programs an SM."""
 
     block_n: int = 64
     warps: int = 4
     stages: int = 2
+    per_sm: int | None = None  # the mma kernel's; None: the Triton kernel
+    interleave: bool = True  # the mma kernel's: a head's programs take its steps in turn
 
     def __str__(self) -> str:
+        if self.mma:
+            stages = f"x{self.stages}" if self.stages != MMA_STAGES else ""
+            return f"mma{self.per_sm}{stages}" + ("" if self.interleave else "c")
         return f"{self.block_n}x{self.warps}x{self.stages}"
+
+    @property
+    def mma(self) -> bool:
+        return self.per_sm is not None
+
+    def runs(self, kv_dtype: str) -> bool:
+        return not self.mma or kv_dtype in ("int8", "fp8")
 
 
 def parse_launches(text: str) -> list[Launch]:
-    """``"64x4x2,128x8x2"`` -> launches; a one-line error for anything else."""
+    """``"64x4x2,128x8x2,mma16"`` -> launches; a one-line error for anything else."""
     launches = []
     for part in text.split(","):
-        fields = part.strip().lower().split("x")
+        word = part.strip().lower()
+        if word.startswith("mma"):
+            contiguous = word.endswith("c")  # each program one contiguous tile
+            fields = word[3:].removesuffix("c").split("x")
+            if len(fields) > 2 or not all(f.isdigit() for f in fields) or int(fields[0]) < 1:
+                raise BaklavaError(f"launch {part!r} is not mmaN[xSTAGES] (N programs an SM), e.g. mma6")
+            stages = int(fields[1]) if len(fields) == 2 else MMA_STAGES
+            if stages < 3:
+                raise BaklavaError(f"launch {part!r}: the mma kernel's ring takes at least 3 stages")
+            launches.append(Launch(MMA_BLOCK_N, 1, stages, int(fields[0]), not contiguous))
+            continue
+        fields = word.split("x")
         if len(fields) != 3 or not all(f.isdigit() and int(f) > 0 for f in fields):
             raise BaklavaError(f"launch {part!r} is not BLOCKxWARPSxSTAGES, e.g. 64x4x2")
         block_n, warps, stages = (int(f) for f in fields)
@@ -81,19 +114,25 @@ def measure(
     case = packed_case(batch, context, budget, "cuda", torch.bfloat16)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     tables = {}
-    for launch in launches:  # the tile table follows the tile step
-        tile = tile_length(case.caps, batch, launch.block_n, sms)
-        tables.setdefault(launch.block_n, (tile, tile_table(case.caps, tile, "cuda")))
+    for launch in launches:  # the tile table follows the tile step (and the mma kernel's programs)
+        tile = tile_length(case.caps, batch, launch.block_n, sms, launch.per_sm)
+        tables.setdefault((launch.block_n, launch.per_sm), (tile, tile_table(case.caps, tile, "cuda")))
     q, kn, vn, _, _, fill, offsets, caps, scale = case.args()
     stores = {name: stored(case.keys, case.values, name) for name in formats}
-    variants = [(name, launch) for name in formats for launch in launches]
+    variants = [(name, launch) for name in formats for launch in launches if launch.runs(name)]
     base = ("bf16", launches[0])
+    if base not in variants:
+        raise BaklavaError(f"the first launch must run bf16 (the baseline), got {launches[0]}")
 
     def call(name, launch):
         s = {k: v for k, v in stores[name].items() if k != "nbytes"}
         kv = s.pop("keys"), s.pop("values")
         how = dict(block_n=launch.block_n, num_warps=launch.warps, num_stages=launch.stages)
-        table = tables[launch.block_n]
+        if launch.mma:
+            how |= dict(kernel="mma", mma_stages=launch.stages, mma_interleave=launch.interleave)
+        else:
+            how |= dict(kernel="triton")
+        table = tables[(launch.block_n, launch.per_sm)]
         return lambda: packed_decode_attention(
             q, kn, vn, *kv, fill, offsets, caps, scale, table=table, **how, **s
         )

@@ -378,8 +378,9 @@ def prefill_bench(model_spec, contexts, budgets, chunks, sdpa, repeats, out):
     "--launches",
     default="64x4x2",
     show_default=True,
-    help="Split-kernel launches BLOCKxWARPSxSTAGES (slots a tile step, warps, pipeline stages); "
-    "several: every format timed at each, against bf16 at the first (a launch sweep).",
+    help="Split-kernel launches BLOCKxWARPSxSTAGES (the Triton kernel: slots a tile step, warps, "
+    "pipeline stages) or mmaN (the Gluon mma kernel of int8 / fp8 slots, N one-warp programs an SM); "
+    "several: every format timed at each it runs, against bf16 at the first (a launch sweep).",
 )
 @click.option("--out", type=click.Path(file_okay=False), help="Write kv_dtype.json and kv_dtype.md here.")
 def kv_dtype_bench(batch, context, budget, rounds, launches, out):

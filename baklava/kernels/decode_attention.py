@@ -274,6 +274,45 @@ def _rotate(t: torch.Tensor) -> torch.Tensor:
     return formats.hadamard(t.float()).to(t.dtype).contiguous()
 
 
+MMA_BLOCK_N = 16  # slots a step of the mma split kernel reads
+MMA_STAGES = 3  # tiles in its shared-memory ring (two in flight while one is computed)
+
+
+def mma_split(kv_format, head_dim: int, group: int, device) -> bool:
+    """Whether ``kernel="auto"`` runs the mma split kernel: int8 / fp8 slots on a CUDA device of
+    compute capability 8.9 or later (``cvt.rn.f16x2.e4m3x2``; ``mma.sync`` needs 8.0), head dims
+    32-128 (256 spills: its accumulator alone takes 128 registers), at most 16 query heads a KV
+    head, and not under the interpreter."""
+    device = torch.device(device)
+    if device.type != "cuda" or not _PTX or not formats.parse(kv_format).quantized:
+        return False
+    quant = _quant_mode(kv_format, head_dim)[0]
+    return quant in (1, 3) and 32 <= head_dim <= 128 and group <= 16 and _sm(device) >= (8, 9)
+
+
+def _sm(device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _mma_ok(quant: int, head_dim: int, group: int, keys, values) -> bool:
+    """The mma split kernel reads slots as 16-byte vectors of 32-bit words."""
+    aligned = all(
+        t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 and t.stride(1) % 16 == 0 for t in (keys, values)
+    )
+    power = head_dim & (head_dim - 1) == 0
+    return quant in (1, 3) and power and 32 <= head_dim <= 128 and group <= 16 and aligned
+
+
+def split_programs_per_sm(batch: int, mma: bool) -> int:
+    """Programs an SM the split pass's tile table aims at: the Triton kernel's four-warp programs
+    (2 up to batch 2, 4 up to 16, 8 above), or 7 one-warp programs of the mma kernel (a sweep of
+    4-16 on an H100, batch 8 / 32k / budget 0.3: 7 fastest, 6 within 1%, 8 and above 10-30%
+    slower; BENCHMARKS.md, issue 23)."""
+    if mma:
+        return 7
+    return 2 if batch <= 2 else 4 if batch <= 16 else 8
+
+
 def multiprocessors(device) -> int:
     """SM count of a CUDA device; 4 elsewhere (the Triton interpreter runs on the CPU)."""
     device = torch.device(device)
@@ -288,7 +327,7 @@ def tile_length(capacities, batch: int, block_n: int, sms: int, per_sm: int | No
     long sequence, shorter ones once many small heads need balancing; BENCHMARKS.md).
     """
     if per_sm is None:
-        per_sm = 2 if batch <= 2 else 4 if batch <= 16 else 8
+        per_sm = split_programs_per_sm(batch, mma=False)
     work = batch * sum(capacities)
     tile = math.ceil(work / (per_sm * sms) / block_n) * block_n
     return max(block_n, min(tile, 8192))
@@ -330,6 +369,9 @@ def packed_decode_attention(
     kv_format=None,
     key_scales: torch.Tensor | None = None,
     value_scales: torch.Tensor | None = None,
+    kernel: str = "auto",
+    mma_stages: int | None = None,
+    mma_interleave: bool = True,
 ) -> torch.Tensor:
     """Decode attention on the GPU; arguments as the reference, plus ``offsets [H_kv]`` (int32).
 
@@ -348,6 +390,15 @@ def packed_decode_attention(
     log-sum-exp over its slots and the new token, and the new token's logit (what H2O scores
     need: every probability is then ``exp(logit - lse)``, computed one way for all candidates). Slots past ``fill`` are left untouched.
 
+    ``kernel``: the split pass over int8 / fp8 slots on a CUDA device, ``"mma"`` for the Gluon
+    kernel that builds tensor-core operands in registers (:mod:`baklava.kernels.decode_mma`, one
+    warp a program: give it a table of about 7 programs an SM, :func:`split_programs_per_sm`),
+    ``"triton"`` for this module's; ``"auto"`` picks :func:`mma_split` (every other format and the
+    interpreter run this module's). ``mma_stages``: the mma kernel's ring of tiles (default
+    ``MMA_STAGES``); ``mma_interleave``: a head's programs take its 16-slot steps in turn (program
+    ``j`` of ``c`` reads steps ``j, j + c, ...``, so the head's programs stream side by side) instead
+    of one contiguous tile each; same work, same partials.
+
     ``block_n``, ``num_warps``, ``num_stages``: the split launch; ``merge_block`` (tiles read at a
     time) and ``merge_warps``: the merge launch. One warp a merge program: its few dependent loads
     are latency, not bandwidth, so more programs in flight finish sooner (at batch 64 / 4k the
@@ -359,9 +410,14 @@ def packed_decode_attention(
         num_stages = 3 if batch <= 2 else 2  # a deeper pipeline pays off for one long sequence
     group = q_heads // kv_heads
     g_pad = max(16, triton.next_power_of_2(group))  # tl.dot needs >= 16 rows
+    quant, scale_group, rotated = _quant_mode(kv_format, head_dim)
+    mma = kernel == "mma" or (kernel == "auto" and mma_split(kv_format, head_dim, group, query.device))
+    if mma and not _mma_ok(quant, head_dim, group, keys, values):
+        raise ValueError(f"the mma split kernel takes int8 / fp8 slots of 16-byte rows, got {kv_format!r}")
     if table is None:
         sms = multiprocessors(query.device)
-        tile = tile_length(capacities, batch, block_n, sms)
+        per_sm = split_programs_per_sm(batch, mma)
+        tile = tile_length(capacities, batch, MMA_BLOCK_N if mma else block_n, sms, per_sm)
         table = (tile, tile_table(capacities, tile, query.device))
     tile, (tile_head, tile_start, tile_first) = table
     n_tiles = tile_head.numel()
@@ -380,7 +436,6 @@ def packed_decode_attention(
         logits = lse = logit_new = mid_m  # never touched: STORE_LOGITS is False
     for t in (query, key_new, value_new, keys, values):
         assert t.stride(-1) == 1, "last dimension must be contiguous"
-    quant, scale_group, rotated = _quant_mode(kv_format, head_dim)
     if rotated:  # slots hold rotated vectors: attend in that basis, rotate the output back
         query, key_new, value_new = (_rotate(t) for t in (query, key_new, value_new))
     if quant:
@@ -390,8 +445,7 @@ def packed_decode_attention(
     else:
         ks = vs = fill  # never read: QUANT is 0
     pdl = dependent_launch(query.device)
-    _split_kernel[(batch, n_tiles)](
-        query, keys, values, ks, vs, fill, offsets, tile_head, tile_start, mid_o, mid_m, mid_l, logits,
+    strides = (
         query.stride(0), query.stride(1),
         keys.stride(0), keys.stride(1),
         values.stride(0), values.stride(1),
@@ -399,11 +453,25 @@ def packed_decode_attention(
         vs.stride(0), vs.stride(1),
         fill.stride(0),
         logits.stride(0), logits.stride(1) if store else 0,
-        scale, tile,
-        GROUP=group, G_PAD=g_pad, D=head_dim, BLOCK_N=block_n, STORE_LOGITS=store, PDL=pdl,
-        QUANT=quant, SCALE_GROUP=scale_group,
-        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )  # fmt: skip
+    if mma:
+        from baklava.kernels.decode_mma import _split_kernel_mma
+
+        assert tile % MMA_BLOCK_N == 0, f"the mma split kernel reads tiles of {MMA_BLOCK_N} slots"
+        _split_kernel_mma[(batch, n_tiles)](
+            query, keys, values, ks, vs, fill, offsets, tile_head, tile_start, tile_first, mid_o, mid_m, mid_l,
+            logits, *strides, scale, tile,
+            GROUP=group, G_PAD=16, D=head_dim, BLOCK_N=MMA_BLOCK_N, STORE_LOGITS=store, QUANT=quant,
+            STAGES=mma_stages or MMA_STAGES, PDL=pdl, INTERLEAVE=mma_interleave, num_warps=1, launch_pdl=pdl,
+        )  # fmt: skip
+    else:
+        _split_kernel[(batch, n_tiles)](
+            query, keys, values, ks, vs, fill, offsets, tile_head, tile_start, mid_o, mid_m, mid_l, logits,
+            *strides, scale, tile,
+            GROUP=group, G_PAD=g_pad, D=head_dim, BLOCK_N=block_n, STORE_LOGITS=store, PDL=pdl,
+            QUANT=quant, SCALE_GROUP=scale_group,
+            num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
+        )  # fmt: skip
     _combine_kernel[(batch, q_heads)](
         query, key_new, value_new, tile_first, mid_o, mid_m, mid_l, out, lse, logit_new,
         query.stride(0), query.stride(1),

@@ -9,15 +9,20 @@ A launch is described as ``tests/launch_recorder.py`` writes it, without data::
      "kwargs": {"BLOCK_N": ["int", 64], "num_warps": ["int", 4], ...}}
 
 Ints and pointers are specialised on 16-divisibility as Triton's launcher does, except where the
-kernel says not to. Used by the CPU test that compiles every launch the interpreter runs
+kernel says not to. Gluon kernels (``triton.experimental.gluon.jit``) are described the same way. Used by the CPU test that compiles every launch the interpreter runs
 (``tests/gpu_compile.py``) and by the benchmark that counts a kernel's machine code
 (``benchmarks/kv/decode_sass.py``).
 """
 
 from __future__ import annotations
 
+import collections
 import importlib
 import json
+import re
+import subprocess
+import tempfile
+from pathlib import Path
 
 POINTEE = {"float64": "fp64", "float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int8": "i8",
            "uint8": "u8", "int16": "i16", "int32": "i32", "int64": "i64", "bool": "i1",
@@ -33,6 +38,8 @@ def source(spec: dict):
     from triton.compiler import ASTSource
 
     fn = getattr(importlib.import_module(spec["module"]), spec["name"])
+    if getattr(fn, "is_gluon", lambda: False)():  # a Gluon kernel (explicit layouts) builds alike
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
     no_value = set(spec["jit"].get("do_not_specialize", []))
     no_align = set(spec["jit"].get("do_not_specialize_on_alignment", []))
     given = dict(zip(fn.arg_names, spec["args"], strict=False))
@@ -83,3 +90,27 @@ def compile_launch(spec: dict, arch: int):
 
     _, src, options = source(spec)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def instruction_mix(cubin: bytes) -> dict:
+    """``{"registers": n, "total": n, "opcodes": {opcode: count}}`` of one cubin (SASS counted
+    statically with the ``cuobjdump`` Triton's wheel ships)."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True)
+    ops = collections.Counter()
+    for line in sass.splitlines():
+        found = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
+        if found:
+            ops[found.group(1)] += 1
+    registers = re.search(r"REG:(\d+)", usage.stdout)
+    return {
+        "registers": int(registers.group(1)) if registers else None,
+        "total": sum(ops.values()),
+        "opcodes": dict(ops.most_common()),
+    }

@@ -47,7 +47,15 @@ class _LayerState:
     tile table, and the H2O scratch buffers (allocated once, so CUDA-graph replays reuse them)."""
 
     def __init__(self, layer, group: int):
-        from baklava.kernels.decode_attention import multiprocessors, tile_length, tile_table
+        from baklava.kernels.decode_attention import (
+            MMA_BLOCK_N,
+            mma_split,
+            multiprocessors,
+            split_programs_per_sm,
+            tile_length,
+            tile_table,
+        )
+        from baklava.runtime import kv_slots
 
         dev, batch = layer.device, layer.batch_size
         i32 = dict(dtype=torch.int32, device=dev)
@@ -56,7 +64,13 @@ class _LayerState:
         self.offsets = torch.tensor(layer.offsets, **i32)
         # A slot pool's views tile as the whole pool does (`tile_rows`), so a row's attention is
         # summed in the same order whichever rows run beside it.
-        tile = tile_length(layer.capacities, layer.tile_rows or batch, 64, multiprocessors(dev))
+        # The split pass's kernel sets the table: the mma kernel's one-warp programs want ~4x as
+        # many tiles (the cache update's score pass reads the same table).
+        fmt = kv_slots.kernel_operands(layer)[2]
+        mma = fmt is not None and mma_split(fmt, layer.head_dim, group, dev)
+        rows = layer.tile_rows or batch
+        per_sm = split_programs_per_sm(rows, mma)
+        tile = tile_length(layer.capacities, rows, MMA_BLOCK_N if mma else 64, multiprocessors(dev), per_sm)
         self.table = (tile, tile_table(layer.capacities, tile, dev))
         self.logits = self.lse = self.logit_new = None
         if layer.eviction.policy == "h2o":

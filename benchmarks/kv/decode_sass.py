@@ -6,7 +6,9 @@ script compiles ``_split_kernel`` for sm_90 (H100 / H200) at the launch the deco
 its SASS instructions by opcode, with its registers. No timing: it shows what a format's slots
 cost in instructions (conversions, byte permutes, shared-memory round trips: ``LDS`` against
 ``LDSM``), whether a launch spills (``STL`` / ``LDL``), and what a kernel change does to them,
-on a machine without a GPU; only a GPU says what that costs in time::
+on a machine without a GPU; only a GPU says what that costs in time. The int8 / fp8 rows of the
+Gluon mma kernel (:mod:`baklava.kernels.decode_mma`, one warp, 16-slot steps, a three-stage
+ring) follow::
 
     python benchmarks/kv/decode_sass.py                      # a table on stdout
     python benchmarks/kv/decode_sass.py --json out.json      # and the counts as JSON
@@ -14,18 +16,15 @@ on a machine without a GPU; only a GPU says what that costs in time::
 
 from __future__ import annotations
 
-import collections
 import json
-import re
-import subprocess
-import tempfile
 from pathlib import Path
 
 import click
 import triton
 
 from baklava.kernels.decode_attention import _split_kernel
-from baklava.kernels.offline_compile import compile_launch
+from baklava.kernels.decode_mma import split_launch as mma_launch
+from baklava.kernels.offline_compile import compile_launch, instruction_mix
 
 FORMATS = {"bf16": (0, "bfloat16", 1), "fp8": (1, "float8_e4m3fn", 1), "int4": (2, "uint8", 32),
            "int8": (3, "int8", 1)}  # fmt: skip
@@ -33,7 +32,6 @@ POINTERS = {"Q": "bfloat16", "KS": "float16", "VS": "float16", "FILL": "int64", 
             "TILE_HEAD": "int32", "TILE_START": "int32", "MID_O": "float32", "MID_M": "float32",
             "MID_L": "float32", "LOGITS": "float32"}  # fmt: skip
 ONE_SCALE_A_SLOT = {"stride_ksb", "stride_kst", "stride_vsb", "stride_vst", "stride_fb"}  # stride 1
-BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
 def split_launch(fmt: str, *, block_n: int, warps: int, stages: int) -> dict:
@@ -67,30 +65,6 @@ def compile_split(fmt: str, *, arch: int, block_n: int, warps: int, stages: int)
     return compile_launch(launch, arch).asm["cubin"]
 
 
-def instruction_mix(cubin: bytes) -> dict:
-    """``{"registers": n, "total": n, "opcodes": {opcode: count}}`` of one cubin."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "k.cubin"
-        path.write_bytes(cubin)
-        sass = subprocess.run(
-            [BIN / "cuobjdump", "-sass", path], capture_output=True, text=True, check=True
-        ).stdout
-        usage = subprocess.run(
-            [BIN / "cuobjdump", "-res-usage", path], capture_output=True, text=True, check=True
-        )
-    ops = collections.Counter()
-    for line in sass.splitlines():
-        found = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
-        if found:
-            ops[found.group(1)] += 1
-    registers = re.search(r"REG:(\d+)", usage.stdout)
-    return {
-        "registers": int(registers.group(1)) if registers else None,
-        "total": sum(ops.values()),
-        "opcodes": dict(ops.most_common()),
-    }
-
-
 @click.command()
 @click.option("--arch", default=90, show_default=True, help="Compute capability, e.g. 90 for H100 / H200.")
 @click.option("--block-n", default=64, show_default=True)
@@ -106,8 +80,13 @@ def main(arch: int, block_n: int, warps: int, stages: int, show: str, json_out: 
     rows = {}
     click.echo("| format | registers | instructions | " + " | ".join(columns) + " |")
     click.echo("|---" * (3 + len(columns)) + "|")
-    for fmt in FORMATS:
-        mix = instruction_mix(compile_split(fmt, arch=arch, block_n=block_n, warps=warps, stages=stages))
+    cubins = {
+        fmt: compile_split(fmt, arch=arch, block_n=block_n, warps=warps, stages=stages) for fmt in FORMATS
+    }
+    for quant, fmt in ((3, "int8"), (1, "fp8")):  # the Gluon kernel: one warp, operands in registers
+        cubins[f"{fmt} mma"] = compile_launch(mma_launch(quant, head_dim=128, group=4), arch).asm["cubin"]
+    for fmt, cubin in cubins.items():
+        mix = instruction_mix(cubin)
         rows[fmt] = mix
         cells = [str(mix["opcodes"].get(op, 0)) for op in columns]
         click.echo(f"| {fmt} | {mix['registers']} | {mix['total']} | " + " | ".join(cells) + " |")
