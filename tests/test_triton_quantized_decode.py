@@ -127,6 +127,16 @@ def test_mma_split_kernel_matches_the_triton_kernel_and_the_reference(
         torch.testing.assert_close(logits, logits_t, atol=1e-3, rtol=1e-3)  # dead slots keep the 7.0
 
 
+def test_auto_never_picks_the_gluon_kernel_off_a_cuda_device():
+    """The interpreter cannot run Gluon: off CUDA every format takes the Triton kernel, whose
+    tile table keeps its four-warp programs."""
+    from baklava.kernels.decode_attention import mma_split, split_programs_per_sm
+
+    for name in ("int8", "fp8", "int4", "bf16"):
+        assert not mma_split(kv_format.parse(name), 128, 4, "cpu")
+    assert (split_programs_per_sm(8, mma=False), split_programs_per_sm(8, mma=True)) == (4, 7)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="the mma split kernel (Gluon) runs on a CUDA device only")
 def test_auto_picks_the_mma_kernel_for_8_bit_slots_only():
     from baklava.kernels.decode_attention import mma_split

@@ -11,7 +11,7 @@ kernel, or ``mmaN``: the Gluon mma split kernel of int8 / fp8 slots at N one-war
 SM, ``mmaNc`` with one contiguous tile a program instead of a head's steps taken in turn)
 every format is timed at each launch it runs, against bf16 at the first: a sweep in one run.
 
-    baklava-bench kv-dtype --batch 8 --context 32768 --budget 0.3
+    baklava-bench kv-dtype --batch 8 --context 32768 --budget 0.3   # 64x4x2 and mma7: what is deployed
     baklava-bench kv-dtype --launches 64x4x2,128x4x2,128x8x2,256x8x2 --rounds 3
     baklava-bench kv-dtype --launches 64x4x2,64x4x3,mma8,mma16,mma32 --rounds 5
 """

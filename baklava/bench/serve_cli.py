@@ -376,11 +376,13 @@ def prefill_bench(model_spec, contexts, budgets, chunks, sdpa, repeats, out):
 @click.option("--rounds", default=5, show_default=True, type=click.IntRange(1))
 @click.option(
     "--launches",
-    default="64x4x2",
+    default="64x4x2,mma7",
     show_default=True,
     help="Split-kernel launches BLOCKxWARPSxSTAGES (the Triton kernel: slots a tile step, warps, "
     "pipeline stages) or mmaN (the Gluon mma kernel of int8 / fp8 slots, N one-warp programs an SM); "
-    "several: every format timed at each it runs, against bf16 at the first (a launch sweep).",
+    "several: every format timed at each it runs, against bf16 at the first (a launch sweep). "
+    "The default times what the runtime deploys: the Triton kernel's launch, and the mma kernel's "
+    "for int8 / fp8.",
 )
 @click.option("--out", type=click.Path(file_okay=False), help="Write kv_dtype.json and kv_dtype.md here.")
 def kv_dtype_bench(batch, context, budget, rounds, launches, out):
