@@ -127,14 +127,41 @@ def test_mma_split_kernel_matches_the_triton_kernel_and_the_reference(
         torch.testing.assert_close(logits, logits_t, atol=1e-3, rtol=1e-3)  # dead slots keep the 7.0
 
 
-def test_auto_never_picks_the_gluon_kernel_off_a_cuda_device():
+def test_auto_takes_the_gluon_kernel_only_where_it_runs():
     """The interpreter cannot run Gluon: off CUDA every format takes the Triton kernel, whose
-    tile table keeps its four-warp programs."""
+    tile table keeps its four-warp programs; an unknown kernel, or the mma kernel asked for slots
+    whose rows it cannot copy in 16-byte pieces, is a clear error."""
     from baklava.kernels.decode_attention import mma_split, split_programs_per_sm
 
     for name in ("int8", "fp8", "int4", "bf16"):
         assert not mma_split(kv_format.parse(name), 128, 4, "cpu")
     assert (split_programs_per_sm(8, mma=False), split_programs_per_sm(8, mma=True)) == (4, 7)
+    fmt = kv_format.parse("int8")
+    (query, k_new, v_new, keys, values, fill), offsets = _case(5, 1, [40, 24], 4, 64, torch.float16)
+    (kq, ks), (vq, vs) = kv_format.quantize(keys, fmt), kv_format.quantize(values, fmt)
+    with pytest.raises(ValueError, match="kernel must be"):
+        packed_decode_attention(
+            query, k_new, v_new, kq, vq, fill, offsets, [40, 24], 0.125, kv_format=fmt, key_scales=ks,
+            value_scales=vs, kernel="fast",
+        )  # fmt: skip
+    flat = torch.zeros(kq.numel() + 4, dtype=kq.dtype, device=kq.device)
+    shifted = flat[4:].view(kq.shape)  # rows 4 bytes off a 16-byte boundary
+    shifted.copy_(kq)
+    with pytest.raises(ValueError, match="16-byte rows"):
+        packed_decode_attention(
+            query, k_new, v_new, shifted, vq, fill, offsets, [40, 24], 0.125, kv_format=fmt,
+            key_scales=ks, value_scales=vs, kernel="mma",
+        )  # fmt: skip
+    # "auto" takes the Triton kernel for such slots (and off CUDA for any): the same answer
+    got = packed_decode_attention(
+        query, k_new, v_new, shifted, vq, fill, offsets, [40, 24], 0.125, kv_format=fmt, key_scales=ks,
+        value_scales=vs,
+    )  # fmt: skip
+    want = packed_decode_attention(
+        query, k_new, v_new, kq, vq, fill, offsets, [40, 24], 0.125, kv_format=fmt, key_scales=ks,
+        value_scales=vs, kernel="triton",
+    )  # fmt: skip
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=0)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the mma split kernel (Gluon) runs on a CUDA device only")

@@ -411,9 +411,14 @@ def packed_decode_attention(
     group = q_heads // kv_heads
     g_pad = max(16, triton.next_power_of_2(group))  # tl.dot needs >= 16 rows
     quant, scale_group, rotated = _quant_mode(kv_format, head_dim)
-    mma = kernel == "mma" or (kernel == "auto" and mma_split(kv_format, head_dim, group, query.device))
-    if mma and not _mma_ok(quant, head_dim, group, keys, values):
+    if kernel not in ("auto", "mma", "triton"):
+        raise ValueError(f"kernel must be 'auto', 'mma' or 'triton', got {kernel!r}")
+    fits = _mma_ok(quant, head_dim, group, keys, values)  # 16-byte rows (a sliced view may not be)
+    if kernel == "mma" and not fits:
         raise ValueError(f"the mma split kernel takes int8 / fp8 slots of 16-byte rows, got {kv_format!r}")
+    mma = kernel == "mma" or (
+        kernel == "auto" and fits and mma_split(kv_format, head_dim, group, query.device)
+    )
     if table is None:
         sms = multiprocessors(query.device)
         per_sm = split_programs_per_sm(batch, mma)
