@@ -279,28 +279,26 @@ MMA_STAGES = 3  # tiles in its shared-memory ring (two in flight while one is co
 
 
 def mma_split(kv_format, head_dim: int, group: int, device) -> bool:
-    """Whether ``kernel="auto"`` runs the mma split kernel: int8 / fp8 slots on a CUDA device of
-    compute capability 8.9 or later (``cvt.rn.f16x2.e4m3x2``; ``mma.sync`` needs 8.0), head dims
-    32-128 (256 spills: its accumulator alone takes 128 registers), at most 16 query heads a KV
-    head, and not under the interpreter."""
+    """Whether ``kernel="auto"`` runs the mma split kernel: slots and shapes it takes
+    (:func:`_mma_takes`) on a CUDA device of compute capability 8.9 or later
+    (``cvt.rn.f16x2.e4m3x2``; ``mma.sync`` needs 8.0), not under the interpreter."""
     device = torch.device(device)
     if device.type != "cuda" or not _PTX or not formats.parse(kv_format).quantized:
         return False
-    quant = _quant_mode(kv_format, head_dim)[0]
-    return quant in (1, 3) and 32 <= head_dim <= 128 and group <= 16 and _sm(device) >= (8, 9)
+    takes = _mma_takes(_quant_mode(kv_format, head_dim)[0], head_dim, group)
+    return takes and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def _sm(device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
-
-
-def _mma_ok(quant: int, head_dim: int, group: int, keys, values) -> bool:
-    """The mma split kernel reads slots as 16-byte vectors of 32-bit words."""
-    aligned = all(
-        t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 and t.stride(1) % 16 == 0 for t in (keys, values)
-    )
+def _mma_takes(quant: int, head_dim: int, group: int) -> bool:
+    """int8 / fp8 slots, power-of-two head dims 32-128 (256 spills: its accumulator alone takes
+    128 registers), at most 16 query heads a KV head (one ``mma.sync`` row block)."""
     power = head_dim & (head_dim - 1) == 0
-    return quant in (1, 3) and power and 32 <= head_dim <= 128 and group <= 16 and aligned
+    return quant in (1, 3) and power and 32 <= head_dim <= 128 and group <= 16
+
+
+def _rows_of_16_bytes(*slots: torch.Tensor) -> bool:
+    """The mma split kernel copies slots in 16-byte pieces: aligned base and row strides."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 and t.stride(1) % 16 == 0 for t in slots)
 
 
 def split_programs_per_sm(batch: int, mma: bool) -> int:
@@ -413,7 +411,7 @@ def packed_decode_attention(
     quant, scale_group, rotated = _quant_mode(kv_format, head_dim)
     if kernel not in ("auto", "mma", "triton"):
         raise ValueError(f"kernel must be 'auto', 'mma' or 'triton', got {kernel!r}")
-    fits = _mma_ok(quant, head_dim, group, keys, values)  # 16-byte rows (a sliced view may not be)
+    fits = _mma_takes(quant, head_dim, group) and _rows_of_16_bytes(keys, values)  # a view may not be
     if kernel == "mma" and not fits:
         raise ValueError(f"the mma split kernel takes int8 / fp8 slots of 16-byte rows, got {kv_format!r}")
     mma = kernel == "mma" or (

@@ -189,7 +189,6 @@ def _split_kernel_mma(
             "griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1
         )
     h = gl.load(TILE_HEAD + t)
-    start = gl.load(TILE_START + t)
     fill = gl.load(FILL + b * stride_fb + h).to(gl.int32)
     base = gl.load(OFFSETS + h).to(gl.int64)
     if INTERLEAVE:  # the head's programs take its 16-slot steps in turn: neighbours read side by side
@@ -198,6 +197,7 @@ def _split_kernel_mma(
         step = (gl.load(TILE_FIRST + h + 1) - first) * BLOCK_N
         end = fill
     else:  # one contiguous tile of the table
+        start = gl.load(TILE_START + t)
         step = BLOCK_N
         end = gl.minimum(start + SPLIT_LEN, fill)
 

@@ -66,8 +66,7 @@ class _LayerState:
         # summed in the same order whichever rows run beside it.
         # The split pass's kernel sets the table: the mma kernel's one-warp programs want ~4x as
         # many tiles (the cache update's score pass reads the same table).
-        fmt = kv_slots.kernel_operands(layer)[2]
-        mma = fmt is not None and mma_split(fmt, layer.head_dim, group, dev)
+        mma = kv_slots.packs(layer) and mma_split(layer.kv_format, layer.head_dim, group, dev)
         rows = layer.tile_rows or batch
         per_sm = split_programs_per_sm(rows, mma)
         tile = tile_length(layer.capacities, rows, MMA_BLOCK_N if mma else 64, multiprocessors(dev), per_sm)
