@@ -56,12 +56,13 @@ def test_mma_split_kernel_compiles_for_hopper_with_operands_built_in_registers(
     mix = compiled[(quant, head_dim, group, store)]
     ops = mix["opcodes"]
     assert ops.get("STL", 0) == ops.get("LDL", 0) == 0, "spilled"
-    assert mix["registers"] <= 255
     assert "LDSM" not in ops  # no operand goes through ldmatrix
-    # a step's key and value tiles: D / 4 bytes a slot a thread for the keys, D / 8 for the values,
-    # in 16-byte copies (8-byte at D = 32), for the prologue's two stages and the loop's one
-    per_step = max(1, head_dim // 64) * 2 + max(1, head_dim // 128) * 4
-    assert ops["LDGSTS"] == 3 * per_step
-    # QK^T: D / 16 k-steps x 2 n-tiles; P @ V: D / 8 n-tiles x 1 k-step
-    assert ops["HMMA"] == head_dim // 8 + head_dim // 8
+    # a chunk (32 slots) of keys and of values, whole slots a copy: 32 x D bytes in 512-byte
+    # warp-wide copies of 16 bytes a thread, for the prologue's chunk and the loop's one
+    per_chunk = 2 * (32 * head_dim // 512)
+    assert ops["LDGSTS"] == 2 * per_chunk
+    # a chunk's two steps, each QK^T: D / 16 k-steps x 2 n-tiles; P @ V: D / 8 n-tiles x 1 k-step
+    assert ops["HMMA"] == 2 * (head_dim // 8 + head_dim // 8)
+    # 8 programs an SM: two warps share each sub-partition's 16,384 registers (<= 256 a thread)
+    assert mix["registers"] <= 256
     assert ("F2FP" if quant == 1 else "HADD2") in ops  # e4m3x2 -> f16x2 / int8 via 1024 + v

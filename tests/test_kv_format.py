@@ -198,6 +198,9 @@ def test_the_kernel_benchmark_sweeps_launches_and_names_each_formats_fastest():
     assert (str(mma), mma.mma, mma.per_sm, mma.warps) == ("mma16", True, 16, 1)
     assert mma.runs("int8") and mma.runs("fp8") and not mma.runs("bf16") and not mma.runs("int4")
     assert (str(parse_launches("mma6x4")[0]), parse_launches("mma6x4")[0].stages) == ("mma6x4", 4)
+    ring = parse_launches("mma7s1x3c")[0]  # 16-slot chunks, three of them, contiguous tiles
+    assert (ring.per_sm, ring.sub, ring.stages, ring.interleave, str(ring)) == (7, 1, 3, False, "mma7s1x3c")
+    assert (parse_launches("mma8")[0].sub, parse_launches("mma8")[0].stages) == (2, 2)  # what is deployed
     for bad in (
         "64x4",
         "64x4x0",
@@ -209,6 +212,9 @@ def test_the_kernel_benchmark_sweeps_launches_and_names_each_formats_fastest():
         "mma",
         "mma0",
         "mmax",
+        "mma8x1",
+        "mma8s0",
+        "mma8s2x",
     ):
         with pytest.raises(BaklavaError):
             parse_launches(bad)

@@ -78,6 +78,14 @@ def test_scales_are_read_per_slot_not_per_head():
 
 
 ON_GPU = not INTERPRETED and DEVICE == "cuda"
+# the deployed ring (two chunks of two 16-slot steps), then chunks of one step (three or two of
+# them) and of four steps: each reads the same slots in another order of copies and steps
+MMA_LAUNCHES = [
+    {},
+    dict(mma_sub=1, mma_stages=3),
+    dict(mma_sub=1, mma_stages=2),
+    dict(mma_sub=4, mma_stages=2),
+]
 MMA_NAMES = ["int8", pytest.param("fp8", marks=pytest.mark.skipif(not ON_GPU, reason="fp8 needs the GPU"))]
 
 
@@ -107,20 +115,21 @@ def test_mma_split_kernel_matches_the_triton_kernel_and_the_reference(
     scale = head_dim**-0.5
     group = q_heads // len(caps)
     runs = {}
-    for kernel, interleave in (("triton", True), ("mma", True), ("mma", False)):
+    launches = [("triton", True, {})] + [("mma", i, how) for i in (True, False) for how in MMA_LAUNCHES]
+    for kernel, interleave, how in launches:
         logits = torch.full((batch, sum(caps), group), 7.0, device=DEVICE)
         lse = torch.empty(batch, q_heads, device=DEVICE)
         logit_new = torch.empty(batch, q_heads, device=DEVICE)
         out = packed_decode_attention(
             query, k_new, v_new, kq, vq, fill, offsets, caps, scale, kv_format=fmt, key_scales=ks,
             value_scales=vs, logits=logits, lse=lse, logit_new=logit_new, kernel=kernel,
-            mma_interleave=interleave,
+            mma_interleave=interleave, **how,
         )  # fmt: skip
-        runs[kernel if interleave else "contiguous"] = out.float(), logits, lse
+        runs[(kernel, interleave, str(how))] = out.float(), logits, lse
     k_deq, v_deq = kv_format.dequantize(kq, ks, fmt), kv_format.dequantize(vq, vs, fmt)
     want = reference(query, k_new, v_new, k_deq, v_deq, fill, caps, scale)
-    out_t, logits_t, lse_t = runs["triton"]
-    for out, logits, lse in (runs["mma"], runs["contiguous"]):  # a head's steps in turn, or one tile
+    out_t, logits_t, lse_t = runs.pop(("triton", True, "{}"))
+    for out, logits, lse in runs.values():  # a head's chunks in turn or one tile, each ring
         torch.testing.assert_close(out, want, atol=TOLERANCE[torch.bfloat16], rtol=0)
         torch.testing.assert_close(out, out_t, atol=4e-3, rtol=0)
         torch.testing.assert_close(lse, lse_t, atol=1e-3, rtol=0)
@@ -135,7 +144,7 @@ def test_auto_takes_the_gluon_kernel_only_where_it_runs():
 
     for name in ("int8", "fp8", "int4", "bf16"):
         assert not mma_split(kv_format.parse(name), 128, 4, "cpu")
-    assert (split_programs_per_sm(8, mma=False), split_programs_per_sm(8, mma=True)) == (4, 7)
+    assert (split_programs_per_sm(8, mma=False), split_programs_per_sm(8, mma=True)) == (4, 8)
     fmt = kv_format.parse("int8")
     (query, k_new, v_new, keys, values, fill), offsets = _case(5, 1, [40, 24], 4, 64, torch.float16)
     (kq, ks), (vq, vs) = kv_format.quantize(keys, fmt), kv_format.quantize(values, fmt)

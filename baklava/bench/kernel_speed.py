@@ -30,25 +30,27 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from baklava.bench.gpu_decode import median_ms
-from baklava.kernels.decode_attention import packed_decode_attention, tile_length, tile_table
+from baklava.kernels.decode_attention import packed_decode_attention, split_table
 
 HQ, HKV, D = 32, 8, 128
 
 
-def _time(fn, iters: int = 50, graph: bool = True) -> float:
+def _time(fn, iters: int = 50, graph: bool = True, calls: int = 1) -> float:
     """Median seconds per call; with ``graph`` the call is captured in a CUDA graph and replayed
-    (how the runtime runs a decode step), so Python launch overhead is not counted."""
+    (how the runtime runs a decode step), so Python launch overhead is not counted; ``calls``
+    calls in the graph (a step's layers) share its launch, and the time is one call's."""
     for _ in range(5):
         fn()
     torch.cuda.synchronize()
     if graph:
         cuda_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(cuda_graph):
-            fn()
+            for _ in range(calls):
+                fn()
         fn = cuda_graph.replay
         fn()
         torch.cuda.synchronize()
-    return median_ms(fn, iters) / 1e3
+    return median_ms(fn, iters) / 1e3 / (calls if graph else 1)
 
 
 def _sdpa(q, k, v, backend: str) -> float:
@@ -125,9 +127,7 @@ def measure(batch: int, context: int, budget: float, rounds: int = 5) -> dict:
     case = packed_case(batch, context, budget, dev, dt)
     caps, keys, values = case.caps, case.keys, case.values
     packed_bytes = 2 * keys.numel() * keys.element_size()
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    tile = tile_length(caps, batch, 64, sms)
-    table = (tile, tile_table(caps, tile, dev))  # built once per layer, as a plugin would
+    table = split_table(caps, batch, dev, mma=False)  # built once per layer, as the runtime does
 
     def packed():
         return packed_decode_attention(*case.args(), table=table)

@@ -7,17 +7,22 @@ captured in a CUDA graph and replayed (as the decode step runs); the formats are
 ``rounds`` times over (a drift of the shared machine hits them alike), and every ratio is the
 median of the rounds' ratios. Bytes = payload + scales of K and V (what the kernel reads).
 With several ``--launches`` (slots a tile step x warps x pipeline stages of the Triton split
-kernel, or ``mmaN``: the Gluon mma split kernel of int8 / fp8 slots at N one-warp programs an
-SM, ``mmaNc`` with one contiguous tile a program instead of a head's steps taken in turn)
-every format is timed at each launch it runs, against bf16 at the first: a sweep in one run.
+kernel, or ``mmaN[sK][xS][c]``: the Gluon mma split kernel of int8 / fp8 slots at N one-warp
+programs an SM, K 16-slot steps a chunk of its ring and S chunks in it, ``c`` with one contiguous
+tile a program instead of a head's chunks taken in turn) every format is timed at each launch it
+runs, against bf16 at the first: a sweep in one run. Each launch reads the table the runtime
+builds for it (:func:`~baklava.kernels.decode_attention.split_table`'s rules). ``calls`` > 1
+captures that many calls in one graph (a step's layers, as the runtime replays them) and times
+one: the graph's own launch is then shared, as it is across a model's layers.
 
-    baklava-bench kv-dtype --batch 8 --context 32768 --budget 0.3   # 64x4x2 and mma7: what is deployed
+    baklava-bench kv-dtype --batch 8 --context 32768 --budget 0.3   # 64x4x2 and mma8: what is deployed
     baklava-bench kv-dtype --launches 64x4x2,128x4x2,128x8x2,256x8x2 --rounds 3
-    baklava-bench kv-dtype --launches 64x4x2,64x4x3,mma8,mma16,mma32 --rounds 5
+    baklava-bench kv-dtype --launches 64x4x2,mma7s1x3,mma8s1,mma8,mma8s2x3,mma6s4 --rounds 9
 """
 
 from __future__ import annotations
 
+import re
 import statistics
 from dataclasses import dataclass
 
@@ -28,11 +33,12 @@ from baklava.bench.kernel_speed import _time, packed_case
 from baklava.errors import BaklavaError
 from baklava.kernels.decode_attention import (
     MMA_BLOCK_N,
+    MMA_MIN_CHUNKS,
     MMA_STAGES,
+    MMA_SUB,
     packed_decode_attention,
-    tile_length,
-    tile_table,
 )
+from baklava.kernels.tile_tables import SplitTable, balanced_table, tile_length, tiled
 
 FORMATS = ("bf16", "fp8", "int8", "int4")
 
@@ -40,18 +46,21 @@ FORMATS = ("bf16", "fp8", "int8", "int4")
 @dataclass(frozen=True)
 class Launch:
     """One launch of the split kernel: slots a tile step reads, warps, pipeline stages (the Triton
-    kernel), or the mma kernel (int8 / fp8 only) at ``per_sm`` one-warp programs an SM."""
+    kernel), or the mma kernel (int8 / fp8 only) at ``per_sm`` one-warp programs an SM, ``sub``
+    16-slot steps a chunk of its ring and ``stages`` chunks in it."""
 
     block_n: int = 64
     warps: int = 4
     stages: int = 2
     per_sm: int | None = None  # the mma kernel's; None: the Triton kernel
-    interleave: bool = True  # the mma kernel's: a head's programs take its steps in turn
+    interleave: bool = True  # the mma kernel's: a head's programs take its chunks in turn
+    sub: int = MMA_SUB
 
     def __str__(self) -> str:
         if self.mma:
+            sub = f"s{self.sub}" if self.sub != MMA_SUB else ""
             stages = f"x{self.stages}" if self.stages != MMA_STAGES else ""
-            return f"mma{self.per_sm}{stages}" + ("" if self.interleave else "c")
+            return f"mma{self.per_sm}{sub}{stages}" + ("" if self.interleave else "c")
         return f"{self.block_n}x{self.warps}x{self.stages}"
 
     @property
@@ -61,21 +70,36 @@ class Launch:
     def runs(self, kv_dtype: str) -> bool:
         return not self.mma or kv_dtype in ("int8", "fp8")
 
+    def table(self, capacities, batch: int, sms: int, device) -> SplitTable:
+        """The table the runtime would build for this launch (:func:`split_table`'s rules)."""
+        if self.mma:
+            chunk = MMA_BLOCK_N * self.sub
+            return balanced_table(
+                capacities, batch, chunk, sms, self.per_sm, device, min_steps=MMA_MIN_CHUNKS
+            )
+        return tiled(capacities, tile_length(capacities, batch, self.block_n, sms), device)
+
+
+_MMA_LAUNCH = re.compile(r"mma(\d+)(?:s(\d+))?(?:x(\d+))?(c?)")
+
 
 def parse_launches(text: str) -> list[Launch]:
-    """``"64x4x2,128x8x2,mma16"`` -> launches; a one-line error for anything else."""
+    """``"64x4x2,128x8x2,mma8s1x3"`` -> launches; a one-line error for anything else."""
     launches = []
     for part in text.split(","):
         word = part.strip().lower()
         if word.startswith("mma"):
-            contiguous = word.endswith("c")  # each program one contiguous tile
-            fields = word[3:].removesuffix("c").split("x")
-            if len(fields) > 2 or not all(f.isdigit() for f in fields) or int(fields[0]) < 1:
-                raise BaklavaError(f"launch {part!r} is not mmaN[xSTAGES] (N programs an SM), e.g. mma6")
-            stages = int(fields[1]) if len(fields) == 2 else MMA_STAGES
-            if stages < 3:
-                raise BaklavaError(f"launch {part!r}: the mma kernel's ring takes at least 3 stages")
-            launches.append(Launch(MMA_BLOCK_N, 1, stages, int(fields[0]), not contiguous))
+            found = _MMA_LAUNCH.fullmatch(word)
+            if not found or int(found[1]) < 1:
+                raise BaklavaError(
+                    f"launch {part!r} is not mmaN[sK][xS][c] (N programs an SM, K steps a chunk, S chunks), e.g. mma8"
+                )
+            sub, stages = int(found[2] or MMA_SUB), int(found[3] or MMA_STAGES)
+            if sub < 1 or stages < 2:
+                raise BaklavaError(
+                    f"launch {part!r}: the mma kernel's ring takes chunks of >= 1 step, >= 2 of them"
+                )
+            launches.append(Launch(MMA_BLOCK_N, 1, stages, int(found[1]), not found[4], sub))
             continue
         fields = word.split("x")
         if len(fields) != 3 or not all(f.isdigit() and int(f) > 0 for f in fields):
@@ -107,16 +131,20 @@ def stored(keys: torch.Tensor, values: torch.Tensor, name: str) -> dict:
 
 
 def measure(
-    batch: int, context: int, budget: float, rounds: int = 5, formats=FORMATS, launches=(Launch(),)
+    batch: int,
+    context: int,
+    budget: float,
+    rounds: int = 5,
+    formats=FORMATS,
+    launches=(Launch(),),
+    calls: int = 1,
 ) -> list[dict]:
-    """One row per format and launch: milliseconds, bytes, TB/s, speedup over bf16 at the first
-    launch, and the largest difference of its output from bf16's (the quantization error it adds)."""
+    """One row per format and launch: milliseconds a call, bytes, TB/s, speedup over bf16 at the
+    first launch, and the largest difference of its output from bf16's (the quantization error it
+    adds). ``calls``: calls a CUDA graph replays (the time is one call's)."""
     case = packed_case(batch, context, budget, "cuda", torch.bfloat16)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    tables = {}
-    for launch in launches:  # the tile table follows the tile step (and the mma kernel's programs)
-        tile = tile_length(case.caps, batch, launch.block_n, sms, launch.per_sm)
-        tables.setdefault((launch.block_n, launch.per_sm), (tile, tile_table(case.caps, tile, "cuda")))
+    tables = {launch: launch.table(case.caps, batch, sms, "cuda") for launch in launches}
     q, kn, vn, _, _, fill, offsets, caps, scale = case.args()
     stores = {name: stored(case.keys, case.values, name) for name in formats}
     variants = [(name, launch) for name in formats for launch in launches if launch.runs(name)]
@@ -129,10 +157,12 @@ def measure(
         kv = s.pop("keys"), s.pop("values")
         how = dict(block_n=launch.block_n, num_warps=launch.warps, num_stages=launch.stages)
         if launch.mma:
-            how |= dict(kernel="mma", mma_stages=launch.stages, mma_interleave=launch.interleave)
+            how |= dict(
+                kernel="mma", mma_stages=launch.stages, mma_sub=launch.sub, mma_interleave=launch.interleave
+            )
         else:
             how |= dict(kernel="triton")
-        table = tables[(launch.block_n, launch.per_sm)]
+        table = tables[launch]
         return lambda: packed_decode_attention(
             q, kn, vn, *kv, fill, offsets, caps, scale, table=table, **how, **s
         )
@@ -141,7 +171,7 @@ def measure(
     times = {v: [] for v in variants}
     for _ in range(rounds):
         for v in variants:
-            times[v].append(_time(call(*v)))
+            times[v].append(_time(call(*v), calls=calls))
     rows = []
     for v in variants:
         name, launch = v
@@ -155,6 +185,7 @@ def measure(
                 "batch": batch,
                 "context": context,
                 "budget": budget,
+                "calls_per_graph": calls,
                 "ms": round(ms, 4),
                 "kv_mib": round(nbytes / 2**20, 1),
                 "TBps": round(nbytes / (ms / 1e3) / 1e12, 3),
@@ -174,7 +205,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
     first = rows[0].get("launch")
     lines = [
         f"Decode attention, Llama-3-8B shapes, batch {rows[0]['batch']}, context {rows[0]['context']}, "
-        f"budget {rows[0]['budget']}, {meta.get('gpu', '')}, {meta.get('date', '')}",
+        f"budget {rows[0]['budget']}, {meta.get('gpu', '')}, {meta.get('date', '')}"
+        + (
+            f", {rows[0]['calls_per_graph']} calls a CUDA graph"
+            if rows[0].get("calls_per_graph", 1) > 1
+            else ""
+        ),
         "",
         "| KV dtype | launch | KV MiB (one layer) | ms | TB/s on its bytes | speedup vs bf16"
         + (f" {first}" if sweep else "")

@@ -376,16 +376,23 @@ def prefill_bench(model_spec, contexts, budgets, chunks, sdpa, repeats, out):
 @click.option("--rounds", default=5, show_default=True, type=click.IntRange(1))
 @click.option(
     "--launches",
-    default="64x4x2,mma7",
+    default="64x4x2,mma8",
     show_default=True,
     help="Split-kernel launches BLOCKxWARPSxSTAGES (the Triton kernel: slots a tile step, warps, "
-    "pipeline stages) or mmaN (the Gluon mma kernel of int8 / fp8 slots, N one-warp programs an SM); "
-    "several: every format timed at each it runs, against bf16 at the first (a launch sweep). "
-    "The default times what the runtime deploys: the Triton kernel's launch, and the mma kernel's "
-    "for int8 / fp8.",
+    "pipeline stages) or mmaN[sK][xS][c] (the Gluon mma kernel of int8 / fp8 slots: N one-warp programs "
+    "an SM, K 16-slot steps a chunk of its ring, S chunks); several: every format timed at each it runs, "
+    "against bf16 at the first (a launch sweep). The default times what the runtime deploys: the "
+    "Triton kernel's launch, and the mma kernel's for int8 / fp8.",
+)
+@click.option(
+    "--calls",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Calls one CUDA graph replays (a step's layers share its launch); the time is one call's.",
 )
 @click.option("--out", type=click.Path(file_okay=False), help="Write kv_dtype.json and kv_dtype.md here.")
-def kv_dtype_bench(batch, context, budget, rounds, launches, out):
+def kv_dtype_bench(batch, context, budget, rounds, launches, calls, out):
     """Decode attention over bf16 / fp8 / int8 / int4 slots, one layer of Llama-3-8B shapes (GPU)."""
     import torch
 
@@ -395,8 +402,8 @@ def kv_dtype_bench(batch, context, budget, rounds, launches, out):
     launches = parse_launches(launches)  # a bad spelling fails before the GPU check
     if not torch.cuda.is_available():
         raise BaklavaError("this benchmark measures the GPU kernels: no CUDA device here")
-    rows = measure(batch, context, budget, rounds, launches=launches)
-    meta = _gpu_meta()
+    rows = measure(batch, context, budget, rounds, launches=launches, calls=calls)
+    meta = _gpu_meta() | {"calls_per_graph": calls}
     table = markdown(rows, meta)
     click.echo(table)
     if out:

@@ -227,7 +227,7 @@ def packed_cache_update(
     advances it), ``valid [B]`` (bool or int: False rows change nothing), ``capacities`` and
     ``offsets [H_kv]`` (int32, on the device). ``policy="h2o"`` needs the decode-attention
     kernel's ``logits [B, C, group]``, ``lse`` and ``logit_new [B, H_q]`` of this step.
-    ``table`` is the decode-attention kernel's ``(tile, tile_table(...))``: the score pass runs one
+    ``table`` is the decode-attention kernel's (``split_table``) read as contiguous tiles: the score pass runs one
     program per tile, so a long head is not one program's serial loop.
     """
     if policy not in ("h2o", "ring"):
@@ -255,12 +255,10 @@ def packed_cache_update(
     assert scores.dtype == torch.float32 and positions.stride(-1) == 1 and scores.stride(-1) == 1
     assert fill.stride(-1) == 1
     if table is None:
-        from baklava.kernels.decode_attention import multiprocessors, tile_length, tile_table
+        from baklava.kernels.decode_attention import split_table
 
-        caps = capacities.tolist()
-        tile = tile_length(caps, batch, 64, multiprocessors(keys.device))
-        table = (tile, tile_table(caps, tile, keys.device))
-    tile, (tile_head, tile_start, tile_first) = table
+        table = split_table(capacities.tolist(), batch, keys.device, mma=False)
+    tile, (tile_head, tile_start, tile_first) = table[0], table[1]
     n_tiles = tile_head.numel()
     if valid.dtype not in (torch.bool, torch.int8):
         valid = valid.to(torch.int8)

@@ -25,7 +25,6 @@ read, against ``4 x D`` bytes of keys and values in bf16).
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -34,6 +33,16 @@ import triton.language as tl
 
 from baklava import kv_format as formats
 from baklava.kernels.launch import dependent_launch
+from baklava.kernels.tile_tables import (  # noqa: F401  (the tables' home; imported from here too)
+    SplitTable,
+    balanced_table,
+    merge_launch,
+    multiprocessors,
+    split_programs_per_sm,
+    tile_length,
+    tile_table,
+    tiled,
+)
 
 # int8 / fp8 slots turn into float16 in PTX the compiler cannot move (_to_half), before tl.dot sees
 # them: Triton then stages the converted tile in shared memory and loads it with ldmatrix, as for
@@ -274,8 +283,10 @@ def _rotate(t: torch.Tensor) -> torch.Tensor:
     return formats.hadamard(t.float()).to(t.dtype).contiguous()
 
 
-MMA_BLOCK_N = 16  # slots a step of the mma split kernel reads
-MMA_STAGES = 3  # tiles in its shared-memory ring (two in flight while one is computed)
+MMA_BLOCK_N = 16  # slots a step of the mma split kernel computes
+MMA_SUB = 2  # steps a chunk of its shared-memory ring holds (32 slots: 4 KB of int8 keys at D = 128)
+MMA_STAGES = 2  # chunks in the ring (one in flight while one is computed)
+MMA_MIN_CHUNKS = 8  # the fewest chunks a program of its table reads (each adds a partial to merge)
 
 
 def mma_split(kv_format, head_dim: int, group: int, device) -> bool:
@@ -296,52 +307,23 @@ def _mma_takes(quant: int, head_dim: int, group: int) -> bool:
     return quant in (1, 3) and power and 32 <= head_dim <= 128 and group <= 16
 
 
-def _rows_of_16_bytes(*slots: torch.Tensor) -> bool:
-    """The mma split kernel copies slots in 16-byte pieces: aligned base and row strides."""
-    return all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 and t.stride(1) % 16 == 0 for t in slots)
+def _mma_copies(*slots: torch.Tensor) -> bool:
+    """The mma split kernel copies slots in 16-byte pieces (aligned base and row strides) and
+    addresses a sequence's slots with 32-bit offsets."""
+    aligned = all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 and t.stride(1) % 16 == 0 for t in slots)
+    return aligned and all(t.shape[1] * t.stride(1) < 2**31 for t in slots)
 
 
-def split_programs_per_sm(batch: int, mma: bool) -> int:
-    """Programs an SM the split pass's tile table aims at: the Triton kernel's four-warp programs
-    (2 up to batch 2, 4 up to 16, 8 above), or 7 one-warp programs of the mma kernel (a sweep of
-    4-16 on an H100, batch 8 / 32k / budget 0.3: 7 fastest, 6 within 1%, 8 and above 10-30%
-    slower; BENCHMARKS.md, issue 23)."""
+def split_table(capacities, rows: int, device, mma: bool, block_n: int = 64) -> SplitTable:
+    """The split pass's table for ``rows`` sequences, built once per layer: the mma kernel's
+    :func:`~baklava.kernels.tile_tables.balanced_table` (one wave of one-warp programs, each at
+    least ``MMA_MIN_CHUNKS`` chunks), or the Triton kernel's tiles of ``block_n``-slot steps."""
+    sms = multiprocessors(device)
+    per_sm = split_programs_per_sm(rows, mma)
     if mma:
-        return 7
-    return 2 if batch <= 2 else 4 if batch <= 16 else 8
-
-
-def multiprocessors(device) -> int:
-    """SM count of a CUDA device; 4 elsewhere (the Triton interpreter runs on the CPU)."""
-    device = torch.device(device)
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
-def tile_length(capacities, batch: int, block_n: int, sms: int, per_sm: int | None = None) -> int:
-    """Tile length (a multiple of ``block_n``) giving about ``per_sm`` programs per SM.
-
-    Default ``per_sm``: 2 up to batch 2, 4 up to 16, 8 above (a sweep on the H100 over 2-16
-    programs per SM, tiles of 32-128 slots, 4/8 warps and 2/3 stages: longer tiles won for one
-    long sequence, shorter ones once many small heads need balancing; BENCHMARKS.md).
-    """
-    if per_sm is None:
-        per_sm = split_programs_per_sm(batch, mma=False)
-    work = batch * sum(capacities)
-    tile = math.ceil(work / (per_sm * sms) / block_n) * block_n
-    return max(block_n, min(tile, 8192))
-
-
-def tile_table(capacities, tile: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(tile_head [T], tile_start [T], tile_first [H + 1])`` int32: head ``h`` owns tiles
-    ``tile_first[h] .. tile_first[h + 1] - 1`` starting at slots ``tile_start`` of that head."""
-    heads, starts, first = [], [], [0]
-    for h, cap in enumerate(capacities):
-        n = max(1, math.ceil(cap / tile))
-        heads += [h] * n
-        starts += [i * tile for i in range(n)]
-        first.append(first[-1] + n)
-    as_t = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
-    return as_t(heads), as_t(starts), as_t(first)
+        chunk = MMA_BLOCK_N * MMA_SUB
+        return balanced_table(capacities, rows, chunk, sms, per_sm, device, min_steps=MMA_MIN_CHUNKS)
+    return tiled(capacities, tile_length(capacities, rows, block_n, sms, per_sm), device)
 
 
 def packed_decode_attention(
@@ -362,14 +344,15 @@ def packed_decode_attention(
     logit_new: torch.Tensor | None = None,
     num_warps: int = 4,
     num_stages: int | None = None,
-    merge_block: int = 32,
-    merge_warps: int = 1,
+    merge_block: int | None = None,
+    merge_warps: int | None = None,
     kv_format=None,
     key_scales: torch.Tensor | None = None,
     value_scales: torch.Tensor | None = None,
     kernel: str = "auto",
     mma_stages: int | None = None,
     mma_interleave: bool = True,
+    mma_sub: int | None = None,
 ) -> torch.Tensor:
     """Decode attention on the GPU; arguments as the reference, plus ``offsets [H_kv]`` (int32).
 
@@ -380,8 +363,8 @@ def packed_decode_attention(
     nibbles are scaled per group before the dot). The step's own token stays full precision.
 
     ``query [B, H_q, D]``, ``key_new/value_new [B, H_kv, D]``, ``keys/values [B, C, D]`` (last dim
-    contiguous), ``fill [B, H_kv]``. ``table`` is ``(tile, tile_table(...))``, built once per layer;
-    without it one is built here. Returns ``[B, H_q, D]`` in the query's dtype.
+    contiguous), ``fill [B, H_kv]``. ``table`` is :func:`split_table`'s (or a ``(tile,
+    tile_table(...))`` pair), built once per layer; without it one is built here. Returns ``[B, H_q, D]`` in the query's dtype.
 
     With ``logits [B, C, group]``, ``lse [B, H_q]`` and ``logit_new [B, H_q]`` (fp32, last dims
     contiguous) the kernels also write each live slot's scaled logits, each query head's
@@ -390,17 +373,19 @@ def packed_decode_attention(
 
     ``kernel``: the split pass over int8 / fp8 slots on a CUDA device, ``"mma"`` for the Gluon
     kernel that builds tensor-core operands in registers (:mod:`baklava.kernels.decode_mma`, one
-    warp a program: give it a table of about 7 programs an SM, :func:`split_programs_per_sm`),
-    ``"triton"`` for this module's; ``"auto"`` picks :func:`mma_split` (every other format and the
-    interpreter run this module's). ``mma_stages``: the mma kernel's ring of tiles (default
-    ``MMA_STAGES``); ``mma_interleave``: a head's programs take its 16-slot steps in turn (program
-    ``j`` of ``c`` reads steps ``j, j + c, ...``, so the head's programs stream side by side) instead
-    of one contiguous tile each; same work, same partials.
+    warp a program: give it :func:`split_table`'s, one wave of 8 programs an SM), ``"triton"`` for
+    this module's; ``"auto"`` picks :func:`mma_split` (every other format and the interpreter run
+    this module's). ``mma_sub``: 16-slot steps a chunk of the mma kernel's shared-memory ring
+    holds (default ``MMA_SUB``), ``mma_stages``: chunks in the ring (default ``MMA_STAGES``);
+    ``mma_interleave``: a head's programs take its chunks in turn (program ``j`` of ``c`` reads
+    chunks ``j, j + c, ...``, so the head's programs stream side by side) instead of one
+    contiguous tile each; same work, same partials.
 
     ``block_n``, ``num_warps``, ``num_stages``: the split launch; ``merge_block`` (tiles read at a
-    time) and ``merge_warps``: the merge launch. One warp a merge program: its few dependent loads
-    are latency, not bandwidth, so more programs in flight finish sooner (at batch 64 / 4k the
-    merge took 11 us with 4 warps, 4-5 us with one; BENCHMARKS.md).
+    time) and ``merge_warps``: the merge launch, by default
+    :func:`~baklava.kernels.tile_tables.merge_launch` of the table (32 tiles a warp, one block for
+    a head's tiles; its few dependent loads are latency, not bandwidth: at batch 64 / 4k a
+    32-tile block took 11 us with 4 warps, 4-5 us with one; BENCHMARKS.md).
     """
     batch, q_heads, head_dim = query.shape
     kv_heads = key_new.shape[1]
@@ -411,18 +396,20 @@ def packed_decode_attention(
     quant, scale_group, rotated = _quant_mode(kv_format, head_dim)
     if kernel not in ("auto", "mma", "triton"):
         raise ValueError(f"kernel must be 'auto', 'mma' or 'triton', got {kernel!r}")
-    fits = _mma_takes(quant, head_dim, group) and _rows_of_16_bytes(keys, values)  # a view may not be
+    fits = _mma_takes(quant, head_dim, group) and _mma_copies(keys, values)  # a view may not be
     if kernel == "mma" and not fits:
-        raise ValueError(f"the mma split kernel takes int8 / fp8 slots of 16-byte rows, got {kv_format!r}")
+        raise ValueError(
+            f"the mma split kernel takes int8 / fp8 slots of 16-byte rows under 2 GiB a sequence, got {kv_format!r}"
+        )
     mma = kernel == "mma" or (
         kernel == "auto" and fits and mma_split(kv_format, head_dim, group, query.device)
     )
     if table is None:
-        sms = multiprocessors(query.device)
-        per_sm = split_programs_per_sm(batch, mma)
-        tile = tile_length(capacities, batch, MMA_BLOCK_N if mma else block_n, sms, per_sm)
-        table = (tile, tile_table(capacities, tile, query.device))
-    tile, (tile_head, tile_start, tile_first) = table
+        table = split_table(capacities, batch, query.device, mma)
+    tile, (tile_head, tile_start, tile_first) = table[0], table[1]
+    if merge_block is None:
+        merge_block = merge_launch(table)[0]
+    merge_warps = merge_warps or max(1, merge_block // 32)
     n_tiles = tile_head.numel()
     f32 = dict(dtype=torch.float32, device=query.device)
     mid_o = torch.empty(batch, n_tiles, g_pad, head_dim, **f32)
@@ -460,12 +447,13 @@ def packed_decode_attention(
     if mma:
         from baklava.kernels.decode_mma import _split_kernel_mma
 
-        assert tile % MMA_BLOCK_N == 0, f"the mma split kernel reads tiles of {MMA_BLOCK_N} slots"
+        assert tile % MMA_BLOCK_N == 0, f"the mma split kernel reads tiles of {MMA_BLOCK_N}-slot steps"
         _split_kernel_mma[(batch, n_tiles)](
             query, keys, values, ks, vs, fill, offsets, tile_head, tile_start, tile_first, mid_o, mid_m, mid_l,
             logits, *strides, scale, tile,
             GROUP=group, G_PAD=16, D=head_dim, BLOCK_N=MMA_BLOCK_N, STORE_LOGITS=store, QUANT=quant,
-            STAGES=mma_stages or MMA_STAGES, PDL=pdl, INTERLEAVE=mma_interleave, num_warps=1, launch_pdl=pdl,
+            STAGES=mma_stages or MMA_STAGES, PDL=pdl, INTERLEAVE=mma_interleave, SUB=mma_sub or MMA_SUB,
+            num_warps=1, launch_pdl=pdl,
         )  # fmt: skip
     else:
         _split_kernel[(batch, n_tiles)](

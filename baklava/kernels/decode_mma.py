@@ -8,8 +8,10 @@ cannot transpose 8-bit elements), so the int8 kernel spends per byte what the bf
 two and reads its half-size slots only ~1.3x faster (BENCHMARKS.md, issue 23). Here every slot
 goes from global memory straight into the registers ``mma.sync`` reads, converted there:
 
-* Slots reach shared memory by ``cp.async`` (16-byte copies) into a ring of three 16-slot steps,
-  two in flight while one is computed, and each thread reads back the bytes it copied: no
+* Slots reach shared memory by ``cp.async`` into a ring of two 32-slot chunks, one in flight
+  while the other is computed in two 16-slot steps. Each copy instruction moves whole slots (a
+  warp's 512 contiguous bytes: four 128-byte int8 slots at D = 128), and the steps read the
+  chunk back in the operand layouts below (``LDS``, after the barrier the copy needs): no
   conversion pass through shared memory, no ``ldmatrix``.
 * The key tile is the B operand of ``Q @ K^T``, contracted over channels. A thread of
   ``mma.m16n8k16`` holds channels ``2t, 2t+1, 2t+8, 2t+9`` (+16 a step) of its slots; the
@@ -22,9 +24,10 @@ goes from global memory straight into the registers ``mma.sync`` reads, converte
   loaded tile is already in the MMA operand layout (``convert_layout(..., assert_trivial)`` up to
   the order of a thread's registers).
 * One warp a program: it owns its steps end to end (online softmax in registers, the rescale of
-  its accumulator skipped when no row's maximum rose), about 7 programs an SM. The ``c`` programs
-  of a head take its steps in turn (program ``j`` reads steps ``j, j + c, ...``), so they stream
-  side by side through the head instead of each through a distant tile (3% faster on an H100).
+  its accumulator skipped when no row's maximum rose), 8 programs an SM, all in one wave
+  (:func:`baklava.kernels.tile_tables.balanced_table`). The ``c`` programs of a head take its
+  chunks in turn (program ``j`` reads chunks ``j, j + c, ...``), so they stream side by side
+  through the head instead of each through a distant tile (3% faster on an H100).
 
 Same contract and launch tables as ``_split_kernel`` (it writes the same ``MID_*`` partials, so
 ``_combine_kernel`` merges them unchanged); float16 operands with float32 accumulation, as the
@@ -62,9 +65,29 @@ def _fetch(stage, rows, live):
 
 
 @gluon.constexpr_function
+def _within(k, sub, block_n):
+    """Slot offset of the ``k``-th BLOCK_N step from a chunk's start, within its chunk."""
+    return (k % sub) * block_n
+
+
+@gluon.constexpr_function
+def _chunks(k, sub):
+    """Chunks (of ``sub`` steps) the ``k``-th step from a chunk's start lies ahead."""
+    return k // sub
+
+
+@gluon.constexpr_function
 def _bits(n):
     assert n >= 1 and n & (n - 1) == 0, f"{n} is not a power of two"
     return n.bit_length() - 1
+
+
+@gluon.constexpr_function
+def copy_layout(d):
+    """A chunk of ``d``-channel 8-bit slots as 32-bit words, laid out for ``cp.async``: 16 bytes a
+    thread, a warp's copy ``512 / d`` whole consecutive slots (contiguous in memory: 16 sectors
+    fully read, where the operand layouts would read half of 32)."""
+    return gl.BlockedLayout([1, 4], [512 // d, d // 16], [1, 1], [1, 0])
 
 
 @gluon.constexpr_function
@@ -171,15 +194,18 @@ def _split_kernel_mma(
     SPLIT_LEN,
     GROUP: gl.constexpr, G_PAD: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr,
     STORE_LOGITS: gl.constexpr, QUANT: gl.constexpr, STAGES: gl.constexpr, PDL: gl.constexpr,
-    INTERLEAVE: gl.constexpr,
+    INTERLEAVE: gl.constexpr, SUB: gl.constexpr,
 ):  # fmt: skip
-    gl.static_assert(STAGES >= 3, "the scales come two tiles ahead: a ring of at least three")
+    gl.static_assert(STAGES >= 2, "a ring of at least two chunks: one computed, one in flight")
     gl.static_assert(G_PAD == 16, "one mma.sync row block: the group padded to 16 query heads")
     LK: gl.constexpr = key_layout(BLOCK_N, D // 4)
     LV: gl.constexpr = value_layout(BLOCK_N, D // 4)
     LQ: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [1, 1], [1, 0])
     ROW: gl.constexpr = gl.SliceLayout(1, _MMA)  # a query head's value: m, l
     COL: gl.constexpr = gl.SliceLayout(0, _MMA)  # a slot's value: scales, liveness
+
+    CHUNK: gl.constexpr = BLOCK_N * SUB  # slots a ring stage holds, computed BLOCK_N at a time
+    LC: gl.constexpr = copy_layout(D)
 
     b = gl.program_id(0)
     t = gl.program_id(1)
@@ -191,14 +217,14 @@ def _split_kernel_mma(
     h = gl.load(TILE_HEAD + t)
     fill = gl.load(FILL + b * stride_fb + h).to(gl.int32)
     base = gl.load(OFFSETS + h).to(gl.int64)
-    if INTERLEAVE:  # the head's programs take its 16-slot steps in turn: neighbours read side by side
+    if INTERLEAVE:  # the head's programs take its chunks in turn: neighbours read side by side
         first = gl.load(TILE_FIRST + h)
-        start = (t - first) * BLOCK_N
-        step = (gl.load(TILE_FIRST + h + 1) - first) * BLOCK_N
+        start = (t - first) * CHUNK
+        step = (gl.load(TILE_FIRST + h + 1) - first) * CHUNK
         end = fill
     else:  # one contiguous tile of the table
         start = gl.load(TILE_START + t)
-        step = BLOCK_N
+        step = CHUNK
         end = gl.minimum(start + SPLIT_LEN, fill)
 
     gq = gl.arange(0, G_PAD, layout=gl.SliceLayout(1, LQ))
@@ -210,36 +236,37 @@ def _split_kernel_mma(
     ).to(gl.float16)
     q = gl.convert_layout(_renamed_channels(q, G_PAD, D, False), _DOT_A)
 
-    kn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LK))
-    kd = gl.arange(0, D // 4, layout=gl.SliceLayout(0, LK))  # in 32-bit words
-    vn = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LV))
-    vd = gl.arange(0, D // 4, layout=gl.SliceLayout(0, LV))
+    cn = gl.arange(0, CHUNK, layout=gl.SliceLayout(1, LC))
+    cd = gl.arange(0, D // 4, layout=gl.SliceLayout(0, LC))  # in 32-bit words
     sn = gl.arange(0, BLOCK_N, layout=COL)
     g = gl.arange(0, G_PAD, layout=ROW)
-    # slots as 32-bit words: a thread's bytes load in 16-byte vectors and stay four to a register
-    k_ptr = (K + b * stride_kb).to(gl.pointer_type(gl.int32)) + kd[None, :]
-    v_ptr = (V + b * stride_vb).to(gl.pointer_type(gl.int32)) + vd[None, :]
-    stride_kt = stride_kt // 4
-    stride_vt = stride_vt // 4
+    # slots as 32-bit words: a thread's bytes load in 16-byte vectors and stay four to a register;
+    # a chunk's addresses are one scalar base and 32-bit offsets (a head's slots of one sequence
+    # span < 2^31 bytes, the host checks)
+    k_head = (K + b * stride_kb).to(gl.pointer_type(gl.int32)) + base * (stride_kt // 4)
+    v_head = (V + b * stride_vb).to(gl.pointer_type(gl.int32)) + base * (stride_vt // 4)
+    k_off = cn[:, None] * (stride_kt // 4) + cd[None, :]
+    v_off = cn[:, None] * (stride_vt // 4) + cd[None, :]
+    ks_head = KS + b * stride_ksb + base * stride_kst
+    vs_head = VS + b * stride_vsb + base * stride_vst
 
-    # A ring of STAGES tiles in shared memory, filled by cp.async STAGES - 1 tiles ahead of the
-    # tile computed (each thread copies and reads back its own bytes, in the operand layout), so
-    # a warp keeps (STAGES - 1) x 4 KB in flight (D = 128) without holding registers; the scales
-    # come two tiles ahead in registers.
-    ring_k = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, D // 4], _RING)
-    ring_v = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, D // 4], _RING)
-    k_rows = k_ptr + (base + start + kn)[:, None] * stride_kt
-    v_rows = v_ptr + (base + start + vn)[:, None] * stride_vt
+    # A ring of STAGES chunks in shared memory, filled by cp.async STAGES - 1 chunks ahead of the
+    # chunk computed (whole slots a copy; the steps read them back in the operand layouts), so a
+    # warp keeps (STAGES - 1) x CHUNK slots in flight without holding registers; the scales come
+    # two BLOCK_N steps ahead in registers.
+    ring_k = gl.allocate_shared_memory(gl.int32, [STAGES, CHUNK, D // 4], _RING)
+    ring_v = gl.allocate_shared_memory(gl.int32, [STAGES, CHUNK, D // 4], _RING)
     for i in gl.static_range(STAGES - 1):
-        _fetch(ring_k.index(i), k_rows + i * step * stride_kt, start + i * step + kn < end)
-        _fetch(ring_v.index(i), v_rows + i * step * stride_vt, start + i * step + vn < end)
+        n_i = start + i * step
+        _fetch(ring_k.index(i), k_head + n_i * (stride_kt // 4) + k_off, n_i + cn < end)
+        _fetch(ring_v.index(i), v_head + n_i * (stride_vt // 4) + v_off, n_i + cn < end)
         async_copy.commit_group()
-    ks_ptr = KS + b * stride_ksb + (base + start + sn) * stride_kst
-    vs_ptr = VS + b * stride_vsb + (base + start + sn) * stride_vst
-    k_scale = gl.load(ks_ptr, mask=start + sn < end, other=0.0)
-    v_scale = gl.load(vs_ptr, mask=start + sn < end, other=0.0)
-    k_scale_1 = gl.load(ks_ptr + step * stride_kst, mask=start + step + sn < end, other=0.0)
-    v_scale_1 = gl.load(vs_ptr + step * stride_vst, mask=start + step + sn < end, other=0.0)
+    s0 = start + sn
+    s1 = start + _within(1, SUB, BLOCK_N) + _chunks(1, SUB) * step + sn
+    k_scale = gl.load(ks_head + s0 * stride_kst, mask=s0 < end, other=0.0)
+    v_scale = gl.load(vs_head + s0 * stride_vst, mask=s0 < end, other=0.0)
+    k_scale_1 = gl.load(ks_head + s1 * stride_kst, mask=s1 < end, other=0.0)
+    v_scale_1 = gl.load(vs_head + s1 * stride_vst, mask=s1 < end, other=0.0)
 
     m_i = gl.full([G_PAD], float("-inf"), gl.float32, layout=ROW)
     l_i = gl.zeros([G_PAD], gl.float32, layout=ROW)
@@ -247,50 +274,53 @@ def _split_kernel_mma(
     stage = 0
     for n0 in range(start, end, step):
         ahead = n0 + (STAGES - 1) * step  # into the stage the last iteration read
-        k_rows += step * stride_kt
-        v_rows += step * stride_vt
-        back = (STAGES - 2) * step
-        _fetch(ring_k.index((stage + STAGES - 1) % STAGES), k_rows + back * stride_kt, ahead + kn < end)
-        _fetch(ring_v.index((stage + STAGES - 1) % STAGES), v_rows + back * stride_vt, ahead + vn < end)
-        async_copy.commit_group()
-        ks_ptr += step * stride_kst
-        vs_ptr += step * stride_vst
-        next_2 = n0 + 2 * step
-        k_scale_2 = gl.load(ks_ptr + step * stride_kst, mask=next_2 + sn < end, other=0.0)
-        v_scale_2 = gl.load(vs_ptr + step * stride_vst, mask=next_2 + sn < end, other=0.0)
-        async_copy.wait_group(STAGES - 1)  # this tile's copies have landed
-
-        k = _to_half(ring_k.index(stage).load(LK), BLOCK_N, D, QUANT)
-        k = gl.convert_layout(
-            _renamed_channels(k, BLOCK_N, D, True), _DOT_B, assert_trivial=True
-        )  # [D, BLOCK_N]
-        qk = mma_v2(q, k, gl.zeros([G_PAD, BLOCK_N], gl.float32, layout=_MMA))
-        n = n0 + sn
-        live = n < end
-        qk = qk * (k_scale.to(gl.float32) * (scale * LOG2E))[None, :]  # base-2 logits
-        qk = gl.where(live[None, :], qk, float("-inf"))
-        if STORE_LOGITS:
-            gl.store(
-                LOGITS + b * stride_lb + (base + n)[None, :] * stride_lt + g[:, None],
-                qk * LN2,
-                mask=live[None, :] & (g < GROUP)[:, None],
-            )
-        m_new = gl.maximum(m_i, gl.max(qk, 1))
-        alpha = _exp2(m_i - m_new)
-        p = _exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + gl.sum(p, 1)
-        p = gl.convert_layout(
-            (p * v_scale.to(gl.float32)[None, :]).to(gl.float16), _DOT_A, assert_trivial=True
+        _fetch(
+            ring_k.index((stage + STAGES - 1) % STAGES),
+            k_head + ahead * (stride_kt // 4) + k_off,
+            ahead + cn < end,
         )
-        v = _to_half(ring_v.index(stage).load(LV), BLOCK_N, D, QUANT)
-        v = gl.convert_layout(_value_columns(v, BLOCK_N, D), _DOT_B, assert_trivial=True)
-        if gl.max(m_new - m_i, 0) > 0:  # a row's max rose (rare after the first tiles): rescale
-            acc = acc * alpha[:, None]
-        acc = mma_v2(p, v, acc)
-        m_i = m_new
+        _fetch(
+            ring_v.index((stage + STAGES - 1) % STAGES),
+            v_head + ahead * (stride_vt // 4) + v_off,
+            ahead + cn < end,
+        )
+        async_copy.commit_group()
+        async_copy.wait_group(STAGES - 1)  # this chunk's copies have landed
+        for s in gl.static_range(SUB):
+            s2 = n0 + _within(s + 2, SUB, BLOCK_N) + _chunks(s + 2, SUB) * step + sn
+            k_scale_2 = gl.load(ks_head + s2 * stride_kst, mask=s2 < end, other=0.0)
+            v_scale_2 = gl.load(vs_head + s2 * stride_vst, mask=s2 < end, other=0.0)
+            k = _to_half(ring_k.index(stage).slice(s * BLOCK_N, BLOCK_N).load(LK), BLOCK_N, D, QUANT)
+            k = gl.convert_layout(
+                _renamed_channels(k, BLOCK_N, D, True), _DOT_B, assert_trivial=True
+            )  # [D, BLOCK_N]
+            qk = mma_v2(q, k, gl.zeros([G_PAD, BLOCK_N], gl.float32, layout=_MMA))
+            n = n0 + s * BLOCK_N + sn
+            live = n < end
+            qk = qk * (k_scale.to(gl.float32) * (scale * LOG2E))[None, :]  # base-2 logits
+            qk = gl.where(live[None, :], qk, float("-inf"))
+            if STORE_LOGITS:
+                gl.store(
+                    LOGITS + b * stride_lb + (base + n)[None, :] * stride_lt + g[:, None],
+                    qk * LN2,
+                    mask=live[None, :] & (g < GROUP)[:, None],
+                )
+            m_new = gl.maximum(m_i, gl.max(qk, 1))
+            alpha = _exp2(m_i - m_new)
+            p = _exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + gl.sum(p, 1)
+            p = gl.convert_layout(
+                (p * v_scale.to(gl.float32)[None, :]).to(gl.float16), _DOT_A, assert_trivial=True
+            )
+            v = _to_half(ring_v.index(stage).slice(s * BLOCK_N, BLOCK_N).load(LV), BLOCK_N, D, QUANT)
+            v = gl.convert_layout(_value_columns(v, BLOCK_N, D), _DOT_B, assert_trivial=True)
+            if gl.max(m_new - m_i, 0) > 0:  # a row's max rose (rare after the first steps): rescale
+                acc = acc * alpha[:, None]
+            acc = mma_v2(p, v, acc)
+            m_i = m_new
+            k_scale, k_scale_1 = k_scale_1, k_scale_2
+            v_scale, v_scale_1 = v_scale_1, v_scale_2
         stage = (stage + 1) % STAGES
-        k_scale, k_scale_1 = k_scale_1, k_scale_2
-        v_scale, v_scale_1 = v_scale_1, v_scale_2
     async_copy.wait_group(0)  # no copy outlives the ring
 
     slot = b * n_tiles + t  # MID_* are contiguous [B, n_tiles, G_PAD(, D)]
@@ -308,8 +338,9 @@ def split_launch(
     head_dim: int,
     group: int,
     store_logits: bool = False,
-    stages: int = 3,
+    stages: int = 2,
     interleave: bool = True,
+    sub: int = 2,
 ) -> dict:
     """One launch of :func:`_split_kernel_mma` described for :mod:`baklava.kernels.offline_compile`
     (pointers and row strides 16-aligned, as the host wrapper requires), to compile it without a
@@ -319,7 +350,7 @@ def split_launch(
                "FILL": "int32", "OFFSETS": "int32", "TILE_HEAD": "int32", "TILE_START": "int32", "TILE_FIRST": "int32",
                "MID_O": "float32", "MID_M": "float32", "MID_L": "float32", "LOGITS": "float32"}  # fmt: skip
     consts = dict(GROUP=group, G_PAD=16, D=head_dim, BLOCK_N=16, STORE_LOGITS=store_logits, QUANT=quant,
-                  STAGES=stages, PDL=True, INTERLEAVE=interleave)  # fmt: skip
+                  STAGES=stages, PDL=True, INTERLEAVE=interleave, SUB=sub)  # fmt: skip
     one = {"stride_ksb", "stride_kst", "stride_vsb", "stride_vst", "stride_fb", "stride_lt"}
     args = []
     for name in _split_kernel_mma.arg_names:

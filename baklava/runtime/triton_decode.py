@@ -47,14 +47,7 @@ class _LayerState:
     tile table, and the H2O scratch buffers (allocated once, so CUDA-graph replays reuse them)."""
 
     def __init__(self, layer, group: int):
-        from baklava.kernels.decode_attention import (
-            MMA_BLOCK_N,
-            mma_split,
-            multiprocessors,
-            split_programs_per_sm,
-            tile_length,
-            tile_table,
-        )
+        from baklava.kernels.decode_attention import mma_split, split_table
         from baklava.runtime import kv_slots
 
         dev, batch = layer.device, layer.batch_size
@@ -64,13 +57,10 @@ class _LayerState:
         self.offsets = torch.tensor(layer.offsets, **i32)
         # A slot pool's views tile as the whole pool does (`tile_rows`), so a row's attention is
         # summed in the same order whichever rows run beside it.
-        # The split pass's kernel sets the table: the mma kernel's one-warp programs want ~4x as
-        # many tiles (the cache update's score pass reads the same table).
+        # The split pass's kernel sets the table: the mma kernel's one-warp programs want one wave
+        # of ~8 an SM (the cache update's score pass reads the same table as contiguous tiles).
         mma = kv_slots.packs(layer) and mma_split(layer.kv_format, layer.head_dim, group, dev)
-        rows = layer.tile_rows or batch
-        per_sm = split_programs_per_sm(rows, mma)
-        tile = tile_length(layer.capacities, rows, MMA_BLOCK_N if mma else 64, multiprocessors(dev), per_sm)
-        self.table = (tile, tile_table(layer.capacities, tile, dev))
+        self.table = split_table(layer.capacities, layer.tile_rows or batch, dev, mma)
         self.logits = self.lse = self.logit_new = None
         if layer.eviction.policy == "h2o":
             f32 = dict(dtype=torch.float32, device=dev)

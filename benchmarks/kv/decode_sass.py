@@ -7,8 +7,8 @@ its SASS instructions by opcode, with its registers. No timing: it shows what a 
 cost in instructions (conversions, byte permutes, shared-memory round trips: ``LDS`` against
 ``LDSM``), whether a launch spills (``STL`` / ``LDL``), and what a kernel change does to them,
 on a machine without a GPU; only a GPU says what that costs in time. The int8 / fp8 rows of the
-Gluon mma kernel (:mod:`baklava.kernels.decode_mma`, one warp, 16-slot steps, a three-stage
-ring) follow::
+Gluon mma kernel (:mod:`baklava.kernels.decode_mma`, one warp, 16-slot steps, a ring of two 32-slot
+chunks) follow::
 
     python benchmarks/kv/decode_sass.py                      # a table on stdout
     python benchmarks/kv/decode_sass.py --json out.json      # and the counts as JSON

@@ -1,0 +1,58 @@
+"""benchmarks/quality/paired_ratios.py: score ratios between a quality run's cells, resampled by
+prompt (the ratio quoted for every quantized-cache target of issue 23)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "paired_ratios.py"
+spec = importlib.util.spec_from_file_location("paired_ratios", SCRIPT)
+paired_ratios = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(paired_ratios)
+
+
+def _row(task, index, method, budget, kv_dtype, score):
+    return dict(task=task, index=index, method=method, budget=budget, kv_dtype=kv_dtype, score=score)
+
+
+def _run():
+    """Two tasks of four prompts. bf16 answers 3/4 of each; fp8 misses one more prompt of task a.
+    Task means: bf16 (0.75, 0.75), fp8 (0.5, 0.75): 0.625 / 0.75."""
+    rows = []
+    for task in ("a", "b"):
+        for i in range(4):
+            rows.append(_row(task, i, "baklava", 0.3, "auto", float(i < 3)))
+            rows.append(_row(task, i, "baklava", 0.3, "fp8", float(i < (2 if task == "a" else 3))))
+    rows.append(_row("ppl", 0, "baklava", 0.3, "fp8", 5.0))  # perplexity is not a score
+    return rows
+
+
+def test_the_ratio_averages_tasks_and_its_interval_holds_it(tmp_path):
+    cells = paired_ratios.scores_by_prompt(_run())
+    value, low, high, n = paired_ratios.paired_interval(
+        cells[("baklava", 0.3, "fp8")], cells[("baklava", 0.3, "auto")]
+    )
+    assert value == pytest.approx(0.625 / 0.75) and n == 8
+    assert low <= value <= high <= 1.0  # fp8 never answers a prompt bf16 misses
+
+
+def test_the_command_reads_partial_runs_and_names_missing_cells(tmp_path):
+    partial = tmp_path / "quality.partial.jsonl"
+    rows = _run()
+    partial.write_text("\n".join(json.dumps(r) for r in rows[:-3]) + "\n")  # stopped early: b's last prompt
+    run = CliRunner().invoke(paired_ratios.main, [str(partial), "baklava@0.3/fp8:baklava@0.3/auto"])
+    assert run.exit_code == 0, run.output
+    # task a: 0.5 / 0.75; task b, prompts 0-2: 1.0 / 1.0 -> 0.75 / 0.875
+    assert (
+        run.output.startswith("baklava@0.3/fp8:baklava@0.3/auto: 0.8571 (95% ")
+        and "7 answers each" in run.output
+    )
+    full = tmp_path / "quality.json"
+    full.write_text(json.dumps({"meta": {}, "rows": rows}))
+    missing = CliRunner().invoke(paired_ratios.main, [str(full), "baklava@0.2/int8:baklava@0.3/auto"])
+    assert missing.exit_code != 0 and "no cell baklava@0.2/int8" in missing.output
+    bad = CliRunner().invoke(paired_ratios.main, [str(full), "baklava0.3fp8:x"])
+    assert bad.exit_code != 0 and "METHOD@BUDGET/KV_DTYPE" in bad.output
