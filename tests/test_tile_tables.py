@@ -101,9 +101,20 @@ def test_merge_launch_reads_a_heads_partials_in_one_block():
         assert merge_launch(SplitTable(64, (), most)) == want
 
 
-def test_split_table_follows_the_kernel():
-    mma = split_table(LLAMA_8_AT_32K, 8, "cpu", mma=True)
-    triton = split_table(LLAMA_8_AT_32K, 8, "cpu", mma=False)
-    assert mma.tensors[0].numel() == HKV  # off CUDA 4 "SMs" x 8 programs over 8 rows: one a head
-    assert triton.tile == tile_length(LLAMA_8_AT_32K, 8, 64, 4) and triton.tile % 64 == 0
+def test_split_table_follows_the_kernel_and_the_rows():
+    """The mma kernel's table is balanced while a row has room for two programs a head (batch 8
+    or 64 on 132 SMs); an engine's pool of 466 rows (most idle) keeps tiles of one length, as the
+    Triton kernel's table does."""
+    for rows in (8, 64):
+        mma = split_table(LLAMA_8_AT_32K, rows, "cpu", mma=True, sms=132)
+        want = balanced_table(LLAMA_8_AT_32K, rows, 32, 132, 8, "cpu", min_steps=MMA_MIN_CHUNKS)
+        assert mma.tile == want.tile and all(
+            torch.equal(a, b) for a, b in zip(mma.tensors, want.tensors, strict=True)
+        )
+        assert mma.tensors[0].numel() == 8 * 132 // rows  # 132 or 16 programs a row
+    pool = split_table(LLAMA_8_AT_32K, 466, "cpu", mma=True, sms=132)
+    assert pool.tile == tile_length(LLAMA_8_AT_32K, 466, 32, 132, per_sm=8) and pool.tile % 32 == 0
+    assert pool.tensors[0].numel() == sum(math.ceil(c / pool.tile) for c in LLAMA_8_AT_32K) > HKV
+    triton = split_table(LLAMA_8_AT_32K, 8, "cpu", mma=False, sms=132)
+    assert triton.tile == tile_length(LLAMA_8_AT_32K, 8, 64, 132) and triton.tile % 64 == 0
     assert triton.most == max(math.ceil(c / triton.tile) for c in LLAMA_8_AT_32K)

@@ -14,7 +14,7 @@ from tests.triton_env import DEVICE, INTERPRETED
 
 pytest.importorskip("triton", reason="Triton is not installed")
 
-from baklava.kernels.decode_attention import packed_decode_attention  # noqa: E402
+from baklava.kernels.decode_attention import packed_decode_attention, tiled  # noqa: E402
 from baklava.kernels.reference import packed_decode_attention as reference  # noqa: E402
 
 FP8 = pytest.param("fp8", marks=pytest.mark.skipif(INTERPRETED, reason="numpy has no float8"))
@@ -116,7 +116,8 @@ def test_mma_split_kernel_matches_the_triton_kernel_and_the_reference(
     group = q_heads // len(caps)
     runs = {}
     launches = [("triton", True, {})] + [("mma", i, how) for i in (True, False) for how in MMA_LAUNCHES]
-    for kernel, interleave, how in launches:
+    launches.append(("mma", True, {"table": tiled(caps, 96, DEVICE)}))  # a pool's table: tiles of one length
+    for index, (kernel, interleave, how) in enumerate(launches):
         logits = torch.full((batch, sum(caps), group), 7.0, device=DEVICE)
         lse = torch.empty(batch, q_heads, device=DEVICE)
         logit_new = torch.empty(batch, q_heads, device=DEVICE)
@@ -125,10 +126,10 @@ def test_mma_split_kernel_matches_the_triton_kernel_and_the_reference(
             value_scales=vs, logits=logits, lse=lse, logit_new=logit_new, kernel=kernel,
             mma_interleave=interleave, **how,
         )  # fmt: skip
-        runs[(kernel, interleave, str(how))] = out.float(), logits, lse
+        runs[index] = out.float(), logits, lse
     k_deq, v_deq = kv_format.dequantize(kq, ks, fmt), kv_format.dequantize(vq, vs, fmt)
     want = reference(query, k_new, v_new, k_deq, v_deq, fill, caps, scale)
-    out_t, logits_t, lse_t = runs.pop(("triton", True, "{}"))
+    out_t, logits_t, lse_t = runs.pop(0)
     for out, logits, lse in runs.values():  # a head's chunks in turn or one tile, each ring
         torch.testing.assert_close(out, want, atol=TOLERANCE[torch.bfloat16], rtol=0)
         torch.testing.assert_close(out, out_t, atol=4e-3, rtol=0)

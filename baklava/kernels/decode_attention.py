@@ -314,15 +314,21 @@ def _mma_copies(*slots: torch.Tensor) -> bool:
     return aligned and all(t.shape[1] * t.stride(1) < 2**31 for t in slots)
 
 
-def split_table(capacities, rows: int, device, mma: bool, block_n: int = 64) -> SplitTable:
-    """The split pass's table for ``rows`` sequences, built once per layer: the mma kernel's
+def split_table(
+    capacities, rows: int, device, mma: bool, block_n: int = 64, sms: int | None = None
+) -> SplitTable:
+    """The split pass's table for ``rows`` sequences, built once per layer: for the mma kernel
     :func:`~baklava.kernels.tile_tables.balanced_table` (one wave of one-warp programs, each at
-    least ``MMA_MIN_CHUNKS`` chunks), or the Triton kernel's tiles of ``block_n``-slot steps."""
-    sms = multiprocessors(device)
+    least ``MMA_MIN_CHUNKS`` chunks) where a row has room for two programs a head; for more rows
+    (an engine's slot pool tiles as the whole pool, most rows idle) and for the Triton kernel,
+    tiles of one length (``block_n``-slot steps; the mma kernel's chunks). ``sms``: the device's."""
+    sms = sms or multiprocessors(device)
     per_sm = split_programs_per_sm(rows, mma)
     if mma:
         chunk = MMA_BLOCK_N * MMA_SUB
-        return balanced_table(capacities, rows, chunk, sms, per_sm, device, min_steps=MMA_MIN_CHUNKS)
+        if per_sm * sms // rows >= 2 * len(capacities):
+            return balanced_table(capacities, rows, chunk, sms, per_sm, device, min_steps=MMA_MIN_CHUNKS)
+        block_n = chunk
     return tiled(capacities, tile_length(capacities, rows, block_n, sms, per_sm), device)
 
 

@@ -57,8 +57,9 @@ class _LayerState:
         self.offsets = torch.tensor(layer.offsets, **i32)
         # A slot pool's views tile as the whole pool does (`tile_rows`), so a row's attention is
         # summed in the same order whichever rows run beside it.
-        # The split pass's kernel sets the table: the mma kernel's one-warp programs want one wave
-        # of ~8 an SM (the cache update's score pass reads the same table as contiguous tiles).
+        # The split pass's kernel sets the table (`split_table`: the mma kernel's one-warp programs
+        # balanced in one wave of 8 an SM while the rows leave room; the cache update's score pass
+        # reads the same table as contiguous tiles).
         mma = kv_slots.packs(layer) and mma_split(layer.kv_format, layer.head_dim, group, dev)
         self.table = split_table(layer.capacities, layer.tile_rows or batch, dev, mma)
         self.logits = self.lse = self.logit_new = None
