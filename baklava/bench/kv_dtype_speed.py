@@ -33,12 +33,12 @@ from baklava.bench.kernel_speed import _time, packed_case
 from baklava.errors import BaklavaError
 from baklava.kernels.decode_attention import (
     MMA_BLOCK_N,
-    MMA_MIN_CHUNKS,
     MMA_STAGES,
     MMA_SUB,
+    SplitTable,
     packed_decode_attention,
+    split_table,
 )
-from baklava.kernels.tile_tables import SplitTable, balanced_table, tile_length, tiled
 
 FORMATS = ("bf16", "fp8", "int8", "int4")
 
@@ -71,13 +71,10 @@ class Launch:
         return not self.mma or kv_dtype in ("int8", "fp8")
 
     def table(self, capacities, batch: int, sms: int, device) -> SplitTable:
-        """The table the runtime would build for this launch (:func:`split_table`'s rules)."""
-        if self.mma:
-            chunk = MMA_BLOCK_N * self.sub
-            return balanced_table(
-                capacities, batch, chunk, sms, self.per_sm, device, min_steps=MMA_MIN_CHUNKS
-            )
-        return tiled(capacities, tile_length(capacities, batch, self.block_n, sms), device)
+        """The table the runtime would build for this launch (:func:`split_table`)."""
+        return split_table(
+            capacities, batch, device, self.mma, self.block_n, sms, per_sm=self.per_sm, sub=self.sub
+        )
 
 
 _MMA_LAUNCH = re.compile(r"mma(\d+)(?:s(\d+))?(?:x(\d+))?(c?)")
