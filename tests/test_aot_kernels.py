@@ -219,15 +219,58 @@ def test_kernels_in_half_precision(dtype):
         reference_step(layer, q, k, v, token_mask)
 
 
-def test_plugins_refuse_a_quantized_kv_dtype_at_build_time():
-    """The ONNX ops carry ``kv_dtype``; the plugins' kernels store full precision, so an artifact
-    exported with int8 slots fails to build for TensorRT with a clear message instead of running
-    at another precision than the one it was exported and measured at."""
-    with pytest.raises(ValueError, match="kv_dtype 'int8': the TensorRT plugins store full-precision"):
-        aot.attention_plan([8, 8], 4, 0.25, 4, head_dim=16, dtype="fp32", kv_dtype="int8")
-    with pytest.raises(ValueError, match="kv_dtype 'int4'"):
-        aot.cache_update_plan([8, 8], 1, 2, "h2o", 3, head_dim=16, dtype="fp32", kv_dtype="int4")
-    assert (
-        aot.attention_plan([8, 8], 4, 0.25, 4, head_dim=16, dtype="fp32", kv_dtype="auto").constexprs["D"]
-        == 16
-    )
+@pytest.mark.parametrize(("kv_dtype", "head_dim"), [("int8", HEAD_DIM), ("fp8", HEAD_DIM), ("int4", 32)])
+def test_kv_dtype_rounds_new_tokens_as_the_reference_store(kv_dtype, head_dim):
+    """The plugins carry the ops' ``kv_dtype``: both kernels attend to and store each new token
+    rounded as the format gives it back, the values the PyTorch reference store (and ONNX
+    Runtime, ``test_onnx_ops``) holds, slot for slot, through appends and evictions; and they
+    differ from what full-precision plugins store."""
+    caps, q_heads, batch = [5, 12], 4, 2
+    ev = EvictionConfig(sink=1, window=2, obs_window=3, pool_kernel=3)
+
+    def plans(kv):
+        return (
+            aot.attention_plan(caps, q_heads, head_dim**-0.5, ev.obs_window, head_dim=head_dim, dtype="fp32", kv_dtype=kv),
+            aot.cache_update_plan(
+                caps, ev.sink, ev.window, ev.policy, ev.pool_kernel, head_dim=head_dim, dtype="fp32", kv_dtype=kv
+            ),
+        )  # fmt: skip
+
+    rounded, plain = plans(kv_dtype), plans("auto")
+    gen = torch.Generator().manual_seed(5)
+    layer = BudgetedLayer(caps, ev, kv_dtype)
+    layer.quantized_storage = False  # the ops' cache is the reference store: float values on the grid
+    layer.smooth_keys = False  # the ops round the keys they get (the graph smooths them before)
+    for seq, pads in [(9, {1: 3}), (1, {}), (7, {}), (1, {})]:
+        q, k, v, token_mask = step_inputs(gen, batch, q_heads, len(caps), seq, pads, head_dim=head_dim)
+        if not layer.is_initialized:
+            layer.lazy_initialization(k, v)
+        got = run_plugins(aot.launch_with_triton, rounded, layer_state(layer), q, k, v, token_mask)
+        full = run_plugins(aot.launch_with_triton, plain, layer_state(layer), q, k, v, token_mask)
+        want = reference_step(layer, q, k, v, token_mask)
+        for b in range(batch):
+            rows = token_mask[b].numpy()
+            np.testing.assert_allclose(
+                got["output"][b][:, rows].cpu().numpy(), want[b][:, rows].numpy(), atol=2e-5
+            )
+        names = ("output", "past_key", "past_value", "past_position", "past_score", "past_fill")
+        assert_same_cache([got[n].cpu().numpy() for n in names], layer, caps)
+        for b in range(batch):  # the live slots' keys and values bit for bit
+            for h, off in enumerate(np.cumsum([0, *caps[:-1]])):
+                live = slice(off, off + int(layer.fill[b, h]))
+                assert torch.equal(got["past_key"][b, live].cpu(), layer.keys[b, live])
+                assert torch.equal(got["past_value"][b, live].cpu(), layer.values[b, live])
+        assert (full["past_key"] - got["past_key"]).abs().max() > 1e-4  # the stored keys were rounded
+
+
+def test_plans_refuse_a_head_dimension_the_kv_dtype_cannot_take():
+    """int4 groups 32 channels after a power-of-two rotation: a 16-channel head fails at build
+    time with the format's one-line reason."""
+    with pytest.raises(ValueError, match="--kv-dtype int4 needs a head dimension divisible by 32"):
+        aot.attention_plan([8, 8], 4, 0.25, 4, head_dim=16, dtype="fp32", kv_dtype="int4")
+    with pytest.raises(ValueError, match="unknown KV dtype 'int3'"):
+        aot.cache_update_plan([8, 8], 1, 2, "h2o", 3, head_dim=16, dtype="fp32", kv_dtype="int3")
+    plan = aot.attention_plan([8, 8], 4, 0.25, 4, head_dim=16, dtype="fp32", kv_dtype="auto")
+    assert (plan.constexprs["KV_QUANT"], plan.fp_fusion) == (0, True)
+    int4 = aot.cache_update_plan([8, 8], 1, 2, "h2o", 3, head_dim=64, dtype="bf16", kv_dtype="int4")
+    assert (int4.constexprs["KV_QUANT"], int4.constexprs["KV_GROUP"], int4.fp_fusion) == (2, 32, False)

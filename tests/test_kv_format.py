@@ -201,6 +201,18 @@ def test_the_kernel_benchmark_sweeps_launches_and_names_each_formats_fastest():
     ring = parse_launches("mma7s1x3c")[0]  # 16-slot chunks, three of them, contiguous tiles
     assert (ring.per_sm, ring.sub, ring.stages, ring.interleave, str(ring)) == (7, 1, 3, False, "mma7s1x3c")
     assert (parse_launches("mma8")[0].sub, parse_launches("mma8")[0].stages) == (2, 2)  # what is deployed
+    fewest = parse_launches("mma8m2")[0]  # a balanced table of programs of at least two chunks
+    assert (fewest.per_sm, fewest.min_chunks, str(fewest), parse_launches("mma8")[0].min_chunks) == (
+        8,
+        2,
+        "mma8m2",
+        8,
+    )
+    caps = [4096, 1024, 512, 256, 128, 64, 32, 16]
+    most = {m: parse_launches(f"mma8m{m}")[0].table(caps, 1, 132, "cpu") for m in (1, 2, 8)}
+    chunks = sum(-(-c // 32) for c in caps)  # 192 chunks of 32 slots; one sequence has room for all
+    # fewer chunks a program: more programs (a program for every M chunks)
+    assert [len(most[m].tensors[0]) for m in (8, 2, 1)] == [chunks // 8, chunks // 2, chunks]
     for bad in (
         "64x4",
         "64x4x0",
@@ -215,6 +227,8 @@ def test_the_kernel_benchmark_sweeps_launches_and_names_each_formats_fastest():
         "mma8x1",
         "mma8s0",
         "mma8s2x",
+        "mma8m0",
+        "mma8m",
     ):
         with pytest.raises(BaklavaError):
             parse_launches(bad)

@@ -159,6 +159,9 @@ from baklava.trt_plugins import aot
 plans = [
     aot.attention_plan([100, 300, 64, 2], 8, 0.125, 32, head_dim=128, dtype="fp16"),
     aot.cache_update_plan([100, 300, 64, 2], 4, 32, "h2o", 7, head_dim=128, dtype="bf16"),
+    # a quantized kv_dtype rounds new tokens in registers (kernels/kv_rounding.py)
+    aot.attention_plan([100, 300, 64, 2], 8, 0.125, 32, head_dim=128, dtype="bf16", kv_dtype="int4"),
+    aot.cache_update_plan([100, 300, 64, 2], 4, 32, "h2o", 7, head_dim=128, dtype="fp16", kv_dtype="fp8"),
 ]
 out = []
 for plan in plans:

@@ -7,9 +7,10 @@ captured in a CUDA graph and replayed (as the decode step runs); the formats are
 ``rounds`` times over (a drift of the shared machine hits them alike), and every ratio is the
 median of the rounds' ratios. Bytes = payload + scales of K and V (what the kernel reads).
 With several ``--launches`` (slots a tile step x warps x pipeline stages of the Triton split
-kernel, or ``mmaN[sK][xS][c]``: the Gluon mma split kernel of int8 / fp8 slots at N one-warp
-programs an SM, K 16-slot steps a chunk of its ring and S chunks in it, ``c`` with one contiguous
-tile a program instead of a head's chunks taken in turn) every format is timed at each launch it
+kernel, or ``mmaN[sK][xS][mM][c]``: the Gluon mma split kernel of int8 / fp8 slots at N one-warp
+programs an SM, K 16-slot steps a chunk of its ring and S chunks in it, M the fewest chunks a
+program of its balanced table reads, ``c`` with one contiguous tile a program instead of a head's
+chunks taken in turn) every format is timed at each launch it
 runs, against bf16 at the first: a sweep in one run. Each launch reads the table the runtime
 builds for it (:func:`~baklava.kernels.decode_attention.split_table`'s rules). ``calls`` > 1
 captures that many calls in one graph (a step's layers, as the runtime replays them) and times
@@ -33,6 +34,7 @@ from baklava.bench.kernel_speed import _time, packed_case
 from baklava.errors import BaklavaError
 from baklava.kernels.decode_attention import (
     MMA_BLOCK_N,
+    MMA_MIN_CHUNKS,
     MMA_STAGES,
     MMA_SUB,
     SplitTable,
@@ -55,12 +57,14 @@ class Launch:
     per_sm: int | None = None  # the mma kernel's; None: the Triton kernel
     interleave: bool = True  # the mma kernel's: a head's programs take its chunks in turn
     sub: int = MMA_SUB
+    min_chunks: int = MMA_MIN_CHUNKS  # the mma kernel's balanced table: the fewest chunks a program
 
     def __str__(self) -> str:
         if self.mma:
             sub = f"s{self.sub}" if self.sub != MMA_SUB else ""
             stages = f"x{self.stages}" if self.stages != MMA_STAGES else ""
-            return f"mma{self.per_sm}{sub}{stages}" + ("" if self.interleave else "c")
+            fewest = f"m{self.min_chunks}" if self.min_chunks != MMA_MIN_CHUNKS else ""
+            return f"mma{self.per_sm}{sub}{stages}{fewest}" + ("" if self.interleave else "c")
         return f"{self.block_n}x{self.warps}x{self.stages}"
 
     @property
@@ -73,11 +77,11 @@ class Launch:
     def table(self, capacities, batch: int, sms: int, device) -> SplitTable:
         """The table the runtime would build for this launch (:func:`split_table`)."""
         return split_table(
-            capacities, batch, device, self.mma, self.block_n, sms, per_sm=self.per_sm, sub=self.sub
+            capacities, batch, device, self.mma, self.block_n, sms, self.per_sm, self.sub, self.min_chunks
         )
 
 
-_MMA_LAUNCH = re.compile(r"mma(\d+)(?:s(\d+))?(?:x(\d+))?(c?)")
+_MMA_LAUNCH = re.compile(r"mma(\d+)(?:s(\d+))?(?:x(\d+))?(?:m(\d+))?(c?)")
 
 
 def parse_launches(text: str) -> list[Launch]:
@@ -89,14 +93,17 @@ def parse_launches(text: str) -> list[Launch]:
             found = _MMA_LAUNCH.fullmatch(word)
             if not found or int(found[1]) < 1:
                 raise BaklavaError(
-                    f"launch {part!r} is not mmaN[sK][xS][c] (N programs an SM, K steps a chunk, S chunks), e.g. mma8"
+                    f"launch {part!r} is not mmaN[sK][xS][mM][c] (N programs an SM, K steps a chunk, "
+                    "S chunks, M the fewest chunks a program), e.g. mma8"
                 )
             sub, stages = int(found[2] or MMA_SUB), int(found[3] or MMA_STAGES)
-            if sub < 1 or stages < 2:
+            fewest = int(found[4] or MMA_MIN_CHUNKS)
+            if sub < 1 or stages < 2 or fewest < 1:
                 raise BaklavaError(
-                    f"launch {part!r}: the mma kernel's ring takes chunks of >= 1 step, >= 2 of them"
+                    f"launch {part!r}: the mma kernel's ring takes chunks of >= 1 step, >= 2 of them, "
+                    ">= 1 chunk a program"
                 )
-            launches.append(Launch(MMA_BLOCK_N, 1, stages, int(found[1]), not found[4], sub))
+            launches.append(Launch(MMA_BLOCK_N, 1, stages, int(found[1]), not found[5], sub, fewest))
             continue
         fields = word.split("x")
         if len(fields) != 3 or not all(f.isdigit() and int(f) > 0 for f in fields):

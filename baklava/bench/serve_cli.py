@@ -379,8 +379,8 @@ def prefill_bench(model_spec, contexts, budgets, chunks, sdpa, repeats, out):
     default="64x4x2,mma8",
     show_default=True,
     help="Split-kernel launches BLOCKxWARPSxSTAGES (the Triton kernel: slots a tile step, warps, "
-    "pipeline stages) or mmaN[sK][xS][c] (the Gluon mma kernel of int8 / fp8 slots: N one-warp programs "
-    "an SM, K 16-slot steps a chunk of its ring, S chunks); several: every format timed at each it runs, "
+    "pipeline stages) or mmaN[sK][xS][mM][c] (the Gluon mma kernel of int8 / fp8 slots: N one-warp programs "
+    "an SM, K 16-slot steps a chunk of its ring, S chunks, M the fewest chunks a program); several: every format timed at each it runs, "
     "against bf16 at the first (a launch sweep). The default times what the runtime deploys: the "
     "Triton kernel's launch, and the mma kernel's for int8 / fp8.",
 )

@@ -323,20 +323,23 @@ def split_table(
     sms: int | None = None,
     per_sm: int | None = None,
     sub: int | None = None,
+    min_chunks: int | None = None,
 ) -> SplitTable:
     """The split pass's table for ``rows`` sequences, built once per layer: for the mma kernel
     :func:`~baklava.kernels.tile_tables.balanced_table` (one wave of one-warp programs, each at
     least ``MMA_MIN_CHUNKS`` chunks) where a row has room for two programs a head; for more rows
     (an engine's slot pool tiles as the whole pool, most rows idle) and for the Triton kernel,
     tiles of one length (``block_n``-slot steps; the mma kernel's chunks). ``sms``: the device's;
-    ``per_sm`` (programs an SM, :func:`split_programs_per_sm`) and ``sub`` (the mma kernel's steps
-    a chunk, ``MMA_SUB``): the defaults, or a launch a benchmark sweeps."""
+    ``per_sm`` (programs an SM, :func:`split_programs_per_sm`), ``sub`` (the mma kernel's steps
+    a chunk, ``MMA_SUB``) and ``min_chunks`` (``MMA_MIN_CHUNKS``): the defaults, or a launch a
+    benchmark sweeps."""
     sms = sms or multiprocessors(device)
     per_sm = per_sm or split_programs_per_sm(rows, mma)
     if mma:
         chunk = MMA_BLOCK_N * (sub or MMA_SUB)
         if per_sm * sms // rows >= 2 * len(capacities):
-            return balanced_table(capacities, rows, chunk, sms, per_sm, device, min_steps=MMA_MIN_CHUNKS)
+            fewest = min_chunks or MMA_MIN_CHUNKS
+            return balanced_table(capacities, rows, chunk, sms, per_sm, device, min_steps=fewest)
         block_n = chunk
     return tiled(capacities, tile_length(capacities, rows, block_n, sms, per_sm), device)
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from baklava import kv_format
 from baklava.exporter.ops.spec import BUDGETED_ATTENTION, BUDGETED_CACHE_UPDATE, OpSpec
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -65,6 +64,14 @@ class LaunchPlan:
     num_stages: int = 1  # no software pipelining: a tile's shared memory stays well under 100 KiB
 
     @property
+    def fp_fusion(self) -> bool:
+        """Whether the compiler may contract a multiply and an add into one FMA: not where int4
+        vectors are rounded (their rotation adds products the reference rounds one by one)."""
+        from baklava.kernels.kv_rounding import INT4
+
+        return self.constexprs.get("KV_QUANT") != INT4
+
+    @property
     def kv_heads(self) -> int:
         return len(self.constexprs["CAPS"])
 
@@ -99,7 +106,11 @@ class LaunchPlan:
         compiled = triton.compile(
             src,
             target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": self.num_warps, "num_stages": self.num_stages},
+            options={
+                "num_warps": self.num_warps,
+                "num_stages": self.num_stages,
+                "enable_fp_fusion": self.fp_fusion,
+            },
         )
         name = compiled.metadata.name
         ptx = strip_hidden_params(compiled.asm["ptx"], name, len(self.types))
@@ -120,14 +131,18 @@ def _check_head_dim(head_dim: int) -> None:
         raise ValueError(f"head_dim {head_dim} is not supported by the kernels (a power of two >= 16)")
 
 
-def _check_kv_dtype(kv_dtype: str) -> None:
-    """The plugins' kernels store and read full-precision slots; a quantized ``kv_dtype`` (the
-    ONNX attribute, :mod:`baklava.kv_format`) is refused when the engine is built, not ignored."""
-    if kv_format.parse(kv_dtype).quantized:
-        raise ValueError(
-            f"kv_dtype {kv_dtype!r}: the TensorRT plugins store full-precision slots only; export with "
-            "--kv-dtype auto for TensorRT (ONNX Runtime and the PyTorch runtime run quantized formats)"
-        )
+def _rounding(kv_dtype: str, head_dim: int) -> dict:
+    """The kernels' ``KV_QUANT`` / ``KV_GROUP`` constexprs: a quantized ``kv_dtype`` (the ONNX
+    attribute) rounds each new token as the format gives it back, before it is attended to and
+    stored (:mod:`baklava.kernels.kv_rounding`); the cache keeps the engine's dtype, as ONNX
+    Runtime's does. A head dimension the format cannot take: a one-line ``ValueError``."""
+    from baklava.errors import BaklavaError
+    from baklava.kernels.kv_rounding import rounding
+
+    try:
+        return rounding(kv_dtype, head_dim)
+    except BaklavaError as err:
+        raise ValueError(str(err)) from None
 
 
 def attention_plan(
@@ -144,7 +159,6 @@ def attention_plan(
 
     from baklava.trt_plugins.aot_attention import block_m, group_chunk
 
-    _check_kv_dtype(kv_dtype)
     caps = tuple(int(c) for c in capacities)
     types = _io_types(BUDGETED_ATTENTION, dtype)
     if num_q_heads % len(caps):
@@ -155,7 +169,7 @@ def attention_plan(
     constexprs = dict(
         CAPS=caps, H_KV=len(caps), TOTAL=sum(caps), GROUP=group, G_CHUNK=group_chunk(group, tiles, dtype),
         ROWS=max(16, triton.next_power_of_2(group)), D=head_dim, SCALE=float(scale), OBS=int(obs_window),
-        BLOCK_M=tiles, BLOCK_N=32,
+        BLOCK_M=tiles, BLOCK_N=32, **_rounding(kv_dtype, head_dim),
     )  # fmt: skip
     stages = 1 if dtype == "fp32" else 2  # shared memory stays <= 48 KiB
     return LaunchPlan(BUDGETED_ATTENTION, types, constexprs, 4, tiles, num_stages=stages)
@@ -172,7 +186,6 @@ def cache_update_plan(
     dtype: str,
     kv_dtype: str = "auto",
 ) -> LaunchPlan:
-    _check_kv_dtype(kv_dtype)
     if policy not in ("h2o", "ring"):
         raise ValueError(f"unknown eviction policy {policy!r} (h2o or ring)")
     if pool_kernel < 1 or pool_kernel % 2 == 0:
@@ -181,7 +194,7 @@ def cache_update_plan(
     caps = tuple(int(c) for c in capacities)
     constexprs = dict(
         CAPS=caps, H_KV=len(caps), TOTAL=sum(caps), D=head_dim, SINK=int(sink), WINDOW=int(window),
-        H2O=policy == "h2o", POOL=int(pool_kernel), BLOCK=64,
+        H2O=policy == "h2o", POOL=int(pool_kernel), BLOCK=64, **_rounding(kv_dtype, head_dim),
     )  # fmt: skip
     return LaunchPlan(BUDGETED_CACHE_UPDATE, _io_types(BUDGETED_CACHE_UPDATE, dtype), constexprs, 4, 0)
 
@@ -216,4 +229,6 @@ def launch_with_triton(plan: LaunchPlan, args: dict, batch: int, seq: int) -> No
     check): same arguments, order, constants and grid as the plugin; the engine path is
     :func:`baklava.trt_plugins.cuda_launch.launch_kernel`."""
     ordered = [args[name] for name in plan.types]
-    plan.kernel()[plan.grid(batch, seq)](*ordered, **plan.constexprs, num_warps=plan.num_warps)
+    plan.kernel()[plan.grid(batch, seq)](
+        *ordered, **plan.constexprs, num_warps=plan.num_warps, enable_fp_fusion=plan.fp_fusion
+    )

@@ -9,7 +9,9 @@ written for that ABI:
   ``past_fill [B,H_kv]`` int64, ``token_mask [B,S]`` bool; extra ``S`` (int32); outputs
   ``output [B,H_q,S,D]``, ``slot_mass [B,C]`` and ``token_mass [B,H_kv,S]`` (fp32), all contiguous;
 * the per-head capacities are compile-time constants (the profile is baked into the engine), so
-  each program finds its head's slots ``[o_h, o_h + cap_h)`` without a lookup table;
+  each program finds its head's slots ``[o_h, o_h + cap_h)`` without a lookup table; so is
+  ``kv_dtype``: a quantized format's new keys and values are rounded in registers as the cache
+  will give them back (:mod:`baklava.kernels.kv_rounding`) wherever they are read;
 * grid ``(ceil(S / BLOCK_M), H_kv, B)``: one program per query tile of one KV head's query group,
   walking the group ``G_CHUNK`` query heads at a time (GQA: those share every key load; a tile of
   at most 64 rows keeps shared memory under 48 KiB, the most a launch gets without opting in).
@@ -29,6 +31,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from baklava.kernels.kv_rounding import round_rows
+
 MASKED = tl.constexpr(-1.0e30)  # finite: a row with nothing allowed stays NaN-free (its output is don't-care)
 
 
@@ -41,6 +45,19 @@ def head_extent(CAPS: tl.constexpr, H_KV: tl.constexpr, h):
         cap = tl.where(h == i, CAPS[i], cap)
         base = tl.where(h > i, base + CAPS[i], base)
     return cap, base
+
+
+@triton.jit
+def _new_tokens(
+    PTR, rows, ok, KV_QUANT: tl.constexpr, KV_GROUP: tl.constexpr, N: tl.constexpr, D: tl.constexpr
+):
+    """``[N, D]`` keys or values of the step's own tokens (``rows``: element offsets, ``ok``: in
+    the chunk), rounded as the cache will give them back (``kv_dtype``; ``docs/ops.md``)."""
+    d = tl.arange(0, D)
+    x = tl.load(PTR + rows[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+    if KV_QUANT != 0:
+        x = round_rows(x.to(tl.float32), KV_QUANT, KV_GROUP, N, D).to(x.dtype)
+    return x
 
 
 @triton.jit
@@ -97,6 +114,7 @@ def _tile_attention(
     Q, K_NEW, V_NEW, K_PAST, V_PAST, MASK, S, OUT, SLOT_MASS, TOKEN_MASS, b, h, t, g0, base, cap, fill,
     H_KV: tl.constexpr, TOTAL: tl.constexpr, GROUP: tl.constexpr, G_CHUNK: tl.constexpr, D: tl.constexpr,
     SCALE: tl.constexpr, OBS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    KV_QUANT: tl.constexpr, KV_GROUP: tl.constexpr,
 ):  # fmt: skip
     """Query heads ``[g0, g0 + G_CHUNK)`` of head ``h``'s group, query tile ``t``."""
     M: tl.constexpr = G_CHUNK * BLOCK_M  # rows: (query head, query) pairs
@@ -120,8 +138,8 @@ def _tile_attention(
         in_chunk = j < S
         k_ok = in_chunk & (tl.load(MASK + b * S + j, mask=in_chunk, other=0) != 0)
         rows = (new_base + j) * D
-        k = tl.load(K_NEW + rows[:, None] + d[None, :], mask=in_chunk[:, None], other=0.0)
-        v = tl.load(V_NEW + rows[:, None] + d[None, :], mask=in_chunk[:, None], other=0.0)
+        k = _new_tokens(K_NEW, rows, in_chunk, KV_QUANT, KV_GROUP, BLOCK_N, D)
+        v = _new_tokens(V_NEW, rows, in_chunk, KV_QUANT, KV_GROUP, BLOCK_N, D)
         allowed = k_ok[None, :] & (j[None, :] <= qi[:, None])
         m_i, l_i, acc = _online_softmax(q, k, v, allowed, m_i, l_i, acc, SCALE)
     out = acc / l_i[:, None]
@@ -138,7 +156,7 @@ def _tile_attention(
             in_chunk = j < S
             k_ok = in_chunk & (tl.load(MASK + b * S + j, mask=in_chunk, other=0) != 0)
             rows = (new_base + j) * D
-            k = tl.load(K_NEW + rows[:, None] + d[None, :], mask=in_chunk[:, None], other=0.0)
+            k = _new_tokens(K_NEW, rows, in_chunk, KV_QUANT, KV_GROUP, BLOCK_N, D)
             s = _logits(q, k, SCALE)
             allowed = obs[:, None] & k_ok[None, :] & (j[None, :] <= qi[:, None])
             p = tl.where(allowed, tl.exp(tl.minimum(s - lse[:, None], 0.0)), 0.0)
@@ -150,7 +168,7 @@ def _tile_attention(
 def _decode_attention(
     Q, K_NEW, V_NEW, K_PAST, V_PAST, MASK, OUT, SLOT_MASS, TOKEN_MASS, b, h, base, cap, fill,
     H_KV: tl.constexpr, TOTAL: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
-    SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCALE: tl.constexpr, BLOCK_N: tl.constexpr, KV_QUANT: tl.constexpr, KV_GROUP: tl.constexpr,
 ):  # fmt: skip
     """``S = 1``: one row per query head of the group; one pass over keys and values, then one
     over the keys for the masses (the decode step's only query is the observation window)."""
@@ -159,9 +177,10 @@ def _decode_attention(
     d = tl.arange(0, D)
     q_rows = (b * (H_KV * GROUP) + h * GROUP + g) * D
     q = tl.load(Q + q_rows[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
-    new_row = (b * H_KV + h) * D
-    k_new = tl.load(K_NEW + new_row + d).to(tl.float32)
-    v_new = tl.load(V_NEW + new_row + d).to(tl.float32)
+    new_row = tl.full([1], (b * H_KV + h) * D, tl.int64)
+    one = tl.full([1], True, tl.int1)
+    k_new = tl.reshape(_new_tokens(K_NEW, new_row, one, KV_QUANT, KV_GROUP, 1, D), [D]).to(tl.float32)
+    v_new = tl.reshape(_new_tokens(V_NEW, new_row, one, KV_QUANT, KV_GROUP, 1, D), [D]).to(tl.float32)
     valid = tl.load(MASK + b) != 0
     s_new = tl.sum(q.to(tl.float32) * k_new[None, :], 1) * SCALE  # the token sees itself
     m_i = s_new
@@ -184,7 +203,7 @@ def budgeted_attention_kernel(
     OUT, SLOT_MASS, TOKEN_MASS,
     CAPS: tl.constexpr, H_KV: tl.constexpr, TOTAL: tl.constexpr, GROUP: tl.constexpr, G_CHUNK: tl.constexpr,
     ROWS: tl.constexpr, D: tl.constexpr, SCALE: tl.constexpr, OBS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, KV_QUANT: tl.constexpr, KV_GROUP: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
     h = tl.program_id(1)
@@ -194,13 +213,13 @@ def budgeted_attention_kernel(
     if S == 1:  # a decode step
         _decode_attention(
             Q, K_NEW, V_NEW, K_PAST, V_PAST, MASK, OUT, SLOT_MASS, TOKEN_MASS, b, h, base, cap, fill,
-            H_KV, TOTAL, GROUP, ROWS, D, SCALE, BLOCK_N,
+            H_KV, TOTAL, GROUP, ROWS, D, SCALE, BLOCK_N, KV_QUANT, KV_GROUP,
         )  # fmt: skip
     else:
         for g0 in tl.static_range(0, GROUP, G_CHUNK):
             _tile_attention(
                 Q, K_NEW, V_NEW, K_PAST, V_PAST, MASK, S, OUT, SLOT_MASS, TOKEN_MASS, b, h, t, g0, base, cap,
-                fill, H_KV, TOTAL, GROUP, G_CHUNK, D, SCALE, OBS, BLOCK_M, BLOCK_N,
+                fill, H_KV, TOTAL, GROUP, G_CHUNK, D, SCALE, OBS, BLOCK_M, BLOCK_N, KV_QUANT, KV_GROUP,
             )  # fmt: skip
             tl.debug_barrier()  # the next chunk adds to the masses this one stored
 

@@ -24,8 +24,9 @@ their int64 bit patterns. Three cases, by the number ``n`` of valid candidates:
 
 Then one ordered pass compacts: the ``r``-th kept candidate goes to slot ``r <= its index``, so a
 block only ever writes slots that this or an earlier block already read (a barrier separates a
-block's reads from its writes); a stored token that does not move is not rewritten. A new token's
-position counts the valid tokens before it in its row; its H2O score is the SnapKV max-pool of
+block's reads from its writes); a stored token that does not move is not rewritten. A new token enters rounded
+through the op's ``kv_dtype`` (:mod:`baklava.kernels.kv_rounding`; stored slots were rounded
+when they entered). A new token's position counts the valid tokens before it in its row; its H2O score is the SnapKV max-pool of
 ``token_mass`` (padding as 0).
 """
 
@@ -35,6 +36,7 @@ import triton
 import triton.language as tl
 
 from baklava.kernels.cache_update import _priority
+from baklava.kernels.kv_rounding import round_rows
 from baklava.trt_plugins.aot_attention import head_extent
 
 INVALID = tl.constexpr(-1)  # int64 bits below every valid priority (valid ones are >= 0)
@@ -103,14 +105,19 @@ def _count_at_least(
 
 
 @triton.jit
-def _move_rows(PAST, NEW, OUT, src, dst, from_past, from_new, D: tl.constexpr):
+def _move_rows(PAST, NEW, OUT, src, dst, from_past, from_new, D: tl.constexpr, BLOCK: tl.constexpr,
+               KV_QUANT: tl.constexpr, KV_GROUP: tl.constexpr):  # fmt: skip
     """Copy the rows that move (from a stored slot or a new token) to their slots, in place: the
-    whole block is read before a barrier, and only then written."""
+    whole block is read before a barrier, and only then written. A new token enters rounded as
+    the cache's ``kv_dtype`` gives it back (stored slots were rounded when they entered)."""
     d = tl.arange(0, D)
+    new = tl.load(NEW + src[:, None] + d[None, :], mask=from_new[:, None], other=0.0)
+    if KV_QUANT != 0:
+        new = round_rows(new.to(tl.float32), KV_QUANT, KV_GROUP, BLOCK, D)
     rows = tl.where(
         from_past[:, None],
         tl.load(PAST + src[:, None] + d[None, :], mask=from_past[:, None], other=0.0),
-        tl.load(NEW + src[:, None] + d[None, :], mask=from_new[:, None], other=0.0).to(PAST.dtype.element_ty),
+        new.to(PAST.dtype.element_ty),
     )
     tl.debug_barrier()
     tl.store(OUT + dst[:, None] + d[None, :], rows, mask=(from_past | from_new)[:, None])
@@ -123,6 +130,7 @@ def budgeted_cache_update_kernel(
     K_OUT, V_OUT, POS_OUT, SCORE_OUT, FILL_OUT,
     CAPS: tl.constexpr, H_KV: tl.constexpr, TOTAL: tl.constexpr, D: tl.constexpr,
     SINK: tl.constexpr, WINDOW: tl.constexpr, H2O: tl.constexpr, POOL: tl.constexpr, BLOCK: tl.constexpr,
+    KV_QUANT: tl.constexpr, KV_GROUP: tl.constexpr,
 ):  # fmt: skip
     h = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -195,8 +203,12 @@ def budgeted_cache_update_kernel(
         moved = keep & (slot != j)
         src = tl.where(stored, (b * TOTAL + base + j) * D, ((b * H_KV + h) * S + (j - cap)) * D)
         dst = (b * TOTAL + base + slot) * D
-        _move_rows(K_PAST, K_NEW, K_OUT, src, dst, moved & stored, moved & ~stored, D)
-        _move_rows(V_PAST, V_NEW, V_OUT, src, dst, moved & stored, moved & ~stored, D)
+        _move_rows(
+            K_PAST, K_NEW, K_OUT, src, dst, moved & stored, moved & ~stored, D, BLOCK, KV_QUANT, KV_GROUP
+        )
+        _move_rows(
+            V_PAST, V_NEW, V_OUT, src, dst, moved & stored, moved & ~stored, D, BLOCK, KV_QUANT, KV_GROUP
+        )
         tl.store(POS_OUT + b * TOTAL + base + slot, pos, mask=keep)
         tl.store(SCORE_OUT + b * TOTAL + base + slot, score, mask=keep)
         tl.debug_barrier()

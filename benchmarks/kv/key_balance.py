@@ -85,6 +85,10 @@ VARIANTS = {
         "int4", True, values=replace(kv_format.parse("int4"), group=64)
     ),
     "int4 balanced, float16 group scales": _store("int4", True, round_trip=_float16_groups),
+    "fp8 balanced, rotated": _store(replace(kv_format.parse("fp8"), rotate=True), True),
+    "fp8 balanced, rotated keys": _store(
+        replace(kv_format.parse("fp8"), rotate=True), True, values=kv_format.parse("fp8")
+    ),
 }
 
 
