@@ -31,6 +31,7 @@ KERNEL_TESTS = [
     "tests/test_fused_decode.py",
     "tests/test_fused_prefill.py",
     "tests/test_key_smoothing.py",
+    "tests/test_kv_encode.py",
     "tests/test_engine.py",
 ]
 KERNELS = {
@@ -50,6 +51,7 @@ KERNELS = {
     "prefill_layer._rms_norm_kernel",
     "prefill_layer._rope_heads_kernel",
     "prefill_layer._silu_gate_kernel",
+    "kv_encode._encode_kernel",
 }
 
 

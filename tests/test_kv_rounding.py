@@ -26,7 +26,8 @@ def _round_kernel(X, Y, ROWS: tl.constexpr, D: tl.constexpr, KV_QUANT: tl.conste
 
 def hard_rows(head_dim: int, seed: int) -> torch.Tensor:
     """64 vectors over nine decades of scale, with the cases rounding gets wrong first: zeros,
-    vectors under the smallest scale, exact halves (ties), one outlier channel, float8's top."""
+    vectors under the smallest scale, exact halves (ties), one outlier channel, float8's top,
+    negative values that round to zero."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(64, head_dim, generator=gen) * torch.logspace(-6, 3, 64)[:, None]
     x[0] = 0.0
@@ -34,6 +35,8 @@ def hard_rows(head_dim: int, seed: int) -> torch.Tensor:
     x[2] = torch.arange(head_dim) * 0.5
     x[3, 5] = 300.0
     x[4] = torch.linspace(-448.0, 448.0, head_dim)
+    x[5] = 0.0  # fp8 at scale 1: ties below the smallest step round to 0 and keep their sign
+    x[5, :4] = torch.tensor([448.0, -(2.0**-10), -(2.0**-11), -0.0])
     return x
 
 

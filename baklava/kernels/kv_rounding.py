@@ -55,13 +55,17 @@ def _rint(x):
 
 @triton.jit
 def _e4m3(x):
-    """``x`` (float32, ``|x| <= 448``) rounded to the nearest float8 e4m3 value, ties to even: a
-    step of ``2^(e - 3)`` for exponent ``e`` (three mantissa bits), ``2^-9`` below ``2^-6``."""
-    e = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    """``x`` (float32, ``|x| <= 448``) rounded to the nearest float8 e4m3 value, ties to even, as
+    PyTorch's cast: a step of ``2^(e - 3)`` for exponent ``e`` (three mantissa bits), ``2^-9``
+    below ``2^-6``; the sign kept (a negative value that rounds to zero is ``-0``)."""
+    bits = x.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 127
     e = tl.maximum(e, -6) - 3
     step = ((e + 127) << 23).to(tl.float32, bitcast=True)
     per_step = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 1 / step, exact
-    return _rint(x * per_step) * step
+    size = _rint(tl.abs(x) * per_step) * step
+    # the sign bit put back (Triton's negation is 0 - x: it would turn -0 into +0)
+    return (size.to(tl.int32, bitcast=True) | ((bits >> 31) << 31)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -78,29 +82,39 @@ def hadamard_rows(x, ROWS: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
+def quantize_rows(x, KV_QUANT: tl.constexpr):
+    """``x [ROWS, D]`` (float32) quantized a row at a time with one float16 scale (fp8: KV_QUANT
+    1, int8: 3; :func:`baklava.kv_format.quantize`): ``(q, scale)``, ``q [ROWS, D]`` the payload's
+    values as float32 (integers, or float8 e4m3 values) and ``scale [ROWS]`` the stored scale's."""
+    QMAX: tl.constexpr = 448.0 if KV_QUANT == 1 else 127.0
+    want = tl.div_rn(tl.max(tl.abs(x), 1), QMAX)
+    scale = tl.maximum(want, _TINY).to(tl.float16).to(tl.float32)
+    q = tl.div_rn(x, scale[:, None])
+    if KV_QUANT == 1:
+        q = _e4m3(tl.minimum(tl.maximum(q, -QMAX), QMAX))
+    else:
+        q = tl.minimum(tl.maximum(_rint(q), -QMAX), QMAX)
+    return q, scale
+
+
+@triton.jit
 def round_rows(x, KV_QUANT: tl.constexpr, KV_GROUP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
     """``x [ROWS, D]`` (float32) as a cache in format ``KV_QUANT`` gives each row back
     (:func:`baklava.kv_format.round_trip`); ``x`` itself for full precision."""
     if KV_QUANT == 0:
         return x
-    if KV_QUANT == 2:
-        x = hadamard_rows(x, ROWS, D)
-    QMAX: tl.constexpr = 448.0 if KV_QUANT == 1 else 7.0 if KV_QUANT == 2 else 127.0
+    if KV_QUANT != 2:
+        q, scale = quantize_rows(x, KV_QUANT)
+        return q * scale[:, None]
+    x = hadamard_rows(x, ROWS, D)
     G: tl.constexpr = D // KV_GROUP
     g = tl.reshape(x, [ROWS, G, KV_GROUP])
-    want = tl.div_rn(tl.max(tl.abs(g), 2), QMAX)  # [ROWS, G]
-    if KV_QUANT == 2 and G > 1:  # two levels: a float16 top, a byte code a group
+    want = tl.div_rn(tl.max(tl.abs(g), 2), 7.0)  # [ROWS, G]
+    if G > 1:  # two levels: a float16 top, a byte code a group
         top = tl.maximum(tl.max(want, 1), _TINY).to(tl.float16).to(tl.float32)  # [ROWS]
         code = tl.minimum(tl.maximum(_rint(tl.div_rn(want * 256.0, top[:, None])) - 1.0, 0.0), 255.0)
         scale = top[:, None] * ((code + 1.0) * (1.0 / 256.0))
-    else:  # one float16 scale a group
+    else:  # one group: its scale is top, no code
         scale = tl.maximum(want, _TINY).to(tl.float16).to(tl.float32)
-    q = tl.div_rn(g, scale[:, :, None])
-    if KV_QUANT == 1:
-        q = _e4m3(tl.minimum(tl.maximum(q, -QMAX), QMAX))
-    else:
-        q = tl.minimum(tl.maximum(_rint(q), -QMAX), QMAX)
-    y = tl.reshape(q * scale[:, :, None], [ROWS, D])
-    if KV_QUANT == 2:
-        y = hadamard_rows(y, ROWS, D)
-    return y
+    q = tl.minimum(tl.maximum(_rint(tl.div_rn(g, scale[:, :, None])), -7.0), 7.0)
+    return hadamard_rows(tl.reshape(q * scale[:, :, None], [ROWS, D]), ROWS, D)

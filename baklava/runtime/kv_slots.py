@@ -122,12 +122,23 @@ def encode(
 
     Returns ``(query, keys, values, slots)``: the query as attention must use it (scaled where the
     layer smooths its keys), what attention reads for the new tokens (the values the stored slots
-    give back) and ``{name: [B, H_kv, q, width]}`` to write into the slot tensors."""
+    give back) and ``{name: [B, H_kv, q, width]}`` to write into the slot tensors. Where the
+    layer's kernels run and it stores int8 / fp8, one Triton launch does what follows the
+    smoothing state's update (:mod:`baklava.kernels.kv_encode`, the same bits)."""
     fmt = layer.kv_format
     if not fmt.quantized:
         return query, keys, values, {"keys": keys, "values": values}
     if layer.key_mean is not None:
-        query, keys = _smoothed(layer, query, keys, real)
+        _fix_smoothing(layer, query, keys, real)
+    if layer.quantized_storage and _fused(layer, keys):
+        from baklava.kernels import kv_encode
+
+        query, slots, keys, values = kv_encode.encode(
+            query, keys, values, fmt, layer.key_mean, layer.key_scale
+        )
+        return query, keys, values, slots
+    if layer.key_mean is not None:
+        query, keys = _smoothed(layer, query, keys)
     if not layer.quantized_storage:  # the reference: round on entry, store the model's dtype
         keys, values = formats.round_trip(keys, fmt), formats.round_trip(values, fmt)
         return query, keys, values, {"keys": keys, "values": values}
@@ -142,18 +153,33 @@ def encode(
     )
 
 
-def _smoothed(layer, query: torch.Tensor, keys: torch.Tensor, real: torch.Tensor | None):
-    """``(query / s, (keys - mu) * s)``; a row whose first real tokens these are
-    (``valid_seen == 0``) takes ``mu`` and ``s`` from them, padding left out (module docstring; on
-    the device: no host sync, a CUDA graph can hold it)."""
+def _fused(layer, keys: torch.Tensor) -> bool:
+    """Whether :func:`encode` runs the one-launch kernel: a layer on its kernels, int8 / fp8."""
+    from baklava.kernels import kv_encode
+
+    return layer._use_kernels() and kv_encode.takes(layer.kv_format, keys.shape[-1])
+
+
+def _fix_smoothing(layer, query: torch.Tensor, keys: torch.Tensor, real: torch.Tensor | None) -> None:
+    """A row whose first real tokens these are (``valid_seen == 0``) takes ``mu`` and ``s`` from
+    them, padding left out (module docstring; on the device: no host sync, a CUDA graph can hold
+    it); every other row keeps its own."""
     first = (layer.valid_seen == 0)[:, None, None]  # [B, 1, 1]
-    wide = keys.float()
-    torch.where(first, _mean(wide, real), layer.key_mean, out=layer.key_mean)  # in place: one launch fewer
-    centred = wide - layer.key_mean[:, :, None]
+    if keys.shape[2] == 1 and real is None:  # a decode step: one token is its own mean (no copy)
+        mean = keys[:, :, 0]
+    else:
+        mean = _mean(keys.float(), real)
+    torch.where(first, mean, layer.key_mean, out=layer.key_mean)  # in place: one launch fewer
     if keys.shape[2] > 1 and layer.balance_keys:
+        centred = keys.float() - layer.key_mean[:, :, None]
         torch.where(first, channel_balance(query, centred, real), layer.key_scale, out=layer.key_scale)
     else:  # one token has no spread: such a row keeps s = 1 (as every row does without the balance)
         layer.key_scale.masked_fill_(first, 1.0)
+
+
+def _smoothed(layer, query: torch.Tensor, keys: torch.Tensor):
+    """``(query / s, (keys - mu) * s)`` with the layer's smoothing state (:func:`_fix_smoothing`)."""
+    centred = keys.float() - layer.key_mean[:, :, None]
     batch, q_heads, q_len, dim = query.shape
     heads = layer.num_heads
     scale = layer.key_scale[:, :, None]  # [B, H_kv, 1, D]
