@@ -16,6 +16,7 @@ from baklava.kernels.tile_tables import (
     balanced_counts,
     balanced_table,
     merge_launch,
+    merge_warps,
     tile_length,
     tiled,
 )
@@ -99,6 +100,8 @@ def test_merge_launch_reads_a_heads_partials_in_one_block():
         (347, (128, 4)),
     ):
         assert merge_launch(SplitTable(64, (), most)) == want
+    # an explicit merge block gets the same 32 tiles a warp (packed_decode_attention's default)
+    assert [merge_warps(block) for block in (8, 32, 64, 128, 256)] == [1, 1, 2, 4, 8]
 
 
 def test_split_table_follows_the_kernel_and_the_rows():

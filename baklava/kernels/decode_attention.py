@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from baklava import kv_format as formats
+from baklava.kernels import tile_tables
 from baklava.kernels.launch import dependent_launch
 from baklava.kernels.tile_tables import (  # noqa: F401  (the tables' home; imported from here too)
     SplitTable,
@@ -427,7 +428,7 @@ def packed_decode_attention(
     tile, (tile_head, tile_start, tile_first) = table[0], table[1]
     if merge_block is None:
         merge_block = merge_launch(table)[0]
-    merge_warps = merge_warps or max(1, merge_block // 32)
+    merge_warps = merge_warps or tile_tables.merge_warps(merge_block)
     n_tiles = tile_head.numel()
     f32 = dict(dtype=torch.float32, device=query.device)
     mid_o = torch.empty(batch, n_tiles, g_pad, head_dim, **f32)

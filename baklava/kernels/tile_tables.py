@@ -122,12 +122,20 @@ def balanced_table(
     return _as_table(block * max(1, longest), counts, device)
 
 
+MERGE_TILES_A_WARP = 32  # partials one warp of the merge kernel reads at a time
+
+
+def merge_warps(block: int) -> int:
+    """Warps of a merge launch reading ``block`` tiles at a time (``MERGE_TILES_A_WARP`` a warp)."""
+    return max(1, block // MERGE_TILES_A_WARP)
+
+
 def merge_launch(table) -> tuple[int, int]:
     """``(merge_block, merge_warps)`` of the merge kernel for ``table``: a query head's tiles read
     in one block of up to 128 (32 a warp), not one block after another (the mma kernel's 8
     one-warp programs an SM give a long head 40+ tiles at batch 8: 1.687x -> 1.705x bf16 on an
     H100; one sequence of 32k, bf16's Triton kernel 7% faster; BENCHMARKS.md). A plain
     ``(tile, tensors)`` pair: 32 tiles, one warp."""
-    most = getattr(table, "most", 32)
-    block = min(128, max(32, 1 << (most - 1).bit_length()))
-    return block, block // 32
+    most = getattr(table, "most", MERGE_TILES_A_WARP)
+    block = min(128, max(MERGE_TILES_A_WARP, 1 << (most - 1).bit_length()))
+    return block, merge_warps(block)
