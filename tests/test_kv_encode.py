@@ -50,11 +50,11 @@ BF16 = pytest.param(
 )
 
 
-@pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
+@pytest.mark.parametrize(("kv_dtype", "head_dim"), [("int8", 32), ("fp8", 32), ("int4", 32), ("int4", 64)])
 @pytest.mark.parametrize("smooth", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16])
-def test_the_kernel_encodes_as_the_pytorch_path_bit_for_bit(kv_dtype, smooth, dtype):
-    batch, q_heads, head_dim = 3, 8, 32
+def test_the_kernel_encodes_as_the_pytorch_path_bit_for_bit(kv_dtype, head_dim, smooth, dtype):
+    batch, q_heads = 3, 8
     gen = torch.Generator().manual_seed(11)
     reference, fused = two_layers(kv_dtype, smooth, batch, head_dim, dtype)
     real = torch.ones(batch, 20, dtype=torch.bool, device=DEVICE)
@@ -77,12 +77,14 @@ def test_the_kernel_encodes_as_the_pytorch_path_bit_for_bit(kv_dtype, smooth, dt
     assert not torch.equal(got[1], k)  # the keys came back rounded
 
 
-def test_the_kernel_is_used_only_for_int8_and_fp8_on_the_kernels():
+def test_the_kernel_is_used_for_quantized_formats_on_the_kernels():
     from baklava import kv_format
     from baklava.kernels.kv_encode import takes
 
     assert takes(kv_format.parse("int8"), 128) and takes(kv_format.parse("fp8"), 64)
-    assert not takes(kv_format.parse("int4"), 128) and not takes(kv_format.parse("int8"), 96)
+    assert takes(kv_format.parse("int4"), 128) and takes(kv_format.parse("int4"), 32)
+    assert not takes(kv_format.parse("int8"), 96) and not takes(kv_format.parse("int4"), 16)
+    assert not takes(kv_format.parse("auto"), 128)
     torch_path, kernels = two_layers("int8", True, 1, 16, torch.float32)
     keys = torch.zeros(1, 2, 1, 16, device=DEVICE)
     assert not kv_slots._fused(torch_path, keys) and kv_slots._fused(kernels, keys)

@@ -98,6 +98,27 @@ def quantize_rows(x, KV_QUANT: tl.constexpr):
 
 
 @triton.jit
+def quantize_groups(x, KV_GROUP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
+    """``x [ROWS, D]`` (float32, already rotated) quantized to int4 with a scale per ``KV_GROUP``
+    channels in two levels (:func:`baklava.kv_format.quantize`): ``(q, scale, top, code)``,
+    ``q [ROWS, D]`` the integers in [-7, 7] as float32, ``scale [ROWS, G]`` each group's,
+    ``top [ROWS]`` the float16 top and ``code [ROWS, G]`` the byte codes as float32 (``G`` = 1:
+    the scale is ``top``, no code)."""
+    G: tl.constexpr = D // KV_GROUP
+    g = tl.reshape(x, [ROWS, G, KV_GROUP])
+    want = tl.div_rn(tl.max(tl.abs(g), 2), 7.0)  # [ROWS, G]
+    top = tl.maximum(tl.max(want, 1), _TINY).to(tl.float16).to(tl.float32)  # [ROWS]
+    if G > 1:  # two levels: a float16 top, a byte code a group
+        code = tl.minimum(tl.maximum(_rint(tl.div_rn(want * 256.0, top[:, None])) - 1.0, 0.0), 255.0)
+        scale = top[:, None] * ((code + 1.0) * (1.0 / 256.0))
+    else:  # one group: its scale is top, no code
+        code = tl.zeros([ROWS, G], tl.float32)
+        scale = top[:, None] + code
+    q = tl.minimum(tl.maximum(_rint(tl.div_rn(g, scale[:, :, None])), -7.0), 7.0)
+    return tl.reshape(q, [ROWS, D]), scale, top, code
+
+
+@triton.jit
 def round_rows(x, KV_QUANT: tl.constexpr, KV_GROUP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
     """``x [ROWS, D]`` (float32) as a cache in format ``KV_QUANT`` gives each row back
     (:func:`baklava.kv_format.round_trip`); ``x`` itself for full precision."""
@@ -106,15 +127,12 @@ def round_rows(x, KV_QUANT: tl.constexpr, KV_GROUP: tl.constexpr, ROWS: tl.const
     if KV_QUANT != 2:
         q, scale = quantize_rows(x, KV_QUANT)
         return q * scale[:, None]
-    x = hadamard_rows(x, ROWS, D)
-    G: tl.constexpr = D // KV_GROUP
-    g = tl.reshape(x, [ROWS, G, KV_GROUP])
-    want = tl.div_rn(tl.max(tl.abs(g), 2), 7.0)  # [ROWS, G]
-    if G > 1:  # two levels: a float16 top, a byte code a group
-        top = tl.maximum(tl.max(want, 1), _TINY).to(tl.float16).to(tl.float32)  # [ROWS]
-        code = tl.minimum(tl.maximum(_rint(tl.div_rn(want * 256.0, top[:, None])) - 1.0, 0.0), 255.0)
-        scale = top[:, None] * ((code + 1.0) * (1.0 / 256.0))
-    else:  # one group: its scale is top, no code
-        scale = tl.maximum(want, _TINY).to(tl.float16).to(tl.float32)
-    q = tl.minimum(tl.maximum(_rint(tl.div_rn(g, scale[:, :, None])), -7.0), 7.0)
-    return hadamard_rows(tl.reshape(q * scale[:, :, None], [ROWS, D]), ROWS, D)
+    q, scale, _top, _code = quantize_groups(hadamard_rows(x, ROWS, D), KV_GROUP, ROWS, D)
+    return hadamard_rows(group_values(q, scale, KV_GROUP, ROWS, D), ROWS, D)
+
+
+@triton.jit
+def group_values(q, scale, KV_GROUP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
+    """``q [ROWS, D]`` times each channel's group ``scale [ROWS, G]`` (still rotated)."""
+    g = tl.reshape(q, [ROWS, D // KV_GROUP, KV_GROUP]) * scale[:, :, None]
+    return tl.reshape(g, [ROWS, D])

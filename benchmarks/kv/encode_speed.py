@@ -1,6 +1,6 @@
 """What a layer's quantizing encode costs on the GPU: the one-launch kernel against PyTorch's ops.
 
-:func:`baklava.runtime.kv_slots.encode` turns a step's new keys and values into int8 / fp8 slots
+:func:`baklava.runtime.kv_slots.encode` turns a step's new keys and values into quantized slots
 (smoothed keys, payload and scales, the values attention reads back, the scaled query). On the
 kernels it is one Triton launch (:mod:`baklava.kernels.kv_encode`) after the smoothing state's
 update; the PyTorch path runs some forty elementwise kernels. Both are captured in a CUDA graph
@@ -72,7 +72,7 @@ def measure(kv_dtype: str, batch: int, seq: int) -> dict:
     show_default=True,
     help="Comma list of BATCHxTOKENS (1 token: a decode step; more: a prompt's first chunk).",
 )
-@click.option("--kv-dtypes", default="int8,fp8", show_default=True)
+@click.option("--kv-dtypes", default="int8,fp8,int4", show_default=True)
 @click.option(
     "--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Also write the rows here."
 )
