@@ -165,13 +165,15 @@ def _fix_smoothing(layer, query: torch.Tensor, keys: torch.Tensor, real: torch.T
     them, padding left out (module docstring; on the device: no host sync, a CUDA graph can hold
     it); every other row keeps its own."""
     first = (layer.valid_seen == 0)[:, None, None]  # [B, 1, 1]
+    wide = None
     if keys.shape[2] == 1 and real is None:  # a decode step: one token is its own mean (no copy)
         mean = keys[:, :, 0]
     else:
-        mean = _mean(keys.float(), real)
+        wide = keys.float()
+        mean = _mean(wide, real)
     torch.where(first, mean, layer.key_mean, out=layer.key_mean)  # in place: one launch fewer
     if keys.shape[2] > 1 and layer.balance_keys:
-        centred = keys.float() - layer.key_mean[:, :, None]
+        centred = wide - layer.key_mean[:, :, None]
         torch.where(first, channel_balance(query, centred, real), layer.key_scale, out=layer.key_scale)
     else:  # one token has no spread: such a row keeps s = 1 (as every row does without the balance)
         layer.key_scale.masked_fill_(first, 1.0)
