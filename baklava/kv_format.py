@@ -68,6 +68,12 @@ class KVFormat:
         return self.bits is not None
 
     @property
+    def storage_dtype(self) -> torch.dtype:
+        """How a cache holds the payload: int8 as int8; fp8 as its bits, and int4's nibble pairs,
+        as uint8 (PyTorch's CPU gather / scatter refuse float8)."""
+        return torch.int8 if self.name == "int8" else torch.uint8
+
+    @property
     def scale_dtype(self) -> torch.dtype:
         """How the scales tensor holds its words: float16 scales, or (grouped) raw int16 words
         (the codes' bytes make no float16 worth computing with; int16 keeps them plain bits)."""

@@ -133,14 +133,13 @@ def encode(
     H_kv, D]`` (float32) smooth the keys, ``slots`` the payload and scales to store (``[B, H_kv,
     S, width]``), and the keys and values the slots give back."""
     from baklava.kernels.kv_rounding import rounding
-    from baklava.runtime.kv_slots import storage_dtype
 
     batch, heads, seq, dim = keys.shape
     assert takes(kv_format, dim), f"kv_encode takes no {kv_format.name} vectors of {dim} channels"
     for t in (query, keys, values):
         assert t.stride(-1) == 1, "last dimension must be contiguous"
     smooth = key_mean is not None
-    payload = dict(dtype=storage_dtype(kv_format), device=keys.device)
+    payload = dict(dtype=kv_format.storage_dtype, device=keys.device)
     words = dict(dtype=kv_format.scale_dtype, device=keys.device)
     width, scales = dim * kv_format.bits // 8, kv_format.scales_per_vector(dim)
     slots = {

@@ -85,10 +85,6 @@ def state_extra(layer) -> tuple[str, ...]:
     return SMOOTH if smooths(layer) else ()
 
 
-def storage_dtype(fmt: formats.KVFormat) -> torch.dtype:
-    return torch.int8 if fmt.name == "int8" else torch.uint8
-
-
 def allocate(layer, batch: int, key_dim: int, value_dim: int, dtype, device) -> None:
     """Zeroed slot tensors for ``batch`` rows of ``layer`` (``dtype``: the model's)."""
     total = layer.total
@@ -105,7 +101,7 @@ def allocate(layer, batch: int, key_dim: int, value_dim: int, dtype, device) -> 
     fmt = layer.kv_format
     fmt.check(key_dim)
     fmt.check(value_dim)
-    store = dict(dtype=storage_dtype(fmt), device=device)
+    store = dict(dtype=fmt.storage_dtype, device=device)
     half = dict(dtype=fmt.scale_dtype, device=device)
     width = lambda d: d * fmt.bits // 8  # noqa: E731
     layer.keys = torch.zeros(batch, total, width(key_dim), **store)
