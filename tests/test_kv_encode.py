@@ -88,3 +88,28 @@ def test_the_kernel_is_used_for_quantized_formats_on_the_kernels():
     torch_path, kernels = two_layers("int8", True, 1, 16, torch.float32)
     keys = torch.zeros(1, 2, 1, 16, device=DEVICE)
     assert not kv_slots._fused(torch_path, keys) and kv_slots._fused(kernels, keys)
+    assert kv_slots._fused(kernels, torch.zeros(1, 2, 9, 16, device=DEVICE))  # a chunk too
+    _, int4 = two_layers("int4", True, 1, 32, torch.float32)
+    step, chunk = torch.zeros(1, 2, 1, 32, device=DEVICE), torch.zeros(1, 2, 9, 32, device=DEVICE)
+    assert kv_slots._fused(int4, step) and not kv_slots._fused(int4, chunk)  # int4: decode steps only
+
+
+@pytest.mark.parametrize("head_dim", [32, 128])
+def test_int4_chunks_encode_as_the_format_reference(head_dim):
+    """The kernel's int4 chunk path, called directly (the runtime sends int4 chunks to PyTorch
+    until a GPU mismatch at head dim 128 is understood): payload, scale words and the values read
+    back equal :func:`baklava.kv_format.quantize` / ``dequantize``, bit for bit."""
+    from baklava import kv_format
+    from baklava.kernels import kv_encode
+
+    fmt = kv_format.parse("int4")
+    gen = torch.Generator().manual_seed(head_dim)
+    q, k, v = step(gen, 2, 40, 8, head_dim, torch.float32)
+    _, slots, k_back, v_back = kv_encode.encode(q, k, v, fmt)
+    for x, back, payload, scales in (
+        (k, k_back, "keys", "key_scales"),
+        (v, v_back, "values", "value_scales"),
+    ):
+        want_payload, want_scales = kv_format.quantize(x, fmt)
+        assert torch.equal(slots[payload], want_payload) and torch.equal(slots[scales], want_scales)
+        assert torch.equal(back, kv_format.dequantize(want_payload, want_scales, fmt, x.dtype))

@@ -290,12 +290,14 @@ MMA_STAGES = 2  # chunks in the ring (one in flight while one is computed)
 MMA_MIN_CHUNKS = 8  # the fewest chunks a program of its table reads (each adds a partial to merge)
 
 
-def mma_split(kv_format, head_dim: int, group: int, device) -> bool:
+def mma_split(kv_format, head_dim: int, group: int, device, rows: int | None = None) -> bool:
     """Whether ``kernel="auto"`` runs the mma split kernel: slots and shapes it takes
     (:func:`_mma_takes`) on a CUDA device of compute capability 8.9 or later
-    (``cvt.rn.f16x2.e4m3x2``; ``mma.sync`` needs 8.0), not under the interpreter."""
+    (``cvt.rn.f16x2.e4m3x2``; ``mma.sync`` needs 8.0), not under the interpreter, for more than
+    one sequence (``rows``): one sequence alone reads too few slots to fill the SMs, and there
+    the Triton kernel was 3-4% faster in two sessions on an H100 (BENCHMARKS.md, issue 23)."""
     device = torch.device(device)
-    if device.type != "cuda" or not _PTX or not formats.parse(kv_format).quantized:
+    if device.type != "cuda" or not _PTX or not formats.parse(kv_format).quantized or rows == 1:
         return False
     takes = _mma_takes(_quant_mode(kv_format, head_dim)[0], head_dim, group)
     return takes and torch.cuda.get_device_capability(device) >= (8, 9)
@@ -421,7 +423,7 @@ def packed_decode_attention(
             f"the mma split kernel takes int8 / fp8 slots of 16-byte rows under 2 GiB a sequence, got {kv_format!r}"
         )
     mma = kernel == "mma" or (
-        kernel == "auto" and fits and mma_split(kv_format, head_dim, group, query.device)
+        kernel == "auto" and fits and mma_split(kv_format, head_dim, group, query.device, batch)
     )
     if table is None:
         table = split_table(capacities, batch, query.device, mma)

@@ -60,8 +60,9 @@ class _LayerState:
         # The split pass's kernel sets the table (`split_table`: the mma kernel's one-warp programs
         # balanced in one wave of 8 an SM while the rows leave room; the cache update's score pass
         # reads the same table as contiguous tiles).
-        mma = kv_slots.packs(layer) and mma_split(layer.kv_format, layer.head_dim, group, dev)
-        self.table = split_table(layer.capacities, layer.tile_rows or batch, dev, mma)
+        rows = layer.tile_rows or batch
+        mma = kv_slots.packs(layer) and mma_split(layer.kv_format, layer.head_dim, group, dev, rows)
+        self.table = split_table(layer.capacities, rows, dev, mma)
         self.logits = self.lse = self.logit_new = None
         if layer.eviction.policy == "h2o":
             f32 = dict(dtype=torch.float32, device=dev)
