@@ -184,7 +184,9 @@ def quantize(x: torch.Tensor, fmt: KVFormat) -> tuple[torch.Tensor, torch.Tensor
         raise ValueError(f"{fmt.name} is not a quantized format")
     fmt.check(x.shape[-1])
     g = _grouped(hadamard(x.float()) if fmt.rotate else x.float(), fmt)  # [..., G, D/G]
-    want = g.abs().amax(-1) / fmt.qmax  # [..., G]
+    # divided by a tensor on x's device: PyTorch's CUDA kernel divides by a Python scalar as a
+    # multiply by its reciprocal, a bit off at times, where the CPU and the kernels divide
+    want = g.abs().amax(-1) / torch.full((), fmt.qmax, device=g.device)  # [..., G]
     if fmt.group is None:
         scales = want.clamp(min=_TINY).to(SCALE_DTYPE)
     else:

@@ -138,11 +138,20 @@ def _driver_launcher(plans):
     return launch
 
 
-def _plans(caps, q_heads, head_dim, ev, dtype):
+def _plans(caps, q_heads, head_dim, ev, dtype, kv_dtype="auto"):
     return (
-        aot.attention_plan(caps, q_heads, head_dim**-0.5, ev.obs_window, head_dim=head_dim, dtype=dtype),
+        aot.attention_plan(
+            caps, q_heads, head_dim**-0.5, ev.obs_window, head_dim=head_dim, dtype=dtype, kv_dtype=kv_dtype
+        ),
         aot.cache_update_plan(
-            caps, ev.sink, ev.window, ev.policy, ev.pool_kernel, head_dim=head_dim, dtype=dtype
+            caps,
+            ev.sink,
+            ev.window,
+            ev.policy,
+            ev.pool_kernel,
+            head_dim=head_dim,
+            dtype=dtype,
+            kv_dtype=kv_dtype,
         ),
     )
 
@@ -227,16 +236,8 @@ def test_kv_dtype_rounds_new_tokens_as_the_reference_store(kv_dtype, head_dim):
     differ from what full-precision plugins store."""
     caps, q_heads, batch = [5, 12], 4, 2
     ev = EvictionConfig(sink=1, window=2, obs_window=3, pool_kernel=3)
-
-    def plans(kv):
-        return (
-            aot.attention_plan(caps, q_heads, head_dim**-0.5, ev.obs_window, head_dim=head_dim, dtype="fp32", kv_dtype=kv),
-            aot.cache_update_plan(
-                caps, ev.sink, ev.window, ev.policy, ev.pool_kernel, head_dim=head_dim, dtype="fp32", kv_dtype=kv
-            ),
-        )  # fmt: skip
-
-    rounded, plain = plans(kv_dtype), plans("auto")
+    rounded = _plans(caps, q_heads, head_dim, ev, "fp32", kv_dtype)
+    plain = _plans(caps, q_heads, head_dim, ev, "fp32")
     gen = torch.Generator().manual_seed(5)
     layer = BudgetedLayer(caps, ev, kv_dtype)
     layer.quantized_storage = False  # the ops' cache is the reference store: float values on the grid

@@ -299,6 +299,12 @@ def test_engine_benchmark_counts_every_token_and_splits_its_phases(model):
     table = markdown([row, serial], meta | {"kv_memory_gib": 0.0, "gpu": "cpu", "date": "today"})
     line = next(x for x in table.splitlines() if x.startswith("| baklava engine"))
     assert f"| {row['prefill_s']} / {row['decode_s']} | {row['decode_tokens_per_s']} |" in line
+    # every decode step decoded at most the pool's 2 rows and ran over a bucket covering them
+    steps = row["decode_steps"]
+    assert steps >= decode_tokens / 2 and engine.decode_counts["rows_decoded"] == decode_tokens
+    assert 1 <= row["mean_rows_decoded"] <= row["mean_rows_run"] <= 2
+    assert row["decode_step_ms"] == pytest.approx(1e3 * engine.phase_seconds["decode"] / steps, abs=0.01)
+    assert f"| {row['mean_rows_decoded']} / {row['mean_rows_run']}, {row['decode_step_ms']} |" in line
     ratio = row["tokens_per_s"] / serial["tokens_per_s"]
     assert f"| 1.00x | {ratio:.1f}x |" in line
 

@@ -31,7 +31,7 @@ def _run():
 
 
 def test_the_ratio_averages_tasks_and_its_interval_holds_it(tmp_path):
-    cells = paired_ratios.scores_by_prompt(_run())
+    cells = paired_ratios.scores_by_prompt([_run()])
     value, low, high, n = paired_ratios.paired_interval(
         cells[("baklava", 0.3, "fp8")], cells[("baklava", 0.3, "auto")]
     )
@@ -56,3 +56,22 @@ def test_the_command_reads_partial_runs_and_names_missing_cells(tmp_path):
     assert missing.exit_code != 0 and "no cell baklava@0.2/int8" in missing.output
     bad = CliRunner().invoke(paired_ratios.main, [str(full), "baklava0.3fp8:x"])
     assert bad.exit_code != 0 and "METHOD@BUDGET/KV_DTYPE" in bad.output
+
+
+def test_runs_of_other_seeds_pool_their_prompts(tmp_path):
+    first, second = tmp_path / "seed0.jsonl", tmp_path / "seed1.jsonl"
+    first.write_text("\n".join(json.dumps(r) for r in _run()) + "\n")
+    # a second prompt set where fp8 answers what bf16 does
+    rows = [dict(r, score=float(r["index"] < 3)) if r["task"] != "ppl" else r for r in _run()]
+    second.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    run = CliRunner().invoke(
+        paired_ratios.main, [str(first), str(second), "baklava@0.3/fp8:baklava@0.3/auto"]
+    )
+    assert run.exit_code == 0, run.output
+    # task a: (0.5 + 0.75) / 2 = 0.625 against 0.75; task b: 0.75 against 0.75 -> 0.6875 / 0.75
+    assert (
+        run.output.startswith("baklava@0.3/fp8:baklava@0.3/auto: 0.9167 (95% ")
+        and "16 answers each" in run.output
+    )
+    nothing = CliRunner().invoke(paired_ratios.main, [str(tmp_path / "none.json"), "baklava@0.3/fp8:x"])
+    assert nothing.exit_code != 0 and "neither a run's file nor a pair" in nothing.output

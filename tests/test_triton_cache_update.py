@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from baklava.eviction import EvictionConfig
+from baklava.kv_format import parse
+from baklava.kv_format import round_trip as kv_round_trip
 from baklava.runtime.packed_cache import BudgetedLayer
 from tests.triton_env import DEVICE
 
@@ -107,9 +109,10 @@ def test_quantized_slots_keep_what_the_reference_keeps(kv_format, policy):
     test_decode_steps_keep_what_the_reference_keeps(policy, [3, 17, 9, 100], 3, 8, 30, [0, 7, 29], kv_format)
 
 
-def test_padding_rows_change_nothing():
+@pytest.mark.parametrize("kv_format", [None, "int8"])
+def test_padding_rows_change_nothing(kv_format):
     eviction = EvictionConfig(sink=1, window=1, policy="h2o")
-    ref, gen = _prefilled([4, 8], 2, 4, 10, eviction, seed=3)
+    ref, gen = _prefilled([4, 8], 2, 4, 10, eviction, seed=3, kv_format=kv_format)
     ref.decode_kernels, ref.vectorized_decode = "torch", False
     got = copy.deepcopy(ref)
     got.decode_kernels, got.vectorized_decode = "triton", True  # the kernels' decode step
@@ -123,6 +126,11 @@ def test_padding_rows_change_nothing():
     _assert_same_tokens(ref, got, "padding step")
     for name, saved in row1.items():
         assert torch.equal(getattr(got, name)[1], saved), name
+    # nor does the kernel read its slots (a slot pool's idle rows cost no bandwidth): the row
+    # attends to the step's token alone, so each query head gets its KV head's value back
+    v_read = kv_round_trip(v.float(), parse(kv_format)).half()  # as the step's token is attended
+    torch.testing.assert_close(out[1, 0].float(), v_read[1, [0, 0, 1, 1], 0].float(), atol=1e-3, rtol=1e-3)
+    assert not torch.allclose(want[1, 0].float(), out[1, 0].float(), atol=1e-2)  # the reference reads them
 
 
 def test_ties_drop_the_newest_token():

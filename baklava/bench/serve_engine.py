@@ -147,8 +147,21 @@ def _engine_row(engine, name, start, ids, tally, rows_busy, setup_s, allocator, 
         prefill_tokens=engine.prefill_tokens,
         # tokens sampled by decode steps per decode second
         decode_tokens_per_s=round(decode_tokens / max(engine.phase_seconds["decode"], 1e-9), 1),
+        **_decode_steps(engine),
         cuda_allocator=counts_since(allocator, allocator_counts(engine.pool.device)),  # driver trips
         **extra,
+    )
+
+
+def _decode_steps(engine: Engine) -> dict:
+    """The decode steps' account: how many, the rows each decoded and ran over on average (its
+    bucket, free and prefilling rows included), and the milliseconds one took."""
+    counts, steps = engine.decode_counts, max(engine.decode_counts["steps"], 1)
+    return dict(
+        decode_steps=counts["steps"],
+        mean_rows_decoded=round(counts["rows_decoded"] / steps, 1),
+        mean_rows_run=round(counts["rows_run"] / steps, 1),
+        decode_step_ms=round(1e3 * engine.phase_seconds["decode"] / steps, 2),
     )
 
 
@@ -328,19 +341,24 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"{meta['new_tokens']} new), KV memory {meta['kv_memory_gib']} GiB, {meta['gpu']}, {meta['date']}",
         "",
         "| system | rows | tokens/s | vs 1.0 | vs 1-at-a-time | req/s | TTFT p50 / p99 s | ITL p50 / p99 ms "
-        "| prefill / decode s | decode tokens/s | peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| prefill / decode s | decode tokens/s | a decode step: rows decoded / run, ms | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         base = base_of(r) if "budget" in r else None
         vs_base = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
         vs_serial = f"{r['tokens_per_s'] / serial['tokens_per_s']:.1f}x" if serial else ""
         phases = f"{r['prefill_s']} / {r['decode_s']}" if "prefill_s" in r else ""
+        steps = (
+            f"{r['mean_rows_decoded']} / {r['mean_rows_run']}, {r['decode_step_ms']}"
+            if "decode_steps" in r
+            else ""
+        )
         lines.append(
             f"| {r['system']} | {r.get('rows', '')} | {r['tokens_per_s']} | {vs_base} | {vs_serial} | "
             f"{r['requests_per_s']} | {r['ttft_p50_s']} / {r['ttft_p99_s']} | "
             f"{r['itl_p50_ms']} / {r['itl_p99_ms']} | {phases} | {r.get('decode_tokens_per_s', '')} | "
-            f"{r['peak_gpu_gib']} |"
+            f"{steps} | {r['peak_gpu_gib']} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -121,10 +121,7 @@ class Engine:
         self._by_id: dict[str, _Request] = {}
         self._cancelled: set[str] = set()
         self._ids = itertools.count()
-        # host seconds spent in each phase of step() (each phase ends on a host sync: the prefill
-        # reads its logits, the decode its sampled tokens), for the benchmark's breakdown
-        self.phase_seconds = {"prefill": 0.0, "decode": 0.0}
-        self.prefill_tokens = 0  # prompt (and context) tokens prefilled, beside the seconds
+        self.reset_counters()
 
     @classmethod
     def from_capacities(
@@ -320,6 +317,12 @@ class Engine:
         mask[rows] = True
         self.pool.step_rows.copy_(mask, non_blocking=True)
         logits = self.step_fn(n, fed)  # [n, V]
+        counts = self.decode_counts
+        counts["steps"], counts["rows_decoded"], counts["rows_run"] = (
+            counts["steps"] + 1,
+            counts["rows_decoded"] + len(decoding),
+            counts["rows_run"] + n,
+        )
         greedy = logits.argmax(-1).tolist()  # every row's (idle rows' too: one small sync)
         for r in decoding:
             token = (
@@ -390,8 +393,16 @@ class Engine:
         sizes = sorted({min(n + extra, longest) for n in lengths for extra in (0, 1)})
         prompts = [[1 + (7 * i) % (vocab - 1) for i in range(n)] for n in sizes if n > 0]
         self.generate(prompts, SamplingParams(max_tokens=2, ignore_eos=True))
-        self.phase_seconds = dict.fromkeys(self.phase_seconds, 0.0)
-        self.prefill_tokens = 0
+        self.reset_counters()
+
+    def reset_counters(self) -> None:
+        """Zero the account the benchmarks read (the warm-up's steps are not the workload's)."""
+        # host seconds spent in each phase of step() (each phase ends on a host sync: the prefill
+        # reads its logits, the decode its sampled tokens)
+        self.phase_seconds = {"prefill": 0.0, "decode": 0.0}
+        self.prefill_tokens = 0  # prompt (and context) tokens prefilled, beside the seconds
+        # decode steps, the rows they decoded and the rows they ran over (their buckets' sizes)
+        self.decode_counts = {"steps": 0, "rows_decoded": 0, "rows_run": 0}
 
     def generate(
         self, prompts: list, params: SamplingParams | None = None, *, context=None

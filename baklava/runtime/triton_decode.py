@@ -110,13 +110,22 @@ class UpdateStream:
             self.forked = False
 
 
+def attended_fill(fill: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``fill [B, H_kv]`` with the rows the step does not write (``valid [B]`` False) emptied: the
+    attention kernels read no slot of them. A slot pool's free rows and rows still prefilling then
+    cost a step no bandwidth, so a step's time follows the rows it decodes, not the pool's rows."""
+    return fill * valid[:, None]  # int32: bool / int8 promote to the fill's dtype
+
+
 def decode_step(layer, query, k_new, v_new, slots, valid, scaling: float) -> torch.Tensor:
     """Attend and commit one token per row with the kernels; returns ``[B, H_q, 1, D]``.
 
     Same arguments as :func:`baklava.runtime.packed_decode.decode_step` (the layer's
     ``valid_seen`` is advanced here too). Quantized slots are read as payload + scales and the
     step's token is written as ``slots`` holds it (quantized once, by ``BudgetedLayer.update``).
-    The output of a padding row (``valid`` False) is unspecified; its cache row is left unchanged. With ``layer.update_stream`` set, the commit
+    A row with ``valid`` False (padding, or a pool row the step does not decode) attends to
+    the step's token alone, reading none of its slots (:func:`attended_fill`); its cache row is
+    left unchanged. With ``layer.update_stream`` set, the commit
     runs on that stream and is only queued when this returns.
     """
     from baklava.kernels.cache_update import packed_cache_update
@@ -130,7 +139,7 @@ def decode_step(layer, query, k_new, v_new, slots, valid, scaling: float) -> tor
     q, kn, vn = query[:, :, 0], k_new[:, :, 0], v_new[:, :, 0]  # [B, H, D], last dim contiguous
     keys, values, kv_format = kv_slots.kernel_operands(layer)
     out = packed_decode_attention(
-        q, kn, vn, keys, values, layer.fill, state.offsets, layer.capacities, scaling,
+        q, kn, vn, keys, values, attended_fill(layer.fill, valid), state.offsets, layer.capacities, scaling,
         table=state.table, logits=state.logits, lse=state.lse, logit_new=state.logit_new,
         kv_format=kv_format, key_scales=layer.key_scales, value_scales=layer.value_scales,
     )  # fmt: skip

@@ -9,6 +9,9 @@ of a run stopped early: only prompts both cells answered count)::
 
     python benchmarks/quality/paired_ratios.py RUN/quality.json baklava@0.3/fp8:baklava@0.3/auto \\
         baklava@0.2/int8:full@1.0/auto
+
+Several runs of the same settings with different ``--seed`` s (so different prompts) pool their
+prompts: give every run's file before the pairs.
 """
 
 from __future__ import annotations
@@ -39,14 +42,16 @@ def parse_cell(text: str) -> tuple[str, float, str]:
         raise click.BadParameter(f"{text!r} is not METHOD@BUDGET/KV_DTYPE, e.g. baklava@0.3/fp8") from None
 
 
-def scores_by_prompt(rows: list[dict]) -> dict[tuple, dict[tuple[str, int], float]]:
-    """``{cell: {(task, prompt index): score}}`` over the answered tasks (perplexity apart)."""
+def scores_by_prompt(runs: list[list[dict]]) -> dict[tuple, dict[tuple[str, tuple[int, int]], float]]:
+    """``{cell: {(task, (run, prompt index)): score}}`` over the answered tasks (perplexity apart)
+    of one or more runs' rows."""
     cells: dict[tuple, dict] = {}
-    for r in rows:
-        if r["task"] != "ppl":
-            cells.setdefault((r["method"], float(r["budget"]), r["kv_dtype"]), {})[
-                (r["task"], r["index"])
-            ] = r["score"]
+    for run, rows in enumerate(runs):
+        for r in rows:
+            if r["task"] != "ppl":
+                cells.setdefault((r["method"], float(r["budget"]), r["kv_dtype"]), {})[
+                    (r["task"], (run, r["index"]))
+                ] = r["score"]
     return cells
 
 
@@ -81,12 +86,20 @@ def paired_interval(
 
 
 @click.command()
-@click.argument("run", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("pairs", nargs=-1, required=True)
+@click.argument("args", nargs=-1, required=True, metavar="RUN... PAIR...")
 @click.option("--resamples", default=2000, show_default=True, type=click.IntRange(100))
-def main(run: Path, pairs: tuple[str, ...], resamples: int) -> None:
-    """Print each ratio A:B of RUN's cells with its 95% paired bootstrap interval."""
-    cells = scores_by_prompt(load_rows(run))
+def main(args: tuple[str, ...], resamples: int) -> None:
+    """Print each ratio A:B (PAIR, cells ``METHOD@BUDGET/KV_DTYPE``) of the RUN files' cells, their
+    prompts pooled, with its 95% paired bootstrap interval."""
+    runs = [Path(a) for a in args if Path(a).is_file()]
+    pairs = [a for a in args if not Path(a).is_file()]
+    for arg in pairs:
+        if ":" not in arg:
+            raise click.BadParameter(f"{arg!r} is neither a run's file nor a pair CELL:CELL")
+    if not runs or not pairs:
+        raise click.UsageError("give one or more RUN files, then one or more pairs CELL:CELL")
+    run = " + ".join(map(str, runs))
+    cells = scores_by_prompt([load_rows(path) for path in runs])
     for pair in pairs:
         if pair.count(":") != 1:
             raise click.BadParameter(f"{pair!r} is not CELL:CELL")
