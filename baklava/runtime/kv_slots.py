@@ -151,14 +151,11 @@ def encode(
 
 def _fused(layer, keys: torch.Tensor) -> bool:
     """Whether :func:`encode` runs the one-launch kernel: a layer on its kernels, a format it
-    takes. int4 only for a decode step's one token: on an H100 its 4k-token chunks at head dim
-    128 came back with some bits unlike the PyTorch path's (equal in the interpreter and at head
-    dims 32 / 64 on the GPU; BENCHMARKS.md), so chunks keep the reference until that is found."""
+    takes (decode steps and prompt chunks alike: int4 chunks too since the reference divides by a
+    device tensor, ``kv_format.quantize``; bit for bit on an H100, BENCHMARKS.md)."""
     from baklava.kernels import kv_encode
 
-    if not (layer._use_kernels() and kv_encode.takes(layer.kv_format, keys.shape[-1])):
-        return False
-    return layer.kv_format.bits != 4 or keys.shape[2] == 1
+    return layer._use_kernels() and kv_encode.takes(layer.kv_format, keys.shape[-1])
 
 
 def _fix_smoothing(layer, query: torch.Tensor, keys: torch.Tensor, real: torch.Tensor | None) -> None:
