@@ -317,12 +317,9 @@ class Engine:
         mask[rows] = True
         self.pool.step_rows.copy_(mask, non_blocking=True)
         logits = self.step_fn(n, fed)  # [n, V]
-        counts = self.decode_counts
-        counts["steps"], counts["rows_decoded"], counts["rows_run"] = (
-            counts["steps"] + 1,
-            counts["rows_decoded"] + len(decoding),
-            counts["rows_run"] + n,
-        )
+        self.decode_counts["steps"] += 1
+        self.decode_counts["rows_decoded"] += len(decoding)
+        self.decode_counts["rows_run"] += n
         greedy = logits.argmax(-1).tolist()  # every row's (idle rows' too: one small sync)
         for r in decoding:
             token = (

@@ -13,9 +13,9 @@ of the pool's, so they write the pool in place)::
 A decode step runs over the first ``n`` rows (a CUDA-graph bucket) but writes only the rows whose
 ``step_rows`` entry is set: free rows and rows still prefilling are left unchanged (the decode
 kernels' ``valid`` flag, the same one that skips left padding), and the kernels read none of their
-slots (``triton_decode.attended_fill``), so a step's attention costs the rows it decodes. The decode kernels tile
-every view as they tile the whole pool (``tile_rows``) and share one set of scratch buffers, so a
-row's attention is summed in the same order whichever rows run beside it.
+slots (``triton_decode.attended_fill``), so a step's attention costs the rows it decodes. The
+decode kernels tile every view as they tile the whole pool (``tile_rows``) and share one set of
+scratch buffers, so a row's attention is summed in the same order whichever rows run beside it.
 """
 
 from __future__ import annotations

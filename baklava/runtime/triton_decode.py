@@ -125,8 +125,8 @@ def decode_step(layer, query, k_new, v_new, slots, valid, scaling: float) -> tor
     step's token is written as ``slots`` holds it (quantized once, by ``BudgetedLayer.update``).
     A row with ``valid`` False (padding, or a pool row the step does not decode) attends to
     the step's token alone, reading none of its slots (:func:`attended_fill`); its cache row is
-    left unchanged. With ``layer.update_stream`` set, the commit
-    runs on that stream and is only queued when this returns.
+    left unchanged. With ``layer.update_stream`` set, the commit runs on that stream and is only
+    queued when this returns.
     """
     from baklava.kernels.cache_update import packed_cache_update
     from baklava.kernels.decode_attention import packed_decode_attention
