@@ -185,6 +185,58 @@ def test_row_views_share_the_pools_head_tables():
         )
 
 
+def test_swapping_rows_exchanges_every_state_tensor_bit_for_bit():
+    pool = SlotPool(
+        CAPS, EVICTION, 5, head_dim=32, q_heads=4, dtype=torch.float32, device="cpu", kv_format="int8"
+    )
+    g = torch.Generator().manual_seed(0)
+    for layer in pool.cache.layers:
+        for name in layer.state_names:
+            t = getattr(layer, name)
+            t.copy_(torch.randint(-100, 100, t.shape, generator=g).to(t.dtype))
+    pool.step_rows.copy_(torch.tensor([True, False, True, False, False]))
+    before = {
+        (i, n): getattr(layer, n).clone()
+        for i, layer in enumerate(pool.cache.layers)
+        for n in layer.state_names
+    }
+    assert len(before) == 2 * 10  # int8 payload and scales, META, the smoothing state
+    pool.swap_rows([4, 0], [1, 3])
+    order = [3, 4, 2, 0, 1]  # row r now holds what row order[r] held
+    for (i, name), old in before.items():
+        assert torch.equal(getattr(pool.cache.layers[i], name), old[order]), name
+    assert pool.step_rows.tolist() == [False, False, True, True, False]
+    with pytest.raises(ValueError, match="distinct rows"):
+        pool.swap_rows([1, 2], [2, 3])
+
+
+def test_decoding_rows_move_down_so_a_step_runs_the_smallest_bucket(model):
+    """Requests end at scattered rows and new ones take the lowest free rows, so decoding rows
+    scatter as the pool drains; the engine moves them down (prefilling rows move up in exchange,
+    mid-prompt) and every request still gets the tokens it gets alone."""
+    engine = _engine(model, 4, max_prefill_tokens=16)
+    moved_mid_prompt = []
+    real = engine.pool.moved_view
+    engine.pool.moved_view = lambda view, row: moved_mid_prompt.append(row) or real(view, row)
+    prompts = _prompts((5, 70, 17, 60, 3, 33, 90, 120, 7, 9, 11))
+    params = [SamplingParams(max_tokens=n, ignore_eos=True) for n in (3, 20, 5, 30, 2, 9, 14, 6, 25, 4, 8)]
+    ids = [engine.submit(p, sp) for p, sp in zip(prompts, params, strict=True)]
+    got = {rid: [] for rid in ids}
+    while engine.has_work():
+        for event in engine.step():
+            got[event.request_id] += event.token_ids
+    counts = engine.decode_counts
+    assert counts["compactions"] >= 3 and counts["rows_moved"] >= counts["compactions"] and moved_mid_prompt
+    assert counts["rows_decoded"] == sum(sp.max_tokens for sp in params) - len(
+        params
+    )  # first tokens: prefill
+    assert counts["rows_run"] < 1.2 * counts["rows_decoded"]
+    alone = _engine(model, 4)
+    for rid, prompt, sp in zip(ids, prompts, params, strict=True):
+        assert got[rid] == alone.generate([prompt], sp)[0]
+    assert sorted(engine._free) == [0, 1, 2, 3] and engine.running == 0
+
+
 def test_buckets_cover_every_row_count():
     assert buckets(1) == [1]
     assert buckets(6) == [1, 2, 4, 6]
@@ -276,6 +328,36 @@ def test_engine_on_the_gpu_matches_itself_alone_with_graphs_and_kernels(kv_dtype
     assert together == alone
     eager = _engine(model, 6, cuda_graphs=False, kv_format=kv_dtype).generate(prompts, params)
     assert eager == alone
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the interpreter's launches (the GPU test above: tokens)"
+)
+def test_a_step_over_some_rows_runs_the_split_kernel_chosen_for_the_whole_pool(monkeypatch):
+    """The decode split kernel is chosen once for a pool's rows: a step over one row runs what a
+    step over all of them runs, so a row's attention is summed the same way alone as beside
+    others. (A one-row step once took the Triton kernel and a wider one the mma kernel: int8 /
+    fp8 requests on a GPU left their tokens alone after 13-20 steps.) The interpreter runs no mma
+    kernel: ``mma_split`` says yes for every pool wider than a row, and the launch is recorded
+    and then run with the Triton kernel."""
+    from baklava.kernels import decode_attention
+
+    launched, real = [], decode_attention.packed_decode_attention
+
+    def recorded(*args, kernel="auto", **kwargs):
+        launched.append((args[0].shape[0], kernel))
+        return real(*args, kernel="triton", **kwargs)
+
+    monkeypatch.setattr(decode_attention, "mma_split", lambda fmt, d, g, dev, rows=None: rows != 1)
+    monkeypatch.setattr(decode_attention, "packed_decode_attention", recorded)
+    monkeypatch.setattr(BudgetedLayer, "decode_kernels", "triton")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config(hidden_size=128)).eval()  # head_dim 32: one the mma kernel takes
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    for rows, kernel in ((4, "mma"), (1, "triton")):
+        launched.clear()
+        _engine(model, rows, kv_format="int8").generate(_prompts((5,)), params)
+        assert launched and set(launched) == {(1, kernel)}  # one row a step, the pool's kernel
 
 
 def test_engine_benchmark_counts_every_token_and_splits_its_phases(model):

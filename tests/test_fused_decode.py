@@ -43,12 +43,23 @@ def _llama_tiny():
     return LlamaForCausalLM(tiny_config(intermediate_size=160)).eval()
 
 
+@pytest.mark.parametrize("gemv_rows", [64, 1], ids=["gemv", "cublas-above-gemv-rows"])
 @pytest.mark.parametrize("make", [_llama_tiny, _qwen2_tiny], ids=["llama", "qwen2-bias"])
-def test_fused_steps_match_the_original_forward(make):
+def test_fused_steps_match_the_original_forward(make, gemv_rows, monkeypatch):
     """Prefill (original forward for both: the fused chunk forward has its own tests in
     test_fused_prefill.py, and its rounding may flip near-tied evictions on the GPU), then decode
     steps through an evicting budgeted cache: logits of every step and the cache's kept slots
-    agree with the unfused model."""
+    agree with the unfused model. Two rows a step: the Triton matmuls, or (``GEMV_ROWS`` below
+    two) the chunk forward's cuBLAS ones that an engine's large buckets take."""
+    from baklava.runtime import fused_decode, fused_prefill
+
+    chunk_steps, chunk_forward = [], fused_prefill.forward
+    monkeypatch.setattr(fused_decode, "GEMV_ROWS", gemv_rows)
+    monkeypatch.setattr(
+        fused_prefill,
+        "forward",
+        lambda layer, *a, **k: chunk_steps.append(a[2].shape) or chunk_forward(layer, *a, **k),
+    )
     ref = make().to(DEVICE, DTYPE)
     fused = copy.deepcopy(ref)
     for m in (ref, fused):
@@ -76,6 +87,8 @@ def test_fused_steps_match_the_original_forward(make):
     for la, lb in zip(caches[0].layers, caches[1].layers, strict=True):
         assert torch.equal(la.positions, lb.positions) and torch.equal(la.fill, lb.fill)
         torch.testing.assert_close(lb.keys, la.keys, **TOL)
+    layers = len(fused.model.layers)
+    assert chunk_steps == ([] if gemv_rows >= 2 else [(2, 1, 64)] * 6 * layers)
 
 
 def _eager_norm(x, w, eps):

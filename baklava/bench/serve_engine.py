@@ -155,13 +155,16 @@ def _engine_row(engine, name, start, ids, tally, rows_busy, setup_s, allocator, 
 
 def _decode_steps(engine: Engine) -> dict:
     """The decode steps' account: how many, the rows each decoded and ran over on average (its
-    bucket, free and prefilling rows included), and the milliseconds one took."""
+    bucket, free and prefilling rows included), the milliseconds one took, and the compactions
+    that moved decoding rows down (and how many rows they moved)."""
     counts, steps = engine.decode_counts, max(engine.decode_counts["steps"], 1)
     return dict(
         decode_steps=counts["steps"],
         mean_rows_decoded=round(counts["rows_decoded"] / steps, 1),
         mean_rows_run=round(counts["rows_run"] / steps, 1),
         decode_step_ms=round(1e3 * engine.phase_seconds["decode"] / steps, 2),
+        compactions=counts["compactions"],
+        rows_moved=counts["rows_moved"],
     )
 
 

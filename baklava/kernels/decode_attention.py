@@ -303,6 +303,18 @@ def mma_split(kv_format, head_dim: int, group: int, device, rows: int | None = N
     return takes and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+def split_kernel(
+    kv_format, head_dim: int, group: int, keys: torch.Tensor, values: torch.Tensor, rows: int
+) -> str:
+    """What ``kernel="auto"`` runs over ``keys`` / ``values``, chosen for ``rows`` sequences:
+    ``"mma"`` where :func:`mma_split` says so and the slots are laid out as the kernel copies them
+    (a view may not be), else ``"triton"``. An engine's slot pool chooses once for its whole pool
+    (``rows``: its rows) and every step over some of its rows runs that choice, so a row's
+    attention is summed the same way alone as beside others."""
+    fits = _mma_takes(_quant_mode(kv_format, head_dim)[0], head_dim, group) and _mma_copies(keys, values)
+    return "mma" if fits and mma_split(kv_format, head_dim, group, keys.device, rows) else "triton"
+
+
 def _mma_takes(quant: int, head_dim: int, group: int) -> bool:
     """int8 / fp8 slots, power-of-two head dims 32-128 (256 spills: its accumulator alone takes
     128 registers), at most 16 query heads a KV head (one ``mma.sync`` row block)."""
@@ -417,14 +429,13 @@ def packed_decode_attention(
     quant, scale_group, rotated = _quant_mode(kv_format, head_dim)
     if kernel not in ("auto", "mma", "triton"):
         raise ValueError(f"kernel must be 'auto', 'mma' or 'triton', got {kernel!r}")
-    fits = _mma_takes(quant, head_dim, group) and _mma_copies(keys, values)  # a view may not be
-    if kernel == "mma" and not fits:
+    if kernel == "mma" and not (_mma_takes(quant, head_dim, group) and _mma_copies(keys, values)):
         raise ValueError(
             f"the mma split kernel takes int8 / fp8 slots of 16-byte rows under 2 GiB a sequence, got {kv_format!r}"
         )
-    mma = kernel == "mma" or (
-        kernel == "auto" and fits and mma_split(kv_format, head_dim, group, query.device, batch)
-    )
+    if kernel == "auto":
+        kernel = split_kernel(kv_format, head_dim, group, keys, values, batch)
+    mma = kernel == "mma"
     if table is None:
         table = split_table(capacities, batch, query.device, mma)
     tile, (tile_head, tile_start, tile_first) = table[0], table[1]

@@ -43,8 +43,8 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SS_PAD: tl.constexpr,
     NORM: tl.constexpr, EPI: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_m = tl.program_id(0)  # row blocks first: programs launched together share a weight tile
+    pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -134,8 +134,8 @@ def _launch(x, weight, y, *, epi, bias=None, norm=None, residual=None) -> torch.
         n_ss = ss_in.shape[0]
     else:
         norm_weight, ss_in, eps, n_ss = weight, weight, 0.0, 1
-    grid = (triton.cdiv(cols, block_n), triton.cdiv(rows, block_m))
-    ss_out = torch.empty(grid[0], rows, dtype=torch.float32, device=x.device) if epi == RESIDUAL else None
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(cols, block_n))
+    ss_out = torch.empty(grid[1], rows, dtype=torch.float32, device=x.device) if epi == RESIDUAL else None
     pdl = dependent_launch(x.device)
     _gemv_kernel[grid](
         x, weight, bias if bias is not None else weight, norm_weight, ss_in,

@@ -309,8 +309,10 @@ class Engine:
             return
         # host work here is paid by every row of every step (at 140 rows, 1 us a row is 1% of a
         # 14 ms step): one tensor per step, no per-row tensor indexing
+        n = self.step_fn.bucket(len(decoding))
+        if max(r.row for r in decoding) >= n:
+            self._compact(decoding, n)
         rows = torch.tensor([r.row for r in decoding])
-        n = self.step_fn.bucket(int(rows.max()) + 1)
         fed = torch.zeros(n, dtype=torch.long)
         fed[rows] = torch.tensor([r.output[-1] for r in decoding])
         mask = torch.zeros(self.pool.rows, dtype=torch.bool)
@@ -328,6 +330,35 @@ class Engine:
                 else next_token(logits[r.row].float().cpu(), r.params, r.generator)
             )
             self._emit(r, token, events)
+
+    def _compact(self, decoding: list[_Request], n: int) -> None:
+        """Move the decoding rows at ``n`` or above into rows below ``n`` that do not decode (free,
+        or prefilling: those move up in exchange), so the step runs the smallest bucket holding
+        its rows. Rows are freed wherever requests end, and new requests take the lowest free
+        rows, so decoding rows scatter over the pool as it drains: without this, a served run
+        at 466 rows ran 449 rows a step for 243 decoded. One exchange of every state tensor of
+        every layer, a few times a run (BENCHMARKS.md); a row's tokens do not change (the kernels
+        tile every row alike)."""
+        movers = sorted((r for r in decoding if r.row >= n), key=lambda r: r.row)
+        busy = {r.row for r in decoding}
+        targets = [row for row in range(n) if row not in busy][: len(movers)]
+        sources = [r.row for r in movers]
+        self.pool.swap_rows(sources, targets)
+        free = set(self._free)
+        for req, row in zip(movers, targets, strict=True):
+            other = self._active.pop(row, None)  # a prefilling request, or None: a free row
+            old = req.row
+            self._active[row], req.row = req, row
+            if other is None:
+                free.discard(row)
+                free.add(old)
+                del self._active[old]
+            else:
+                self._active[old], other.row = other, old
+                other.view = self.pool.moved_view(other.view, old)
+        self._free = sorted(free)  # a sorted list is a heap
+        self.decode_counts["compactions"] += 1
+        self.decode_counts["rows_moved"] += len(movers)
 
     def _emit(self, req: _Request, token: int, events: list[Event]) -> None:
         """Record a sampled token: an event with its text piece, and the end of the request if due."""
@@ -398,8 +429,9 @@ class Engine:
         # reads its logits, the decode its sampled tokens)
         self.phase_seconds = {"prefill": 0.0, "decode": 0.0}
         self.prefill_tokens = 0  # prompt (and context) tokens prefilled, beside the seconds
-        # decode steps, the rows they decoded and the rows they ran over (their buckets' sizes)
-        self.decode_counts = {"steps": 0, "rows_decoded": 0, "rows_run": 0}
+        # decode steps, the rows they decoded and the rows they ran over (their buckets' sizes);
+        # the compactions before them and the decoding rows those moved (_compact)
+        self.decode_counts = {"steps": 0, "rows_decoded": 0, "rows_run": 0, "compactions": 0, "rows_moved": 0}
 
     def generate(
         self, prompts: list, params: SamplingParams | None = None, *, context=None

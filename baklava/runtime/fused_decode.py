@@ -16,8 +16,9 @@ loads it. A layer hands its partials to the next through the model's :class:`_Ch
 layer (or one whose input came from elsewhere) sums its input's squares in one small launch.
 
 The concatenated weights are the storage of the original ones (the projections' weights become
-views into them), so no weight memory is added. Steps of more than one token (prefill chunks)
-take the fused chunk forward of :mod:`baklava.runtime.fused_prefill` on the same weights;
+views into them), so no weight memory is added. Steps of more than one token (prefill chunks),
+and one-token steps of more than :data:`GEMV_ROWS` rows (an engine's large buckets), take the
+fused chunk forward of :mod:`baklava.runtime.fused_prefill` on the same weights;
 steps on devices the kernels do not run on take the original forward. Each
 kernel rounds where transformers' eager code rounds (RMSNorm normalises in float32, casts, then
 scales by its weight; RoPE rounds each product; a projection rounds before its residual add), so
@@ -56,6 +57,14 @@ def _concat_into_views(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
             m.bias = torch.nn.Parameter(bias[row : row + rows], requires_grad=False)
         row += rows
     return weight, bias
+
+
+# Rows up to which a one-token step's projections are decode_gemv's Triton kernels; a larger batch
+# takes the chunk forward's (cuBLAS matmuls, three elementwise kernels). decode_gemv streams the
+# weight once per 64-row block, so past a few blocks the matmul is compute-bound work the Triton
+# tiles do at a fraction of cuBLAS's rate: on an H100 at 466 rows of Llama-3-8B the kernels took
+# 45 of a 67 ms step (BENCHMARKS.md, "A decode step over hundreds of rows").
+GEMV_ROWS = 64
 
 
 def supported(model) -> str | None:
@@ -150,7 +159,7 @@ def _fused_forward(self, hidden_states, *args, **kwargs):
         or interface is None
     ):
         return fused.original(hidden_states, *args, **kwargs)
-    if not one_token:
+    if not one_token or hidden_states.shape[0] > GEMV_ROWS:
         return fused_prefill.forward(self, fused, interface, hidden_states, **kwargs)
     return _decode_forward(self, fused, interface, hidden_states, kwargs)
 

@@ -182,6 +182,33 @@ class SlotPool:
             for name in mine.state_names:
                 getattr(mine, name)[row].copy_(getattr(theirs, name)[0])
 
+    def swap_rows(self, a: Sequence[int], b: Sequence[int]) -> None:
+        """Rows ``a[i]`` and ``b[i]`` exchange everything they hold (slots, positions, scores,
+        fills, smoothing state, ``step_rows``), bit for bit: two launches a state tensor, however
+        many rows move (the engine's compaction, :meth:`Engine._compact`). Views of a moved row
+        keep pointing at the old row: build the moved request's view again (:meth:`moved_view`)."""
+        if len(a) != len(b) or len(set(a) | set(b)) != 2 * len(a):
+            raise ValueError(f"swap_rows takes two lists of distinct rows, got {a} and {b}")
+        for row in (*a, *b):
+            self._check(row)
+        if not a:
+            return
+        dst = torch.tensor([*a, *b], device=self.device)
+        src = torch.tensor([*b, *a], device=self.device)
+        for layer in self.cache.layers:
+            for name in layer.state_names:
+                t = getattr(layer, name)
+                t.index_copy_(0, dst, t.index_select(0, src))
+        self.step_rows.index_copy_(0, dst, self.step_rows.index_select(0, src))
+
+    def moved_view(self, view: BudgetedCache, row: int) -> BudgetedCache:
+        """:meth:`row_view` of ``row`` for a request whose row moved there mid-prefill: the tokens
+        its layers have seen carry over."""
+        moved = self.row_view(row)
+        for new, old in zip(moved.layers, view.layers, strict=True):
+            new.seen = old.seen
+        return moved
+
     def row_view(self, row: int) -> BudgetedCache:
         """A batch-1 cache writing row ``row`` in place (for a request's prefill chunks)."""
         self._check(row)

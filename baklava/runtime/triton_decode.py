@@ -47,7 +47,7 @@ class _LayerState:
     tile table, and the H2O scratch buffers (allocated once, so CUDA-graph replays reuse them)."""
 
     def __init__(self, layer, group: int):
-        from baklava.kernels.decode_attention import mma_split, split_table
+        from baklava.kernels.decode_attention import split_kernel, split_table
         from baklava.runtime import kv_slots
 
         dev, batch = layer.device, layer.batch_size
@@ -55,14 +55,18 @@ class _LayerState:
         self.key = (batch, group)
         self.capacities = torch.tensor(layer.capacities, **i32)
         self.offsets = torch.tensor(layer.offsets, **i32)
-        # A slot pool's views tile as the whole pool does (`tile_rows`), so a row's attention is
-        # summed in the same order whichever rows run beside it.
+        # A slot pool's views tile as the whole pool does (`tile_rows`) and run the kernel chosen
+        # for it, so a row's attention is summed in the same order whichever rows run beside it
+        # (a step over one row of a pool once ran the Triton kernel, over more the mma one).
         # The split pass's kernel sets the table (`split_table`: the mma kernel's one-warp programs
         # balanced in one wave of 8 an SM while the rows leave room; the cache update's score pass
         # reads the same table as contiguous tiles).
         rows = layer.tile_rows or batch
-        mma = kv_slots.packs(layer) and mma_split(layer.kv_format, layer.head_dim, group, dev, rows)
-        self.table = split_table(layer.capacities, rows, dev, mma)
+        self.kernel = "triton"
+        if kv_slots.packs(layer):
+            keys, values, fmt = kv_slots.kernel_operands(layer)
+            self.kernel = split_kernel(fmt, layer.head_dim, group, keys, values, rows)
+        self.table = split_table(layer.capacities, rows, dev, self.kernel == "mma")
         self.logits = self.lse = self.logit_new = None
         if layer.eviction.policy == "h2o":
             f32 = dict(dtype=torch.float32, device=dev)
@@ -141,7 +145,7 @@ def decode_step(layer, query, k_new, v_new, slots, valid, scaling: float) -> tor
     out = packed_decode_attention(
         q, kn, vn, keys, values, attended_fill(layer.fill, valid), state.offsets, layer.capacities, scaling,
         table=state.table, logits=state.logits, lse=state.lse, logit_new=state.logit_new,
-        kv_format=kv_format, key_scales=layer.key_scales, value_scales=layer.value_scales,
+        kv_format=kv_format, key_scales=layer.key_scales, value_scales=layer.value_scales, kernel=state.kernel,
     )  # fmt: skip
     new = {name: t[:, :, 0] for name, t in slots.items()}  # [B, H, width] as stored
     ev = layer.eviction
