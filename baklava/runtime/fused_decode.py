@@ -61,10 +61,12 @@ def _concat_into_views(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 # Rows up to which a one-token step's projections are decode_gemv's Triton kernels; a larger batch
 # takes the chunk forward's (cuBLAS matmuls, three elementwise kernels). decode_gemv streams the
-# weight once per 64-row block, so past a few blocks the matmul is compute-bound work the Triton
-# tiles do at a fraction of cuBLAS's rate: on an H100 at 466 rows of Llama-3-8B the kernels took
-# 45 of a 67 ms step (BENCHMARKS.md, "A decode step over hundreds of rows").
-GEMV_ROWS = 64
+# weight once per row block of up to 64, and past one block its tiles do the matmul's arithmetic
+# at a fraction of cuBLAS's rate: on an H100 at 466 rows of Llama-3-8B the kernels took 45 of a
+# 67 ms step. One layer's four projections (benchmarks/gpu/projection_rows.py, one run): the
+# Triton kernels 1.10x faster up to 16 rows, cuBLAS 1.05x at 32, 1.6x at 128, 3.7x at 466
+# (BENCHMARKS.md, "The projections past 16 rows").
+GEMV_ROWS = 16
 
 
 def supported(model) -> str | None:
