@@ -7,8 +7,10 @@ Every :meth:`Engine.step` is one iteration of the scheduler and the model::
     prefilling rows    ─▶ the next chunk of each prompt into its own row, up to
                           ``max_prefill_tokens`` a step; the prompts it finished sample their
                           first tokens once all are queued (one host sync a step)
-    decoding rows      ─▶ one decode step for rows 0 .. n-1 (DecodeStep: a CUDA graph per bucket),
-                          only decoding rows written; sample every row; stream text pieces
+    decoding rows      ─▶ moved down to the smallest bucket that holds them if they lie above it
+                          (exchanged with rows that do not decode: _compact), then one decode step
+                          for rows 0 .. n-1 (DecodeStep: a CUDA graph per bucket), only decoding
+                          rows written; sample every row; stream text pieces
     EOS / max_tokens   ─▶ finish, free the row
 
 Requests enter through :meth:`Engine.submit` (token ids or a prompt) and come back as

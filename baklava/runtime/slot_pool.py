@@ -2,13 +2,15 @@
 
 The pool is a :class:`~baklava.runtime.packed_cache.BudgetedCache` of ``rows`` sequences, every
 row holding exactly ``sum(cap)`` slots a layer (the budget), allocated once. Requests borrow a
-row for their lifetime; the engine works on it through *views* (caches whose tensors are slices
-of the pool's, so they write the pool in place)::
+row (the engine may move a request to another row, exchanging what the two hold, so that
+decoding rows stay at the front: :meth:`SlotPool.swap_rows`); the engine works on it through
+*views* (caches whose tensors are slices of the pool's, so they write the pool in place)::
 
     pool.cache   keys [rows, sum(cap), D] ...      one allocation, never resized
     row_view(r)  keys[r : r + 1]                   a request's prefill chunks
     step_view(n) keys[:n]                          one decode step for rows 0 .. n-1
     step_rows    [rows] bool                       which of them the step writes
+    swap_rows    rows a[i] <-> b[i]                everything two rows hold, exchanged bit for bit
 
 A decode step runs over the first ``n`` rows (a CUDA-graph bucket) but writes only the rows whose
 ``step_rows`` entry is set: free rows and rows still prefilling are left unchanged (the decode
