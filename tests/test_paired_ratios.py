@@ -75,3 +75,18 @@ def test_runs_of_other_seeds_pool_their_prompts(tmp_path):
     )
     nothing = CliRunner().invoke(paired_ratios.main, [str(tmp_path / "none.json"), "baklava@0.3/fp8:x"])
     assert nothing.exit_code != 0 and "neither a run's file nor a pair" in nothing.output
+
+
+def test_both_settings_of_a_prompt_count_as_two_answers(tmp_path):
+    """A run of both settings answers each prompt twice; neither answer may overwrite the other
+    (the script once kept the last setting's alone)."""
+    rows = [dict(r, setting="query-aware") for r in _run()]
+    # query-agnostic: fp8 answers every prompt bf16 does
+    rows += [
+        dict(r, setting="query-agnostic", score=float(r["index"] < 3)) for r in _run() if r["task"] != "ppl"
+    ]
+    cells = paired_ratios.scores_by_prompt([rows])
+    value, _, _, n = paired_ratios.paired_interval(
+        cells[("baklava", 0.3, "fp8")], cells[("baklava", 0.3, "auto")]
+    )
+    assert n == 16 and value == pytest.approx(0.6875 / 0.75)  # task a: (0.5 + 0.75) / 2 against 0.75

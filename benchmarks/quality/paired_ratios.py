@@ -43,14 +43,15 @@ def parse_cell(text: str) -> tuple[str, float, str]:
 
 
 def scores_by_prompt(runs: list[list[dict]]) -> dict[tuple, dict[tuple[str, tuple[int, int]], float]]:
-    """``{cell: {(task, (run, prompt index)): score}}`` over the answered tasks (perplexity apart)
-    of one or more runs' rows."""
+    """``{cell: {(task, (run, setting, prompt index)): score}}`` over the answered tasks
+    (perplexity apart) of one or more runs' rows: a prompt answered in both settings
+    (query-aware and query-agnostic) counts as two answers, as the run's own table averages them."""
     cells: dict[tuple, dict] = {}
     for run, rows in enumerate(runs):
         for r in rows:
             if r["task"] != "ppl":
                 cells.setdefault((r["method"], float(r["budget"]), r["kv_dtype"]), {})[
-                    (r["task"], (run, r["index"]))
+                    (r["task"], (run, r.get("setting", ""), r["index"]))
                 ] = r["score"]
     return cells
 
