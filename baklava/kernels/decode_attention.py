@@ -311,8 +311,13 @@ def split_kernel(
     (a view may not be), else ``"triton"``. An engine's slot pool chooses once for its whole pool
     (``rows``: its rows) and every step over some of its rows runs that choice, so a row's
     attention is summed the same way alone as beside others."""
-    fits = _mma_takes(_quant_mode(kv_format, head_dim)[0], head_dim, group) and _mma_copies(keys, values)
+    fits = _mma_fits(_quant_mode(kv_format, head_dim)[0], head_dim, group, keys, values)
     return "mma" if fits and mma_split(kv_format, head_dim, group, keys.device, rows) else "triton"
+
+
+def _mma_fits(quant: int, head_dim: int, group: int, keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """The mma split kernel takes these slots (:func:`_mma_takes`) as they are laid out (:func:`_mma_copies`)."""
+    return _mma_takes(quant, head_dim, group) and _mma_copies(keys, values)
 
 
 def _mma_takes(quant: int, head_dim: int, group: int) -> bool:
@@ -429,7 +434,7 @@ def packed_decode_attention(
     quant, scale_group, rotated = _quant_mode(kv_format, head_dim)
     if kernel not in ("auto", "mma", "triton"):
         raise ValueError(f"kernel must be 'auto', 'mma' or 'triton', got {kernel!r}")
-    if kernel == "mma" and not (_mma_takes(quant, head_dim, group) and _mma_copies(keys, values)):
+    if kernel == "mma" and not _mma_fits(quant, head_dim, group, keys, values):
         raise ValueError(
             f"the mma split kernel takes int8 / fp8 slots of 16-byte rows under 2 GiB a sequence, got {kv_format!r}"
         )
